@@ -1,0 +1,95 @@
+"""Every error sknock raises on purpose.
+
+One base class, :class:`SknockError`, so that callers (the daemon, the CLIs, applications) can catch
+what sknock means to raise and let real bugs surface. Each error carries a message meant for a person:
+it names the file, key or value and the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "SknockError",
+    "PortSpecError",
+    "CredentialError",
+    "CertificateError",
+    "KnockRefused",
+    "Reason",
+    "KnockBuildError",
+    "ConfigError",
+]
+
+
+class SknockError(Exception):
+    """Base class of every error sknock raises on purpose."""
+
+
+class PortSpecError(SknockError, ValueError):
+    """A port list (``tcp/22,udp/8000`` or the certificate form ``1.22,0.8000``) is malformed."""
+
+
+class CredentialError(SknockError):
+    """A key, certificate or PKCS#12 file could not be loaded: missing, unreadable, wrong password,
+    or holding something sknock cannot use."""
+
+
+class CertificateError(SknockError):
+    """A certificate is not acceptable: untrusted, expired, revoked, wrong key usage, or its
+    authorization extension is malformed.  ``reason`` is a short code for logs and counters."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class KnockBuildError(SknockError):
+    """A knock cannot be built (for instance the client certificate is too large to fit one datagram)."""
+
+
+class ConfigError(SknockError):
+    """The server configuration is invalid; the message names the key and the problem."""
+
+
+class Reason(str, enum.Enum):
+    """Why the server refused a datagram: short, stable codes used in logs and counters.
+
+    Listed in the order the verification pipeline checks them, cheapest first.
+    """
+
+    BAD_LENGTH = "bad-length"
+    BAD_MAGIC = "bad-magic"
+    UNSUPPORTED_VERSION = "unsupported-version"
+    UNSUPPORTED_SUITE = "unsupported-suite"
+    MALFORMED_HEADER = "malformed-header"
+    STALE = "stale"  # the clear, coarse timestamp is outside the window
+    INSUFFICIENT_WORK = "insufficient-work"
+    REPLAY_SEEN = "replay-seen"  # exact replay caught before any public-key operation
+    WRONG_SERVER = "wrong-server"  # encrypted to another server's key
+    DECRYPT_FAILED = "decrypt-failed"
+    MALFORMED = "malformed"
+    TIMESTAMP = "timestamp"  # the signed millisecond timestamp is outside the window
+    REPLAY = "replay"  # the signed nonce was seen before
+    CERT_INVALID = "cert-invalid"
+    CERT_UNTRUSTED = "cert-untrusted"
+    CERT_EXPIRED = "cert-expired"
+    CERT_REVOKED = "cert-revoked"
+    CRL_UNAVAILABLE = "crl-unavailable"
+    BAD_SIGNATURE = "bad-signature"
+    SOURCE_MISMATCH = "source-mismatch"
+    SOURCE_REQUIRED = "source-required"
+    NOT_AUTHORIZED = "not-authorized"
+    OVERLOAD = "overload"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class KnockRefused(SknockError):
+    """The server refuses a datagram.  ``reason`` is a :class:`Reason`; ``detail`` is safe to log
+    (it never holds key material or plaintext)."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
