@@ -51,7 +51,7 @@ class ConfigError(SknockError):
     """The server configuration is invalid; the message names the key and the problem."""
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why the server refused a datagram: short, stable codes used in logs and counters.
 
     Listed in the order the verification pipeline checks them, cheapest first.
@@ -80,9 +80,6 @@ class Reason(str, enum.Enum):
     SOURCE_REQUIRED = "source-required"
     NOT_AUTHORIZED = "not-authorized"
     OVERLOAD = "overload"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class KnockRefused(SknockError):

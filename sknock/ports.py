@@ -131,6 +131,8 @@ def parse_certificate_ports(text: str) -> PortSet:
     for entry in _entries(text):
         proto_text, dot, span = entry.partition(".")
         if not dot or proto_text not in ("0", "1"):
-            raise PortSpecError(f"bad certificate port entry {entry!r}: expected PROTO.PORT with PROTO 1 (TCP) or 0 (UDP)")
+            raise PortSpecError(
+                f"bad certificate port entry {entry!r}: expected PROTO.PORT with PROTO 1 (TCP) or 0 (UDP)"
+            )
         ranges.append(_parse_span(Protocol(int(proto_text)), span, entry))
     return PortSet.of(ranges)

@@ -1,0 +1,48 @@
+"""The knock protocol, sans-I/O: bytes, keys and the current time in; a datagram, a request or a typed
+refusal out.  No sockets, no clock reads, no global state.  See docs/protocol.md.
+
+Client side: :func:`seal_knock` builds a datagram from a :class:`KnockRequest`.
+Server side, cheapest first: :func:`precheck` (no public-key operation), :func:`open_knock` (one ECDH,
+AEAD, strict parse), :func:`verify_signature` (once the client certificate is trusted).
+"""
+
+from .request import Action, KnockRequest, ParsedPlaintext, parse_plaintext
+from .seal import (
+    ClientKey,
+    ClientPublicKey,
+    OpenedKnock,
+    Suite,
+    fingerprint,
+    max_certificate_size,
+    open_knock,
+    seal_knock,
+    suite_for_curve,
+    verify_signature,
+)
+from .wire import BUCKETS, HEADER_SIZE, MAX_DATAGRAM, VERSION, Header, Prechecked, body_digest, precheck, solve_work
+
+__all__ = [
+    "Action",
+    "KnockRequest",
+    "ParsedPlaintext",
+    "parse_plaintext",
+    "ClientKey",
+    "ClientPublicKey",
+    "OpenedKnock",
+    "Suite",
+    "fingerprint",
+    "max_certificate_size",
+    "open_knock",
+    "seal_knock",
+    "suite_for_curve",
+    "verify_signature",
+    "BUCKETS",
+    "HEADER_SIZE",
+    "MAX_DATAGRAM",
+    "VERSION",
+    "Header",
+    "Prechecked",
+    "body_digest",
+    "precheck",
+    "solve_work",
+]
