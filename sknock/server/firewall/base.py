@@ -1,0 +1,126 @@
+"""The one interface every firewall backend offers the daemon, and the values it speaks in.
+
+The daemon decides *who* may reach *what* and for *how long*; a backend only turns that into kernel
+state.  Keeping the contract this small (set up, open, close, list, tear down) is what lets the
+nftables, iptables and command backends be swapped by one config key, and lets the privileged helper
+process that holds a backend be tiny.
+
+Values are frozen dataclasses so a grant can be a dict key and be sent between processes without
+anyone mutating it on the way.
+"""
+
+from __future__ import annotations
+
+import abc
+import ipaddress
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ...errors import SknockError
+from ...ports import PortSet, Protocol
+
+__all__ = ["Address", "Opening", "FirewallPolicy", "Firewall", "FirewallError", "PolicyMode", "check_duration"]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+PolicyMode = Literal["none", "reject", "drop"]
+_MODES: tuple[str, ...] = ("none", "reject", "drop")
+
+
+class FirewallError(SknockError):
+    """A backend could not do what was asked.  The message names the backend and the step that failed
+    (and, for commands, the command's own error output), so an admin can act on the log line alone."""
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(f"firewall backend {backend}: {message}")
+        self.backend = backend
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """One grant: traffic from ``address`` to local ``protocol``/``port`` is let through.
+
+    Validated here, at the edge, because openings are built from network input (the knock's source
+    address, the port named in a certificate) and a bad one must never reach a firewall call.
+    """
+
+    address: Address
+    protocol: Protocol
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            raise FirewallError("-", f"opening address must be an IPv4Address or IPv6Address, not {self.address!r}")
+        if not isinstance(self.protocol, Protocol):
+            raise FirewallError("-", f"opening protocol must be a Protocol, not {self.protocol!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise FirewallError("-", f"opening port must be an integer 1..65535, not {self.port!r}")
+
+    def __str__(self) -> str:
+        return f"{self.address} -> {self.protocol.label}/{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallPolicy:
+    """What the server's table does with traffic that holds no grant (config ``firewallPolicy``).
+
+    ``protected`` None means every port, as the original sKnock did; a :class:`PortSet` limits the
+    reject/drop to those ports so that the rest of the host's services are the admin's business.
+    ``emergency_ssh`` keeps tcp/22 reachable so a broken knock setup cannot lock the admin out.
+    ``always_open`` is for ports that must stay reachable without a knock, such as the knock port
+    itself when the server captures with an ordinary UDP socket.
+    """
+
+    mode: PolicyMode
+    protected: PortSet | None = None
+    emergency_ssh: bool = True
+    always_open: PortSet = field(default_factory=lambda: PortSet(()))
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise FirewallError("-", f"firewallPolicy must be one of {', '.join(_MODES)}, not {self.mode!r}")
+        if self.protected is not None and not isinstance(self.protected, PortSet):
+            raise FirewallError("-", f"protected ports must be a PortSet or None, not {self.protected!r}")
+        if not isinstance(self.always_open, PortSet):
+            raise FirewallError("-", f"always_open must be a PortSet, not {self.always_open!r}")
+
+
+def check_duration(backend: str, duration: float) -> float:
+    """Reject durations no kernel or scheduler can honour (NaN, infinite, zero, negative, absurd)."""
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration):
+        raise FirewallError(backend, f"open duration must be a finite number of seconds, not {duration!r}")
+    if not 0 < duration <= 7 * 24 * 3600:
+        raise FirewallError(backend, f"open duration must be more than 0 and at most one week, not {duration!r}")
+    return float(duration)
+
+
+class Firewall(abc.ABC):
+    """A firewall backend.  Not thread-safe: the daemon drives it from one privileged process.
+
+    ``kernel_expiry`` is True when the kernel itself removes a grant when its time is up (nftables set
+    timeouts), so access ends on time even if the server dies; when False the daemon must call
+    :meth:`close` itself.
+    """
+
+    name: str
+    kernel_expiry: bool
+
+    @abc.abstractmethod
+    def setup(self) -> None:
+        """Remove what a crashed earlier run left behind, then install sknock's table or chain."""
+
+    @abc.abstractmethod
+    def open(self, opening: Opening, duration: float) -> None:
+        """Grant ``opening`` for ``duration`` seconds; if already granted, extend it (refresh expiry)."""
+
+    @abc.abstractmethod
+    def close(self, opening: Opening) -> None:
+        """Withdraw ``opening``.  Closing something not open is not an error."""
+
+    @abc.abstractmethod
+    def openings(self) -> list[Opening]:
+        """The grants in force now, as the kernel (or the backend's memory) holds them."""
+
+    @abc.abstractmethod
+    def teardown(self) -> None:
+        """Remove everything sknock added.  Safe to call more than once."""
