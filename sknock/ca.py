@@ -1,0 +1,512 @@
+"""A small certificate authority for sknock: issue, revoke, and publish a CRL.
+
+One CA lives in one directory::
+
+    DIR/ca.cer, DIR/ca.pem         the CA certificate (DER for the original sKnock, PEM for people)
+    DIR/ca-chain.pem               only for an intermediate: the certificates above it
+    DIR/private/ca.key             the CA key, PKCS#8 encrypted with the CA password (0600)
+    DIR/server/NAME.pfx, NAME.cer  a server's PKCS#12 (0600) and its certificate alone (DER)
+    DIR/client/NAME.pfx            a client's PKCS#12 (0600)
+    DIR/intermediate/NAME/         an intermediate CA, laid out the same way
+    DIR/crl.der, DIR/crl.pem       the signed CRL, with nextUpdate
+    DIR/index.json                 what was issued: names, serials, kinds, ports, revocation
+
+Certificates follow the original sKnock's profile so its servers and clients accept ours, with the
+criticality RFC 5280 asks for.  Files are written atomically (temporary file, fsync, rename), so a
+crash never leaves half an index or a CRL that does not parse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .certificate import ports_general_name
+from .errors import CredentialError, SknockError
+from .ports import PortSet
+
+__all__ = [
+    "CAError",
+    "KEY_TYPES",
+    "Entry",
+    "CertificateAuthority",
+    "init_ca",
+    "open_ca",
+]
+
+Kind = Literal["server", "client", "intermediate"]
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between the CA and servers
+_INDEX_VERSION = 1
+_KDF_ROUNDS = 100_000
+
+
+class CAError(SknockError):
+    """A CA operation cannot be done: no CA in the directory, name taken or unknown, bad name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One certificate the CA issued, as recorded in ``index.json``."""
+
+    name: str
+    kind: Kind
+    serial: int
+    not_after: dt.datetime
+    ports: str  # admin form, "" for servers and CAs
+    revoked_at: dt.datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "serial": f"{self.serial:x}",
+            "not_after": self.not_after.isoformat(),
+            "ports": self.ports,
+            "revoked": self.revoked,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, source: Path) -> Entry:
+        try:
+            kind = raw["kind"]
+            if kind not in ("server", "client", "intermediate"):
+                raise ValueError(f"unknown kind {kind!r}")
+            revoked_at = raw.get("revoked_at")
+            return cls(
+                name=str(raw["name"]),
+                kind=kind,
+                serial=int(raw["serial"], 16),
+                not_after=dt.datetime.fromisoformat(raw["not_after"]),
+                ports=str(raw.get("ports", "")),
+                revoked_at=dt.datetime.fromisoformat(revoked_at) if revoked_at else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CAError(f"{source}: bad entry {raw!r}: {exc}") from None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise CAError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def _new_key(key_type: str) -> PrivateKey:
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "ec-p521":
+        return ec.generate_private_key(ec.SECP521R1())
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type.startswith("rsa-") and key_type in KEY_TYPES:
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    raise CAError(f"unknown key type {key_type!r}: choose one of {', '.join(KEY_TYPES)}")
+
+
+def _serial() -> int:
+    """A random 128-bit serial: unpredictable (so colliding-prefix attacks on the CA fail) and
+    positive and non-zero, as RFC 5280 requires."""
+    return secrets.randbits(128) or 1
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncryption:
+    """Modern PKCS#12 protection: AES-256-CBC with PBKDF2, HMAC-SHA256 for the MAC."""
+    return (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(_KDF_ROUNDS)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(password)
+    )
+
+
+def _require_password(password: bytes) -> bytes:
+    if not password:
+        raise CAError("an empty password is not allowed")
+    return password
+
+
+class CertificateAuthority:
+    """An opened CA directory: its key, certificate, chain above it, and index."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: PrivateKey,
+        certificate: x509.Certificate,
+        chain: Sequence[x509.Certificate],
+    ) -> None:
+        self.directory = directory
+        self.key = key
+        self.certificate = certificate
+        self.chain = tuple(chain)  # certificates above this CA, nearest first; empty for a root
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / "index.json"
+
+    def _load_index(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.index_path.read_text("utf-8"))
+        except FileNotFoundError:
+            return {"version": _INDEX_VERSION, "crl_number": 0, "entries": []}
+        except (OSError, ValueError) as exc:
+            raise CAError(f"{self.index_path}: cannot read the index: {exc}") from None
+        if (
+            not isinstance(raw, dict)
+            or raw.get("version") != _INDEX_VERSION
+            or not isinstance(raw.get("entries"), list)
+        ):
+            raise CAError(f"{self.index_path}: not a sknock CA index (version {_INDEX_VERSION})")
+        return raw
+
+    def entries(self) -> list[Entry]:
+        """Everything this CA issued, in issue order."""
+        return [Entry.from_json(e, self.index_path) for e in self._load_index()["entries"]]
+
+    def entry(self, name: str) -> Entry:
+        for e in self.entries():
+            if e.name == name:
+                return e
+        raise CAError(f"no certificate named {name!r} in {self.directory}")
+
+    def _save_index(self, entries: Iterable[Entry], crl_number: int) -> None:
+        doc = {"version": _INDEX_VERSION, "crl_number": crl_number, "entries": [e.to_json() for e in entries]}
+        _write_atomic(self.index_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+
+    def _record(self, entry: Entry) -> None:
+        index = self._load_index()
+        entries = self.entries()
+        if any(e.name == entry.name for e in entries):
+            raise CAError(f"a certificate named {entry.name!r} already exists in {self.directory}")
+        self._save_index([*entries, entry], int(index.get("crl_number", 0)))
+
+    def _ensure_new(self, name: str) -> None:
+        _check_name(name)
+        if any(e.name == name for e in self.entries()):
+            raise CAError(f"a certificate named {name!r} already exists in {self.directory}")
+
+    # -- issuing -------------------------------------------------------------------------------
+
+    def _sign_algorithm(self) -> hashes.HashAlgorithm | None:
+        return None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+    def _builder(
+        self,
+        common_name: str,
+        public_key: Any,
+        not_before: dt.datetime | None,
+        not_after: dt.datetime | None,
+        days: int,
+    ) -> x509.CertificateBuilder:
+        start = not_before or (_now() - _BACKDATE)
+        end = not_after or (_now() + dt.timedelta(days=days))
+        if end <= start:
+            raise CAError(f"certificate for {common_name!r} would end ({end}) before it starts ({start})")
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(_serial())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+        )
+
+    def _write_pfx(self, path: Path, name: str, key: PrivateKey, cert: x509.Certificate, password: bytes) -> None:
+        data = pkcs12.serialize_key_and_certificates(
+            name.encode("utf-8"),
+            key,
+            cert,
+            [self.certificate, *self.chain],
+            _pkcs12_encryption(_require_password(password)),
+        )
+        _write_atomic(path, data, 0o600)
+
+    def issue_server(
+        self,
+        name: str,
+        pfx_password: bytes,
+        *,
+        ips: Sequence[str] = (),
+        dns: Sequence[str] = (),
+        days: int = 825,
+        key_type: str = "ec-p256",
+    ) -> x509.Certificate:
+        """Issue a server certificate (keyAgreement, serverAuth) to ``server/NAME.pfx`` and ``.cer``."""
+        self._ensure_new(name)
+        if not key_type.startswith("ec-"):
+            raise CAError(f"server keys must be EC (the server decrypts knocks with ECDH), not {key_type!r}")
+        key = _new_key(key_type)
+        sans: list[x509.GeneralName] = []
+        for ip in ips:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise CAError(f"bad --ip {ip!r}: not an IPv4 or IPv6 address") from None
+        for d in dns:
+            try:
+                sans.append(x509.DNSName(d.encode("idna").decode("ascii")))
+            except UnicodeError:
+                raise CAError(f"bad --dns {d!r}: not a DNS name") from None
+        builder = (
+            self._builder(name, key.public_key(), None, None, days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(key_agreement=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
+        self._write_pfx(self.directory / "server" / f"{name}.pfx", name, key, cert, pfx_password)
+        _write_atomic(self.directory / "server" / f"{name}.cer", cert.public_bytes(serialization.Encoding.DER))
+        self._record(Entry(name, "server", cert.serial_number, cert.not_valid_after_utc, "", None))
+        return cert
+
+    def issue_client(
+        self,
+        name: str,
+        ports: PortSet | None,
+        pfx_password: bytes,
+        *,
+        days: int = 365,
+        key_type: str = "ec-p256",
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Issue a client certificate (digitalSignature, clientAuth, the ports extension) to
+        ``client/NAME.pfx``.  ``ports=None`` leaves the extension out: such a client can open
+        nothing.  ``not_before``/``not_after`` override ``days`` (tests use them for expired certificates).
+        """
+        self._ensure_new(name)
+        key = _new_key(key_type)
+        builder = (
+            self._builder(name, key.public_key(), not_before, not_after, days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # keyAgreement like the original, where it means something (EC keys).
+            .add_extension(
+                _key_usage(digital_signature=True, key_agreement=isinstance(key, ec.EllipticCurvePrivateKey)),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )
+        if ports is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName([ports_general_name(ports)]), critical=False)
+        cert = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
+        self._write_pfx(self.directory / "client" / f"{name}.pfx", name, key, cert, pfx_password)
+        self._record(Entry(name, "client", cert.serial_number, cert.not_valid_after_utc, str(ports or ""), None))
+        return cert
+
+    def issue_intermediate(self, name: str, ca_password: bytes, *, days: int = 1825) -> CertificateAuthority:
+        """Create an intermediate CA in ``intermediate/NAME/`` (pathLen 0: it issues only end
+        entities) and return it, opened.  Its key is encrypted with ``ca_password``."""
+        self._ensure_new(name)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            self._builder(name, key.public_key(), None, None, days)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
+        )
+        sub = _write_ca(self.directory / "intermediate" / name, key, cert, [self.certificate, *self.chain], ca_password)
+        self._record(Entry(name, "intermediate", cert.serial_number, cert.not_valid_after_utc, "", None))
+        return sub
+
+    # -- revoking ------------------------------------------------------------------------------
+
+    def revoke(
+        self, name: str, *, now: dt.datetime | None = None, crl_days: int = 30
+    ) -> x509.CertificateRevocationList:
+        """Mark ``name`` revoked and publish a new CRL (returned)."""
+        when = now or _now()
+        index = self._load_index()
+        entries = self.entries()
+        for i, e in enumerate(entries):
+            if e.name == name:
+                if e.revoked:
+                    raise CAError(f"{name!r} is already revoked (since {e.revoked_at})")
+                entries[i] = Entry(e.name, e.kind, e.serial, e.not_after, e.ports, when)
+                break
+        else:
+            raise CAError(f"no certificate named {name!r} in {self.directory}")
+        self._save_index(entries, int(index.get("crl_number", 0)))
+        return self.write_crl(days=crl_days, now=when)
+
+    def write_crl(self, *, days: int = 30, now: dt.datetime | None = None) -> x509.CertificateRevocationList:
+        """Sign a CRL of every revoked certificate, valid ``days``, to ``crl.der`` and ``crl.pem``."""
+        if days < 1:
+            raise CAError(f"CRL validity must be at least one day, not {days}")
+        when = now or _now()
+        index = self._load_index()
+        number = int(index.get("crl_number", 0)) + 1
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(when - _BACKDATE)
+            .next_update(when + dt.timedelta(days=days))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.certificate.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+        )
+        entries = self.entries()
+        for e in entries:
+            if e.revoked_at is not None:
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(e.serial).revocation_date(e.revoked_at).build()
+                )
+        crl = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
+        _write_atomic(self.directory / "crl.der", crl.public_bytes(serialization.Encoding.DER))
+        _write_atomic(self.directory / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+        self._save_index(entries, number)
+        return crl
+
+
+def _key_usage(
+    *,
+    digital_signature: bool = False,
+    key_agreement: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _write_ca(
+    directory: Path,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    password: bytes,
+) -> CertificateAuthority:
+    if (directory / "ca.cer").exists() or (directory / "private" / "ca.key").exists():
+        raise CAError(f"{directory} already holds a CA")
+    (directory / "private").mkdir(parents=True, exist_ok=True)
+    os.chmod(directory / "private", 0o700)
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(_require_password(password)),
+    )
+    _write_atomic(directory / "private" / "ca.key", pem_key, 0o600)
+    _write_atomic(directory / "ca.cer", cert.public_bytes(serialization.Encoding.DER))
+    _write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+    if chain:
+        _write_atomic(directory / "ca-chain.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+    ca = CertificateAuthority(directory, key, cert, chain)
+    ca._save_index([], 0)
+    ca.write_crl()
+    return ca
+
+
+def init_ca(
+    directory: str | os.PathLike[str], password: bytes, *, name: str = "sknock CA", days: int = 3650
+) -> CertificateAuthority:
+    """Create a root CA in ``directory`` (EC P-256, self-signed) and publish an empty CRL."""
+    directory = Path(directory)
+    if not name.strip():
+        raise CAError("the CA name must not be empty")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _write_ca(directory, key, cert, [], password)
+
+
+def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAuthority:
+    """Open the CA in ``directory`` with its password."""
+    directory = Path(directory)
+    key_path = directory / "private" / "ca.key"
+    cert_path = directory / "ca.cer"
+    if not cert_path.exists() or not key_path.exists():
+        raise CAError(f"{directory}: no CA here (run 'sknock-ca --dir {directory} init' first)")
+    try:
+        cert = x509.load_der_x509_certificate(cert_path.read_bytes())
+        chain_path = directory / "ca-chain.pem"
+        chain = x509.load_pem_x509_certificates(chain_path.read_bytes()) if chain_path.exists() else []
+    except (OSError, ValueError) as exc:
+        raise CAError(f"{directory}: cannot read the CA certificate: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password)
+    except (TypeError, ValueError):
+        raise CredentialError(f"CA key {key_path}: wrong password or not a PEM private key") from None
+    except OSError as exc:
+        raise CredentialError(f"CA key {key_path}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        raise CAError(f"CA key {key_path}: unsupported key type {type(key).__name__}")
+    if key.public_key() != cert.public_key():
+        raise CAError(f"CA key {key_path} does not match {cert_path}")
+    return CertificateAuthority(directory, key, cert, chain)

@@ -1,0 +1,212 @@
+"""Loading keys and certificates from files, with errors that name the file.
+
+Everything read here may have been swapped, truncated or mistyped by someone: every failure is a
+:class:`CredentialError` naming the path and the problem, never a bare traceback.  Policy about
+key types lives here too, because it is a property of what a file may hold: a server decrypts
+knocks with ECDH, so its key must be an EC key on a NIST curve; a client only signs, so EC, Ed25519
+and RSA (2048 bits or more) all work.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+
+from .certificate import tolerate_zero_serial
+from .errors import CredentialError
+
+__all__ = [
+    "ClientKey",
+    "ClientCredentials",
+    "ServerCredentials",
+    "load_client_pfx",
+    "load_server_pfx",
+    "load_certificate",
+    "load_certificates",
+    "certificate_fingerprint",
+    "resolve_password",
+]
+
+ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+_SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+_MIN_RSA_BITS = 2048
+# Bound what we read: a PKCS#12 or certificate bundle bigger than this is not one.
+_MAX_FILE_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """A client's signing key, its certificate, and the CA certificates that came with it."""
+
+    key: ClientKey
+    certificate: x509.Certificate
+    ca_certificates: tuple[x509.Certificate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCredentials:
+    """The server's ECDH key, its certificate, and the CA certificates that came with it."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+    ca_certificates: tuple[x509.Certificate, ...]
+
+
+def _read(path: str | os.PathLike[str], what: str) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > _MAX_FILE_SIZE:
+            raise CredentialError(f"{what} {p}: file of {size} bytes is too large")
+        with p.open("rb") as fh:
+            return fh.read(_MAX_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise CredentialError(f"{what} {p}: no such file") from None
+    except IsADirectoryError:
+        raise CredentialError(f"{what} {p}: is a directory") from None
+    except PermissionError:
+        raise CredentialError(f"{what} {p}: permission denied") from None
+    except OSError as exc:
+        raise CredentialError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
+
+
+def _password_bytes(password: str | bytes | None) -> bytes | None:
+    if password is None or isinstance(password, bytes):
+        return password
+    return password.encode("utf-8")
+
+
+def _load_pkcs12(
+    path: str | os.PathLike[str], password: str | bytes | None, what: str
+) -> tuple[object, x509.Certificate, tuple[x509.Certificate, ...]]:
+    data = _read(path, what)
+    try:
+        with tolerate_zero_serial():
+            bundle = pkcs12.load_pkcs12(data, _password_bytes(password))
+    except ValueError:
+        raise CredentialError(f"{what} {path}: wrong password, or not a PKCS#12 file") from None
+    except TypeError as exc:  # e.g. a password given for an unencrypted file, or the reverse
+        raise CredentialError(f"{what} {path}: cannot open: {exc}") from None
+    if bundle.key is None:
+        raise CredentialError(f"{what} {path}: holds no private key")
+    if bundle.cert is None:
+        raise CredentialError(f"{what} {path}: holds no certificate")
+    cas = tuple(c.certificate for c in bundle.additional_certs)
+    return bundle.key, bundle.cert.certificate, cas
+
+
+def _key_matches(key: object, cert: x509.Certificate) -> bool:
+    public = getattr(key, "public_key", None)
+    if public is None:
+        return False
+    result: bool = public() == cert.public_key()
+    return result
+
+
+def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) -> ServerCredentials:
+    """Load the server's PKCS#12: an EC P-256/P-384/P-521 key, its certificate, and CA certificates."""
+    key, cert, cas = _load_pkcs12(path, password, "server PKCS#12")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _SERVER_CURVES:
+        raise CredentialError(
+            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256, P-384 or P-521"
+        )
+    if not _key_matches(key, cert):
+        raise CredentialError(f"server PKCS#12 {path}: the private key does not match the certificate")
+    return ServerCredentials(key, cert, cas)
+
+
+def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) -> ClientCredentials:
+    """Load a client's PKCS#12: an EC (P-256 or larger), Ed25519 or RSA (>= 2048 bits) key, its
+    certificate, and CA certificates."""
+    key, cert, cas = _load_pkcs12(path, password, "client PKCS#12")
+    ok = (
+        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _SERVER_CURVES)
+        or isinstance(key, ed25519.Ed25519PrivateKey)
+        or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= _MIN_RSA_BITS)
+    )
+    if not ok:
+        raise CredentialError(
+            f"client PKCS#12 {path}: unsupported key type {_describe(key)}; "
+            "a client needs EC P-256/P-384/P-521, Ed25519 or RSA of 2048 bits or more"
+        )
+    assert isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+    if not _key_matches(key, cert):
+        raise CredentialError(f"client PKCS#12 {path}: the private key does not match the certificate")
+    return ClientCredentials(key, cert, cas)
+
+
+def _describe(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"RSA {key.key_size}"
+    return type(key).__name__
+
+
+def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
+    """Load one certificate, PEM or DER (the original sKnock's ``.cer`` files are DER)."""
+    data = _read(path, "certificate")
+    try:
+        with tolerate_zero_serial():
+            if data.lstrip().startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_certificate(data)
+            return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise CredentialError(f"certificate {path}: not a PEM or DER certificate ({exc})") from None
+
+
+def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    """Load a PEM bundle (one or more certificates) or a single DER certificate."""
+    data = _read(path, "certificate file")
+    try:
+        with tolerate_zero_serial():
+            if data.lstrip().startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_certificates(data)
+            return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise CredentialError(f"certificate file {path}: not PEM or DER certificates ({exc})") from None
+
+
+def certificate_fingerprint(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's DER: the identity sknock logs and caches by."""
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+
+
+def resolve_password(
+    password_file: str | os.PathLike[str] | None,
+    *,
+    env_var: str = "SKNOCK_PFX_PASSWORD",
+    prompt: str | None = None,
+    interactive: bool = False,
+) -> bytes:
+    """Find a password without ever putting it on a command line.
+
+    In order: the first line of ``password_file`` (without its newline), the environment variable
+    ``env_var``, then a prompt on the terminal when ``interactive``.  Otherwise CredentialError.
+    """
+    if password_file is not None:
+        data = _read(password_file, "password file")
+        line = data.split(b"\n", 1)[0].removesuffix(b"\r")
+        if not line:
+            raise CredentialError(f"password file {password_file}: first line is empty")
+        return line
+    value = os.environ.get(env_var)
+    if value:
+        return value.encode("utf-8")
+    if interactive:
+        try:
+            typed = getpass.getpass(prompt or "Password: ")
+        except (EOFError, KeyboardInterrupt):
+            raise CredentialError("no password entered") from None
+        if not typed:
+            raise CredentialError("empty password entered")
+        return typed.encode("utf-8")
+    raise CredentialError(f"no password: give a password file, set {env_var}, or run interactively")

@@ -1,0 +1,276 @@
+"""Deciding whether a client certificate is one of ours: chain, dates, usage, revocation.
+
+Pure: the caller passes the time in and the CRLs already loaded; nothing here reads a clock or a
+file, so the verifier is tested against any timeline and the daemon decides when to refresh CRLs.
+
+Chain building is cryptography's (:mod:`cryptography.x509.verification`), with one deliberate
+loosening for the original sKnock's CA, whose basicConstraints is not marked critical: the CA
+policy accepts basicConstraints at any criticality (it must still be present and say CA).  On top
+of the chain this module enforces what a knock needs -- EKU clientAuth and keyUsage
+digitalSignature on the leaf -- and checks revocation of the leaf and of every intermediate
+against the CRL of its issuer, which cryptography's verifier leaves to us.  The original never
+checked a CRL's signature; :func:`load_crl` always does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+
+from .certificate import authorized_ports, tolerate_zero_serial
+from .credentials import certificate_fingerprint
+from .errors import CertificateError
+from .ports import PortSet
+
+__all__ = ["VerifiedClient", "ClientVerifier", "load_crl", "verify_server_certificate"]
+
+_SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedClient:
+    """A client certificate that chains to a trusted CA, is in date, unrevoked, and fit for knocking."""
+
+    certificate: x509.Certificate
+    subject: str  # RFC 4514
+    fingerprint: bytes  # SHA-256 of the DER
+    ports: PortSet
+    not_after: dt.datetime
+
+
+def _aware(now: dt.datetime) -> dt.datetime:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (UTC)")
+    return now.astimezone(dt.UTC)
+
+
+def _name(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def _issued_by(child_issuer: x509.Name, candidates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    return [c for c in candidates if c.subject == child_issuer]
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return bool(crl.is_signature_valid(ca.public_key()))  # type: ignore[arg-type]
+    except (TypeError, ValueError, InvalidSignature):
+        return False
+
+
+def load_crl(data: bytes, issuers: Sequence[x509.Certificate], *, source: str) -> x509.CertificateRevocationList:
+    """Parse a CRL (DER or PEM) and check it is signed by one of ``issuers``.
+
+    ``source`` (a path or URL) names it in errors.  A CRL nobody we trust signed is worthless:
+    anyone could publish an empty one to un-revoke a key.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise CertificateError("crl-unavailable", f"CRL {source}: not a DER or PEM CRL ({exc})") from None
+    named = _issued_by(crl.issuer, issuers)
+    if not named:
+        raise CertificateError(
+            "crl-unavailable", f"CRL {source}: issued by {crl.issuer.rfc4514_string()}, which is not a known CA"
+        )
+    for ca in named:
+        if _crl_signed_by(crl, ca):
+            if not _may_sign_crls(ca):
+                raise CertificateError("crl-unavailable", f"CRL {source}: issuer {_name(ca)} may not sign CRLs")
+            return crl
+    raise CertificateError(
+        "crl-unavailable", f"CRL {source}: signature does not verify against {crl.issuer.rfc4514_string()}"
+    )
+
+
+def _may_sign_crls(ca: x509.Certificate) -> bool:
+    try:
+        ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # old CAs without keyUsage may sign anything
+    return bool(ku.crl_sign)
+
+
+def _in_date(cert: x509.Certificate, now: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+class ClientVerifier:
+    """Verifies client certificates against fixed roots, intermediates and CRLs.
+
+    Build a new one when the CRLs change; it holds no mutable state, so one instance can serve
+    many threads.  ``require_crl=True`` refuses (``crl-unavailable``) a chain in which some issuer
+    has no CRL loaded, or only one past its nextUpdate.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+        crls: Sequence[x509.CertificateRevocationList] = (),
+        *,
+        require_crl: bool = False,
+        max_chain_depth: int = 4,
+    ) -> None:
+        if not roots:
+            raise ValueError("ClientVerifier needs at least one root CA certificate")
+        self._roots = tuple(roots)
+        self._intermediates = list(intermediates)
+        self._store = Store(list(roots))
+        self._require_crl = require_crl
+        self._max_chain_depth = max_chain_depth
+        # The original sKnock CA marks basicConstraints non-critical; accept any criticality.
+        self._ca_policy = ExtensionPolicy.webpki_defaults_ca().require_present(
+            x509.BasicConstraints, Criticality.AGNOSTIC, None
+        )
+        # A client with no ports extension has no subjectAltName; it is still a valid client.
+        self._ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+        )
+        self._crls: dict[bytes, x509.CertificateRevocationList] = {}
+        cas = [*roots, *intermediates]
+        for crl in crls:
+            signers = [ca for ca in _issued_by(crl.issuer, cas) if _crl_signed_by(crl, ca)]
+            if not signers:
+                raise CertificateError(
+                    "crl-unavailable", f"CRL from {crl.issuer.rfc4514_string()} is not signed by any configured CA"
+                )
+            for ca in signers:
+                key = certificate_fingerprint(ca)
+                held = self._crls.get(key)
+                if held is None or crl.last_update_utc > held.last_update_utc:
+                    self._crls[key] = crl
+
+    def verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:
+        """Return the verified client, or raise CertificateError with reason ``cert-expired``,
+        ``cert-untrusted``, ``cert-invalid``, ``cert-revoked`` or ``crl-unavailable``."""
+        now = _aware(now)
+        with tolerate_zero_serial():
+            return self._verify(leaf, now)
+
+    def _verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:
+        subject = _name(leaf)
+        if not _in_date(leaf, now):
+            when = "not valid before" if now < leaf.not_valid_before_utc else "expired at"
+            at = leaf.not_valid_before_utc if now < leaf.not_valid_before_utc else leaf.not_valid_after_utc
+            raise CertificateError("cert-expired", f"client certificate {subject}: {when} {at.isoformat()}")
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(now.replace(tzinfo=None))
+            .max_chain_depth(self._max_chain_depth)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+            .build_client_verifier()
+        )
+        try:
+            chain = verifier.verify(leaf, self._intermediates).chain
+        except VerificationError as exc:
+            raise self._chain_error(leaf, now, exc) from None
+        except ValueError as exc:
+            raise CertificateError("cert-invalid", f"client certificate {subject}: malformed: {exc}") from None
+        self._check_usage(leaf, subject)
+        self._check_revocation(chain, now)
+        return VerifiedClient(
+            certificate=leaf,
+            subject=subject,
+            fingerprint=certificate_fingerprint(leaf),
+            ports=authorized_ports(leaf),
+            not_after=leaf.not_valid_after_utc,
+        )
+
+    def _chain_error(self, leaf: x509.Certificate, now: dt.datetime, exc: VerificationError) -> CertificateError:
+        """Say ``cert-expired`` when the chain failed only because an issuer is out of date."""
+        subject = _name(leaf)
+        cas = [*self._roots, *self._intermediates]
+        cert = leaf
+        for _ in range(self._max_chain_depth + 1):
+            issuers = _issued_by(cert.issuer, cas)
+            if not issuers:
+                break
+            if all(not _in_date(i, now) for i in issuers):
+                return CertificateError(
+                    "cert-expired",
+                    f"client certificate {subject}: issuer {_name(issuers[0])} is not valid at {now.isoformat()}",
+                )
+            cert = issuers[0]
+            if cert.subject == cert.issuer:
+                break
+        return CertificateError("cert-untrusted", f"client certificate {subject}: no trusted chain: {exc}")
+
+    @staticmethod
+    def _check_usage(leaf: x509.Certificate, subject: str) -> None:
+        try:
+            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+                raise CertificateError("cert-invalid", f"client certificate {subject}: EKU lacks clientAuth")
+        except x509.ExtensionNotFound:
+            raise CertificateError("cert-invalid", f"client certificate {subject}: no EKU (needs clientAuth)") from None
+        try:
+            ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            raise CertificateError(
+                "cert-invalid", f"client certificate {subject}: no keyUsage (needs digitalSignature)"
+            ) from None
+        if not ku.digital_signature:
+            raise CertificateError("cert-invalid", f"client certificate {subject}: keyUsage lacks digitalSignature")
+
+    def _check_revocation(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> None:
+        # chain is leaf first, trust anchor last; the anchor is trusted by configuration, not by CRL.
+        for cert, issuer in zip(chain, chain[1:], strict=False):
+            crl = self._crls.get(certificate_fingerprint(issuer))
+            what = "client certificate" if cert is chain[0] else "intermediate CA"
+            if crl is None or (crl.next_update_utc is not None and crl.next_update_utc < now):
+                if self._require_crl:
+                    state = "no CRL loaded" if crl is None else f"its CRL expired at {crl.next_update_utc}"
+                    raise CertificateError("crl-unavailable", f"issuer {_name(issuer)} of {_name(cert)}: {state}")
+                if crl is None:
+                    continue
+            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+                raise CertificateError(
+                    "cert-revoked", f"{what} {_name(cert)} (serial {cert.serial_number:x}) is revoked"
+                )
+
+
+def verify_server_certificate(
+    cert: x509.Certificate, cas: Sequence[x509.Certificate], now: dt.datetime
+) -> x509.Certificate:
+    """Check a server certificate was issued directly by one of ``cas``, is in date, carries an
+    EC key on a NIST curve (the knock is encrypted to it), and if it has an EKU, that it includes
+    serverAuth.  Returns the issuing CA; raises CertificateError otherwise."""
+    now = _aware(now)
+    with tolerate_zero_serial():
+        subject = _name(cert)
+        if not _in_date(cert, now):
+            raise CertificateError("cert-expired", f"server certificate {subject}: not valid at {now.isoformat()}")
+        issuer = None
+        for ca in _issued_by(cert.issuer, cas):
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            issuer = ca
+            break
+        if issuer is None:
+            raise CertificateError("cert-untrusted", f"server certificate {subject}: not issued by a trusted CA")
+        if not _in_date(issuer, now):
+            raise CertificateError("cert-expired", f"server certificate {subject}: issuer {_name(issuer)} not in date")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SERVER_CURVES:
+            raise CertificateError("cert-invalid", f"server certificate {subject}: key is not EC P-256/P-384/P-521")
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+                raise CertificateError("cert-invalid", f"server certificate {subject}: EKU lacks serverAuth")
+        except x509.ExtensionNotFound:
+            pass
+        except ValueError as exc:
+            raise CertificateError("cert-invalid", f"server certificate {subject}: malformed: {exc}") from None
+        return issuer
