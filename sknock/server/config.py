@@ -1,0 +1,592 @@
+"""The server's configuration file: read it, check every value, hand back one frozen object.
+
+The file is an INI file with a single ``[DEFAULT]`` section, as in the original sKnock, and the
+original's option names keep their meaning and defaults (``KNOCKPACKET_MIN_LENGTH``, ``crlFile``,
+``PFXPasswd`` ...).  sknock's own options sit beside them.
+
+Why so strict: a port-knock server that silently runs with a typo'd option is worse than one that
+refuses to start -- ``firewalPolicy = drop`` ignored means a host that the admin believes closed is
+open.  So unknown keys, other sections, duplicate keys, values out of range and missing files all
+raise :class:`~sknock.errors.ConfigError` with one message naming the file, the key and the problem.
+
+This module only parses and checks; it never opens sockets, touches the firewall or loads keys.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import enum
+import os
+import pwd
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError, PortSpecError
+from ..ports import PortSet, parse_ports
+
+__all__ = [
+    "ServerConfig",
+    "FirewallPolicy",
+    "FirewallBackend",
+    "CaptureMode",
+    "load_config",
+    "MIN_RECV_BUFFER",
+    "COMMAND_PLACEHOLDERS",
+    "MAX_UDP_KNOCK_PORTS",
+]
+
+#: The smallest receive buffer that holds any knock: sknock knocks fit the 1232-byte UDP payload
+#: that survives the IPv6 minimum MTU (1280) without fragmentation.
+MIN_RECV_BUFFER = 1232
+
+#: Placeholders the firewall ``command`` backend substitutes in openCommand / closeCommand.
+COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
+
+#: In ``captureMode = udp`` the server binds one socket per knock port; more than this is a mistake.
+MAX_UDP_KNOCK_PORTS = 256
+
+_MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; refuse to slurp anything huge
+_MAX_PASSWORD_FILE_BYTES = 4096
+_SIGNATURE_SIZE_NOTICE = "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
+_PLAINTEXT_IN_CONFIG_NOTICE = "PFXPasswd puts the PFX password in the config file; use PFXPasswdFile in production"
+
+
+class FirewallPolicy(enum.StrEnum):
+    """What the firewall does with traffic to protected ports that no knock opened (original option)."""
+
+    NONE = "none"  # leave the firewall's policy alone: a first run locks nobody out
+    REJECT = "reject"
+    DROP = "drop"
+
+
+class FirewallBackend(enum.StrEnum):
+    """Which mechanism inserts and removes the per-client rules."""
+
+    AUTO = "auto"
+    NFTABLES = "nftables"
+    IPTABLES = "iptables"
+    COMMAND = "command"  # run openCommand / closeCommand templates
+
+
+class CaptureMode(enum.StrEnum):
+    """How knocks are received: ``packet`` sniffs with no port open, ``udp`` binds real UDP sockets."""
+
+    PACKET = "packet"
+    UDP = "udp"
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """A checked server configuration.  Paths are absolute (resolved against the config's folder).
+
+    ``pfx_password`` is kept out of ``repr`` and :meth:`describe`; it is ``None`` only when the
+    file was loaded with ``check_files=False`` and the password lives in ``PFXPasswdFile``.
+    """
+
+    source: Path
+    # -- the original sKnock's options --
+    knockpacket_min_length: int
+    port_open_duration: int
+    timestamp_threshold: int
+    crl_update_interval_minutes: int
+    recv_buffer: int
+    crl_file: Path
+    crl_url: str | None
+    server_pfx_file: Path
+    pfx_password: bytes | None = field(repr=False)
+    pfx_password_source: str  # e.g. "PFXPasswdFile /etc/sknock/pfx.pass": safe to log
+    firewall_policy: FirewallPolicy
+    # -- sknock's options --
+    firewall_backend: FirewallBackend
+    open_command: str | None
+    close_command: str | None
+    interfaces: tuple[str, ...] | None  # None: any interface
+    knock_ports: tuple[tuple[int, int], ...] | None  # inclusive (first, last) UDP ports; None: any
+    capture_mode: CaptureMode
+    protected_ports: PortSet | None  # None: all ports
+    emergency_ssh: bool
+    ca_file: Path | None
+    log_file: Path | None  # None: stderr
+    log_level: str
+    require_source_address: bool
+    max_open_duration: int
+    work_bits: int
+    user: str
+    control_socket: Path
+    notices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One ``key = value`` line per option, in the file's spelling, for the startup log.
+
+        The password itself never appears, only where it came from."""
+
+        def opt(value: object, absent: str = "(not set)") -> str:
+            return absent if value is None else str(value)
+
+        knock_ports = (
+            "any"
+            if self.knock_ports is None
+            else ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.knock_ports)
+        )
+        rows: list[tuple[str, str]] = [
+            ("config", str(self.source)),
+            ("KNOCKPACKET_MIN_LENGTH", str(self.knockpacket_min_length)),
+            ("PORT_OPEN_DURATION_IN_SECONDS", str(self.port_open_duration)),
+            ("TIMESTAMP_THRESHOLD_IN_SECONDS", str(self.timestamp_threshold)),
+            ("CRL_UPDATE_INTERVAL_IN_MINUTES", str(self.crl_update_interval_minutes)),
+            ("RECV_BUFFER", str(self.recv_buffer)),
+            ("crlFile", str(self.crl_file)),
+            ("crlUrl", opt(self.crl_url)),
+            ("serverPFXFile", str(self.server_pfx_file)),
+            ("password", f"(hidden, from {self.pfx_password_source})"),
+            ("firewallPolicy", self.firewall_policy.value),
+            ("firewallBackend", self.firewall_backend.value),
+            ("openCommand", opt(self.open_command)),
+            ("closeCommand", opt(self.close_command)),
+            ("interfaces", "any" if self.interfaces is None else ",".join(self.interfaces)),
+            ("knockPorts", knock_ports),
+            ("captureMode", self.capture_mode.value),
+            ("protectedPorts", "all" if self.protected_ports is None else str(self.protected_ports)),
+            ("emergencySSH", "yes" if self.emergency_ssh else "no"),
+            ("caFile", opt(self.ca_file)),
+            ("logFile", opt(self.log_file, "(stderr)")),
+            ("logLevel", self.log_level),
+            ("requireSourceAddress", "yes" if self.require_source_address else "no"),
+            ("maxOpenDuration", str(self.max_open_duration)),
+            ("workBits", str(self.work_bits)),
+            ("user", self.user),
+            ("controlSocket", str(self.control_socket)),
+        ]
+        lines = [f"{key} = {value}" for key, value in rows]
+        lines.extend(f"notice: {n}" for n in self.notices)
+        return "\n".join(lines)
+
+
+# Every key the file may hold, with its default as written in the file (None: no default, optional
+# unless checked otherwise).  Order is the order of the shipped config.ini and of error hints.
+_DEFAULTS: dict[str, str | None] = {
+    # the original sKnock's names
+    "KNOCKPACKET_MIN_LENGTH": "800",
+    "PORT_OPEN_DURATION_IN_SECONDS": "15",
+    "TIMESTAMP_THRESHOLD_IN_SECONDS": "7",
+    "CRL_UPDATE_INTERVAL_IN_MINUTES": "30",
+    "RECV_BUFFER": "1600",
+    "SIGNATURE_SIZE": None,
+    "crlFile": None,
+    "crlUrl": None,
+    "serverPFXFile": None,
+    "PFXPasswd": None,
+    "firewallPolicy": "none",
+    # sknock's names
+    "PFXPasswdFile": None,
+    "PFXPasswdEnv": None,
+    "firewallBackend": "auto",
+    "openCommand": None,
+    "closeCommand": None,
+    "interfaces": "any",
+    "knockPorts": "any",
+    "captureMode": "packet",
+    "protectedPorts": "all",
+    "emergencySSH": "yes",
+    "caFile": None,
+    "logFile": None,
+    "logLevel": "INFO",
+    "requireSourceAddress": "no",
+    "maxOpenDuration": "3600",
+    "workBits": "12",
+    "user": "nobody",
+    "controlSocket": "/run/sknock/control.sock",
+}
+
+_INT_RE = re.compile(r"^[0-9]{1,9}$")
+_BOOLS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+_IFNAME_BAD = re.compile(r"[\s/:]")
+_USER_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10})$")
+_PLACEHOLDER_RE = re.compile(r"%[A-Za-z_]+%")
+
+
+class _Reader:
+    """Reads values for one file and turns every problem into a ConfigError naming file and key."""
+
+    def __init__(self, path: Path, values: Mapping[str, str]) -> None:
+        self.file = path
+        self.folder = path.parent
+        self.values = values
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {key}: {problem}")
+
+    def raw(self, key: str) -> str | None:
+        """The stripped value, or the default; an empty value counts as not set."""
+        value = self.values.get(key)
+        if value is not None:
+            value = value.strip()
+            if "\n" in value or "\r" in value:
+                raise self.fail(key, "value spans several lines; put it on one line")
+            if value:
+                return value
+        return _DEFAULTS[key]
+
+    def required(self, key: str) -> str:
+        value = self.raw(key)
+        if value is None:
+            raise self.fail(key, "is required but not set")
+        return value
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        text = self.required(key)
+        if not _INT_RE.match(text):
+            raise self.fail(key, f"{text!r} is not a whole number")
+        number = int(text)
+        if not low <= number <= high:
+            raise self.fail(key, f"{number} is out of range: must be {low}..{high}")
+        return number
+
+    def boolean(self, key: str) -> bool:
+        text = self.required(key)
+        try:
+            return _BOOLS[text.lower()]
+        except KeyError:
+            raise self.fail(key, f"{text!r} is not yes/no (also accepted: true/false, on/off, 1/0)") from None
+
+    def choice(self, key: str, kind: type[_E]) -> _E:
+        text = self.required(key)
+        for member in kind:
+            if member.value == text.lower():
+                return member
+        allowed = "|".join(str(m.value) for m in kind)
+        raise self.fail(key, f"{text!r} is not one of {allowed}")
+
+    def path(self, key: str, text: str) -> Path:
+        """Resolve ``text`` against the config file's folder (absolute paths stay as they are)."""
+        if "\x00" in text:
+            raise self.fail(key, "path contains a NUL byte")
+        return self.folder / Path(text).expanduser()
+
+    def optional_path(self, key: str) -> Path | None:
+        text = self.raw(key)
+        return None if text is None else self.path(key, text)
+
+    def check_readable(self, key: str, path: Path) -> None:
+        """Open the file for reading: the only honest test (``os.access`` lies to root)."""
+        if not path.exists():
+            raise self.fail(key, f"file {path} does not exist")
+        if not path.is_file():
+            raise self.fail(key, f"{path} is not a regular file")
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise self.fail(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def check_folder(self, key: str, path: Path) -> None:
+        if not path.parent.is_dir():
+            raise self.fail(key, f"folder {path.parent} (for {path.name}) does not exist")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {_MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 (byte {exc.start})") from None
+
+
+def _parse_ini(path: Path, text: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False, default_section="DEFAULT"
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno}: options must follow a [DEFAULT] section header") from None
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError(f"{path}: {exc.option}: set twice (line {exc.lineno}); keep one") from None
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError(f"{path}: section [{exc.section}] appears twice (line {exc.lineno})") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: not a valid INI file: {exc.message}") from None
+    others = parser.sections()
+    if others:
+        raise ConfigError(f"{path}: [{others[0]}]: unknown section; every option goes in [DEFAULT]")
+    return dict(parser.defaults())
+
+
+def _check_keys(path: Path, values: Mapping[str, str]) -> None:
+    for key in values:
+        if key in _DEFAULTS:
+            continue
+        by_case = [k for k in _DEFAULTS if k.lower() == key.lower()]
+        close = by_case or difflib.get_close_matches(key, list(_DEFAULTS), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{path}: {key}: unknown option{hint}")
+
+
+def _password(r: _Reader, environ: Mapping[str, str], check_files: bool) -> tuple[bytes | None, str, list[str]]:
+    """Exactly one of PFXPasswd, PFXPasswdFile, PFXPasswdEnv.  Returns (password, source, notices)."""
+    given = [k for k in ("PFXPasswd", "PFXPasswdFile", "PFXPasswdEnv") if r.raw(k) is not None]
+    if not given:
+        raise r.fail("PFXPasswd", "no PFX password given: set one of PFXPasswd, PFXPasswdFile or PFXPasswdEnv")
+    if len(given) > 1:
+        raise r.fail(given[1], f"both {given[0]} and {given[1]} are set; give the PFX password exactly one way")
+    key = given[0]
+    value = r.required(key)
+    if key == "PFXPasswd":
+        return value.encode("utf-8"), "PFXPasswd in the config file", [_PLAINTEXT_IN_CONFIG_NOTICE]
+    if key == "PFXPasswdEnv":
+        if value not in environ:
+            raise r.fail(key, f"environment variable {value} is not set")
+        secret = environ[value]
+        if not secret:
+            raise r.fail(key, f"environment variable {value} is empty")
+        return secret.encode("utf-8"), f"PFXPasswdEnv {value}", []
+    file = r.path(key, value)
+    source = f"PFXPasswdFile {file}"
+    if not check_files:
+        return None, source, []
+    r.check_readable(key, file)
+    try:
+        with file.open("rb") as handle:
+            data = handle.read(_MAX_PASSWORD_FILE_BYTES + 1)
+    except OSError as exc:
+        raise r.fail(key, f"cannot read {file}: {exc.strerror or exc}") from None
+    if len(data) > _MAX_PASSWORD_FILE_BYTES:
+        raise r.fail(key, f"{file} is larger than {_MAX_PASSWORD_FILE_BYTES} bytes; it should hold one password")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise r.fail(key, f"{file} is empty")
+    return data, source, []
+
+
+def _crl_url(r: _Reader, check_files: bool) -> str | None:
+    text = r.raw("crlUrl")
+    if text is None:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme.lower() in ("http", "https"):
+        if not parts.hostname:
+            raise r.fail("crlUrl", f"{text!r} has no host name")
+        return text
+    if parts.scheme:
+        raise r.fail("crlUrl", f"{text!r}: only http://, https:// or a local path are supported")
+    local = r.path("crlUrl", text)
+    if check_files:
+        r.check_readable("crlUrl", local)
+    return str(local)
+
+
+def _interfaces(r: _Reader) -> tuple[str, ...] | None:
+    text = r.required("interfaces")
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names):
+        raise r.fail("interfaces", f"{text!r} has an empty entry")
+    if "any" in names:
+        if len(names) > 1:
+            raise r.fail("interfaces", "'any' cannot be combined with interface names")
+        return None
+    for name in names:
+        if len(name) > 15 or name in (".", "..") or _IFNAME_BAD.search(name):
+            raise r.fail("interfaces", f"{name!r} is not a valid interface name")
+    return tuple(dict.fromkeys(names))
+
+
+def _knock_ports(r: _Reader) -> tuple[tuple[int, int], ...] | None:
+    text = r.required("knockPorts")
+    if text.lower() == "any":
+        return None
+    spans: set[tuple[int, int]] = set()
+    for entry in (e.strip() for e in text.split(",")):
+        match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", entry)
+        if not match:
+            raise r.fail(
+                "knockPorts", f"bad entry {entry!r}: expected any, a port, a range like 10000-10100, or a list"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        if not 1 <= first <= last <= 65535:
+            raise r.fail("knockPorts", f"bad entry {entry!r}: ports run from 1 to 65535, first <= last")
+        spans.add((first, last))
+    return tuple(sorted(spans))
+
+
+def _protected_ports(r: _Reader) -> PortSet | None:
+    text = r.required("protectedPorts")
+    if text.lower() == "all":
+        return None
+    try:
+        return parse_ports(text)
+    except PortSpecError as exc:
+        raise r.fail("protectedPorts", f"{exc} (write 'all' or a list like tcp/22,tcp/3389)") from None
+
+
+def _command(r: _Reader, key: str) -> str | None:
+    text = r.raw(key)
+    if text is None:
+        return None
+    unknown = sorted(set(_PLACEHOLDER_RE.findall(text)) - set(COMMAND_PLACEHOLDERS))
+    if unknown:
+        raise r.fail(key, f"unknown placeholder {unknown[0]}; known: {' '.join(COMMAND_PLACEHOLDERS)}")
+    for needed in ("%IP%", "%PORT%"):
+        if needed not in text:
+            raise r.fail(key, f"template must contain {needed}")
+    try:
+        shlex.split(text)
+    except ValueError as exc:
+        raise r.fail(key, f"cannot split into words: {exc}") from None
+    return text
+
+
+def _user(r: _Reader, check_files: bool) -> str:
+    name = r.required("user")
+    if not _USER_RE.match(name):
+        raise r.fail("user", f"{name!r} is not a valid user name")
+    if check_files and not name.isdigit():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise r.fail("user", f"user {name!r} does not exist on this system") from None
+    return name
+
+
+def load_config(
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    check_files: bool = True,
+) -> ServerConfig:
+    """Read and check the server configuration at ``path``.
+
+    ``environ`` is where ``PFXPasswdEnv`` looks (injected so tests need not touch os.environ).
+    With ``check_files=False`` nothing but the config file itself is opened: referenced files are
+    not checked and a ``PFXPasswdFile`` is not read (``pfx_password`` is then ``None``).  That is for
+    checking a config on a machine that does not hold the keys; the daemon always checks files.
+    """
+    config_path = Path(path).expanduser().absolute()
+    values = _parse_ini(config_path, _read_text(config_path))
+    _check_keys(config_path, values)
+    r = _Reader(config_path, values)
+    notices: list[str] = []
+
+    if values.get("SIGNATURE_SIZE", "").strip():
+        notices.append(_SIGNATURE_SIZE_NOTICE)
+
+    recv_buffer = r.integer("RECV_BUFFER", MIN_RECV_BUFFER, 65535)
+    min_length = r.integer("KNOCKPACKET_MIN_LENGTH", 1, 65535)
+    if min_length > recv_buffer:
+        raise r.fail(
+            "KNOCKPACKET_MIN_LENGTH",
+            f"{min_length} is larger than RECV_BUFFER ({recv_buffer}): no knock could ever be accepted",
+        )
+    max_open = r.integer("maxOpenDuration", 1, 86400)
+    open_duration = r.integer("PORT_OPEN_DURATION_IN_SECONDS", 1, 86400)
+    if open_duration > max_open:
+        raise r.fail("PORT_OPEN_DURATION_IN_SECONDS", f"{open_duration} is longer than maxOpenDuration ({max_open})")
+    threshold = r.integer("TIMESTAMP_THRESHOLD_IN_SECONDS", 1, 300)
+    crl_interval = r.integer("CRL_UPDATE_INTERVAL_IN_MINUTES", 1, 7 * 24 * 60)
+    work_bits = r.integer("workBits", 0, 24)
+
+    crl_url = _crl_url(r, check_files)
+    crl_file = r.path("crlFile", r.required("crlFile"))
+    pfx_file = r.path("serverPFXFile", r.required("serverPFXFile"))
+    ca_file = r.optional_path("caFile")
+    log_file = r.optional_path("logFile")
+    control_socket = r.path("controlSocket", r.required("controlSocket"))
+    password, password_source, password_notices = _password(r, environ, check_files)
+    notices.extend(password_notices)
+
+    backend = r.choice("firewallBackend", FirewallBackend)
+    open_command = _command(r, "openCommand")
+    close_command = _command(r, "closeCommand")
+    if backend is FirewallBackend.COMMAND:
+        for key, value in (("openCommand", open_command), ("closeCommand", close_command)):
+            if value is None:
+                raise r.fail(key, "is required when firewallBackend = command")
+    else:
+        for key, value in (("openCommand", open_command), ("closeCommand", close_command)):
+            if value is not None:
+                raise r.fail(key, f"is only used with firewallBackend = command (it is {backend.value})")
+
+    capture_mode = r.choice("captureMode", CaptureMode)
+    knock_ports = _knock_ports(r)
+    if capture_mode is CaptureMode.UDP:
+        if knock_ports is None:
+            raise r.fail("knockPorts", "captureMode = udp binds real sockets, so knockPorts must name ports, not any")
+        count = sum(last - first + 1 for first, last in knock_ports)
+        if count > MAX_UDP_KNOCK_PORTS:
+            raise r.fail(
+                "knockPorts", f"{count} ports is too many for captureMode = udp (at most {MAX_UDP_KNOCK_PORTS})"
+            )
+
+    level = r.required("logLevel").upper()
+    if level not in _LOG_LEVELS:
+        raise r.fail("logLevel", f"{r.required('logLevel')!r} is not one of {'|'.join(_LOG_LEVELS)}")
+
+    if check_files:
+        checks: list[tuple[str, Path, Callable[[str, Path], None]]] = [
+            ("serverPFXFile", pfx_file, r.check_readable),
+            ("crlFile", crl_file, r.check_readable if crl_url is None else r.check_folder),
+        ]
+        if crl_url is not None and crl_file.exists():
+            checks.append(("crlFile", crl_file, r.check_readable))
+        if ca_file is not None:
+            checks.append(("caFile", ca_file, r.check_readable))
+        if log_file is not None:
+            checks.append(("logFile", log_file, r.check_folder))
+        for key, file, check in checks:
+            check(key, file)
+
+    return ServerConfig(
+        source=config_path,
+        knockpacket_min_length=min_length,
+        port_open_duration=open_duration,
+        timestamp_threshold=threshold,
+        crl_update_interval_minutes=crl_interval,
+        recv_buffer=recv_buffer,
+        crl_file=crl_file,
+        crl_url=crl_url,
+        server_pfx_file=pfx_file,
+        pfx_password=password,
+        pfx_password_source=password_source,
+        firewall_policy=r.choice("firewallPolicy", FirewallPolicy),
+        firewall_backend=backend,
+        open_command=open_command,
+        close_command=close_command,
+        interfaces=_interfaces(r),
+        knock_ports=knock_ports,
+        capture_mode=capture_mode,
+        protected_ports=_protected_ports(r),
+        emergency_ssh=r.boolean("emergencySSH"),
+        ca_file=ca_file,
+        log_file=log_file,
+        log_level=level,
+        require_source_address=r.boolean("requireSourceAddress"),
+        max_open_duration=max_open,
+        work_bits=work_bits,
+        user=_user(r, check_files),
+        control_socket=control_socket,
+        notices=tuple(notices),
+    )
