@@ -47,6 +47,7 @@ __all__ = [
     "CertificateAuthority",
     "init_ca",
     "open_ca",
+    "read_index",
 ]
 
 Kind = Literal["server", "client", "intermediate"]
@@ -484,6 +485,20 @@ def init_ca(
         .sign(key, hashes.SHA256())
     )
     return _write_ca(directory, key, cert, [], password)
+
+
+def read_index(directory: str | os.PathLike[str]) -> list[Entry]:
+    """What the CA in ``directory`` issued, read without its key (for listing)."""
+    path = Path(directory) / "index.json"
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise CAError(f"{path}: cannot read the index: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("version") != _INDEX_VERSION or not isinstance(raw.get("entries"), list):
+        raise CAError(f"{path}: not a sknock CA index (version {_INDEX_VERSION})")
+    return [Entry.from_json(e, path) for e in raw["entries"]]
 
 
 def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAuthority:

@@ -1,0 +1,234 @@
+"""``sknock-ca``: the PKI admin's tool, a thin argparse layer over :mod:`sknock.ca`.
+
+Passwords never appear on the command line (they would show in ``ps`` and shell history): the
+CA password comes from ``--password-file``, ``$SKNOCK_PFX_PASSWORD`` or a prompt; the password
+protecting a newly issued PKCS#12 from ``--pfx-password-file``, ``$SKNOCK_NEW_PFX_PASSWORD`` or a
+prompt, so the CA password need not be shared with the people who receive the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from .. import ca as ca_lib
+from ..credentials import resolve_password
+from ..errors import CredentialError, SknockError
+from ..ports import parse_ports
+
+PROG = "sknock-ca"
+NEW_PFX_ENV = "SKNOCK_NEW_PFX_PASSWORD"
+
+
+class _Usage(Exception):
+    """A command-line mistake, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Usage(message)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _ca_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    password = resolve_password(
+        getattr(args, "password_file", None),
+        prompt="CA password: ",
+        interactive=_interactive(),
+    )
+    if confirm and getattr(args, "password_file", None) is None and _interactive() and not _from_env():
+        again = getpass.getpass("CA password again: ").encode("utf-8")
+        if again != password:
+            raise CredentialError("the two passwords differ")
+    return password
+
+
+def _from_env() -> bool:
+    return bool(os.environ.get("SKNOCK_PFX_PASSWORD"))
+
+
+def _pfx_password(args: argparse.Namespace, name: str) -> bytes:
+    path = getattr(args, "pfx_password_file", None)
+    if path is None and not os.environ.get(NEW_PFX_ENV) and _interactive():
+        first = getpass.getpass(f"Password for {name}.pfx: ").encode("utf-8")
+        if first != getpass.getpass(f"Password for {name}.pfx again: ").encode("utf-8"):
+            raise CredentialError("the two passwords differ")
+        if not first:
+            raise CredentialError("empty password entered")
+        return first
+    return resolve_password(path, env_var=NEW_PFX_ENV, interactive=False)
+
+
+def _directory(args: argparse.Namespace) -> Path:
+    d = getattr(args, "dir", None)
+    if not d:
+        raise _Usage("--dir DIR is required (the CA directory)")
+    return Path(d)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    directory = _directory(args)
+    authority = ca_lib.init_ca(directory, _ca_password(args, confirm=True), name=args.name, days=args.days)
+    print(f"created CA {authority.certificate.subject.rfc4514_string()} in {directory}")
+    print(f"  certificate: {directory / 'ca.cer'} (DER), {directory / 'ca.pem'}")
+    print(f"  CRL:         {directory / 'crl.der'}")
+    return 0
+
+
+def _open(args: argparse.Namespace) -> ca_lib.CertificateAuthority:
+    directory = _directory(args)
+    if not (directory / "ca.cer").exists():
+        raise ca_lib.CAError(f"{directory}: no CA here (run '{PROG} --dir {directory} init' first)")
+    return ca_lib.open_ca(directory, _ca_password(args))
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    authority = _open(args)
+    cert = authority.issue_server(
+        args.name, _pfx_password(args, args.name), ips=args.ip, dns=args.dns, days=args.days, key_type=args.key_type
+    )
+    print(f"issued server {args.name} (serial {cert.serial_number:x})")
+    folder = authority.directory / "server"
+    print(f"  {folder / (args.name + '.pfx')}, {folder / (args.name + '.cer')}")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    ports = parse_ports(args.allow)
+    authority = _open(args)
+    cert = authority.issue_client(
+        args.name, ports, _pfx_password(args, args.name), days=args.days, key_type=args.key_type
+    )
+    print(f"issued client {args.name} for {ports} (serial {cert.serial_number:x})")
+    print(f"  {authority.directory / 'client' / (args.name + '.pfx')}")
+    return 0
+
+
+def _cmd_intermediate(args: argparse.Namespace) -> int:
+    authority = _open(args)
+    sub = authority.issue_intermediate(args.name, _ca_password(args), days=args.days)
+    print(f"created intermediate CA {args.name} in {sub.directory} (same password as its parent)")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    authority = _open(args)
+    crl = authority.revoke(args.name, crl_days=args.crl_days)
+    print(f"revoked {args.name}; CRL now lists {len(crl)} certificate(s): {authority.directory / 'crl.der'}")
+    return 0
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    authority = _open(args)
+    crl = authority.write_crl(days=args.days)
+    print(f"CRL with {len(crl)} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    directory = _directory(args)
+    if not (directory / "ca.cer").exists():
+        raise ca_lib.CAError(f"{directory}: no CA here (run '{PROG} --dir {directory} init' first)")
+    entries = ca_lib.read_index(directory)
+    rows = [("NAME", "KIND", "SERIAL", "EXPIRES", "STATUS", "PORTS")]
+    for e in entries:
+        status = f"revoked {e.revoked_at:%Y-%m-%d}" if e.revoked_at else "valid"
+        rows.append((e.name, e.kind, f"{e.serial:x}", f"{e.not_after:%Y-%m-%d}", status, e.ports or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if not entries:
+        print("(no certificates issued yet)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Global options are accepted before or after the subcommand (SUPPRESS keeps the later one
+    # from overwriting the earlier with a default).
+    common = _Parser(add_help=False)
+    common.add_argument("--dir", default=argparse.SUPPRESS, help="the CA directory")
+    common.add_argument("--password-file", default=argparse.SUPPRESS, help="file whose first line is the CA password")
+    common.add_argument(
+        "--pfx-password-file",
+        default=argparse.SUPPRESS,
+        help=f"file whose first line protects a newly issued .pfx (else ${NEW_PFX_ENV} or a prompt)",
+    )
+    parser = _Parser(prog=PROG, description="Run the sknock certificate authority.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("init", parents=[common], help="create a new CA")
+    p.add_argument("--name", default="sknock CA", help="the CA's common name")
+    p.add_argument("--days", type=_positive, default=3650)
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("server", parents=[common], help="issue a server certificate")
+    p.add_argument("name")
+    p.add_argument("--ip", action="append", default=[], help="server address for subjectAltName (repeatable)")
+    p.add_argument("--dns", action="append", default=[], help="server DNS name for subjectAltName (repeatable)")
+    p.add_argument("--days", type=_positive, default=825)
+    p.add_argument("--key-type", choices=[k for k in ca_lib.KEY_TYPES if k.startswith("ec-")], default="ec-p256")
+    p.set_defaults(func=_cmd_server)
+
+    p = sub.add_parser("client", parents=[common], help="issue a client certificate")
+    p.add_argument("name")
+    p.add_argument("--allow", required=True, help="ports the client may open, e.g. tcp/22,udp/8000-8010")
+    p.add_argument("--days", type=_positive, default=365)
+    p.add_argument("--key-type", choices=ca_lib.KEY_TYPES, default="ec-p256")
+    p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("intermediate", parents=[common], help="create an intermediate CA under this one")
+    p.add_argument("name")
+    p.add_argument("--days", type=_positive, default=1825)
+    p.set_defaults(func=_cmd_intermediate)
+
+    p = sub.add_parser("revoke", parents=[common], help="revoke a certificate and publish a new CRL")
+    p.add_argument("name")
+    p.add_argument("--crl-days", type=_positive, default=30)
+    p.set_defaults(func=_cmd_revoke)
+
+    p = sub.add_parser("crl", parents=[common], help="publish a fresh CRL")
+    p.add_argument("--days", type=_positive, default=30, help="days until nextUpdate")
+    p.set_defaults(func=_cmd_crl)
+
+    p = sub.add_parser("list", parents=[common], help="show what this CA issued")
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sknock-ca``; return the exit status (0, or 2 on any error)."""
+    try:
+        args = _parser().parse_args(argv)
+        result: int = args.func(args)
+        return result
+    except _Usage as exc:
+        print(f"{PROG}: error: {exc} (see {PROG} --help)", file=sys.stderr)
+    except SknockError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
