@@ -1,0 +1,117 @@
+"""Command backend: grants made by running the admin's own commands (ufw, firewalld, a script).
+
+For hosts whose firewall is managed by a tool sknock should not bypass.  The admin gives an open and a
+close template, for instance ``ufw allow from %IP% to any port %PORT% proto %PROTO%``.
+
+Safety, because %IP% comes from the network and the templates run as root:
+
+* a template is split into arguments with :func:`shlex.split` once, when the backend is built;
+* placeholders are replaced *inside* each argument; the result is never split again and never given
+  to a shell, so a value with spaces, ``;`` or ``$()`` stays one literal argument;
+* the values themselves are already validated (an :class:`Opening` holds a parsed address, a protocol
+  enum and a port number), so in practice they are plain text anyway.
+
+Placeholders: ``%IP%`` (address), ``%PROTO%`` (tcp/udp), ``%PORT%``, ``%DURATION%`` (whole seconds,
+rounded up; 0 for close).  The open command is run again to extend a grant, so it must accept being
+run for a grant that exists (ufw and ``nft add element`` do).  The backend applies no policy of its
+own: rejecting or dropping unknocked traffic is the admin's firewall's job.  It cannot see the kernel,
+so :meth:`openings` reports what it has opened and not yet closed in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+
+from .base import Firewall, FirewallError, FirewallPolicy, Opening, check_duration
+
+__all__ = ["CommandFirewall", "PLACEHOLDERS"]
+
+NAME = "command"
+PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
+_STDERR_TAIL = 500
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+
+
+def _split(template: str, which: str) -> tuple[str, ...]:
+    if not isinstance(template, str) or not template.strip():
+        raise FirewallError(NAME, f"{which} command template is empty")
+    try:
+        argv = tuple(shlex.split(template))
+    except ValueError as exc:
+        raise FirewallError(NAME, f"{which} command template {template!r} cannot be split: {exc}") from None
+    if "%IP%" not in " ".join(argv):
+        raise FirewallError(NAME, f"{which} command template {template!r} does not use %IP%")
+    if any(p in argv[0] for p in PLACEHOLDERS):
+        raise FirewallError(NAME, f"{which} command template {template!r}: the program itself cannot be a placeholder")
+    return argv
+
+
+def substitute(argv: Sequence[str], values: dict[str, str]) -> list[str]:
+    """Replace placeholders within each argument.  One regex pass per argument: substituted text is
+    never scanned again (a value holding ``%PORT%`` stays literal) and never split."""
+    return [_PLACEHOLDER_RE.sub(lambda m: values[m.group(0)], arg) for arg in argv]
+
+
+class CommandFirewall(Firewall):
+    """Grants made by admin-supplied command templates; see the module docstring."""
+
+    name = NAME
+    kernel_expiry = False
+
+    def __init__(self, policy: FirewallPolicy, *, open_command: str, close_command: str, timeout: float = 10.0) -> None:
+        self.policy = policy
+        self._open_argv = _split(open_command, "open")
+        self._close_argv = _split(close_command, "close")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 300:
+            raise FirewallError(NAME, f"command timeout must be more than 0 and at most 300 seconds, not {timeout!r}")
+        self.timeout = float(timeout)
+        self._open: set[Opening] = set()
+
+    def _run(self, argv: Sequence[str], opening: Opening, seconds: int, what: str) -> None:
+        values = {"%IP%": str(opening.address), "%PROTO%": opening.protocol.label,
+                  "%PORT%": str(opening.port), "%DURATION%": str(seconds)}
+        args = substitute(argv, values)
+        try:
+            done = subprocess.run(args, capture_output=True, timeout=self.timeout, check=False,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise FirewallError(NAME, f"{what} {opening}: {args[0]} did not finish within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise FirewallError(NAME, f"{what} {opening}: cannot run {args[0]}: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            tail = done.stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+            raise FirewallError(NAME, f"{what} {opening}: {args[0]} exited with status {done.returncode}"
+                                      + (f": {tail}" if tail else ""))
+
+    def setup(self) -> None:
+        """Nothing to install: the admin's firewall holds the policy.  Forget grants of a previous setup."""
+        self._open.clear()
+
+    def open(self, opening: Opening, duration: float) -> None:
+        seconds = max(1, math.ceil(check_duration(NAME, duration)))
+        self._run(self._open_argv, opening, seconds, "opening")
+        self._open.add(opening)
+
+    def close(self, opening: Opening) -> None:
+        if opening not in self._open:
+            return  # idempotent: never opened by this process, or already closed
+        self._run(self._close_argv, opening, 0, "closing")
+        self._open.discard(opening)
+
+    def openings(self) -> list[Opening]:
+        return sorted(self._open, key=lambda o: (o.address.version, int(o.address), o.protocol, o.port))
+
+    def teardown(self) -> None:
+        """Close every grant still open; report the first failure after trying them all."""
+        errors: list[FirewallError] = []
+        for opening in self.openings():
+            try:
+                self.close(opening)
+            except FirewallError as exc:
+                errors.append(exc)
+        if errors:
+            raise FirewallError(NAME, f"teardown left {len(errors)} grant(s) open; first: {errors[0]}")
