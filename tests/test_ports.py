@@ -1,0 +1,80 @@
+"""Port lists in both spellings: round trips and refusals (property-based)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sknock.errors import PortSpecError
+from sknock.ports import PortRange, PortSet, Protocol, parse_certificate_ports, parse_ports
+
+
+@st.composite
+def port_ranges(draw: st.DrawFn) -> PortRange:
+    first = draw(st.integers(1, 65535))
+    last = draw(st.integers(first, min(65535, first + draw(st.sampled_from([0, 0, 1, 10, 70000])))))
+    return PortRange(draw(st.sampled_from(list(Protocol))), first, last)
+
+
+port_sets = st.lists(port_ranges(), min_size=1, max_size=12).map(PortSet.of)
+
+
+@given(port_sets)
+def test_admin_form_round_trips(ports: PortSet) -> None:
+    assert parse_ports(str(ports)) == ports
+
+
+@given(port_sets)
+def test_certificate_form_round_trips(ports: PortSet) -> None:
+    assert parse_certificate_ports(ports.certificate_form()) == ports
+
+
+@given(port_sets)
+def test_both_forms_agree(ports: PortSet) -> None:
+    assert parse_ports(str(ports)) == parse_certificate_ports(ports.certificate_form())
+
+
+@given(st.text(max_size=40))
+def test_admin_parser_only_raises_port_spec_error(text: str) -> None:
+    try:
+        result = parse_ports(text)
+    except PortSpecError:
+        return
+    assert result  # anything accepted is a non-empty set
+
+
+@given(st.text(alphabet="01.,-/tcpu 9", max_size=30))
+def test_certificate_parser_only_raises_port_spec_error(text: str) -> None:
+    try:
+        result = parse_certificate_ports(text)
+    except PortSpecError:
+        return
+    assert result
+
+
+@given(st.lists(port_ranges(), min_size=1, max_size=6), st.data())
+def test_membership_matches_ranges(ranges: list[PortRange], data: st.DataObject) -> None:
+    ports = PortSet.of(ranges)
+    r = data.draw(st.sampled_from(ranges))
+    port = data.draw(st.integers(r.first, r.last))
+    assert (r.protocol, port) in ports
+
+
+def test_original_sknock_entries_mean_the_same() -> None:
+    assert parse_certificate_ports("1.2000,1.3000,0.8000") == parse_ports("tcp/2000,tcp/3000,udp/8000")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", ",", "tcp/22,", "tcp/0", "tcp/65536", "sctp/22", "tcp22", "tcp/10-5", "tcp/-5", "tcp/1-2-3", "tcp/ 2 2"],
+)
+def test_bad_admin_lists_refused(text: str) -> None:
+    with pytest.raises(PortSpecError):
+        parse_ports(text)
+
+
+@pytest.mark.parametrize("text", ["", "2.22", "1:22", "tcp.22", "1.0", "1.65536", "1.22,", "1.5-4", "01.22"])
+def test_bad_certificate_lists_refused(text: str) -> None:
+    with pytest.raises(PortSpecError):
+        parse_certificate_ports(text)
