@@ -1,0 +1,233 @@
+"""The classic BPF program attached to the knock capture socket (``SO_ATTACH_FILTER``).
+
+The capture socket is an ``AF_PACKET``/``SOCK_DGRAM`` socket listening to every protocol, so without a
+filter the daemon would wake for every packet the host sees.  This program runs in the kernel for each
+packet and keeps only what may be a knock, so that userspace never copies the rest:
+
+1. packet type ``PACKET_HOST`` only (ancillary ``SKF_AD_PKTTYPE``): our own outgoing packets, other
+   hosts' traffic seen in promiscuous mode, broadcasts and multicasts are dropped;
+2. at most ``max_packet`` bytes from the network header (larger packets are dropped, not truncated:
+   a truncated knock is useless);
+3. ethertype IPv4 or IPv6, read with the ancillary load ``SKF_AD_PROTOCOL`` because a ``SOCK_DGRAM``
+   packet socket's offsets start at the network header and the link header is out of reach;
+4. IPv4: version 4, protocol UDP, not a fragment (MF clear and offset 0), any IHL >= 5 (the UDP header
+   offset is taken from IHL with the ``ldxb 4*([0]&0xf)`` idiom);
+   IPv6: version 6, then up to :data:`~sknock.server.packet.MAX_EXTENSION_HEADERS` hop-by-hop, routing
+   or destination-options headers are walked (the loop is unrolled, classic BPF has no backward
+   jumps), and the header after them must be UDP; fragments and every other header are dropped;
+5. the UDP destination port lies in one of ``ports`` (``None``: any port);
+6. the UDP length field is at least ``8 + min_payload`` and no larger than the bytes present.
+
+Everything the filter passes is parsed again, strictly, by :mod:`sknock.server.packet`; the filter is
+a cheap first cut, not the validation.  Out-of-bounds loads make classic BPF return 0, so a packet
+shorter than any offset read here is dropped.
+
+The program is built from plain data (:class:`Instruction`) so it can be inspected and packed;
+:func:`pack` gives the ``struct sock_filter`` array the socket side puts behind a ``sock_fprog``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .packet import MAX_EXTENSION_HEADERS
+
+__all__ = ["Instruction", "build_filter", "pack", "DEFAULT_MAX_PACKET", "MAX_PORT_RANGES"]
+
+#: Largest packet (from the IP header) passed to userspace; a knock fits one unfragmented datagram.
+DEFAULT_MAX_PACKET = 2048
+#: Most distinct port ranges one program checks (three instructions each; BPF_MAXINSNS is 4096).
+MAX_PORT_RANGES = 1000
+_BPF_MAXINSNS = 4096
+
+# Opcode fields, from linux/filter.h and linux/bpf_common.h.
+_LD, _LDX, _ST, _ALU, _JMP, _RET, _MISC = 0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07
+_W, _H, _B = 0x00, 0x08, 0x10
+_IMM, _ABS, _IND, _MEM, _LEN, _MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
+_ADD, _SUB, _AND, _LSH = 0x00, 0x10, 0x50, 0x60
+_JA, _JEQ, _JGT, _JGE, _JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+_K, _X = 0x00, 0x08
+_TAX, _TXA = 0x00, 0x80
+
+_SKF_AD_OFF = 0xFFFFF000  # -0x1000 as an unsigned 32-bit offset
+_SKF_AD_PROTOCOL = 0
+_SKF_AD_PKTTYPE = 4
+_PACKET_HOST = 0
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+_UDP = 17
+_IPV6_WALKED = (0, 43, 60)  # hop-by-hop, routing, destination options
+
+
+@dataclass(frozen=True, slots=True)
+class Instruction:
+    """One ``struct sock_filter``: opcode, jump-if-true and jump-if-false offsets, constant."""
+
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+_SOCK_FILTER = struct.Struct("=HBBI")
+
+
+def pack(program: Sequence[Instruction]) -> bytes:
+    """The program as the array of ``struct sock_filter`` the kernel reads (native byte order)."""
+    return b"".join(_SOCK_FILTER.pack(i.code, i.jt, i.jf, i.k) for i in program)
+
+
+class _Assembler:
+    """Emits instructions whose jump targets are label names, then resolves them.
+
+    Conditional jumps carry 8-bit offsets; the layout keeps them short and :meth:`resolve` checks
+    it.  Far jumps go through ``ja`` (32-bit offset)."""
+
+    def __init__(self) -> None:
+        self._code: list[tuple[int, str | None, str | None, int | str]] = []
+        self._labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        assert name not in self._labels, name
+        self._labels[name] = len(self._code)
+
+    def op(self, code: int, k: int = 0) -> None:
+        self._code.append((code, None, None, k))
+
+    def jump(self, code: int, k: int, jt: str | None, jf: str | None) -> None:
+        """A conditional jump; ``None`` as a target means the next instruction."""
+        self._code.append((code, jt, jf, k))
+
+    def goto(self, target: str) -> None:
+        self._code.append((_JMP | _JA, None, None, target))
+
+    def resolve(self) -> tuple[Instruction, ...]:
+        program = []
+        for index, (code, jt, jf, k) in enumerate(self._code):
+            if isinstance(k, str):
+                program.append(Instruction(code, 0, 0, self._offset(index, k)))
+                continue
+            true = self._offset(index, jt) if jt else 0
+            false = self._offset(index, jf) if jf else 0
+            assert true <= 255 and false <= 255, "conditional jump too far: fix the layout"
+            program.append(Instruction(code, true, false, k))
+        return tuple(program)
+
+    def _offset(self, index: int, label: str) -> int:
+        offset = self._labels[label] - index - 1
+        assert offset >= 0, "classic BPF jumps only forward"
+        return offset
+
+
+def _merge(ports: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping and adjacent ranges joined: fewer instructions, same decision."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ports):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def build_filter(
+    *,
+    min_payload: int,
+    ports: Sequence[tuple[int, int]] | None,
+    max_packet: int = DEFAULT_MAX_PACKET,
+) -> tuple[Instruction, ...]:
+    """The filter program for an ``AF_PACKET``/``SOCK_DGRAM`` socket (see the module docstring).
+
+    ``ports`` holds inclusive ``(first, last)`` UDP destination port ranges, or ``None`` for any.
+    Raises :class:`~sknock.errors.ConfigError` for values no packet could satisfy sensibly.
+    """
+    if not 0 <= min_payload <= 65535 - 8:
+        raise ConfigError(f"min_payload {min_payload} must lie between 0 and 65527")
+    if not 28 <= max_packet <= 65535:
+        raise ConfigError(f"max_packet {max_packet} must lie between 28 and 65535")
+    ranges: list[tuple[int, int]] | None = None
+    if ports is not None:
+        for first, last in ports:
+            if not 0 <= first <= last <= 65535:
+                raise ConfigError(f"bad port range {first}-{last}: need 0 <= first <= last <= 65535")
+        ranges = _merge(ports)
+        if not ranges:
+            raise ConfigError("an empty port list would drop every knock; pass None for any port")
+        if len(ranges) > MAX_PORT_RANGES:
+            raise ConfigError(f"{len(ranges)} port ranges, at most {MAX_PORT_RANGES} fit one filter")
+        if ranges == [(0, 65535)]:
+            ranges = None
+
+    a = _Assembler()
+    a.op(_LD | _W | _ABS, _SKF_AD_OFF + _SKF_AD_PKTTYPE)
+    a.jump(_JMP | _JEQ | _K, _PACKET_HOST, None, "drop")
+    a.op(_LD | _W | _LEN)
+    a.jump(_JMP | _JGT | _K, max_packet, "drop", None)
+    a.op(_LD | _W | _ABS, _SKF_AD_OFF + _SKF_AD_PROTOCOL)
+    a.jump(_JMP | _JEQ | _K, _ETH_P_IP, None, "not4")
+    # IPv4
+    a.op(_LD | _B | _ABS, 0)
+    a.op(_ALU | _AND | _K, 0xF0)
+    a.jump(_JMP | _JEQ | _K, 0x40, None, "drop")
+    a.op(_LD | _B | _ABS, 9)
+    a.jump(_JMP | _JEQ | _K, _UDP, None, "drop")
+    a.op(_LD | _H | _ABS, 6)
+    a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
+    a.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
+    a.op(_MISC | _TXA)
+    a.jump(_JMP | _JGE | _K, 20, "udp", "drop")
+    # IPv6
+    a.label("not4")
+    a.jump(_JMP | _JEQ | _K, _ETH_P_IPV6, None, "drop")
+    a.op(_LD | _B | _ABS, 0)
+    a.op(_ALU | _AND | _K, 0xF0)
+    a.jump(_JMP | _JEQ | _K, 0x60, None, "drop")
+    a.op(_LDX | _W | _IMM, 40)  # X: offset of the header A names
+    a.op(_LD | _B | _ABS, 6)  # A: next header
+    for step in range(MAX_EXTENSION_HEADERS):
+        a.jump(_JMP | _JEQ | _K, _UDP, "udp", None)
+        for header in _IPV6_WALKED:
+            a.jump(_JMP | _JEQ | _K, header, f"ext{step}", None)
+        a.goto("drop")
+        a.label(f"ext{step}")
+        a.op(_LD | _B | _IND, 1)  # A = header extension length, in 8-byte units past the first 8
+        a.op(_ALU | _ADD | _K, 1)
+        a.op(_ALU | _LSH | _K, 3)
+        a.op(_ALU | _ADD | _X)
+        a.op(_ST, 0)  # M[0] = offset of the following header
+        a.op(_LD | _B | _IND, 0)  # A = its type
+        a.op(_LDX | _W | _MEM, 0)
+    a.jump(_JMP | _JEQ | _K, _UDP, "udp", "drop")
+    a.label("drop")
+    a.op(_RET | _K, 0)
+    # UDP header at X.
+    a.label("udp")
+    if ranges is not None:
+        a.op(_LD | _H | _IND, 2)  # destination port
+        for n, (first, last) in enumerate(ranges):
+            nxt = f"range{n + 1}"
+            if first == last:
+                a.jump(_JMP | _JEQ | _K, first, None, nxt)
+            else:
+                a.jump(_JMP | _JGE | _K, first, None, nxt)
+                a.jump(_JMP | _JGT | _K, last, nxt, None)
+            a.goto("port_ok")
+            a.label(nxt)
+        a.op(_RET | _K, 0)
+    a.label("port_ok")
+    a.op(_LD | _H | _IND, 4)  # UDP length
+    a.jump(_JMP | _JGE | _K, 8 + min_payload, None, "short")
+    a.op(_ST, 1)
+    a.op(_LD | _W | _LEN)
+    a.op(_ALU | _SUB | _X)  # bytes from the UDP header to the end of the packet
+    a.op(_LDX | _W | _MEM, 1)
+    a.jump(_JMP | _JGE | _X, 0, None, "short")
+    a.op(_RET | _K, max_packet)
+    a.label("short")
+    a.op(_RET | _K, 0)
+    program = a.resolve()
+    assert len(program) <= _BPF_MAXINSNS
+    return program

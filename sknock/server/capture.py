@@ -1,0 +1,306 @@
+"""Receiving knock datagrams: the only module of the capture edge that touches sockets.
+
+Two receivers with one shape (``filenos()`` for the daemon's selector, ``receive()`` to drain,
+``stats`` to count what was refused, ``close()``; both are context managers):
+
+* :func:`open_packet_capture` -- the normal mode.  ``AF_PACKET``/``SOCK_DGRAM`` sockets listening to
+  ``ETH_P_ALL`` are delivered a copy of each packet by the device layer's taps, which run before tc
+  and netfilter's netdev ingress hook, and long before the IP layer, the ``inet`` input hooks and the
+  UDP socket lookup.  So the server sees knocks to ports that no socket listens on and that the
+  firewall drops, and the host answers nothing: no ICMP port-unreachable leaks that a server exists.
+  A classic BPF filter (:mod:`sknock.server.bpf`) keeps everything else in the kernel.
+* :func:`open_udp_capture` -- plain bound UDP sockets, for hosts where raw capture is not wanted.
+  The port is then open (and visible to a scanner only by silence, since UDP never answers).
+
+Privileges: the kernel checks ``CAP_NET_RAW`` only when a packet socket is created; binding, attaching
+the filter and reading need none.  So the daemon opens the capture as root and may then drop to an
+unprivileged user (``setgid``/``setuid``) and keep reading; ``tests/test_capture.py`` checks this.
+The filter is locked (``SO_LOCK_FILTER``) so that a compromised process cannot widen it either.
+
+Receiving never raises for what arrives: a malformed packet is counted in ``stats`` under its
+:class:`~sknock.server.packet.PacketError` reason, a socket error (for instance ``ENETDOWN`` when a
+bound interface goes down) under ``"socket-error"``.  Python has no ``recvmmsg``, so a burst is drained
+with up to ``max_count`` non-blocking ``recvfrom`` calls per :meth:`receive`, in rotating socket order
+so one busy interface cannot starve another.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import ipaddress
+import socket
+import struct
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+
+from ..errors import ConfigError, SknockError
+from .bpf import DEFAULT_MAX_PACKET, Instruction, build_filter, pack
+from .packet import Datagram, PacketError, parse_datagram
+
+__all__ = [
+    "CaptureError",
+    "PacketCapture",
+    "UdpCapture",
+    "open_packet_capture",
+    "open_udp_capture",
+    "DEFAULT_RCVBUF",
+]
+
+#: Receive buffer per socket: room for thousands of knocks while the daemon verifies signatures.
+DEFAULT_RCVBUF = 4 * 1024 * 1024
+
+# From linux/if_ether.h, asm-generic/socket.h and linux/in.h; Python's socket module lacks them.
+_ETH_P_ALL = 0x0003
+_SO_ATTACH_FILTER = 26
+_SO_RCVBUFFORCE = 33
+_SO_LOCK_FILTER = 44
+_IP_PKTINFO = 8
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_REJECT_ALL = (Instruction(0x06, 0, 0, 0),)  # ret #0
+_MAX_NAME_CACHE = 256
+
+
+class CaptureError(SknockError):
+    """A capture socket could not be opened (no privilege, interface gone, kernel refused)."""
+
+
+def _attach_filter(sock: socket.socket, program: Sequence[Instruction]) -> None:
+    """``SO_ATTACH_FILTER`` with a ``struct sock_fprog`` pointing at the packed program; the kernel
+    copies the program, so the buffer only has to live through the call."""
+    code = ctypes.create_string_buffer(pack(program))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """``SO_RCVBUFFORCE`` goes past ``net.core.rmem_max`` (needs CAP_NET_ADMIN); else best effort."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _drain(sock: socket.socket, limit: int = 100_000) -> None:
+    """Discard what was queued before the real filter was attached (bounded)."""
+    for _ in range(limit):
+        try:
+            sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            return
+
+
+class _Receiver:
+    """What both receivers share: the socket list, counters, rotation and closing."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self._sockets = sockets
+        self._start = 0
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def filenos(self) -> list[int]:
+        return [s.fileno() for s in self._sockets]
+
+    def receive(self, max_count: int = 64) -> list[Datagram]:
+        """Up to ``max_count`` datagrams already queued; never blocks, never raises for input."""
+        out: list[Datagram] = []
+        count = len(self._sockets)
+        for i in range(count):
+            sock = self._sockets[(self._start + i) % count]
+            while len(out) < max_count:
+                try:
+                    datagram = self._receive_one(sock)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:
+                    # ENETDOWN and friends are reported once through sk_err; the socket stays usable.
+                    self.stats["socket-error"] += 1
+                    self.stats[f"socket-error-{errno.errorcode.get(error.errno or 0, error.errno)}"] += 1
+                    break
+                if datagram is not None:
+                    out.append(datagram)
+        if count:
+            self._start = (self._start + 1) % count
+        return out
+
+    def _receive_one(self, sock: socket.socket) -> Datagram | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        while self._sockets:
+            self._sockets.pop().close()
+
+    def __enter__(self) -> _Receiver:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class PacketCapture(_Receiver):
+    """Knock datagrams seen by ``AF_PACKET`` sockets, whatever the firewall does with them."""
+
+    def __init__(self, sockets: list[socket.socket], max_packet: int) -> None:
+        super().__init__(sockets)
+        self._bufsize = max_packet
+        self._ifindex: dict[str, int] = {}
+
+    def __enter__(self) -> PacketCapture:
+        return self
+
+    def _receive_one(self, sock: socket.socket) -> Datagram | None:
+        data, address = sock.recvfrom(self._bufsize)
+        # (ifname, protocol, pkttype, hatype, hwaddr); the filter already passes PACKET_HOST only,
+        # this is the belt to its braces (and covers anything queued before it was attached).
+        if address[2] != socket.PACKET_HOST:
+            self.stats["not-host"] += 1
+            return None
+        try:
+            return parse_datagram(data, ifindex=self._index(address[0]))
+        except PacketError as error:
+            self.stats[error.reason] += 1
+            return None
+
+    def _index(self, name: str) -> int:
+        """Interface index for the name recvfrom reports (Python resolves the kernel's index to a
+        name); cached, 0 when the interface vanished meanwhile."""
+        index = self._ifindex.get(name)
+        if index is None:
+            try:
+                index = socket.if_nametoindex(name)
+            except OSError:
+                return 0
+            if len(self._ifindex) >= _MAX_NAME_CACHE:
+                self._ifindex.clear()
+            self._ifindex[name] = index
+        return index
+
+
+class UdpCapture(_Receiver):
+    """Knock datagrams received on ordinary bound UDP sockets."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        super().__init__(sockets)
+        self._ports = {s.fileno(): s.getsockname()[1] for s in sockets}
+
+    def __enter__(self) -> UdpCapture:
+        return self
+
+    def _receive_one(self, sock: socket.socket) -> Datagram | None:
+        data, ancillary, flags, address = sock.recvmsg(65535, socket.CMSG_SPACE(20))
+        if flags & socket.MSG_TRUNC:
+            self.stats["truncated"] += 1
+            return None
+        source = ipaddress.ip_address(address[0])
+        if source.is_multicast or source.is_unspecified:
+            self.stats["bad-source"] += 1
+            return None
+        destination: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(sock.getsockname()[0])
+        ifindex = 0
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= 12:
+                ifindex = int.from_bytes(value[0:4], sys.byteorder)
+                destination = ipaddress.IPv4Address(value[8:12])
+            elif level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(value) >= 20:
+                destination = ipaddress.IPv6Address(value[0:16])
+                ifindex = int.from_bytes(value[16:20], sys.byteorder)
+        return Datagram(
+            payload=data,
+            source=source,
+            destination=destination,
+            source_port=address[1],
+            dest_port=self._ports[sock.fileno()],
+            ifindex=ifindex,
+        )
+
+
+def open_packet_capture(
+    *,
+    interfaces: Sequence[str] | None,
+    ports: Sequence[tuple[int, int]] | None,
+    min_payload: int,
+    rcvbuf: int = DEFAULT_RCVBUF,
+    max_packet: int = DEFAULT_MAX_PACKET,
+) -> PacketCapture:
+    """Open one filtered ``AF_PACKET`` socket per interface in ``interfaces`` (``None``: one socket
+    for all interfaces, including ones that appear later).
+
+    ``ports`` are inclusive UDP destination port ranges (``None``: any), ``min_payload`` the smallest
+    UDP payload worth reading.  Needs CAP_NET_RAW.  Raises :class:`ConfigError` for an unknown
+    interface or bad filter values and :class:`CaptureError` when the kernel refuses.
+    """
+    program = build_filter(min_payload=min_payload, ports=ports, max_packet=max_packet)
+    if interfaces is not None:
+        if not interfaces:
+            raise ConfigError("an empty interface list would capture nothing; pass None for all")
+        for name in interfaces:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                raise ConfigError(f"no network interface named {name!r}") from None
+    sockets: list[socket.socket] = []
+    try:
+        targets: list[str | None] = list(interfaces) if interfaces is not None else [None]
+        for target in targets:
+            if target is None:
+                # Listening to every interface means creating the socket with a protocol, which
+                # starts delivery at once: reject everything, drop what slipped in, then filter.
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(_ETH_P_ALL))
+                sockets.append(sock)
+                _attach_filter(sock, _REJECT_ALL)
+                _drain(sock)
+                _attach_filter(sock, program)
+            else:
+                # Protocol 0 receives nothing until bind(), so the filter is in place first.
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+                sockets.append(sock)
+                _attach_filter(sock, program)
+                sock.bind((target, _ETH_P_ALL))  # Python turns the name into the kernel's ifindex
+            sock.setsockopt(socket.SOL_SOCKET, _SO_LOCK_FILTER, 1)
+            _set_rcvbuf(sock, rcvbuf)
+            sock.setblocking(False)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise CaptureError(f"cannot open packet capture: {error.strerror or error}") from error
+    return PacketCapture(sockets, max_packet)
+
+
+def open_udp_capture(*, bind: Sequence[tuple[str, int]]) -> UdpCapture:
+    """Open one non-blocking UDP socket per ``(address, port)``; IPv6 sockets are v6-only so that
+    ``::`` and ``0.0.0.0`` can both be bound on one port.  Port 0 picks a free port (see
+    ``dest_port`` of what arrives)."""
+    if not bind:
+        raise ConfigError("no UDP address to bind")
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in bind:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"bind address {host!r} is not an IP address") from None
+            if address.version == 6:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise CaptureError(f"cannot bind UDP {host}:{port}: {error.strerror or error}") from error
+    except ConfigError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return UdpCapture(sockets)
