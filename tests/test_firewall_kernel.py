@@ -1,0 +1,289 @@
+"""The firewall backends against the real kernel, inside throwaway network namespaces.
+
+Each test builds a server and a client namespace (tests/netns.py), runs the backend in a driver
+process inside the server namespace (tests/firewall_driver.py) next to a TCP echo server, and probes
+from the client namespace with real connections.  "Blocked" is checked as the policy says it should
+look from outside: reject answers at once (connection refused), drop stays silent (a ~1 s timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns import Host, TestNet, require_netns
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = str(REPO / "tests" / "firewall_driver.py")
+PORT = 2000  # the protected service
+OTHER_PORT = 3000  # a second service, for always_open / unprotected checks
+REPLY_TIMEOUT = 20.0  # generous: only bounds a hung helper, never measures speed
+
+
+class Helper:
+    """One driver-process role inside a namespace, spoken to in JSON lines."""
+
+    def __init__(self, host: Host, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(host.cmd(sys.executable, DRIVER, *args), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        if not self._selector.select(timeout=REPLY_TIMEOUT):
+            raise AssertionError(f"helper {self.proc.args} did not answer within {REPLY_TIMEOUT} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"helper {self.proc.args} exited: {stderr[-2000:]}")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by pid: ip netns exec execs the helper itself
+        self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+class Rig:
+    """Namespaces plus the helpers a test starts; everything is stopped and removed in close()."""
+
+    def __init__(self) -> None:
+        self.net = TestNet.create("skf")
+        self.helpers: list[Helper] = []
+
+    def start(self, host: Host, *args: str) -> Helper:
+        helper = Helper(host, *args)
+        self.helpers.append(helper)
+        return helper
+
+    def echo(self, *ports: int) -> Helper:
+        helper = self.start(self.net.server, "echo", *map(str, ports))
+        assert helper.read() == {"ready": True}
+        return helper
+
+    def firewall(self, backend: str, mode: str, **policy: Any) -> Helper:
+        return self.start(self.net.server, "firewall", backend, json.dumps({"mode": mode, **policy}))
+
+    def client(self) -> Helper:
+        return self.start(self.net.client, "client")
+
+    def close(self) -> None:
+        for helper in self.helpers:
+            helper.kill()
+        self.net.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    require_netns()
+    r = Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def ok(reply: dict[str, Any]) -> list[tuple[str, str, int]]:
+    assert reply["ok"], reply
+    return sorted((o["address"], o["protocol"], o["port"]) for o in reply["openings"])
+
+
+def addresses(net: TestNet, family: int) -> tuple[str, str, str]:
+    """(server address, client address, an address on the link that is not the client)."""
+    if family == 4:
+        return net.server.ipv4, net.client.ipv4, net.client.ipv4.rsplit(".", 1)[0] + ".99"
+    return net.server.ipv6, net.client.ipv6, net.client.ipv6.rsplit(":", 1)[0] + ":99"
+
+
+BLOCKED = {"reject": "refused", "drop": "timeout"}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["reject", "drop"])
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_grant_lifecycle(rig: Rig, backend: str, mode: str, family: int) -> None:
+    """Blocked before open, reachable after, blocked for new connections after close while an
+    established one survives; a grant for another address opens nothing; teardown removes all."""
+    server, client_addr, stranger = addresses(rig.net, family)
+    rig.echo(PORT)
+    fw = rig.firewall(backend, mode)  # protected: all ports, as the original
+    probe = rig.client()
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+
+    assert ok(fw.ask(op="setup")) == []
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == BLOCKED[mode]
+
+    assert ok(fw.ask(op="open", address=stranger, protocol="tcp", port=PORT, duration=60)) == [
+        (stranger, "tcp", PORT)]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == BLOCKED[mode]
+    assert probe.ask(op="connect", host=server, port=PORT + 1)["result"] == BLOCKED[mode]
+
+    assert (client_addr, "tcp", PORT) in ok(fw.ask(op="open", duration=60, **grant))
+    held = probe.ask(op="hold", host=server, port=PORT)
+    assert held["result"] == "connected"
+    assert probe.ask(op="echo", id=held["id"])["result"] == "ok"
+
+    assert ok(fw.ask(op="close", **grant)) == [(stranger, "tcp", PORT)]
+    assert ok(fw.ask(op="close", **grant)) == [(stranger, "tcp", PORT)]  # idempotent
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == BLOCKED[mode]
+    assert probe.ask(op="echo", id=held["id"])["result"] == "ok"  # established session survives
+
+    assert fw.ask(op="teardown")["ok"]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fw.ask(op="teardown")["ok"]  # teardown twice is fine
+    if backend == "nftables":
+        assert rig.net.server.run("nft", "list", "ruleset").stdout.strip() == ""
+    else:
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            assert "SKNOCK" not in rig.net.server.run(f"{tool}-save", "-t", "filter").stdout
+
+
+@pytest.mark.parametrize("emergency_ssh", [True, False])
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_emergency_ssh_and_always_open(rig: Rig, backend: str, emergency_ssh: bool) -> None:
+    server = rig.net.server.ipv4
+    rig.echo(22, OTHER_PORT, PORT)
+    fw = rig.firewall(backend, "reject", emergency_ssh=emergency_ssh, always_open=f"tcp/{OTHER_PORT}")
+    probe = rig.client()
+    assert fw.ask(op="setup")["ok"]
+    assert probe.ask(op="connect", host=server, port=22)["result"] == ("connected" if emergency_ssh else "refused")
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_protected_subset_and_policy_none(rig: Rig, backend: str) -> None:
+    """Only the protected ports are shut; with policy none nothing is."""
+    server = rig.net.server.ipv6
+    rig.echo(OTHER_PORT, PORT)
+    probe = rig.client()
+    fw = rig.firewall(backend, "reject", protected=f"tcp/{PORT}", emergency_ssh=False)
+    assert fw.ask(op="setup")["ok"]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "connected"
+    assert fw.ask(op="teardown")["ok"]
+    fw.kill()
+
+    none = rig.firewall(backend, "none", emergency_ssh=False)
+    assert none.ask(op="setup")["ok"]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "connected"
+
+
+def nft_set(host: Host, name: str) -> list[dict[str, Any]]:
+    out = json.loads(host.run("nft", "-j", "list", "set", "inet", "sknock", name).stdout)
+    sets = [e["set"] for e in out["nftables"] if "set" in e]
+    return sets[0].get("elem", []) if sets else []
+
+
+def test_nftables_kernel_expiry_survives_a_dead_server(rig: Rig) -> None:
+    """The kernel closes the grant on time even though the process that made it was killed (-9)."""
+    server, client_addr, _ = addresses(rig.net, 4)
+    rig.echo(PORT)
+    fw = rig.firewall("nftables", "reject")
+    probe = rig.client()
+    assert fw.ask(op="setup")["ok"]
+    opened = fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=1)
+    assert ok(opened) == [(client_addr, "tcp", PORT)]
+    assert opened["openings"][0]["expires"] <= 1  # the kernel holds a timeout, not a permanent grant
+    fw.kill()
+
+    deadline = time.monotonic() + 10  # bounds the wait; the expiry itself is the kernel's ~1 s
+    while nft_set(rig.net.server, "grants4") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert nft_set(rig.net.server, "grants4") == []
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+
+
+def test_nftables_setup_cleans_leftovers_and_spares_other_tables(rig: Rig) -> None:
+    server, client_addr, _ = addresses(rig.net, 6)
+    host = rig.net.server
+    host.run("nft", "add table inet admin")
+    host.run("nft", "add chain inet admin input { type filter hook input priority 10 ; policy accept ; }")
+    host.run("nft", "add rule inet admin input tcp dport 9999 counter accept")
+    admin_before = host.run("nft", "list", "table", "inet", "admin").stdout
+    rig.echo(PORT)
+    probe = rig.client()
+
+    crashed = rig.firewall("nftables", "reject")
+    assert crashed.ask(op="setup")["ok"]
+    assert ok(crashed.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=600))
+    crashed.kill()
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"  # leftover grant
+
+    fresh = rig.firewall("nftables", "reject")
+    assert ok(fresh.ask(op="setup")) == []
+    tables = host.run("nft", "list", "tables").stdout.split("\n")
+    assert sorted(t.strip() for t in tables if t.strip()) == ["table inet admin", "table inet sknock"]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert fresh.ask(op="teardown")["ok"]
+    assert host.run("nft", "list", "table", "inet", "admin").stdout == admin_before
+
+
+def test_nftables_open_twice_extends(rig: Rig) -> None:
+    _, client_addr, _ = addresses(rig.net, 4)
+    fw = rig.firewall("nftables", "drop")
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+    assert fw.ask(op="setup")["ok"]
+    first = fw.ask(op="open", duration=3, **grant)
+    assert first["openings"][0]["expires"] <= 3
+    second = fw.ask(op="open", duration=300, **grant)
+    assert ok(second) == [(client_addr, "tcp", PORT)]  # still one element
+    assert second["openings"][0]["expires"] > 3  # expiry moved; nothing here depends on speed
+    third = fw.ask(op="open", duration=3, **grant)
+    assert third["openings"][0]["expires"] <= 3  # and it can be shortened again
+
+
+def test_nftables_rejects_bad_requests_with_typed_errors(rig: Rig) -> None:
+    _, client_addr, _ = addresses(rig.net, 4)
+    fw = rig.firewall("nftables", "drop")
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+    missing = fw.ask(op="open", duration=5, **grant)  # before setup: no table
+    assert not missing["ok"] and missing["type"] == "FirewallError" and "nftables" in missing["error"]
+    assert fw.ask(op="setup")["ok"]
+    for bad in (0, -1, float("inf"), 10**9):
+        reply = fw.ask(op="open", duration=bad, **grant)
+        assert not reply["ok"] and "duration" in reply["error"]
+    bad_port = fw.ask(op="open", duration=5, address=client_addr, protocol="tcp", port=70000)
+    assert not bad_port["ok"] and "port" in bad_port["error"]
+    assert ok(fw.ask(op="list")) == []
+
+
+def test_iptables_setup_cleans_leftovers(rig: Rig) -> None:
+    server, client_addr, _ = addresses(rig.net, 4)
+    rig.echo(PORT)
+    probe = rig.client()
+    crashed = rig.firewall("iptables", "reject")
+    assert crashed.ask(op="setup")["ok"]
+    assert ok(crashed.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=600))
+    crashed.kill()
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+
+    fresh = rig.firewall("iptables", "reject")
+    assert ok(fresh.ask(op="setup")) == []
+    saved = rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout
+    assert saved.count("-A INPUT -j SKNOCK") == 1
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
