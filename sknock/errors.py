@@ -18,6 +18,9 @@ __all__ = [
     "Reason",
     "KnockBuildError",
     "ConfigError",
+    "ClientError",
+    "NotAuthorizedError",
+    "ResolveError",
 ]
 
 
@@ -43,8 +46,20 @@ class CertificateError(SknockError):
         self.reason = reason
 
 
-class KnockBuildError(SknockError):
+class ClientError(SknockError):
+    """The client library cannot knock as asked."""
+
+
+class KnockBuildError(ClientError):
     """A knock cannot be built (for instance the client certificate is too large to fit one datagram)."""
+
+
+class NotAuthorizedError(ClientError):
+    """The client's own certificate does not name the port it asks to open (checked before sending)."""
+
+
+class ResolveError(ClientError):
+    """The server's host name does not resolve (to an address of the requested family)."""
 
 
 class ConfigError(SknockError):

@@ -1,0 +1,334 @@
+"""The client library: knock on a server's door from an application.
+
+    from sknock.client import knock
+    if knock("server.example", 22, client_pfx="alice.pfx", pfx_password=pw, server_cert="server.cer"):
+        ...  # tcp/22 is open for this host for the server's PORT_OPEN_DURATION
+
+:class:`KnockClient` loads the credentials once for repeated knocks; :class:`AsyncKnockClient` does the
+same for asyncio applications.  Every failure the caller can act on is a typed exception from
+:mod:`sknock.errors` with a message naming the file, host or port: CredentialError (missing file, wrong
+password), NotAuthorizedError (the certificate does not name the port: checked before sending),
+KnockBuildError (certificate too large for one datagram), ResolveError (host does not resolve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .certificate import authorized_ports
+from .credentials import ClientCredentials, load_certificate, load_client_pfx
+from .errors import CertificateError, CredentialError, NotAuthorizedError, ResolveError
+from .ports import PortSet, Protocol
+from .protocol import Action, KnockRequest, fingerprint, seal_knock
+from .trust import verify_server_certificate
+
+__all__ = ["knock", "KnockClient", "AsyncKnockClient", "DEFAULT_WORK_BITS", "Target"]
+
+DEFAULT_WORK_BITS = 12  # the server's default workBits
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Target = tuple[int, str, IPAddress]  # (family, host as given, resolved address)
+
+
+def _family(family: int | str | None) -> int:
+    if family in (None, 0, socket.AF_UNSPEC):
+        return socket.AF_UNSPEC
+    if family in (4, "4", "ipv4", socket.AF_INET):
+        return socket.AF_INET
+    if family in (6, "6", "ipv6", socket.AF_INET6):
+        return socket.AF_INET6
+    raise ValueError(f"family must be None, 4 or 6, not {family!r}")
+
+
+def _protocol(protocol: str | Protocol) -> Protocol:
+    return protocol if isinstance(protocol, Protocol) else Protocol.from_label(str(protocol))
+
+
+def resolve(host: str, family: int | str | None = None) -> tuple[int, IPAddress]:
+    """Resolve ``host`` through getaddrinfo (IPv4 and IPv6); the first address of the family asked."""
+    fam = _family(family)
+    try:
+        infos = socket.getaddrinfo(host, None, fam, socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ResolveError(f"cannot resolve {host!r}: {exc}") from None
+    for info_family, _, _, _, sockaddr in infos:
+        if info_family in (socket.AF_INET, socket.AF_INET6):
+            return info_family, ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+    raise ResolveError(f"{host!r} has no {'IPv6' if fam == socket.AF_INET6 else 'IPv4'} address")
+
+
+def local_address_towards(address: IPAddress) -> IPAddress:
+    """The source address this host would use towards ``address`` (a routing lookup; nothing is sent)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((str(address), 9))
+        return ipaddress.ip_address(s.getsockname()[0])
+
+
+class KnockClient:
+    """Credentials loaded once; :meth:`knock` as often as needed.
+
+    ``server_cert`` is the server's certificate (DER or PEM file, or a loaded certificate); the knock
+    is encrypted to its key.  When the client PKCS#12 carries CA certificates, the server certificate
+    must be issued by one of them (``check_server_cert=False`` skips that).
+    """
+
+    def __init__(
+        self,
+        *,
+        client_pfx: str | os.PathLike[str] | None = None,
+        pfx_password: str | bytes | None = None,
+        server_cert: str | os.PathLike[str] | x509.Certificate,
+        credentials: ClientCredentials | None = None,
+        work_bits: int = DEFAULT_WORK_BITS,
+        check_server_cert: bool = True,
+    ) -> None:
+        if credentials is None:
+            if client_pfx is None:
+                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
+            credentials = load_client_pfx(client_pfx, pfx_password)
+        self.credentials = credentials
+        if isinstance(server_cert, x509.Certificate):
+            self.server_certificate = server_cert
+            where = "server certificate"
+        else:
+            self.server_certificate = load_certificate(server_cert)
+            where = f"server certificate {Path(server_cert)}"
+        key = self.server_certificate.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CredentialError(f"{where}: its key is not an EC key, so knocks cannot be encrypted to it")
+        self._server_key = key
+        self._server_fingerprint = fingerprint(self.server_certificate.public_bytes(serialization.Encoding.DER))
+        self._certificate_der = credentials.certificate.public_bytes(serialization.Encoding.DER)
+        if check_server_cert and credentials.ca_certificates:
+            try:
+                verify_server_certificate(self.server_certificate, credentials.ca_certificates, dt.datetime.now(dt.UTC))
+            except CertificateError as exc:
+                raise CredentialError(f"{where} is not one this client's CA issued: {exc}") from None
+        self.ports: PortSet = authorized_ports(credentials.certificate)
+        self.work_bits = work_bits
+
+    # -- building (no I/O) -------------------------------------------------------------------------
+
+    def build_knock(
+        self,
+        ports: Sequence[tuple[Protocol, int]],
+        *,
+        now: float,
+        action: Action = Action.OPEN,
+        source_address: IPAddress | None = None,
+        duration: int | None = None,
+        nonce: bytes | None = None,
+    ) -> bytes:
+        """One knock datagram for ``ports`` at Unix time ``now``.  Checks locally that the certificate
+        authorizes every port, so a request the server would refuse is never sent."""
+        missing = [f"{p.label}/{n}" for p, n in ports if (p, n) not in self.ports]
+        if missing:
+            subject = self.credentials.certificate.subject.rfc4514_string()
+            raise NotAuthorizedError(
+                f"certificate {subject} does not authorize {','.join(missing)} (it names {self.ports})"
+            )
+        request = KnockRequest(
+            ports=tuple(ports),
+            timestamp_ms=int(now * 1000),
+            nonce=nonce or secrets.token_bytes(16),
+            action=action,
+            source_address=source_address,
+            duration=duration,
+        )
+        return seal_knock(
+            request,
+            client_key=self.credentials.key,
+            client_certificate=self._certificate_der,
+            server_public_key=self._server_key,
+            server_fingerprint=self._server_fingerprint,
+            work_bits=self.work_bits,
+        )
+
+    def _prepare(
+        self,
+        host: str,
+        port: int,
+        protocol: str | Protocol,
+        *,
+        family: int | str | None,
+        source_address: str | IPAddress | None,
+        action: Action,
+        duration: int | None,
+    ) -> tuple[int, IPAddress, bytes, Protocol]:
+        proto = _protocol(protocol)
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"port must be 1..65535, not {port!r}")
+        fam, address = resolve(host, family)
+        bound: IPAddress | None
+        if source_address is None or source_address == "any":
+            bound = None
+        elif source_address == "auto":
+            bound = local_address_towards(address)
+        else:
+            bound = ipaddress.ip_address(source_address)
+        datagram = self.build_knock(
+            [(proto, port)], now=time.time(), action=action, source_address=bound, duration=duration
+        )
+        return fam, address, datagram, proto
+
+    # -- knocking (I/O) ----------------------------------------------------------------------------
+
+    def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
+        """Send one datagram; a random destination port per call unless ``knock_port`` is given."""
+        port = knock_port or 1024 + secrets.randbelow(65536 - 1024)
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.sendto(datagram, (str(address), port))
+        return port
+
+    def knock(
+        self,
+        host: str,
+        port: int,
+        protocol: str | Protocol = "tcp",
+        *,
+        knock_port: int | None = None,
+        verify: bool = True,
+        timeout: float = 10.0,
+        retries: int = 3,
+        source_address: str | IPAddress | None = None,
+        family: int | str | None = None,
+        duration: int | None = None,
+    ) -> bool:
+        """Knock for ``protocol/port`` on ``host``.  With ``verify`` (TCP only), confirm by connecting,
+        knocking again up to ``retries`` times; True when the port is open.  Otherwise True once sent."""
+        tries = max(1, retries if verify else 1)
+        for _ in range(tries):
+            fam, address, datagram, proto = self._prepare(
+                host, port, protocol, family=family, source_address=source_address,
+                action=Action.OPEN, duration=duration,
+            )
+            self.send(datagram, address, knock_port)
+            if not verify or proto is not Protocol.TCP:
+                return True
+            if _tcp_open(address, port, timeout / tries):
+                return True
+        return False
+
+    def close(
+        self,
+        host: str,
+        port: int,
+        protocol: str | Protocol = "tcp",
+        *,
+        knock_port: int | None = None,
+        source_address: str | IPAddress | None = None,
+        family: int | str | None = None,
+    ) -> None:
+        """Ask the server to close ``protocol/port`` for this client now."""
+        _, address, datagram, _ = self._prepare(
+            host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
+        )
+        self.send(datagram, address, knock_port)
+
+
+def _tcp_open(address: IPAddress, port: int, budget: float) -> bool:
+    """Try to connect until ``budget`` seconds have passed (the knock may still be on its way)."""
+    deadline = time.monotonic() + budget
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            with socket.create_connection((str(address), port), timeout=min(remaining, 2.0)):
+                return True
+        except OSError:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+class AsyncKnockClient:
+    """:class:`KnockClient` for asyncio applications: the same arguments, ``await client.knock(...)``."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self._client = KnockClient(**kwargs)  # type: ignore[arg-type]
+
+    @property
+    def client(self) -> KnockClient:
+        return self._client
+
+    async def knock(
+        self,
+        host: str,
+        port: int,
+        protocol: str | Protocol = "tcp",
+        *,
+        knock_port: int | None = None,
+        verify: bool = True,
+        timeout: float = 10.0,
+        retries: int = 3,
+        source_address: str | IPAddress | None = None,
+        family: int | str | None = None,
+        duration: int | None = None,
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        tries = max(1, retries if verify else 1)
+        for _ in range(tries):
+            # Resolving, signing and the proof of work block: run them off the event loop.
+            fam, address, datagram, proto = await loop.run_in_executor(
+                None,
+                lambda: self._client._prepare(
+                    host, port, protocol, family=family, source_address=source_address,
+                    action=Action.OPEN, duration=duration,
+                ),
+            )
+            self._client.send(datagram, address, knock_port)
+            if not verify or proto is not Protocol.TCP:
+                return True
+            if await _tcp_open_async(address, port, timeout / tries):
+                return True
+        return False
+
+
+async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(str(address), port), min(remaining, 2.0))
+        except (TimeoutError, OSError):
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False
+
+
+def knock(
+    host: str,
+    port: int,
+    protocol: str = "tcp",
+    *,
+    client_pfx: str | os.PathLike[str],
+    pfx_password: str | bytes | None,
+    server_cert: str | os.PathLike[str],
+    knock_port: int | None = None,
+    verify: bool = True,
+    timeout: float = 10.0,
+    retries: int = 3,
+    source_address: str | None = None,
+    family: int | str | None = None,
+) -> bool:
+    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`."""
+    client = KnockClient(client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert)
+    return client.knock(
+        host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
+        source_address=source_address, family=family,
+    )
