@@ -1,0 +1,353 @@
+"""Keep the server's CRL fresh: fetch it, check it, store it -- and never lose the last good one.
+
+The CRL is the only way a stolen client key stops opening ports, so this edge is careful about two
+failure modes that pull in opposite directions:
+
+* A bad CRL must never replace a good one.  New bytes are verified (by the caller's ``verify``,
+  which checks the CA's signature) *before* they are used or written, a CRL older than the one in
+  hand is refused (a stale mirror must not un-revoke a key), and the file is replaced atomically
+  so a crash mid-write leaves the old file, never half a file.
+* A fetch problem must never take the server down.  Network trouble, HTTP errors, oversize or
+  garbage bodies become a ``"failed"`` :class:`RefreshResult` that keeps the last good CRL; only a
+  CRL past its nextUpdate is shouted about (``stale`` and a WARNING), since the server keeps
+  working on it but revocations may be missing.
+
+HTTP uses a conditional GET (If-None-Match / If-Modified-Since from the last good response) so a
+30-minute poll costs the CA a 304.  Time is passed in (``refresh(now)``); nothing here reads a clock
+except to bound a download's duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import requests
+import schedule
+import urllib3
+
+__all__ = ["CrlRefresher", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES"]
+
+#: A CRL larger than this is refused: even big CAs' CRLs are a few MiB, and the daemon holds it in memory.
+MAX_CRL_BYTES = 16 * 1024 * 1024
+
+_log = logging.getLogger("sknock.crl")
+_CHUNK = 64 * 1024
+
+Status = Literal["updated", "unchanged", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    """What one refresh did.
+
+    ``crl`` is the CRL the server should use now (the new one, or the last good one; ``None`` only
+    if there has never been a good one).  ``stale`` is true when that CRL is past its nextUpdate.
+    """
+
+    status: Status
+    message: str
+    crl: object | None
+    stale: bool
+
+
+class _FetchFailed(Exception):
+    """Internal: the source could not deliver bytes; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    body: bytes | None  # None: not modified (HTTP 304)
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+def _is_url(source: str) -> bool:
+    return urlsplit(source).scheme.lower() in ("http", "https")
+
+
+class CrlRefresher:
+    """Fetches the CRL from ``source`` (an http(s) URL or a local path) into ``crl_file``.
+
+    ``verify`` turns bytes into a CRL object or raises (the daemon passes ``sknock.trust.load_crl``
+    bound to the CA).  Any exception from it means "refuse these bytes".  The object it returns is
+    handed back in :attr:`RefreshResult.crl`; its ``next_update_utc`` and ``last_update_utc`` (as
+    on ``cryptography.x509.CertificateRevocationList``) drive the stale and rollback checks.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        crl_file: Path,
+        verify: Callable[[bytes], object],
+        session: requests.Session | None = None,
+        timeout: float = 10.0,
+        *,
+        max_bytes: int = MAX_CRL_BYTES,
+    ) -> None:
+        if not source or "\x00" in source:
+            raise ValueError(f"bad CRL source {source!r}")
+        scheme = urlsplit(source).scheme.lower()
+        if scheme and scheme not in ("http", "https"):
+            raise ValueError(f"CRL source {source!r}: only http://, https:// or a local path")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        self.source = source
+        self.crl_file = Path(crl_file)
+        self._verify = verify
+        self._session = session
+        self._own_session: requests.Session | None = None
+        self._timeout = float(timeout)
+        self._max_bytes = max_bytes
+        self._current: object | None = None
+        self._current_bytes: bytes | None = None
+        self._etag: str | None = None
+        self._last_modified: str | None = None
+        self._adopted_file = False
+
+    @property
+    def current(self) -> object | None:
+        """The last good CRL, or ``None`` if there has not been one."""
+        return self._current
+
+    def close(self) -> None:
+        """Close the HTTP session this refresher made for itself (a caller's session is the caller's)."""
+        if self._own_session is not None:
+            self._own_session.close()
+            self._own_session = None
+
+    # -- the one public operation ---------------------------------------------------------------
+
+    def refresh(self, now: datetime) -> RefreshResult:
+        """Fetch, verify and store the CRL once.  Never raises for network trouble or bad bytes.
+
+        ``now`` must be timezone-aware; it decides whether the CRL in hand is stale.
+        """
+        if now.tzinfo is None:
+            raise ValueError("refresh(now) needs a timezone-aware datetime")
+        self._adopt_existing_file()
+        try:
+            fetched = self._fetch_url() if _is_url(self.source) else self._fetch_path()
+        except _FetchFailed as exc:
+            return self._result("failed", f"cannot fetch CRL from {self.source}: {exc}", now)
+
+        if fetched.body is None:
+            return self._result("unchanged", f"CRL at {self.source} not modified", now)
+        if self._current is not None and fetched.body == self._current_bytes:
+            self._remember(fetched)
+            return self._result("unchanged", f"CRL at {self.source} has not changed", now)
+
+        try:
+            crl = self._verify(fetched.body)
+        except Exception as exc:  # verify is the caller's; anything it raises means "refuse"
+            return self._result("failed", f"refused CRL from {self.source}: {exc}", now)
+        older = _older_than(crl, self._current)
+        if older:
+            return self._result("failed", f"refused CRL from {self.source}: {older}", now)
+
+        try:
+            self._write(fetched.body)
+        except OSError as exc:
+            # The new CRL is verified and newer: use it in memory, but forget the validators so the
+            # next refresh fetches again and retries the write.
+            self._adopt(crl, fetched.body, _Fetched(fetched.body))
+            return self._result(
+                "failed", f"verified a new CRL from {self.source} but cannot write {self.crl_file}: {exc}", now
+            )
+        self._adopt(crl, fetched.body, fetched)
+        return self._result("updated", f"CRL updated from {self.source} into {self.crl_file}", now)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _adopt(self, crl: object, body: bytes, fetched: _Fetched) -> None:
+        self._current = crl
+        self._current_bytes = body
+        self._remember(fetched)
+
+    def _remember(self, fetched: _Fetched) -> None:
+        self._etag = fetched.etag
+        self._last_modified = fetched.last_modified
+
+    def _adopt_existing_file(self) -> None:
+        """On the first refresh, take the CRL already on disk as the last good one if it verifies,
+        so a CA that is down at startup does not leave the server without a CRL."""
+        if self._adopted_file:
+            return
+        self._adopted_file = True
+        try:
+            data = _read_capped(self.crl_file, self._max_bytes)
+        except FileNotFoundError:
+            return
+        except (OSError, _FetchFailed) as exc:
+            _log.warning("existing CRL %s not usable: %s", self.crl_file, exc)
+            return
+        try:
+            crl = self._verify(data)
+        except Exception as exc:  # the caller's verify: anything means "refuse"
+            _log.warning("existing CRL %s refused: %s", self.crl_file, exc)
+            return
+        self._current = crl
+        self._current_bytes = data
+
+    def _result(self, status: Status, message: str, now: datetime) -> RefreshResult:
+        if status == "failed":
+            message += "; keeping the last good CRL" if self._current is not None else "; there is no good CRL yet"
+            _log.warning("%s", message)
+        elif status == "updated":
+            _log.info("%s", message)
+        else:
+            _log.debug("%s", message)
+        stale = False
+        next_update = _utc_attr(self._current, "next_update_utc")
+        if next_update is not None and next_update < now:
+            stale = True
+            _log.warning(
+                "CRL %s is past its nextUpdate (%s): revocations since then may be missing",
+                self.crl_file,
+                next_update.isoformat(),
+            )
+            message += f" (STALE: past nextUpdate {next_update.isoformat()})"
+        return RefreshResult(status, message, self._current, stale)
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    def _fetch_path(self) -> _Fetched:
+        try:
+            return _Fetched(_read_capped(Path(self.source), self._max_bytes))
+        except OSError as exc:
+            raise _FetchFailed(exc.strerror or str(exc)) from None
+
+    def _fetch_url(self) -> _Fetched:
+        headers = {"Accept-Encoding": "identity"}
+        if self._current is not None:
+            if self._etag:
+                headers["If-None-Match"] = self._etag
+            if self._last_modified:
+                headers["If-Modified-Since"] = self._last_modified
+        conditional = len(headers) > 1
+        session = self._session
+        if session is None:
+            if self._own_session is None:
+                self._own_session = requests.Session()
+            session = self._own_session
+        try:
+            with session.get(self.source, headers=headers, timeout=self._timeout, stream=True) as response:
+                if response.status_code == 304:
+                    if not conditional:
+                        raise _FetchFailed("HTTP 304 Not Modified, but there was no conditional request")
+                    return _Fetched(None, self._etag, self._last_modified)
+                if response.status_code != 200:
+                    raise _FetchFailed(f"HTTP {response.status_code} {response.reason or ''}".rstrip())
+                body = self._read_body(response)
+                return _Fetched(body, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # raw reads raise urllib3's errors (requests wraps only its own iterators)
+            raise _FetchFailed(f"{type(exc).__name__}: {exc}") from None
+
+    def _read_body(self, response: requests.Response) -> bytes:
+        """Read at most max_bytes within a deadline: a huge or slow-dripping body is refused."""
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self._max_bytes:
+            raise _FetchFailed(f"CRL is {int(declared)} bytes, more than the {self._max_bytes}-byte limit")
+        deadline = time.monotonic() + 3 * self._timeout
+        raw: Any = response.raw
+        chunks: list[bytes] = []
+        size = 0
+        for _ in range(self._max_bytes // _CHUNK + 2 + 10_000):  # bounded: read1 may return short reads
+            chunk = raw.read1(_CHUNK, decode_content=True)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise _FetchFailed(f"CRL is more than the {self._max_bytes}-byte limit")
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise _FetchFailed(f"download took longer than {3 * self._timeout:g} seconds")
+        else:
+            raise _FetchFailed("download arrived in too many pieces")
+        return b"".join(chunks)
+
+    # -- storing --------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        """Replace crl_file atomically: temp file in the same folder, fsync, os.replace, mode 0644."""
+        folder = self.crl_file.parent
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.crl_file.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), 0o644)
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, self.crl_file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        # Make the rename itself durable; a filesystem that cannot fsync folders is not an error.
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _FetchFailed(f"{path} is more than the {max_bytes}-byte limit")
+    return data
+
+
+def _utc_attr(crl: object | None, name: str) -> datetime | None:
+    value = getattr(crl, name, None) if crl is not None else None
+    return value if isinstance(value, datetime) and value.tzinfo is not None else None
+
+
+def _older_than(new: object, current: object | None) -> str | None:
+    """A reason to refuse ``new`` because it was issued before ``current``, else None."""
+    new_issued = _utc_attr(new, "last_update_utc")
+    current_issued = _utc_attr(current, "last_update_utc")
+    if new_issued is not None and current_issued is not None and new_issued < current_issued:
+        return (
+            f"it was issued {new_issued.isoformat()}, before the CRL in hand ({current_issued.isoformat()}); "
+            "an older CRL could un-revoke keys"
+        )
+    return None
+
+
+def schedule_refresh(
+    refresher: CrlRefresher,
+    minutes: int,
+    scheduler: schedule.Scheduler,
+    clock: Callable[[], datetime],
+) -> Any:
+    """Run ``refresher.refresh(clock())`` every ``minutes`` on ``scheduler``; returns the schedule Job.
+
+    The daemon owns the Scheduler and calls ``run_pending()`` from its loop, so no thread is started
+    here.  An unexpected exception in a refresh is logged, not raised, so a bug in the CRL edge does
+    not stop the knock server (which keeps its last good CRL).
+    """
+    if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
+        raise ValueError(f"CRL refresh interval must be a whole number of minutes >= 1, not {minutes!r}")
+
+    def job() -> None:
+        try:
+            refresher.refresh(clock())
+        except Exception:
+            _log.exception("CRL refresh from %s crashed; keeping the last good CRL", refresher.source)
+
+    return scheduler.every(minutes).minutes.do(job)
