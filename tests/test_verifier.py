@@ -1,0 +1,213 @@
+"""The server's decision in memory: real certificates from the test PKI, real crypto, any timeline.
+
+Each refusal class is shown refused with its reason, and counted."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sknock.client import KnockClient
+from sknock.credentials import ClientCredentials
+from sknock.errors import KnockRefused, NotAuthorizedError, Reason
+from sknock.ports import Protocol, parse_ports
+from sknock.protocol import Action, solve_work
+from sknock.trust import ClientVerifier, load_crl
+from sknock.verifier import KnockVerifier, VerifierPolicy
+from tests.pki import TestPKI
+
+SOURCE = ipaddress.ip_address("198.18.0.2")
+TCP22 = [(Protocol.TCP, 22)]
+
+
+def make_verifier(pki: TestPKI, **policy: object) -> KnockVerifier:
+    return KnockVerifier(
+        server_key=pki.server.credentials.key,
+        server_certificate=pki.server.certificate,
+        trust=pki.verifier(),
+        policy=VerifierPolicy(**{"min_work_bits": 4, **policy}),  # type: ignore[arg-type]
+    )
+
+
+def client_for(pki: TestPKI, issued: object, **kw: object) -> KnockClient:
+    creds: ClientCredentials = issued.credentials  # type: ignore[attr-defined]
+    return KnockClient(credentials=creds, server_cert=pki.server.certificate, work_bits=4, **kw)  # type: ignore[arg-type]
+
+
+def refused(verifier: KnockVerifier, datagram: bytes, now: float, source: object = SOURCE) -> Reason:
+    with pytest.raises(KnockRefused) as info:
+        verifier.check(datagram, source, now)  # type: ignore[arg-type]
+    return info.value.reason
+
+
+def test_alice_is_granted(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    grant = verifier.check(client_for(pki, pki.alice).build_knock([(Protocol.TCP, 2005)], now=now), SOURCE, now)
+    assert grant.action is Action.OPEN
+    assert grant.address == SOURCE
+    assert grant.ports == ((Protocol.TCP, 2005),)
+    assert grant.duration == 15.0
+    assert "alice" in grant.client
+    assert verifier.counters["granted"] == 1
+
+
+@pytest.mark.parametrize("name", ["bob", "ed25519", "rsa"])
+def test_intermediate_and_other_key_types_are_granted(pki: TestPKI, name: str) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    grant = verifier.check(client_for(pki, getattr(pki, name)).build_knock(TCP22, now=now), SOURCE, now)
+    assert grant.ports == ((Protocol.TCP, 22),)
+
+
+def test_exact_replay_is_refused_before_any_public_key_operation(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
+    verifier.check(datagram, SOURCE, now)
+    assert refused(verifier, datagram, now + 0.5) is Reason.REPLAY_SEEN
+
+
+def test_replay_with_resolved_work_is_refused_by_the_nonce_cache(pki: TestPKI) -> None:
+    verifier = make_verifier(pki, min_work_bits=0)
+    now = time.time()
+    datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
+    verifier.check(datagram, SOURCE, now)
+    # Another verifier instance has not seen the digest (e.g. it was evicted); the nonce cache still holds.
+    again = solve_work(datagram, datagram[4], start=int.from_bytes(datagram[14:22], "big") + 1)
+    verifier._seen_digests = type(verifier._seen_digests)(10, evict_when_full=True)
+    assert refused(verifier, again, now + 1) is Reason.REPLAY
+
+
+def test_replay_cache_covers_the_whole_window(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
+    verifier.check(datagram, SOURCE, now)
+    for later in (1.0, 6.9):
+        assert refused(verifier, datagram, now + later) is Reason.REPLAY_SEEN
+    assert refused(verifier, datagram, now + 9) is Reason.STALE
+
+
+def test_timestamp_outside_the_window(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    alice = client_for(pki, pki.alice)
+    # 7.6 s old: the coarse clear time (1 s slack) passes, the signed millisecond timestamp does not.
+    assert refused(verifier, alice.build_knock(TCP22, now=now - 7.6), now) is Reason.TIMESTAMP
+    assert refused(verifier, alice.build_knock(TCP22, now=now + 7.6), now) is Reason.TIMESTAMP
+    assert refused(verifier, alice.build_knock(TCP22, now=now - 60), now) is Reason.STALE
+    verifier.check(alice.build_knock(TCP22, now=now - 6.5), SOURCE, now)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("mallory", Reason.CERT_REVOKED),
+        ("old", Reason.CERT_EXPIRED),
+        ("stranger", Reason.CERT_UNTRUSTED),
+    ],
+)
+def test_certificate_refusals(pki: TestPKI, name: str, reason: Reason) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    client = KnockClient(credentials=getattr(pki, name).credentials, server_cert=pki.server.certificate,
+                         work_bits=4, check_server_cert=False)
+    assert refused(verifier, client.build_knock(TCP22, now=now), now) is reason
+    assert verifier.counters[reason.value] == 1
+
+
+def test_port_not_named_in_the_certificate(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    alice = client_for(pki, pki.alice)
+    # The client library refuses locally; a hand-built knock is refused by the server.
+    with pytest.raises(NotAuthorizedError, match="tcp/23"):
+        alice.build_knock([(Protocol.TCP, 23)], now=now)
+    # Make the client's local check permissive to reach the server's own check.
+    alice.ports = parse_ports("tcp/1-65535,udp/1-65535")
+    assert refused(verifier, alice.build_knock([(Protocol.TCP, 23)], now=now), now) is Reason.NOT_AUTHORIZED
+    assert refused(verifier, alice.build_knock([(Protocol.UDP, 22)], now=now), now) is Reason.NOT_AUTHORIZED
+    noports = client_for(pki, pki.noports)
+    noports.ports = parse_ports("tcp/22")
+    assert refused(verifier, noports.build_knock(TCP22, now=now), now) is Reason.NOT_AUTHORIZED
+
+
+def test_signature_by_a_key_that_is_not_the_certificates(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    thief = ClientCredentials(ec.generate_private_key(ec.SECP256R1()), pki.alice.certificate, ())
+    client = KnockClient(credentials=thief, server_cert=pki.server.certificate, work_bits=4)
+    assert refused(verifier, client.build_knock(TCP22, now=now), now) is Reason.BAD_SIGNATURE
+
+
+def test_source_address_binding(pki: TestPKI) -> None:
+    now = time.time()
+    alice = client_for(pki, pki.alice)
+    verifier = make_verifier(pki)
+    bound = alice.build_knock(TCP22, now=now, source_address=ipaddress.ip_address("198.18.0.2"))
+    assert refused(verifier, bound, now, ipaddress.ip_address("198.18.0.66")) is Reason.SOURCE_MISMATCH
+    verifier = make_verifier(pki)
+    assert verifier.check(bound, ipaddress.ip_address("::ffff:198.18.0.2"), now).address == SOURCE
+    strict = make_verifier(pki, require_source_address=True)
+    assert refused(strict, alice.build_knock(TCP22, now=now), now) is Reason.SOURCE_REQUIRED
+    v6 = ipaddress.ip_address("fd00:5e::2")
+    assert strict.check(alice.build_knock(TCP22, now=now, source_address=v6), v6, now).address == v6
+
+
+def test_duration_is_capped_and_close_is_passed_on(pki: TestPKI) -> None:
+    verifier = make_verifier(pki, max_duration=60)
+    now = time.time()
+    alice = client_for(pki, pki.alice)
+    assert verifier.check(alice.build_knock(TCP22, now=now, duration=3600), SOURCE, now).duration == 60
+    assert verifier.check(alice.build_knock(TCP22, now=now, duration=30), SOURCE, now).duration == 30
+    grant = verifier.check(alice.build_knock(TCP22, now=now, action=Action.CLOSE), SOURCE, now)
+    assert grant.action is Action.CLOSE
+
+
+def test_new_crl_drops_the_certificate_cache(pki: TestPKI, tmp_path: object) -> None:
+    from sknock import ca as ca_lib
+    from tests.pki import PASSWORD_BYTES
+
+    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="cache CA")  # type: ignore[operator]
+    server_cert = authority.issue_server("s", PASSWORD_BYTES)
+    from sknock.credentials import load_client_pfx, load_server_pfx
+
+    server = load_server_pfx(authority.directory / "server" / "s.pfx", PASSWORD_BYTES)
+    authority.issue_client("carol", pki.alice.ports, PASSWORD_BYTES)
+    carol = load_client_pfx(authority.directory / "client" / "carol.pfx", PASSWORD_BYTES)
+
+    def trust() -> ClientVerifier:
+        crl = load_crl((authority.directory / "crl.der").read_bytes(), [authority.certificate], source="crl")
+        return ClientVerifier([authority.certificate], (), [crl])
+
+    verifier = KnockVerifier(server_key=server.key, server_certificate=server_cert, trust=trust(),
+                             policy=VerifierPolicy(min_work_bits=0))
+    client = KnockClient(credentials=carol, server_cert=server_cert, work_bits=0)
+    now = time.time()
+    verifier.check(client.build_knock(TCP22, now=now), SOURCE, now)
+    authority.revoke("carol")
+    verifier.check(client.build_knock(TCP22, now=now), SOURCE, now)  # cached verdict, old CRL
+    verifier.set_trust(trust())
+    assert refused(verifier, client.build_knock(TCP22, now=now), now) is Reason.CERT_REVOKED
+
+
+def test_knock_for_another_server_is_refused_cheaply(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    other = pki.stranger_ca.issue_server("other", b"test-password")
+    client = KnockClient(credentials=pki.alice.credentials, server_cert=other, work_bits=4, check_server_cert=False)
+    assert refused(verifier, client.build_knock(TCP22, now=now), now) is Reason.WRONG_SERVER
+
+
+def test_junk_is_counted_and_never_raises_anything_else(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = time.time()
+    for size in (0, 10, 800, 1024, 1232, 1500):
+        refused(verifier, os.urandom(size), now)
+    assert sum(verifier.counters.values()) == 6
+    assert verifier.counters["granted"] == 0
