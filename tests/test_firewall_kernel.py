@@ -45,11 +45,11 @@ class Helper:
     def read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         if not self._selector.select(timeout=REPLY_TIMEOUT):
-            raise AssertionError(f"helper {self.proc.args} did not answer within {REPLY_TIMEOUT} s")
+            raise AssertionError(f"helper {self.proc.args!r} did not answer within {REPLY_TIMEOUT} s")
         line = self.proc.stdout.readline()
         if not line:
             stderr = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"helper {self.proc.args} exited: {stderr[-2000:]}")
+            raise AssertionError(f"helper {self.proc.args!r} exited: {stderr[-2000:]}")
         return json.loads(line)  # type: ignore[no-any-return]
 
     def ask(self, **cmd: Any) -> dict[str, Any]:

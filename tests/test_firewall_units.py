@@ -1,0 +1,249 @@
+"""Firewall parts that need no root: the values, the nft ruleset builder, backend choice, and the
+command backend (which runs real processes, just not firewall ones)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sknock.errors import SknockError
+from sknock.ports import PortSet, Protocol, parse_ports
+from sknock.server.firewall import FirewallError, FirewallPolicy, HostProbe, Opening, decide_backend, make_firewall
+from sknock.server.firewall.command import CommandFirewall, substitute
+from sknock.server.firewall.nftables import build_ruleset
+
+V4 = ipaddress.ip_address("198.18.0.2")
+V6 = ipaddress.ip_address("fd00::2")
+
+
+# --- values -----------------------------------------------------------------------------------
+
+@given(st.integers())
+def test_opening_port_range_is_enforced(port: int) -> None:
+    if 1 <= port <= 65535:
+        assert Opening(V4, Protocol.TCP, port).port == port
+    else:
+        with pytest.raises(FirewallError, match="port"):
+            Opening(V4, Protocol.TCP, port)
+
+
+@pytest.mark.parametrize("address, protocol, port", [
+    ("198.18.0.2", Protocol.TCP, 22), (V4, "tcp", 22), (V4, Protocol.TCP, True), (V4, Protocol.TCP, "22"),
+])
+def test_opening_rejects_wrong_types(address: object, protocol: object, port: object) -> None:
+    with pytest.raises(FirewallError) as caught:
+        Opening(address, protocol, port)  # type: ignore[arg-type]
+    assert isinstance(caught.value, SknockError)
+
+
+def test_policy_rejects_unknown_mode() -> None:
+    with pytest.raises(FirewallError, match="firewallPolicy"):
+        FirewallPolicy("deny")  # type: ignore[arg-type]
+
+
+# --- nft ruleset ------------------------------------------------------------------------------
+
+def _verdicts(policy: FirewallPolicy) -> list[str]:
+    rules = [c["add"]["rule"]["expr"] for c in build_ruleset(policy) if "rule" in c.get("add", {})]
+    return [next(iter(r[-1])) for r in rules]
+
+
+def test_ruleset_order_follows_the_original_policy() -> None:
+    policy = FirewallPolicy("reject", None, emergency_ssh=True, always_open=parse_ports("udp/62201"))
+    commands = build_ruleset(policy)
+    # a leftover table is replaced in the same batch, and only table inet sknock is ever named
+    assert commands[:3] == [{"add": {"table": {"family": "inet", "name": "sknock"}}},
+                            {"delete": {"table": {"family": "inet", "name": "sknock"}}},
+                            {"add": {"table": {"family": "inet", "name": "sknock"}}}]
+    text = json.dumps(commands)
+    assert '"table": "sknock"' in text and "admin" not in text
+    # lo, ct, icmp, icmpv6, ssh, always_open, grants4, grants6: all accept; then tcp reset, then the rest
+    assert _verdicts(policy) == ["accept"] * 8 + ["reject", "reject"]
+    assert _verdicts(FirewallPolicy("drop", None, emergency_ssh=False)) == ["accept"] * 6 + ["drop"]
+    assert _verdicts(FirewallPolicy("none", None, emergency_ssh=False)) == ["accept"] * 6
+
+
+@given(st.lists(st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(1, 65535), st.integers(0, 50)),
+                min_size=1, max_size=20),
+       st.sampled_from(["reject", "drop"]))
+def test_ruleset_covers_every_protected_port(entries: list[tuple[str, int, int]], mode: str) -> None:
+    spec = ",".join(f"{p}/{a}-{min(a + n, 65535)}" for p, a, n in entries)
+    protected = parse_ports(spec)
+    rules = [c["add"]["rule"]["expr"] for c in build_ruleset(FirewallPolicy(mode, protected))  # type: ignore[arg-type]
+             if "rule" in c.get("add", {})]
+    covered: set[tuple[str, int, int]] = set()
+    for expr in rules:
+        if next(iter(expr[-1])) != "accept":
+            left = expr[0]["match"]["left"]["payload"]
+            right = expr[0]["match"]["right"]
+            items = right["set"] if isinstance(right, dict) else [right]
+            for item in items:
+                lo, hi = item["range"] if isinstance(item, dict) else (item, item)
+                covered.add((left["protocol"], lo, hi))
+    assert covered == {(r.protocol.label, r.first, r.last) for r in protected.ranges}
+
+
+# --- backend choice ---------------------------------------------------------------------------
+
+def probe(iptables: str = "nf_tables", legacy: bool = True, nft: bool = True, iptc: bool = True) -> HostProbe:
+    return HostProbe(iptables, legacy, nft, iptc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host, expected", [
+    (probe("nf_tables"), "nftables"),  # Debian 12
+    (probe("missing", legacy=False), "nftables"),
+    (probe("unknown", legacy=False), "nftables"),
+    (probe("legacy"), "iptables"),
+    (probe("legacy", legacy=False), "iptables"),
+])
+def test_auto_choice(host: HostProbe, expected: str) -> None:
+    assert decide_backend("auto", host) == expected
+
+
+@pytest.mark.parametrize("name, host, needle", [
+    ("auto", probe("nf_tables", nft=False), "libnftables1"),
+    ("auto", probe("legacy", iptc=False), "python-iptables"),
+    ("auto", probe("unknown", legacy=True), "explicitly"),
+    ("nftables", probe(nft=False), "pip-nftables"),
+    ("iptables", probe(iptc=False), "python-iptables"),
+    ("ipfw", probe(), "unknown firewall backend"),
+])
+def test_choice_errors_name_the_fix(name: str, host: HostProbe, needle: str) -> None:
+    with pytest.raises(FirewallError, match=needle):
+        decide_backend(name, host)
+
+
+def test_explicit_choice_is_honoured() -> None:
+    assert decide_backend("command", probe(nft=False, iptc=False)) == "command"
+    assert decide_backend("iptables", probe("nf_tables")) == "iptables"
+
+
+def test_factory_rejects_unknown_and_missing_options() -> None:
+    with pytest.raises(FirewallError, match="unknown option"):
+        make_firewall("command", FirewallPolicy("none"), open_command="true %IP%", close_command="true %IP%", x=1)
+    with pytest.raises(FirewallError, match="close_command"):
+        make_firewall("command", FirewallPolicy("none"), open_command="true %IP%")
+
+
+# --- command backend --------------------------------------------------------------------------
+
+RECORDER = """import json, sys
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(sys.argv[2:]) + "\\n")
+"""
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> tuple[str, Path]:
+    script = tmp_path / "record.py"
+    script.write_text(RECORDER)
+    return f"{sys.executable} {script}", tmp_path / "calls.jsonl"
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_command_backend_runs_templates(recorder: tuple[str, Path]) -> None:
+    prog, log = recorder
+    fw = CommandFirewall(FirewallPolicy("none"),
+                         open_command=f"{prog} {log} open --from %IP% %PROTO%/%PORT% for=%DURATION%s",
+                         close_command=f"{prog} {log} close %IP% %PROTO% %PORT%")
+    assert fw.kernel_expiry is False
+    fw.setup()
+    a, b = Opening(V4, Protocol.TCP, 22), Opening(V6, Protocol.UDP, 8000)
+    fw.open(a, 1.2)
+    fw.open(b, 30)
+    fw.open(a, 60)  # extend: the open command runs again with the new duration
+    assert fw.openings() == [a, b]
+    fw.close(a)
+    fw.close(a)  # idempotent: nothing run the second time
+    fw.teardown()
+    assert fw.openings() == []
+    assert calls(log) == [
+        ["open", "--from", "198.18.0.2", "tcp/22", "for=2s"],
+        ["open", "--from", "fd00::2", "udp/8000", "for=30s"],
+        ["open", "--from", "198.18.0.2", "tcp/22", "for=60s"],
+        ["close", "198.18.0.2", "tcp", "22"],
+        ["close", "fd00::2", "udp", "8000"],
+    ]
+
+
+def test_command_backend_never_uses_a_shell(recorder: tuple[str, Path], tmp_path: Path) -> None:
+    prog, log = recorder
+    canary = tmp_path / "pwned"
+    hostile = f"'a b; touch {canary}' '$(touch {canary})' '`touch {canary}`' \"x|y&&z\""
+    fw = CommandFirewall(FirewallPolicy("none"), open_command=f"{prog} {log} {hostile} %IP%",
+                         close_command=f"{prog} {log} %IP%")
+    fw.open(Opening(V4, Protocol.TCP, 22), 5)
+    assert calls(log) == [[f"a b; touch {canary}", f"$(touch {canary})", f"`touch {canary}`", "x|y&&z", "198.18.0.2"]]
+    assert not canary.exists()
+
+
+PLACEHOLDER_VALUES = st.fixed_dictionaries({p: st.text() for p in ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")})
+
+
+@given(st.lists(st.text(), max_size=5), PLACEHOLDER_VALUES)
+def test_substitute_never_splits_or_merges_arguments(template: list[str], values: dict[str, str]) -> None:
+    assert len(substitute(template, values)) == len(template)
+
+
+PIECES = st.lists(st.one_of(st.sampled_from(["%IP%", "%PROTO%", "%PORT%", "%DURATION%"]),
+                             st.text().filter(lambda t: "%" not in t)), max_size=6)
+
+
+@given(st.lists(PIECES, max_size=5), PLACEHOLDER_VALUES)
+def test_substitute_replaces_every_placeholder_once(args: list[list[str]], values: dict[str, str]) -> None:
+    """Arguments built from literal text and placeholders come out as the literal text with each
+    placeholder replaced by its value -- whatever the value holds (%, spaces, quotes)."""
+    template = ["".join(pieces) for pieces in args]
+    expected = ["".join(values.get(piece, piece) for piece in pieces) for pieces in args]
+    assert substitute(template, values) == expected
+
+
+def test_substituted_placeholder_text_stays_literal() -> None:
+    assert substitute(["%IP%:%PORT%"], {"%IP%": "%PORT%", "%PORT%": "22", "%PROTO%": "", "%DURATION%": ""}) == [
+        "%PORT%:22"]
+
+
+def test_command_failure_carries_stderr(tmp_path: Path) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nsys.stderr.write('ERROR: could not add rule\\n')\nsys.exit(3)\n")
+    fw = CommandFirewall(FirewallPolicy("none"), open_command=f"{sys.executable} {script} %IP%",
+                         close_command=f"{sys.executable} {script} %IP%")
+    with pytest.raises(FirewallError, match=r"command: opening .* status 3: ERROR: could not add rule"):
+        fw.open(Opening(V4, Protocol.TCP, 22), 5)
+    assert fw.openings() == []
+
+
+def test_command_timeout_and_missing_program(tmp_path: Path) -> None:
+    slow = CommandFirewall(FirewallPolicy("none"),
+                           open_command=f"{sys.executable} -c 'import time; time.sleep(60)' %IP%",
+                           close_command="true %IP%", timeout=0.5)
+    with pytest.raises(FirewallError, match="did not finish within 0.5 s"):
+        slow.open(Opening(V4, Protocol.TCP, 22), 5)
+    missing = CommandFirewall(FirewallPolicy("none"), open_command=f"{tmp_path}/no-such-tool %IP%",
+                              close_command="true %IP%")
+    with pytest.raises(FirewallError, match="cannot run"):
+        missing.open(Opening(V4, Protocol.TCP, 22), 5)
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("", "empty"), ("ufw allow 'unterminated %IP%", "cannot be split"), ("ufw allow from any", "%IP%"),
+    ("%IP% allow", "program itself"),
+])
+def test_bad_templates_are_refused(template: str, needle: str) -> None:
+    with pytest.raises(FirewallError, match=needle):
+        CommandFirewall(FirewallPolicy("none"), open_command=template, close_command="true %IP%")
+
+
+def test_protected_portset_type_checked() -> None:
+    with pytest.raises(FirewallError, match="protected"):
+        FirewallPolicy("drop", protected="tcp/22")  # type: ignore[arg-type]
+    assert FirewallPolicy("drop", protected=PortSet(())).protected == PortSet(())
