@@ -220,8 +220,8 @@ def test_comments_and_case_sensitive_keys(site: Path) -> None:
 NO_PASSWORD = "[DEFAULT]\nserverPFXFile = certs/server.pfx\ncrlFile = certs/crl.der\n"
 
 
-def test_password_from_file_strips_one_newline(site: Path) -> None:
-    (site / "pass").write_bytes(SECRET.encode() + b"\n")
+def test_password_from_file_is_its_first_line(site: Path) -> None:
+    (site / "pass").write_bytes(SECRET.encode() + b"\r\nsecond line is not the password\n")
     cfg = load(site, "PFXPasswdFile = pass\n", base=NO_PASSWORD)
     assert cfg.pfx_password == SECRET.encode()
     assert cfg.pfx_password_source == f"PFXPasswdFile {site / 'pass'}"
@@ -342,7 +342,9 @@ def test_not_utf8(site: Path) -> None:
         ("interfaces = eth0,,eth1", "interfaces", "empty entry"),
         ("knockPorts = 0", "knockPorts", "1 to 65535"),
         ("knockPorts = 200-100", "knockPorts", "first <= last"),
-        ("knockPorts = udp/53", "knockPorts", "bad entry"),
+        ("knockPorts = udp/53", "knockPorts", "knock ports are UDP"),
+        ("knockPorts = 53,,54", "knockPorts", "empty entry"),
+        ("knockPorts = 5x", "knockPorts", "bad port entry"),
         ("protectedPorts = ssh", "protectedPorts", "tcp/22"),
         ("protectedPorts = tcp/70000", "protectedPorts", "65535"),
         ("crlUrl = ftp://ca.example.org/crl", "crlUrl", "http://, https://"),

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, PortSpecError
+from ..credentials import resolve_password
+from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, parse_ports
 
 __all__ = [
@@ -52,7 +53,6 @@ COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 MAX_UDP_KNOCK_PORTS = 256
 
 _MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; refuse to slurp anything huge
-_MAX_PASSWORD_FILE_BYTES = 4096
 _SIGNATURE_SIZE_NOTICE = "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
 _PLAINTEXT_IN_CONFIG_NOTICE = "PFXPasswd puts the PFX password in the config file; use PFXPasswdFile in production"
 
@@ -366,20 +366,10 @@ def _password(r: _Reader, environ: Mapping[str, str], check_files: bool) -> tupl
     if not check_files:
         return None, source, []
     r.check_readable(key, file)
-    try:
-        with file.open("rb") as handle:
-            data = handle.read(_MAX_PASSWORD_FILE_BYTES + 1)
-    except OSError as exc:
-        raise r.fail(key, f"cannot read {file}: {exc.strerror or exc}") from None
-    if len(data) > _MAX_PASSWORD_FILE_BYTES:
-        raise r.fail(key, f"{file} is larger than {_MAX_PASSWORD_FILE_BYTES} bytes; it should hold one password")
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        raise r.fail(key, f"{file} is empty")
-    return data, source, []
+    try:  # the same rule as every sknock password file: its first line, without the newline
+        return resolve_password(file), source, []
+    except CredentialError as exc:
+        raise r.fail(key, str(exc)) from None
 
 
 def _crl_url(r: _Reader, check_files: bool) -> str | None:
@@ -418,19 +408,14 @@ def _knock_ports(r: _Reader) -> tuple[tuple[int, int], ...] | None:
     text = r.required("knockPorts")
     if text.lower() == "any":
         return None
-    spans: set[tuple[int, int]] = set()
-    for entry in (e.strip() for e in text.split(",")):
-        match = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", entry)
-        if not match:
-            raise r.fail(
-                "knockPorts", f"bad entry {entry!r}: expected any, a port, a range like 10000-10100, or a list"
-            )
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) else first
-        if not 1 <= first <= last <= 65535:
-            raise r.fail("knockPorts", f"bad entry {entry!r}: ports run from 1 to 65535, first <= last")
-        spans.add((first, last))
-    return tuple(sorted(spans))
+    if "/" in text:
+        raise r.fail("knockPorts", f"bad entry in {text!r}: knock ports are UDP, write 62201, not udp/62201")
+    try:  # knock ports are UDP ports: reuse the admin port-list parser with the protocol filled in
+        entries = (entry.strip() for entry in text.split(","))
+        ports = parse_ports(",".join(f"udp/{entry}" if entry else "" for entry in entries))
+    except PortSpecError as exc:
+        raise r.fail("knockPorts", f"{exc} (write any, a port, a range like 10000-10100, or a comma list)") from None
+    return tuple((span.first, span.last) for span in ports.ranges)
 
 
 def _protected_ports(r: _Reader) -> PortSet | None:
