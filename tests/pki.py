@@ -105,9 +105,7 @@ class TestPKI:
         )
 
 
-def _client(
-    authority: ca_lib.CertificateAuthority, name: str, ports: str | None, **kwargs: Any
-) -> Issued:
+def _client(authority: ca_lib.CertificateAuthority, name: str, ports: str | None, **kwargs: Any) -> Issued:
     port_set = parse_ports(ports) if ports else None
     cert = authority.issue_client(name, port_set, PASSWORD_BYTES, **kwargs)
     pfx = authority.directory / "client" / f"{name}.pfx"

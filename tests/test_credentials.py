@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from sknock import credentials
 from sknock.credentials import (
     certificate_fingerprint,
     load_certificate,
@@ -185,7 +184,7 @@ def test_resolve_password_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(CredentialError, match="SKNOCK_PFX_PASSWORD"):
         resolve_password(None, interactive=False)
     # stand in for the terminal only; resolve_password itself runs for real
-    monkeypatch.setattr(credentials.getpass, "getpass", lambda prompt: "typed" if prompt == "PFX? " else "")
+    monkeypatch.setattr("getpass.getpass", lambda prompt: "typed" if prompt == "PFX? " else "")
     assert resolve_password(None, prompt="PFX? ", interactive=True) == b"typed"
     crlf = tmp_path / "crlf"
     crlf.write_bytes(b"dos\r\n")

@@ -93,14 +93,14 @@ def _leaf(pki: TestPKI, key_usage: x509.KeyUsage, eku: list[x509.ObjectIdentifie
         .add_extension(x509.KeyUsage(*key_usage_flags(key_usage)), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca.key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca.key.public_key()),
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName([ports_general_name(parse_ports("tcp/22"))]), critical=False)
     )
     if eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    return b.sign(pki.ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    return b.sign(pki.ca.key, hashes.SHA256())
 
 
 def key_usage_flags(ku: x509.KeyUsage) -> tuple[bool, ...]:

@@ -1,0 +1,257 @@
+"""``sknock-ca`` end to end, as an admin runs it: ``python -m sknock.cli.ca`` in a subprocess."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from sknock.credentials import load_certificate, load_client_pfx, load_server_pfx
+from sknock.ports import parse_ports
+from sknock.trust import ClientVerifier, load_crl
+
+REPO = Path(__file__).resolve().parents[1]
+CA_PASSWORD = "ca-secret-Zq81"
+PFX_PASSWORD = "pfx-secret-Hk27"
+
+
+class CLI:
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "ca"
+        self.ca_pw = tmp / "ca.pw"
+        self.ca_pw.write_text(CA_PASSWORD + "\n")
+        self.pfx_pw = tmp / "pfx.pw"
+        self.pfx_pw.write_text(PFX_PASSWORD + "\n")
+        self.outputs: list[str] = []
+
+    def __call__(
+        self, *args: str, pw: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "sknock.cli.ca", "--dir", str(self.dir), *args]
+        if pw:
+            argv += ["--password-file", str(self.ca_pw), "--pfx-password-file", str(self.pfx_pw)]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SKNOCK_")}
+        full_env.update(env or {})
+        proc = subprocess.run(
+            argv, cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        self.outputs += [proc.stdout, proc.stderr]
+        return proc
+
+    def ok(self, *args: str) -> str:
+        proc = self(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        return proc.stdout
+
+    def fails(self, *args: str, match: str, **kw: object) -> str:
+        proc = self(*args, **kw)  # type: ignore[arg-type]
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert match in lines[0]
+        return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> CLI:
+    c = CLI(tmp_path_factory.mktemp("cli"))
+    c.ok("init", "--name", "CLI Test CA")
+    c.ok("server", "knockd", "--ip", "198.18.0.1", "--ip", "fd00:5e::1", "--dns", "knock.test")
+    c.ok("client", "alice", "--allow", "tcp/22,udp/8000-8010")
+    c.ok("client", "eve", "--allow", "tcp/22", "--key-type", "ed25519", "--days", "10")
+    c.ok("client", "mallory", "--allow", "tcp/22")
+    c.ok("revoke", "mallory")
+    c.ok("intermediate", "branch")
+    return c
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_layout_and_secret_file_modes(cli: CLI) -> None:
+    d = cli.dir
+    for p in ("ca.cer", "ca.pem", "crl.der", "crl.pem", "index.json", "server/knockd.cer"):
+        assert (d / p).is_file(), p
+    for p in (
+        "private/ca.key",
+        "server/knockd.pfx",
+        "client/alice.pfx",
+        "client/eve.pfx",
+        "intermediate/branch/private/ca.key",
+    ):
+        assert _mode(d / p) == 0o600, p
+    assert _mode(d / "private") == 0o700
+
+
+def test_issued_files_load_and_verify(cli: CLI) -> None:
+    ca = load_certificate(cli.dir / "ca.cer")
+    assert ca.subject.rfc4514_string() == "CN=CLI Test CA"
+    alice = load_client_pfx(cli.dir / "client/alice.pfx", PFX_PASSWORD)
+    assert alice.ca_certificates == (ca,)
+    verified = ClientVerifier([ca]).verify(alice.certificate, _now())
+    assert verified.ports == parse_ports("tcp/22,udp/8000-8010")
+    eve = load_client_pfx(cli.dir / "client/eve.pfx", PFX_PASSWORD)
+    assert (eve.certificate.not_valid_after_utc - eve.certificate.not_valid_before_utc).days == 10
+    server = load_server_pfx(cli.dir / "server/knockd.pfx", PFX_PASSWORD)
+    assert load_certificate(cli.dir / "server/knockd.cer") == server.certificate
+    san = server.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["198.18.0.1", "fd00:5e::1"]
+    assert san.get_values_for_type(x509.DNSName) == ["knock.test"]
+
+
+def test_pfx_not_openable_with_ca_password(cli: CLI) -> None:
+    with pytest.raises(ValueError):
+        pkcs12.load_pkcs12((cli.dir / "client/alice.pfx").read_bytes(), CA_PASSWORD.encode())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_pfx_uses_modern_encryption(cli: CLI) -> None:
+    proc = subprocess.run(
+        [
+            "openssl",
+            "pkcs12",
+            "-info",
+            "-noout",
+            "-in",
+            str(cli.dir / "client/alice.pfx"),
+            "-passin",
+            f"file:{cli.pfx_pw}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = proc.stdout + proc.stderr
+    assert "AES-256-CBC" in info and "PBKDF2" in info and "sha256" in info
+    assert "RC2" not in info and "3DES" not in info
+
+
+def test_crl_lists_revoked_serial_and_verifies(cli: CLI) -> None:
+    ca = load_certificate(cli.dir / "ca.cer")
+    crl = load_crl((cli.dir / "crl.der").read_bytes(), [ca], source="crl.der")
+    index = json.loads((cli.dir / "index.json").read_text())
+    serials = {e["name"]: int(e["serial"], 16) for e in index["entries"]}
+    assert crl.get_revoked_certificate_by_serial_number(serials["mallory"]) is not None
+    assert crl.get_revoked_certificate_by_serial_number(serials["alice"]) is None
+    assert load_crl((cli.dir / "crl.pem").read_bytes(), [ca], source="crl.pem") == crl
+    assert crl.next_update_utc is not None and 29 <= (crl.next_update_utc - _now()).days <= 30
+    mallory = load_client_pfx(cli.dir / "client/mallory.pfx", PFX_PASSWORD)
+    with pytest.raises(Exception, match="revoked"):
+        ClientVerifier([ca], crls=[crl]).verify(mallory.certificate, _now())
+
+
+def test_crl_command_sets_next_update(cli: CLI) -> None:
+    out = cli.ok("crl", "--days", "7")
+    assert "1 revoked" in out
+    ca = load_certificate(cli.dir / "ca.cer")
+    crl = load_crl((cli.dir / "crl.der").read_bytes(), [ca], source="crl.der")
+    assert crl.next_update_utc is not None and 6 <= (crl.next_update_utc - _now()).days <= 7
+
+
+def test_list(cli: CLI) -> None:
+    out = cli.ok("list")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "SERIAL", "EXPIRES", "STATUS", "PORTS"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) >= {"knockd", "alice", "eve", "mallory", "branch"}
+    assert "revoked" in rows["mallory"] and "valid" in rows["alice"]
+    assert "udp/8000-8010" in rows["alice"] and "tcp/22" in rows["alice"]
+    assert "intermediate" in rows["branch"]
+    # list needs no password
+    proc = cli("list", pw=False)
+    assert proc.returncode == 0 and proc.stdout == out
+
+
+def test_global_options_after_subcommand(cli: CLI) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sknock.cli.ca", "list", "--dir", str(cli.dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0 and "alice" in proc.stdout
+
+
+def test_password_from_environment(cli: CLI) -> None:
+    proc = cli(
+        "client",
+        "envuser",
+        "--allow",
+        "tcp/22",
+        pw=False,
+        env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD, "SKNOCK_NEW_PFX_PASSWORD": "env-pfx-pw"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    load_client_pfx(cli.dir / "client/envuser.pfx", "env-pfx-pw")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("revoke", "nobody"), "no certificate named 'nobody'"),
+        (("revoke", "mallory"), "already revoked"),
+        (("client", "bob", "--allow", "tcp/99999"), "bad port entry 'tcp/99999'"),
+        (("client", "bob", "--allow", "ssh"), "bad port entry 'ssh'"),
+        (("client", "bob"), "--allow"),
+        (("client", "alice", "--allow", "tcp/22"), "already exists"),
+        (("client", "../evil", "--allow", "tcp/22"), "bad name '../evil'"),
+        (("client", "bob", "--allow", "tcp/22", "--key-type", "dsa"), "invalid choice"),
+        (("server", "s2", "--ip", "not-an-ip"), "bad --ip"),
+        (("init",), "already holds a CA"),
+        (("crl", "--days", "0"), "must be at least 1"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_error_exits(cli: CLI, args: tuple[str, ...], match: str) -> None:
+    cli.fails(*args, match=match)
+
+
+def test_missing_dir_and_missing_ca(cli: CLI, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sknock.cli.ca", "list"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "--dir" in proc.stderr and "Traceback" not in proc.stderr
+    other = CLI(tmp_path)
+    other.fails("list", match="no CA here")
+    other.fails("client", "x", "--allow", "tcp/22", match="no CA here")
+
+
+def test_wrong_or_missing_password(cli: CLI, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not-it\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sknock.cli.ca", "--dir", str(cli.dir), "--password-file", str(wrong), "crl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2 and "wrong password" in proc.stderr and "Traceback" not in proc.stderr
+    cli.fails("crl", pw=False, match="no password")
+
+
+def test_passwords_never_printed(cli: CLI) -> None:
+    # runs last in this module (pytest keeps file order): every output so far is recorded
+    assert len(cli.outputs) > 20
+    for text in cli.outputs:
+        assert CA_PASSWORD not in text and PFX_PASSWORD not in text and "env-pfx-pw" not in text
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
