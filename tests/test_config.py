@@ -370,7 +370,7 @@ def test_bad_values(site: Path, line: str, key: str, words: str) -> None:
     [
         ("firewallBackend = command\n", "openCommand", "required when firewallBackend = command"),
         ("firewallBackend = command\nopenCommand = /o %IP% %PORT%\n", "closeCommand", "required"),
-        ("firewallBackend = command\nopenCommand = /o %IP%\ncloseCommand = /c %IP% %PORT%\n", "openCommand", "%PORT%"),
+        ("firewallBackend = command\nopenCommand = /o %PORT%\ncloseCommand = /c %IP% %PORT%\n", "openCommand", "%IP%"),
         (
             "firewallBackend = command\nopenCommand = /o %IP% %PORT% %HOST%\ncloseCommand = /c %IP% %PORT%\n",
             "openCommand",
