@@ -8,8 +8,9 @@ server -- after a bounded lifetime):
 * ``firewall BACKEND POLICY_JSON [OPTIONS_JSON]`` -- holds a real backend, as the daemon's privileged
   helper would.  Commands: setup, open, close, list, teardown.
 * ``client`` -- makes TCP connections: connect (answers connected / refused / timeout), hold (keeps an
-  established connection), echo (sends a line over a held connection and reads it back).
-* ``echo PORT...`` -- TCP echo server on every address (dual-stack) of the given ports; prints
+  established connection), echo (sends a line over a held connection and reads it back); udp sends one
+  datagram and waits for its echo (ok / refused / timeout).
+* ``echo PORT...`` -- TCP and UDP echo server on every address (dual-stack) of the given ports; prints
   ``{"ready": true}`` once listening.
 
 Kept out of the test process because a process's network namespace is where the firewall acts.
@@ -101,6 +102,23 @@ def _connect(cmd: dict[str, Any]) -> tuple[str, socket.socket | None]:
     return "connected", sock
 
 
+def _udp_exchange(cmd: dict[str, Any]) -> str:
+    """Send one datagram and wait for the echo: ok, refused (ICMP port unreachable) or timeout."""
+    family = socket.AF_INET6 if ":" in cmd["host"] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(cmd.get("timeout", 1.0))
+        try:
+            sock.connect((cmd["host"], cmd["port"]))
+            sock.send(b"ping")
+            return "ok" if sock.recv(64) == b"ping" else "garbled"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return f"error: {exc}"
+
+
 def run_client() -> None:
     held: list[socket.socket] = []
     for cmd in _commands():
@@ -112,6 +130,8 @@ def run_client() -> None:
             elif sock:
                 sock.close()
             _answer({"result": result, "id": len(held) - 1 if sock and op == "hold" else None})
+        elif op == "udp":
+            _answer({"result": _udp_exchange(cmd)})
         elif op == "echo":
             sock = held[cmd["id"]]
             try:
@@ -146,11 +166,19 @@ def run_echo(ports: list[int]) -> None:
         sock.bind(("::", port))
         sock.listen(16)
         selector.register(sock, selectors.EVENT_READ)
+        udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        udp.bind(("::", port))
+        selector.register(udp, selectors.EVENT_READ)
     _answer({"ready": True})
     deadline = time.monotonic() + MAX_LIFETIME
     while time.monotonic() < deadline:
         for key, _ in selector.select(timeout=0.5):
             listener: socket.socket = key.fileobj  # type: ignore[assignment]
+            if listener.type == socket.SOCK_DGRAM:
+                data, peer = listener.recvfrom(64)
+                listener.sendto(data, peer)
+                continue
             conn, _ = listener.accept()
             threading.Thread(target=_serve, args=(conn,), daemon=True).start()
 

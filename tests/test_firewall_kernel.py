@@ -287,3 +287,22 @@ def test_iptables_setup_cleans_leftovers(rig: Rig) -> None:
     saved = rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout
     assert saved.count("-A INPUT -j SKNOCK") == 1
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_udp_grant(rig: Rig, backend: str, family: int) -> None:
+    """UDP: rejected with ICMP port unreachable before the grant, echoed after, refused after close."""
+    server, client_addr, _ = addresses(rig.net, family)
+    rig.echo(PORT)
+    fw = rig.firewall(backend, "reject", protected=f"udp/{PORT}")
+    probe = rig.client()
+    grant = {"address": client_addr, "protocol": "udp", "port": PORT}
+    assert fw.ask(op="setup")["ok"]
+    assert probe.ask(op="udp", host=server, port=PORT)["result"] == "refused"
+    assert ok(fw.ask(op="open", duration=60, **grant)) == [(client_addr, "udp", PORT)]
+    assert probe.ask(op="udp", host=server, port=PORT)["result"] == "ok"
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"  # tcp/2000 unprotected
+    assert ok(fw.ask(op="close", **grant)) == []
+    # a new source port: not part of the flow conntrack already knows
+    assert probe.ask(op="udp", host=server, port=PORT)["result"] == "refused"
