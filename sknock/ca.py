@@ -48,6 +48,7 @@ __all__ = [
     "init_ca",
     "open_ca",
     "read_index",
+    "require_ca",
 ]
 
 Kind = Literal["server", "client", "intermediate"]
@@ -192,23 +193,11 @@ class CertificateAuthority:
         return self.directory / "index.json"
 
     def _load_index(self) -> dict[str, Any]:
-        try:
-            raw = json.loads(self.index_path.read_text("utf-8"))
-        except FileNotFoundError:
-            return {"version": _INDEX_VERSION, "crl_number": 0, "entries": []}
-        except (OSError, ValueError) as exc:
-            raise CAError(f"{self.index_path}: cannot read the index: {exc}") from None
-        if (
-            not isinstance(raw, dict)
-            or raw.get("version") != _INDEX_VERSION
-            or not isinstance(raw.get("entries"), list)
-        ):
-            raise CAError(f"{self.index_path}: not a sknock CA index (version {_INDEX_VERSION})")
-        return raw
+        return _read_index_doc(self.index_path)
 
     def entries(self) -> list[Entry]:
         """Everything this CA issued, in issue order."""
-        return [Entry.from_json(e, self.index_path) for e in self._load_index()["entries"]]
+        return read_index(self.directory)
 
     def entry(self, name: str) -> Entry:
         for e in self.entries():
@@ -487,27 +476,37 @@ def init_ca(
     return _write_ca(directory, key, cert, [], password)
 
 
-def read_index(directory: str | os.PathLike[str]) -> list[Entry]:
-    """What the CA in ``directory`` issued, read without its key (for listing)."""
-    path = Path(directory) / "index.json"
+def _read_index_doc(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
-        return []
+        return {"version": _INDEX_VERSION, "crl_number": 0, "entries": []}
     except (OSError, ValueError) as exc:
         raise CAError(f"{path}: cannot read the index: {exc}") from None
     if not isinstance(raw, dict) or raw.get("version") != _INDEX_VERSION or not isinstance(raw.get("entries"), list):
         raise CAError(f"{path}: not a sknock CA index (version {_INDEX_VERSION})")
-    return [Entry.from_json(e, path) for e in raw["entries"]]
+    return raw
+
+
+def read_index(directory: str | os.PathLike[str]) -> list[Entry]:
+    """What the CA in ``directory`` issued, read without its key (for listing)."""
+    path = Path(directory) / "index.json"
+    return [Entry.from_json(e, path) for e in _read_index_doc(path)["entries"]]
+
+
+def require_ca(directory: str | os.PathLike[str]) -> Path:
+    """``directory`` as a Path, or CAError when no CA lives there (checked before asking a password)."""
+    directory = Path(directory)
+    if not (directory / "ca.cer").exists() or not (directory / "private" / "ca.key").exists():
+        raise CAError(f"{directory}: no CA here (run 'sknock-ca --dir {directory} init' first)")
+    return directory
 
 
 def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAuthority:
     """Open the CA in ``directory`` with its password."""
-    directory = Path(directory)
+    directory = require_ca(directory)
     key_path = directory / "private" / "ca.key"
     cert_path = directory / "ca.cer"
-    if not cert_path.exists() or not key_path.exists():
-        raise CAError(f"{directory}: no CA here (run 'sknock-ca --dir {directory} init' first)")
     try:
         cert = x509.load_der_x509_certificate(cert_path.read_bytes())
         chain_path = directory / "ca-chain.pem"

@@ -32,11 +32,13 @@ __all__ = [
     "load_certificates",
     "certificate_fingerprint",
     "resolve_password",
+    "SERVER_CURVES",
 ]
 
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
-_SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+# The NIST curves sknock uses for ECDH (servers) and accepts for EC signatures (clients).
+SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 _MIN_RSA_BITS = 2048
 # Bound what we read: a PKCS#12 or certificate bundle bigger than this is not one.
 _MAX_FILE_SIZE = 1 << 20
@@ -114,7 +116,7 @@ def _key_matches(key: object, cert: x509.Certificate) -> bool:
 def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) -> ServerCredentials:
     """Load the server's PKCS#12: an EC P-256/P-384/P-521 key, its certificate, and CA certificates."""
     key, cert, cas = _load_pkcs12(path, password, "server PKCS#12")
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _SERVER_CURVES:
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SERVER_CURVES:
         raise CredentialError(
             f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256, P-384 or P-521"
         )
@@ -128,7 +130,7 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     certificate, and CA certificates."""
     key, cert, cas = _load_pkcs12(path, password, "client PKCS#12")
     ok = (
-        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _SERVER_CURVES)
+        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in SERVER_CURVES)
         or isinstance(key, ed25519.Ed25519PrivateKey)
         or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= _MIN_RSA_BITS)
     )

@@ -25,13 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from .certificate import authorized_ports, tolerate_zero_serial
-from .credentials import certificate_fingerprint
+from .credentials import SERVER_CURVES, certificate_fingerprint
 from .errors import CertificateError
 from .ports import PortSet
 
 __all__ = ["VerifiedClient", "ClientVerifier", "load_crl", "verify_server_certificate"]
-
-_SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +261,7 @@ def verify_server_certificate(
         if not _in_date(issuer, now):
             raise CertificateError("cert-expired", f"server certificate {subject}: issuer {_name(issuer)} not in date")
         key = cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SERVER_CURVES:
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
             raise CertificateError("cert-invalid", f"server certificate {subject}: key is not EC P-256/P-384/P-521")
         try:
             eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

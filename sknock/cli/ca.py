@@ -94,9 +94,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> ca_lib.CertificateAuthority:
-    directory = _directory(args)
-    if not (directory / "ca.cer").exists():
-        raise ca_lib.CAError(f"{directory}: no CA here (run '{PROG} --dir {directory} init' first)")
+    directory = ca_lib.require_ca(_directory(args))
     return ca_lib.open_ca(directory, _ca_password(args))
 
 
@@ -144,10 +142,7 @@ def _cmd_crl(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    directory = _directory(args)
-    if not (directory / "ca.cer").exists():
-        raise ca_lib.CAError(f"{directory}: no CA here (run '{PROG} --dir {directory} init' first)")
-    entries = ca_lib.read_index(directory)
+    entries = ca_lib.read_index(ca_lib.require_ca(_directory(args)))
     rows = [("NAME", "KIND", "SERIAL", "EXPIRES", "STATUS", "PORTS")]
     for e in entries:
         status = f"revoked {e.revoked_at:%Y-%m-%d}" if e.revoked_at else "valid"
