@@ -434,3 +434,17 @@ def test_udp_capture_fallback(net: TestNet) -> None:
         assert cap.finish() == {}
     finally:
         cap.close()
+
+
+def test_interface_down_is_counted_and_capture_resumes(net: TestNet) -> None:
+    server, client = net.server, net.client
+    cap = packet_capture(net, interfaces=["eth0"])
+    try:
+        # The kernel reports ENETDOWN once on a packet socket bound to an interface going down.
+        server.run("ip", "link", "set", "eth0", "down")
+        server.run("ip", "link", "set", "eth0", "up")
+        send(client, knock(server.ipv4, 7001, b"knock-after-link-flap"))
+        assert cap.wait_payload(b"knock-after-link-flap")["source"] == client.ipv4
+        assert cap.finish() == {"socket-error": 1, "socket-error-ENETDOWN": 1}
+    finally:
+        cap.close()
