@@ -8,7 +8,9 @@
 same for asyncio applications.  Every failure the caller can act on is a typed exception from
 :mod:`sknock.errors` with a message naming the file, host or port: CredentialError (missing file, wrong
 password), NotAuthorizedError (the certificate does not name the port: checked before sending),
-KnockBuildError (certificate too large for one datagram), ResolveError (host does not resolve).
+KnockBuildError (certificate too large for one datagram), ResolveError (host does not resolve),
+ClientError (anything else about where or how to send: a bad source address, no route, a failed send).
+Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueError.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certificate import authorized_ports
 from .credentials import ClientCredentials, load_certificate, load_client_pfx
-from .errors import CertificateError, CredentialError, NotAuthorizedError, ResolveError
+from .errors import CertificateError, ClientError, CredentialError, NotAuthorizedError, ResolveError
 from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
 from .trust import verify_server_certificate
@@ -55,13 +57,17 @@ def _protocol(protocol: str | Protocol) -> Protocol:
     return protocol if isinstance(protocol, Protocol) else Protocol.from_label(str(protocol))
 
 
+_VERSION: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 6}
+
+
 def resolve(host: str, family: int | str | None = None) -> tuple[int, IPAddress]:
     """Resolve ``host`` through getaddrinfo (IPv4 and IPv6); the first address of the family asked."""
     fam = _family(family)
     try:
         infos = socket.getaddrinfo(host, None, fam, socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ResolveError(f"cannot resolve {host!r}: {exc}") from None
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: e.g. an embedded NUL
+        wanted = {4: " to an IPv4 address", 6: " to an IPv6 address"}.get(_VERSION.get(fam, 0), "")
+        raise ResolveError(f"cannot resolve {host!r}{wanted}: {exc}") from None
     for info_family, _, _, _, sockaddr in infos:
         if info_family in (socket.AF_INET, socket.AF_INET6):
             return info_family, ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
@@ -71,9 +77,40 @@ def resolve(host: str, family: int | str | None = None) -> tuple[int, IPAddress]
 def local_address_towards(address: IPAddress) -> IPAddress:
     """The source address this host would use towards ``address`` (a routing lookup; nothing is sent)."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((str(address), 9))
-        return ipaddress.ip_address(s.getsockname()[0])
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((str(address), 9))
+            return ipaddress.ip_address(str(s.getsockname()[0]).split("%")[0])
+    except OSError as exc:
+        raise ClientError(f"no local address towards {address}: {exc.strerror or exc}") from None
+
+
+def _check_port(port: object, what: str = "port") -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"{what} must be 1..65535, not {port!r}")
+    return port
+
+
+def _source(source_address: str | IPAddress | None, target: IPAddress) -> IPAddress | None:
+    """The address a knock is bound to: None for "any", the routing choice for "auto", or the one given."""
+    if source_address is None or source_address == "any":
+        return None
+    if source_address == "auto":
+        return local_address_towards(target)
+    if isinstance(source_address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        bound: IPAddress = source_address
+    else:
+        try:
+            bound = ipaddress.ip_address(str(source_address))
+        except ValueError:
+            raise ClientError(
+                f"source address {source_address!r} is not an IP address (nor 'auto' or 'any')"
+            ) from None
+    if bound.version != target.version:
+        raise ClientError(
+            f"source address {bound} is IPv{bound.version} but the server address {target} is IPv{target.version}"
+        )
+    return bound
 
 
 class KnockClient:
@@ -168,16 +205,9 @@ class KnockClient:
         duration: int | None,
     ) -> tuple[int, IPAddress, bytes, Protocol]:
         proto = _protocol(protocol)
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ValueError(f"port must be 1..65535, not {port!r}")
+        _check_port(port)
         fam, address = resolve(host, family)
-        bound: IPAddress | None
-        if source_address is None or source_address == "any":
-            bound = None
-        elif source_address == "auto":
-            bound = local_address_towards(address)
-        else:
-            bound = ipaddress.ip_address(source_address)
+        bound = _source(source_address, address)
         datagram = self.build_knock(
             [(proto, port)], now=time.time(), action=action, source_address=bound, duration=duration
         )
@@ -186,11 +216,16 @@ class KnockClient:
     # -- knocking (I/O) ----------------------------------------------------------------------------
 
     def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
-        """Send one datagram; a random destination port per call unless ``knock_port`` is given."""
-        port = knock_port or 1024 + secrets.randbelow(65536 - 1024)
+        """Send one datagram; a random destination port (1024..65535) per call unless ``knock_port`` is
+        given.  Returns the port used.  A failed send (no route, ...) is a ClientError."""
+        random_port = 1024 + secrets.randbelow(65536 - 1024)
+        port = random_port if knock_port is None else _check_port(knock_port, "knock_port")
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.sendto(datagram, (str(address), port))
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.sendto(datagram, (str(address), port))
+        except OSError as exc:
+            raise ClientError(f"cannot send the knock to {address} udp/{port}: {exc.strerror or exc}") from None
         return port
 
     def knock(
@@ -209,6 +244,7 @@ class KnockClient:
     ) -> bool:
         """Knock for ``protocol/port`` on ``host``.  With ``verify`` (TCP only), confirm by connecting,
         knocking again up to ``retries`` times; True when the port is open.  Otherwise True once sent."""
+        _check_timeout(timeout)
         tries = max(1, retries if verify else 1)
         for _ in range(tries):
             fam, address, datagram, proto = self._prepare(
@@ -239,6 +275,11 @@ class KnockClient:
         self.send(datagram, address, knock_port)
 
 
+def _check_timeout(timeout: float) -> None:
+    if not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
 def _tcp_open(address: IPAddress, port: int, budget: float) -> bool:
     """Try to connect until ``budget`` seconds have passed (the knock may still be on its way)."""
     deadline = time.monotonic() + budget
@@ -256,8 +297,25 @@ def _tcp_open(address: IPAddress, port: int, budget: float) -> bool:
 class AsyncKnockClient:
     """:class:`KnockClient` for asyncio applications: the same arguments, ``await client.knock(...)``."""
 
-    def __init__(self, **kwargs: object) -> None:
-        self._client = KnockClient(**kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *,
+        client_pfx: str | os.PathLike[str] | None = None,
+        pfx_password: str | bytes | None = None,
+        server_cert: str | os.PathLike[str] | x509.Certificate,
+        credentials: ClientCredentials | None = None,
+        work_bits: int = DEFAULT_WORK_BITS,
+        check_server_cert: bool = True,
+    ) -> None:
+        # Loading a PKCS#12 takes milliseconds: done here, once, like KnockClient.
+        self._client = KnockClient(
+            client_pfx=client_pfx,
+            pfx_password=pfx_password,
+            server_cert=server_cert,
+            credentials=credentials,
+            work_bits=work_bits,
+            check_server_cert=check_server_cert,
+        )
 
     @property
     def client(self) -> KnockClient:
@@ -277,6 +335,7 @@ class AsyncKnockClient:
         family: int | str | None = None,
         duration: int | None = None,
     ) -> bool:
+        _check_timeout(timeout)
         loop = asyncio.get_running_loop()
         tries = max(1, retries if verify else 1)
         for _ in range(tries):
@@ -294,6 +353,26 @@ class AsyncKnockClient:
             if await _tcp_open_async(address, port, timeout / tries):
                 return True
         return False
+
+    async def close(
+        self,
+        host: str,
+        port: int,
+        protocol: str | Protocol = "tcp",
+        *,
+        knock_port: int | None = None,
+        source_address: str | IPAddress | None = None,
+        family: int | str | None = None,
+    ) -> None:
+        """Ask the server to close ``protocol/port`` for this client now."""
+        loop = asyncio.get_running_loop()
+        _, address, datagram, _ = await loop.run_in_executor(
+            None,
+            lambda: self._client._prepare(
+                host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
+            ),
+        )
+        self._client.send(datagram, address, knock_port)
 
 
 async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
@@ -325,10 +404,12 @@ def knock(
     retries: int = 3,
     source_address: str | None = None,
     family: int | str | None = None,
+    duration: int | None = None,
+    work_bits: int = DEFAULT_WORK_BITS,
 ) -> bool:
     """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`."""
-    client = KnockClient(client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert)
+    client = KnockClient(client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits)
     return client.knock(
         host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
-        source_address=source_address, family=family,
+        source_address=source_address, family=family, duration=duration,
     )
