@@ -24,7 +24,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certificate import ports_general_name
 from .errors import CredentialError, SknockError
+from .fileio import write_atomic
 from .ports import PortSet
 
 __all__ = [
@@ -139,21 +139,6 @@ def _serial() -> int:
     return secrets.randbits(128) or 1
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncryption:
     """Modern PKCS#12 protection: AES-256-CBC with PBKDF2, HMAC-SHA256 for the MAC."""
     return (
@@ -207,7 +192,7 @@ class CertificateAuthority:
 
     def _save_index(self, entries: Iterable[Entry], crl_number: int) -> None:
         doc = {"version": _INDEX_VERSION, "crl_number": crl_number, "entries": [e.to_json() for e in entries]}
-        _write_atomic(self.index_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        write_atomic(self.index_path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
     def _record(self, entry: Entry) -> None:
         index = self._load_index()
@@ -261,7 +246,7 @@ class CertificateAuthority:
             [self.certificate, *self.chain],
             _pkcs12_encryption(_require_password(password)),
         )
-        _write_atomic(path, data, 0o600)
+        write_atomic(path, data, 0o600)
 
     def issue_server(
         self,
@@ -299,7 +284,7 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
         self._write_pfx(self.directory / "server" / f"{name}.pfx", name, key, cert, pfx_password)
-        _write_atomic(self.directory / "server" / f"{name}.cer", cert.public_bytes(serialization.Encoding.DER))
+        write_atomic(self.directory / "server" / f"{name}.cer", cert.public_bytes(serialization.Encoding.DER))
         self._record(Entry(name, "server", cert.serial_number, cert.not_valid_after_utc, "", None))
         return cert
 
@@ -397,8 +382,8 @@ class CertificateAuthority:
                     x509.RevokedCertificateBuilder().serial_number(e.serial).revocation_date(e.revoked_at).build()
                 )
         crl = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
-        _write_atomic(self.directory / "crl.der", crl.public_bytes(serialization.Encoding.DER))
-        _write_atomic(self.directory / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+        write_atomic(self.directory / "crl.der", crl.public_bytes(serialization.Encoding.DER))
+        write_atomic(self.directory / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
         self._save_index(entries, number)
         return crl
 
@@ -439,11 +424,11 @@ def _write_ca(
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(_require_password(password)),
     )
-    _write_atomic(directory / "private" / "ca.key", pem_key, 0o600)
-    _write_atomic(directory / "ca.cer", cert.public_bytes(serialization.Encoding.DER))
-    _write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(directory / "private" / "ca.key", pem_key, 0o600)
+    write_atomic(directory / "ca.cer", cert.public_bytes(serialization.Encoding.DER))
+    write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
     if chain:
-        _write_atomic(directory / "ca-chain.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+        write_atomic(directory / "ca-chain.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
     ca = CertificateAuthority(directory, key, cert, chain)
     ca._save_index([], 0)
     ca.write_crl()

@@ -106,7 +106,9 @@ class ClientVerifier:
 
     Build a new one when the CRLs change; it holds no mutable state, so one instance can serve
     many threads.  ``require_crl=True`` refuses (``crl-unavailable``) a chain in which some issuer
-    has no CRL loaded, or only one past its nextUpdate.
+    has no CRL loaded, or only one past its nextUpdate -- unless ``accept_stale_crl``, with which a CRL
+    past its nextUpdate still counts (the daemon keeps the last good CRL while the CRL URL is down, and
+    reports it loudly).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ClientVerifier:
         crls: Sequence[x509.CertificateRevocationList] = (),
         *,
         require_crl: bool = False,
+        accept_stale_crl: bool = False,
         max_chain_depth: int = 4,
     ) -> None:
         if not roots:
@@ -124,6 +127,7 @@ class ClientVerifier:
         self._intermediates = list(intermediates)
         self._store = Store(list(roots))
         self._require_crl = require_crl
+        self._accept_stale_crl = accept_stale_crl
         self._max_chain_depth = max_chain_depth
         # The original sKnock CA marks basicConstraints non-critical; accept any criticality.
         self._ca_policy = ExtensionPolicy.webpki_defaults_ca().require_present(
@@ -225,7 +229,8 @@ class ClientVerifier:
         for cert, issuer in zip(chain, chain[1:], strict=False):
             crl = self._crls.get(certificate_fingerprint(issuer))
             what = "client certificate" if cert is chain[0] else "intermediate CA"
-            if crl is None or (crl.next_update_utc is not None and crl.next_update_utc < now):
+            stale = crl is not None and crl.next_update_utc is not None and crl.next_update_utc < now
+            if crl is None or (stale and not self._accept_stale_crl):
                 if self._require_crl:
                     state = "no CRL loaded" if crl is None else f"its CRL expired at {crl.next_update_utc}"
                     raise CertificateError("crl-unavailable", f"issuer {_name(issuer)} of {_name(cert)}: {state}")

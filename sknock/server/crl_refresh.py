@@ -19,10 +19,7 @@ except to bound a download's duration.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +31,8 @@ from urllib.parse import urlsplit
 import requests
 import schedule
 import urllib3
+
+from ..fileio import write_atomic
 
 __all__ = ["CrlRefresher", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES"]
 
@@ -93,7 +92,11 @@ class CrlRefresher:
         timeout: float = 10.0,
         *,
         max_bytes: int = MAX_CRL_BYTES,
+        store: Callable[[bytes], None] | None = None,
     ) -> None:
+        # Where a verified new CRL goes: by default written atomically to crl_file; the daemon's
+        # unprivileged worker instead hands the bytes to the firewall process, which may write there.
+        self._store = store or (lambda data: write_atomic(self.crl_file, data))
         if not source or "\x00" in source:
             raise ValueError(f"bad CRL source {source!r}")
         scheme = urlsplit(source).scheme.lower()
@@ -157,7 +160,7 @@ class CrlRefresher:
             return self._result("failed", f"refused CRL from {self.source}: {older}", now)
 
         try:
-            self._write(fetched.body)
+            self._store(fetched.body)
         except OSError as exc:
             # The new CRL is verified and newer: use it in memory, but forget the validators so the
             # next refresh fetches again and retries the write.
@@ -279,29 +282,6 @@ class CrlRefresher:
         return b"".join(chunks)
 
     # -- storing --------------------------------------------------------------------------------
-
-    def _write(self, data: bytes) -> None:
-        """Replace crl_file atomically: temp file in the same folder, fsync, os.replace, mode 0644."""
-        folder = self.crl_file.parent
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.crl_file.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), 0o644)
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, self.crl_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            raise
-        # Make the rename itself durable; a filesystem that cannot fsync folders is not an error.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
