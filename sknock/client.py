@@ -281,16 +281,22 @@ def _check_timeout(timeout: float) -> None:
 
 
 def _tcp_open(address: IPAddress, port: int, budget: float) -> bool:
-    """Try to connect until ``budget`` seconds have passed (the knock may still be on its way)."""
+    """Try to connect until ``budget`` seconds have passed (the knock may still be on its way).
+
+    Connect timeouts start short and double: with a drop policy the first SYN may be silently
+    dropped just before the grant lands, and waiting out the kernel's SYN retry would waste a second.
+    """
     deadline = time.monotonic() + budget
+    attempt_timeout = 0.25
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
         try:
-            with socket.create_connection((str(address), port), timeout=min(remaining, 2.0)):
+            with socket.create_connection((str(address), port), timeout=min(remaining, attempt_timeout)):
                 return True
         except OSError:
+            attempt_timeout = min(attempt_timeout * 2, 2.0)
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
@@ -378,10 +384,14 @@ class AsyncKnockClient:
 async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
+    attempt_timeout = 0.25  # short, then doubling: see _tcp_open
     while (remaining := deadline - loop.time()) > 0:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(str(address), port), min(remaining, 2.0))
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(str(address), port), min(remaining, attempt_timeout)
+            )
         except (TimeoutError, OSError):
+            attempt_timeout = min(attempt_timeout * 2, 2.0)
             await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
             continue
         writer.close()
