@@ -1,0 +1,71 @@
+"""``sknock-server``: run the knock server, check its configuration, or list its open grants.
+
+    sknock-server [-c config.ini]                  run (as root)
+    sknock-server [-c config.ini] --check-config   validate and exit (0 good, 2 bad)
+    sknock-server [-c config.ini] status           the grants open now (root: the control socket is 0600)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import SknockError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config.ini"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sknock-server", description="sknock knock server")
+    p.add_argument(
+        "-c", "--config", default=None, help=f"configuration file (default: {DEFAULT_CONFIG} or ./config.ini)"
+    )
+    p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    p.add_argument("command", nargs="?", choices=["run", "status"], default="run")
+    return p
+
+
+def _config_path(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else Path("config.ini")
+
+
+def status(config_path: Path) -> int:
+    from ..server.config import load_config
+    from ..server.control import query_status
+
+    try:
+        config = load_config(config_path, check_files=False)
+        answer = query_status(config.control_socket)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    grants = answer.get("grants", [])
+    assert isinstance(grants, list)
+    print(f"backend {answer.get('backend')}, {len(grants)} open grant(s)")
+    if grants:
+        print(f"{'ADDRESS':<40} {'PORT':<10} {'EXPIRES IN':>10}  CLIENT")
+        for g in grants:
+            port = f"{g['protocol']}/{g['port']}"
+            print(f"{g['address']:<40} {port:<10} {g['expires_in']:>9.1f}s  {g['client']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = _config_path(args.config)
+    if args.command == "status":
+        return status(path)
+    from ..server.daemon import run
+
+    try:
+        return run(path, check_only=args.check_config)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

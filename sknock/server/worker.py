@@ -1,0 +1,165 @@
+"""The unprivileged worker: reads captured datagrams, runs the verifier, asks for grants.
+
+One process, one thread, one loop (never a thread per packet): the selector wakes on the capture
+sockets, the firewall-process channel and the CRL schedule.  Each turn it first reads and pre-checks a
+bounded batch of datagrams (two hashes each), queueing the ones that pass, then spends a bounded time
+slice on the expensive stage (ECDH, chain, signature) for the queue in arrival order.  Under a flood the
+kernel's socket buffer drops raw packets before this process does; packets that passed the cheap checks
+are kept and served first, and the queue is bounded (overflow is counted as ``overload``).
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from typing import Protocol as TypingProtocol
+
+from ..errors import KnockRefused, Reason
+from ..protocol import Action, Prechecked
+from ..verifier import Grant, KnockVerifier
+from .firewall.base import Opening
+from .packet import Datagram
+from .privsep import GrantRequest, encode_request
+
+__all__ = ["Worker", "WorkerLimits", "RefusalLog"]
+
+log = logging.getLogger("sknock.worker")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Capture(TypingProtocol):
+    def filenos(self) -> list[int]: ...
+    def receive(self, max_count: int = 64) -> list[Datagram]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    read_batch: int = 256  # datagrams pre-checked per turn
+    queue_size: int = 4096  # pre-checked datagrams waiting for the expensive stage
+    work_slice: float = 0.02  # seconds of expensive work per turn before reading again
+    stats_interval: float = 60.0
+
+
+class RefusalLog:
+    """Logs refusals with the source address and reason, at most ``per_second`` lines a second;
+    the rest are counted and summarized, so a flood cannot fill the disk."""
+
+    def __init__(self, per_second: int = 20) -> None:
+        self.per_second = per_second
+        self._second = 0
+        self._lines = 0
+        self._suppressed = 0
+
+    def refused(self, source: IPAddress, refusal: KnockRefused, now: float) -> None:
+        second = int(now)
+        if second != self._second:
+            if self._suppressed:
+                log.info("%d more refusals not logged in the last second", self._suppressed)
+            self._second, self._lines, self._suppressed = second, 0, 0
+        if self._lines < self.per_second:
+            self._lines += 1
+            log.info("refused knock from %s: %s", source, refusal)
+        else:
+            self._suppressed += 1
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        verifier: KnockVerifier,
+        capture: Capture,
+        channel: socket.socket,
+        run_pending: Callable[[], None] = lambda: None,
+        limits: WorkerLimits = WorkerLimits(),  # noqa: B008 -- frozen
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.verifier = verifier
+        self.capture = capture
+        self.channel = channel
+        self.run_pending = run_pending
+        self.limits = limits
+        self.clock = clock
+        self.queue: collections.deque[tuple[Prechecked, IPAddress]] = collections.deque()
+        self.refusals = RefusalLog()
+        self._running = True
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        # Ctrl-C reaches the whole process group: the firewall process handles it and stops us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        selector = selectors.DefaultSelector()
+        for fd in self.capture.filenos():
+            selector.register(fd, selectors.EVENT_READ, "capture")
+        selector.register(self.channel, selectors.EVENT_READ, "channel")
+        next_stats = time.monotonic() + self.limits.stats_interval
+        log.info("worker ready")
+        while self._running:
+            for key, _ in selector.select(0 if self.queue else 1.0):
+                if key.data == "channel" and not self.channel.recv(64):
+                    log.warning("the firewall process has gone; worker stops")
+                    return
+            self.read_batch()
+            self.work()
+            self.run_pending()
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self.limits.stats_interval
+                log.info("counters: %s", dict(sorted(self.verifier.counters.items())))
+
+    def read_batch(self) -> int:
+        datagrams = self.capture.receive(self.limits.read_batch)
+        now = self.clock()
+        for datagram in datagrams:
+            self.accept(datagram.payload, datagram.source, now)
+        return len(datagrams)
+
+    def accept(self, payload: bytes, source: IPAddress, now: float) -> None:
+        """The cheap stage for one datagram; what passes is queued for :meth:`work`."""
+        try:
+            pre = self.verifier.precheck(payload, now)
+        except KnockRefused as refusal:
+            self.refusals.refused(source, refusal, now)
+            return
+        if len(self.queue) >= self.limits.queue_size:
+            self.verifier.counters[Reason.OVERLOAD.value] += 1
+            self.refusals.refused(source, KnockRefused(Reason.OVERLOAD, "verification queue full"), now)
+            return
+        self.queue.append((pre, source))
+
+    def work(self) -> int:
+        """The expensive stage, for at most one time slice."""
+        done = 0
+        deadline = time.monotonic() + self.limits.work_slice
+        while self.queue and (done == 0 or time.monotonic() < deadline):
+            pre, source = self.queue.popleft()
+            now = self.clock()
+            try:
+                grant = self.verifier.complete(pre, source, now)
+            except KnockRefused as refusal:
+                self.refusals.refused(source, refusal, now)
+            else:
+                self.apply(grant)
+            done += 1
+        return done
+
+    def apply(self, grant: Grant) -> None:
+        op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
+        for protocol, port in grant.ports:
+            request = GrantRequest(op, Opening(grant.address, protocol, port), grant.duration, grant.client)
+            self.channel.send(encode_request(request))
+        ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
+        if op == "open":
+            log.info("granted %s to %s for %g s (%s)", ports, grant.address, grant.duration, grant.client)
+        else:
+            log.info("closing %s for %s at its request (%s)", ports, grant.address, grant.client)
