@@ -33,7 +33,7 @@ from ..trust import ClientVerifier, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import CrlRefresher, RefreshResult
+from .crl_refresh import CrlRefresher
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .gatekeeper import CRL_PREFIX, MAX_CRL_MESSAGE, Gatekeeper
 from .privsep import drop_privileges
@@ -163,41 +163,44 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket) -> Non
     log.info("worker running as %s (uid %d, gid %d)", config.user, uid, gid)
     verifier = server.verifier()
     scheduler = schedule.Scheduler()
-    if config.crl_url is not None:
+    # The CRL comes from crlUrl, or, without one, from crlFile itself (re-read on schedule and on SIGHUP,
+    # so an admin who publishes a new CRL file needs no restart).
+    source = config.crl_url or str(config.crl_file)
 
-        def store(data: bytes) -> None:
-            if len(data) > MAX_CRL_MESSAGE:
-                raise OSError(f"CRL of {len(data)} bytes is too large to hand over for writing")
-            channel.send(CRL_PREFIX + data)
+    def store(data: bytes) -> None:
+        if config.crl_url is None:
+            return  # the source is crlFile itself
+        if len(data) > MAX_CRL_MESSAGE:
+            raise OSError(f"CRL of {len(data)} bytes is too large to hand over for writing")
+        channel.send(CRL_PREFIX + data)
 
-        refresher = CrlRefresher(
-            config.crl_url,
-            config.crl_file,
-            partial(load_crl, issuers=[*server.roots, *server.intermediates], source=config.crl_url),
-            store=store,
-        )
-        current: list[object] = [server.crl]
+    refresher = CrlRefresher(
+        source,
+        config.crl_file,
+        partial(load_crl, issuers=[*server.roots, *server.intermediates], source=source),
+        store=store,
+    )
+    current: list[object] = [server.crl]
 
-        def refreshed(result: RefreshResult) -> None:
-            level = logging.WARNING if result.status == "failed" or result.stale else logging.INFO
-            log.log(level, "CRL refresh: %s", result.message)
-            if result.stale:
-                log.warning("THE CRL IS PAST ITS nextUpdate: revocations since then are unknown to this server")
-            if result.crl is not None and result.crl is not current[0]:
-                current[0] = result.crl
-                verifier.set_trust(server.trust(result.crl))  # type: ignore[arg-type]
-                log.info("using the new CRL; certificate cache dropped")
+    def refresh() -> None:
+        result = refresher.refresh(dt.datetime.now(dt.UTC))
+        level = logging.WARNING if result.status == "failed" or result.stale else logging.INFO
+        log.log(level, "CRL refresh: %s", result.message)
+        if result.stale:
+            log.warning("THE CRL IS PAST ITS nextUpdate: revocations since then are unknown to this server")
+        if result.crl is None:
+            if current[0] is None:
+                log.error("no CRL: every knock is refused until a valid CRL is available from %s", source)
+        elif result.crl is not current[0]:
+            current[0] = result.crl
+            verifier.set_trust(server.trust(result.crl))  # type: ignore[arg-type]
+            log.info("using the new CRL; certificate cache dropped")
 
-        def refresh() -> RefreshResult:
-            result = refresher.refresh(dt.datetime.now(dt.UTC))
-            refreshed(result)
-            return result
-
-        refresh()
-        scheduler.every(config.crl_update_interval_minutes).minutes.do(refresh)
-    if server.crl is None and config.crl_url is None:
-        log.error("no CRL: every knock will be refused until one is available")
-    Worker(verifier=verifier, capture=capture, channel=channel, run_pending=scheduler.run_pending).run()
+    refresh()
+    scheduler.every(config.crl_update_interval_minutes).minutes.do(refresh)
+    Worker(
+        verifier=verifier, capture=capture, channel=channel, run_pending=scheduler.run_pending, on_hangup=refresh
+    ).run()
 
 
 def run(config_path: str | Path, *, check_only: bool = False) -> int:

@@ -57,9 +57,16 @@ class Gatekeeper:
     def stop(self, *_: object) -> None:
         self._running = False
 
+    def hangup(self, *_: object) -> None:
+        """SIGHUP: the worker refreshes the CRL at once (what an admin does after revoking someone)."""
+        if self.worker_pid is not None:
+            log.info("SIGHUP: asking the worker to refresh the CRL now")
+            os.kill(self.worker_pid, signal.SIGHUP)
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.hangup)
         selector = selectors.DefaultSelector()
         selector.register(self.channel, selectors.EVENT_READ, "channel")
         if self.control is not None:

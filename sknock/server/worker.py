@@ -79,6 +79,7 @@ class Worker:
         capture: Capture,
         channel: socket.socket,
         run_pending: Callable[[], None] = lambda: None,
+        on_hangup: Callable[[], None] = lambda: None,
         limits: WorkerLimits = WorkerLimits(),  # noqa: B008 -- frozen
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -86,6 +87,8 @@ class Worker:
         self.capture = capture
         self.channel = channel
         self.run_pending = run_pending
+        self.on_hangup = on_hangup
+        self._hangup = False
         self.limits = limits
         self.clock = clock
         self.queue: collections.deque[tuple[Prechecked, IPAddress]] = collections.deque()
@@ -95,10 +98,14 @@ class Worker:
     def stop(self, *_: object) -> None:
         self._running = False
 
+    def hangup(self, *_: object) -> None:
+        self._hangup = True
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         # Ctrl-C reaches the whole process group: the firewall process handles it and stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, self.hangup)  # forwarded by the firewall process: refresh the CRL now
         selector = selectors.DefaultSelector()
         for fd in self.capture.filenos():
             selector.register(fd, selectors.EVENT_READ, "capture")
@@ -113,6 +120,9 @@ class Worker:
             self.read_batch()
             self.work()
             self.run_pending()
+            if self._hangup:
+                self._hangup = False
+                self.on_hangup()
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.limits.stats_interval
                 log.info("counters: %s", dict(sorted(self.verifier.counters.items())))
