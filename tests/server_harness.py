@@ -1,0 +1,213 @@
+"""Run the real knock server in a test namespace, and knock at it from the client namespace.
+
+    with TestNet.create() as net, RunningServer.start(net, pki, tmp_path, firewallPolicy="drop",
+                                                      protectedPorts="tcp/8080") as server:
+        service = server.serve_tcp(8080)              # a small TCP service behind the protected port
+        assert not server.reachable(8080)             # from the client namespace
+        knock_from_client(net, pki.alice, server, 8080)
+        server.wait_log("granted tcp/8080")
+        assert server.reachable(8080)
+
+Everything the server needs lives in a world-readable temp folder (the worker runs as nobody).  The
+server process is stopped (SIGTERM, then SIGKILL) and the namespaces removed even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.netns import TestNet
+from tests.pki import PASSWORD, TestPKI
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _world_readable_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="sknock-e2e-"))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class RunningServer:
+    net: TestNet
+    folder: Path
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+    control_socket: Path
+    options: dict[str, str]
+    helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, net: TestNet, pki: TestPKI, *, wait: bool = True, **options: str) -> RunningServer:
+        """Write a config (pki's server1 credentials and CRL, plus ``options``) and start the server
+        in ``net.server``.  Waits for 'worker ready' unless ``wait`` is False."""
+        folder = _world_readable_dir()
+        shutil.copy(pki.server.pfx, folder / "server.pfx")
+        shutil.copy(pki.ca_dir / "crl.der", folder / "crl.der")
+        for name in ("server.pfx", "crl.der"):
+            (folder / name).chmod(0o644)
+        values = {
+            "serverPFXFile": "server.pfx",
+            "PFXPasswd": PASSWORD,
+            "crlFile": "crl.der",
+            "controlSocket": str(folder / "control" / "control.sock"),
+            "firewallPolicy": "drop",
+            "logLevel": "DEBUG",
+            **options,
+        }
+        config = folder / "config.ini"
+        config.write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+        log = folder / "server.log"
+        with log.open("wb") as out:
+            process = net.server.popen(
+                PY, str(REPO / "server" / "knock-server.py"), "-c", str(config), stdout=out, stderr=subprocess.STDOUT,
+                env=ENV,
+            )
+        server = cls(net, folder, config, log, process, Path(values["controlSocket"]), values)
+        if wait:
+            try:
+                server.wait_log("worker ready", timeout=20)
+            except BaseException:
+                server.stop()
+                raise
+        return server
+
+    # -- observing -----------------------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, needle: str, *, timeout: float = 10, count: int = 1) -> str:
+        """Wait until ``needle`` appears ``count`` times in the server log; return the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()
+            if text.count(needle) >= count:
+                return text
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited ({self.process.returncode}) before {needle!r}:\n{text}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not in the server log within {timeout} s:\n{text}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        """The control socket's answer (the test runs as root, like ``sknock-server status``)."""
+        from sknock.server.control import query_status
+
+        return query_status(self.control_socket)
+
+    def status_cli(self) -> str:
+        """What ``sknock-server -c CONFIG status`` prints."""
+        return subprocess.run(
+            [PY, "-m", "sknock.cli.server", "-c", str(self.config), "status"],
+            capture_output=True, text=True, env=ENV, check=True, timeout=30,
+        ).stdout
+
+    def nft_ruleset(self) -> str:
+        return self.net.server.run("nft", "list", "ruleset").stdout
+
+    # -- services and probes -------------------------------------------------------------------------
+
+    def serve_tcp(self, port: int) -> subprocess.Popen[bytes]:
+        """A TCP service on ``port`` (IPv4 and IPv6) in the server namespace that answers 'hello'."""
+        code = (
+            "import socket, threading\n"
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('::', {port})); s.listen(16); print('listening', flush=True)\n"
+            "def serve(c):\n"
+            "    with c:\n"
+            "        c.sendall(b'hello\\n')\n"
+            "        while c.recv(100): c.sendall(b'again\\n')\n"
+            "while True:\n"
+            "    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
+        )
+        proc = self.net.server.popen(PY, "-c", code, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"listening"
+        self.helpers.append(proc)
+        return proc
+
+    def reachable(self, port: int, *, family: int = 4, timeout: float = 1.0) -> bool:
+        """Can the client namespace open a new TCP connection to ``port``?"""
+        host = self.net.server.ipv4 if family == 4 else self.net.server.ipv6
+        code = (
+            "import socket, sys\n"
+            f"try:\n    socket.create_connection(({host!r}, {port}), timeout={timeout}).close()\n"
+            "except OSError:\n    sys.exit(1)\n"
+        )
+        return self.net.client.run(PY, "-c", code, check=False, timeout=timeout + 10).returncode == 0
+
+    # -- stopping ------------------------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        for helper in self.helpers:
+            with contextlib.suppress(ProcessLookupError):
+                helper.kill()
+            helper.wait(5)
+        self.helpers.clear()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def client_script(pki_client: Any, server_cer: Path, body: str) -> str:
+    """Python source run in the client namespace with a KnockClient ``c`` for ``pki_client``."""
+    return (
+        "import sys, ipaddress, time, socket, json\n"
+        "from sknock.client import KnockClient\n"
+        "from sknock.ports import Protocol\n"
+        "from sknock.protocol import Action\n"
+        f"c = KnockClient(client_pfx={str(pki_client.pfx)!r}, pfx_password={PASSWORD!r}, "
+        f"server_cert={str(server_cer)!r}, check_server_cert=False)\n" + body
+    )
+
+
+def run_in_client(net: TestNet, source: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(net.client.cmd(PY, "-c", source), capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def knock_from_client(
+    net: TestNet, pki_client: Any, pki: TestPKI, port: int, *, family: int = 4, verify: bool = False, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Knock with the client library from the client namespace; prints the knock() result as JSON."""
+    host = net.server.ipv4 if family == 4 else net.server.ipv6
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    body = f"print(json.dumps(c.knock({host!r}, {port}, verify={verify!r}{', ' + args if args else ''})))\n"
+    result = run_in_client(net, client_script(pki_client, pki.server.cer, body))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def read_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(result.stdout.strip().splitlines()[-1])
