@@ -6,6 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then exec sudo -E "$0" "$@"; fi
 scripts/bootstrap.sh
-echo "== ruff";  .venv/bin/ruff check sknock tests
+echo "== ruff";  .venv/bin/ruff check sknock tests scripts
 echo "== mypy";  .venv/bin/mypy sknock
 echo "== pytest"; .venv/bin/python -m pytest -q "$@"
