@@ -42,17 +42,24 @@ class GrantRequest:
 
 
 def encode_request(request: GrantRequest) -> bytes:
-    return json.dumps(
-        {
-            "op": request.op,
-            "address": str(request.opening.address),
-            "protocol": request.opening.protocol.label,
-            "port": request.opening.port,
-            "duration": request.duration,
-            "client": request.client[:200],
-        },
-        separators=(",", ":"),
-    ).encode()
+    """One message of at most MAX_MESSAGE bytes: the client name (for logs only) is cut to 200
+    characters, and further if its JSON escapes (any non-ASCII subject) would not fit."""
+    client = request.client[:200]
+    while True:
+        data = json.dumps(
+            {
+                "op": request.op,
+                "address": str(request.opening.address),
+                "protocol": request.opening.protocol.label,
+                "port": request.opening.port,
+                "duration": request.duration,
+                "client": client,
+            },
+            separators=(",", ":"),
+        ).encode()
+        if len(data) <= MAX_MESSAGE or not client:
+            return data
+        client = client[: -max(1, (len(data) - MAX_MESSAGE) // 12)]  # an escaped character is at most 12 bytes
 
 
 def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
@@ -68,11 +75,17 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     op = message["op"]
     if op not in ("open", "close"):
         raise PrivsepError(f"unknown op {op!r}")
+    # Text only: ip_address() would also take an integer, and from_label() a non-string would crash.
+    if not isinstance(message["address"], str) or not isinstance(message["protocol"], str):
+        raise PrivsepError("bad address or protocol: not text")
     try:
         address = ipaddress.ip_address(message["address"])
         protocol = Protocol.from_label(message["protocol"])
     except (ValueError, TypeError, SknockError) as exc:
         raise PrivsepError(f"bad address or protocol: {exc}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        # The worker never sends one; a scope id is free text that would reach the firewall backend.
+        raise PrivsepError(f"bad address or protocol: scoped address {message['address']!r}")
     if address.is_unspecified or address.is_multicast:
         raise PrivsepError(f"address {address} cannot be granted")
     port = message["port"]
@@ -82,8 +95,8 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     if (
         not isinstance(duration, int | float)
         or isinstance(duration, bool)
+        or not 0 < duration <= max_duration  # before isfinite: a 400-digit int would overflow it
         or not math.isfinite(duration)
-        or not 0 < duration <= max_duration
     ):
         raise PrivsepError(f"bad duration {duration!r} (at most {max_duration:g} s)")
     client = message["client"]
