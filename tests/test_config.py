@@ -328,7 +328,7 @@ def test_not_utf8(site: Path) -> None:
         ("TIMESTAMP_THRESHOLD_IN_SECONDS = 301", "TIMESTAMP_THRESHOLD_IN_SECONDS", "out of range"),
         ("PORT_OPEN_DURATION_IN_SECONDS = 0", "PORT_OPEN_DURATION_IN_SECONDS", "out of range"),
         ("CRL_UPDATE_INTERVAL_IN_MINUTES = 0", "CRL_UPDATE_INTERVAL_IN_MINUTES", "out of range"),
-        ("RECV_BUFFER = 1231", "RECV_BUFFER", "out of range"),
+        ("RECV_BUFFER = 1399", "RECV_BUFFER", "out of range"),
         ("KNOCKPACKET_MIN_LENGTH = 1700", "KNOCKPACKET_MIN_LENGTH", "larger than RECV_BUFFER"),
         ("maxOpenDuration = 10", "PORT_OPEN_DURATION_IN_SECONDS", "longer than maxOpenDuration"),
         ("firewallPolicy = accept", "firewallPolicy", "none|reject|drop"),

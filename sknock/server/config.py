@@ -42,9 +42,9 @@ __all__ = [
     "MAX_UDP_KNOCK_PORTS",
 ]
 
-#: The smallest receive buffer that holds any knock: sknock knocks fit the 1232-byte UDP payload
-#: that survives the IPv6 minimum MTU (1280) without fragmentation.
-MIN_RECV_BUFFER = 1232
+#: The smallest receive buffer that holds any knock as captured: the packet is read whole, IP header
+#: included, so a 1232-byte knock over IPv6 needs 1232 + 40 + 8 bytes plus room for extension headers.
+MIN_RECV_BUFFER = 1400
 
 #: Placeholders the firewall ``command`` backend substitutes in openCommand / closeCommand.
 COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")

@@ -153,7 +153,10 @@ def _open_capture(config: ServerConfig) -> Capture:
         ports = [p for first, last in config.knock_ports for p in range(first, last + 1)]
         return open_udp_capture(bind=[(host, port) for port in ports for host in ("0.0.0.0", "::")])  # noqa: S104
     return open_packet_capture(
-        interfaces=config.interfaces, ports=config.knock_ports, min_payload=config.knockpacket_min_length
+        interfaces=config.interfaces,
+        ports=config.knock_ports,
+        min_payload=config.knockpacket_min_length,
+        max_packet=config.recv_buffer,
     )
 
 
