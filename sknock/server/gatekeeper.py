@@ -51,6 +51,9 @@ class Gatekeeper:
         self.worker_pid = worker_pid
         self.clock = clock
         self.grants = GrantTable()
+        # One receive buffer, reused: a fresh 4 MiB bytes object per grant message would cost more than
+        # the grant itself.
+        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
         self._running = True
         self.exit_code = 0
 
@@ -87,10 +90,11 @@ class Gatekeeper:
 
     def on_channel(self) -> None:
         try:
-            data = self.channel.recv(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+            size = self.channel.recv_into(self._buffer)
         except OSError as exc:
-            data = b""
+            size = 0
             log.error("worker channel failed: %s", exc)
+        data = bytes(memoryview(self._buffer)[:size])
         if not data:
             log.error("the worker has gone: shutting down (fail closed: every grant is removed)")
             self.exit_code = 1
