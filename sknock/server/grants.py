@@ -8,6 +8,7 @@ extends it; a close-now request ends it.
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 from .firewall.base import Opening
@@ -24,11 +25,14 @@ class GrantEntry:
 
 
 class GrantTable:
-    __slots__ = ("_entries", "_heap")
+    __slots__ = ("_entries", "_heap", "_sequence")
 
     def __init__(self) -> None:
         self._entries: dict[Opening, GrantEntry] = {}
         self._heap: list[tuple[float, int, Opening]] = []
+        # Heap tie-breaker: unique for the table's life, so two rows never compare their Openings
+        # (not ordered).  id(entry) was not: a replaced entry's id is reused at once.
+        self._sequence = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -42,7 +46,7 @@ class GrantTable:
         opened_at = existing.opened_at if existing else now
         entry = GrantEntry(opening, opened_at, now + duration, client or (existing.client if existing else ""))
         self._entries[opening] = entry
-        heapq.heappush(self._heap, (entry.expires_at, id(entry), opening))
+        heapq.heappush(self._heap, (entry.expires_at, next(self._sequence), opening))
         return existing is not None
 
     def close(self, opening: Opening) -> bool:
