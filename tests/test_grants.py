@@ -1,0 +1,203 @@
+"""GrantTable, sans-I/O: which grants are open until when, against a simple model under hypothesis."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from sknock.ports import Protocol
+from sknock.server.firewall.base import Opening
+from sknock.server.grants import GrantEntry, GrantTable
+
+A = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 22)
+B = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.UDP, 22)
+C = Opening(ipaddress.ip_address("fd00:5e::2"), Protocol.TCP, 2005)
+
+
+def test_open_due_and_next_deadline() -> None:
+    table = GrantTable()
+    assert table.next_deadline() is None and table.due(1e9) == [] and len(table) == 0
+    assert table.open(A, 15, now=100.0, client="CN=alice") is False
+    assert table.open(B, 5, now=101.0) is False
+    assert A in table and B in table and C not in table and len(table) == 2
+    assert table.next_deadline() == 106.0
+    assert table.due(105.999) == []
+    assert table.due(106.0) == [B]  # exactly at the deadline: closed
+    assert B not in table
+    assert table.next_deadline() == 115.0
+    assert table.due(200.0) == [A]
+    assert table.next_deadline() is None and len(table) == 0
+
+
+def test_a_new_knock_extends_and_keeps_when_it_opened() -> None:
+    table = GrantTable()
+    table.open(A, 10, now=0.0, client="CN=alice")
+    assert table.open(A, 10, now=8.0) is True  # extends
+    assert table.due(10.0) == []  # the first deadline is superseded
+    assert table.next_deadline() == 18.0
+    [entry] = table.entries()
+    assert entry == GrantEntry(A, opened_at=0.0, expires_at=18.0, client="CN=alice")  # the client name is kept
+    assert table.due(18.0) == [A]
+
+
+def test_an_extension_may_also_shorten() -> None:
+    """The newest knock decides: a short knock after a long one ends the grant sooner."""
+    table = GrantTable()
+    table.open(A, 100, now=0.0)
+    table.open(A, 5, now=1.0, client="CN=new")
+    assert table.next_deadline() == 6.0
+    assert table.entries()[0].client == "CN=new"
+    assert table.due(6.0) == [A]
+    assert table.due(100.0) == []  # the old deadline is not acted on again
+
+
+def test_close_now() -> None:
+    table = GrantTable()
+    table.open(A, 10, now=0.0)
+    table.open(C, 20, now=0.0)
+    assert table.close(A) is True
+    assert table.close(A) is False
+    assert table.close(B) is False
+    assert table.next_deadline() == 20.0  # the closed grant's deadline is skipped
+    assert table.due(15.0) == []
+    assert [e.opening for e in table.entries()] == [C]
+    assert table.open(A, 1, now=12.0) is False  # reopened after close: a fresh grant
+    assert table.entries()[0] == GrantEntry(A, opened_at=12.0, expires_at=13.0, client="")
+    assert table.due(13.0) == [A]
+    assert [e.opening for e in table.entries()] == [C]
+
+
+def test_equal_deadlines_after_an_extension() -> None:
+    """Two grants with the same deadline, one of them extended at the same instant: the heap must
+    never have to compare two Openings (they are not ordered)."""
+    table = GrantTable()
+    openings = [A, B, C, *(Opening(ipaddress.ip_address(f"198.18.2.{i}"), Protocol.TCP, 22) for i in range(1, 9))]
+    for _ in range(100):  # freed entries' memory (and so any id()) is reused at once by CPython
+        for opening in openings:
+            table.open(opening, 10, now=0.0)
+    assert len(table) == len(openings)
+    assert set(table.due(10.0)) == set(openings)
+
+
+def test_entries_are_sorted_by_expiry() -> None:
+    table = GrantTable()
+    table.open(A, 30, now=0.0)
+    table.open(B, 10, now=0.0)
+    table.open(C, 20, now=0.0)
+    assert [e.opening for e in table.entries()] == [B, C, A]
+
+
+def test_same_deadline_for_many_grants() -> None:
+    table = GrantTable()
+    openings = [Opening(ipaddress.ip_address(f"198.18.1.{i}"), Protocol.TCP, 22) for i in range(1, 50)]
+    for opening in openings:
+        table.open(opening, 5, now=0.0)
+    assert sorted(table.due(5.0), key=str) == sorted(openings, key=str)
+    assert len(table) == 0
+
+
+def test_the_heap_does_not_grow_without_bound() -> None:
+    """A client re-knocking every second for a day leaves one live entry; stale heap rows are dropped
+    by next_deadline (which the firewall process calls every turn)."""
+    table = GrantTable()
+    for second in range(10_000):
+        table.open(A, 15, now=float(second))
+        assert table.next_deadline() == second + 15.0
+        assert table.due(float(second)) == []
+    assert len(table) == 1
+    assert len(table._heap) < 50
+
+
+# -- against a model ----------------------------------------------------------------------------------------------
+
+_openings = st.sampled_from([A, B, C, Opening(ipaddress.ip_address("198.18.0.3"), Protocol.TCP, 22)])
+
+
+class GrantTableMachine(RuleBasedStateMachine):
+    """The model: a dict opening -> (opened_at, expires_at, client), and a clock that only moves forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = GrantTable()
+        self.model: dict[Opening, tuple[float, float, str]] = {}
+        self.now = 0.0
+
+    @rule(opening=_openings, duration=st.floats(0.001, 100) | st.integers(1, 100).map(float),
+          client=st.sampled_from(["", "CN=alice", "CN=bob"]))
+    def open(self, opening: Opening, duration: float, client: str) -> None:
+        existed = opening in self.model
+        assert self.table.open(opening, duration, self.now, client) is existed
+        old = self.model.get(opening)
+        self.model[opening] = (
+            old[0] if old else self.now,
+            self.now + duration,
+            client or (old[2] if old else ""),
+        )
+
+    @rule(opening=_openings)
+    def close(self, opening: Opening) -> None:
+        assert self.table.close(opening) is (self.model.pop(opening, None) is not None)
+
+    @rule(step=st.floats(0, 50) | st.sampled_from([0.0, 0.001]))
+    def advance_and_expire(self, step: float) -> None:
+        self.now += step
+        expected = {o for o, (_, expires, _) in self.model.items() if expires <= self.now}
+        due = self.table.due(self.now)
+        assert len(due) == len(set(due))
+        assert set(due) == expected
+        for opening in expected:
+            del self.model[opening]
+
+    @precondition(lambda self: bool(self.model))
+    @rule()
+    def jump_to_next_deadline(self) -> None:
+        deadline = self.table.next_deadline()
+        assert deadline is not None
+        assert deadline >= self.now  # due() already took everything earlier
+        self.now = deadline
+        due = self.table.due(self.now)
+        assert due  # waking at next_deadline always finds something to close
+        for opening in due:
+            assert self.model.pop(opening)[1] == deadline
+
+    @invariant()
+    def agrees_with_the_model(self) -> None:
+        assert len(self.table) == len(self.model)
+        for opening in (A, B, C):
+            assert (opening in self.table) is (opening in self.model)
+        assert self.table.next_deadline() == (min(e for _, e, _ in self.model.values()) if self.model else None)
+        entries = self.table.entries()
+        assert [e.expires_at for e in entries] == sorted(e.expires_at for e in entries)
+        assert {e.opening: (e.opened_at, e.expires_at, e.client) for e in entries} == self.model
+
+
+GrantTableMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_grant_table_against_a_model = GrantTableMachine.TestCase
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_openings, st.floats(0.5, 30), st.floats(0, 10)), max_size=30))
+def test_every_grant_is_closed_exactly_once_when_time_runs_out(ops: list[tuple[Opening, float, float]]) -> None:
+    """Whatever the knocks, walking next_deadline -> due closes each live grant once, at its last deadline."""
+    table = GrantTable()
+    now = 0.0
+    last: dict[Opening, float] = {}
+    for opening, duration, gap in ops:
+        now += gap
+        for closed in table.due(now):
+            assert last.pop(closed) <= now
+        table.open(opening, duration, now)
+        last[opening] = now + duration
+    closed_at: dict[Opening, float] = {}
+    for _ in range(len(ops) + 1):
+        deadline = table.next_deadline()
+        if deadline is None:
+            break
+        for opening in table.due(deadline):
+            assert opening not in closed_at
+            closed_at[opening] = deadline
+    assert table.next_deadline() is None and len(table) == 0
+    assert closed_at == last
