@@ -1,0 +1,322 @@
+"""The worker's loop stages with a real verifier, a real socketpair and an in-memory capture.
+
+Knocks are real (the test PKI, real crypto); only the capture is replaced by a list of
+:class:`~sknock.server.packet.Datagram` values, so each stage can be driven one call at a time."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sknock.client import KnockClient
+from sknock.errors import KnockRefused, Reason
+from sknock.ports import Protocol
+from sknock.protocol import Action
+from sknock.server.firewall.base import Opening
+from sknock.server.packet import Datagram
+from sknock.server.privsep import GrantRequest, parse_request
+from sknock.server.worker import RefusalLog, Worker, WorkerLimits
+from sknock.verifier import KnockVerifier, VerifierPolicy
+from tests.pki import TestPKI
+
+SOURCE = ipaddress.ip_address("198.18.0.2")
+OTHER = ipaddress.ip_address("fd00:5e::2")
+SERVER = ipaddress.ip_address("198.18.0.1")
+MAX_DURATION = 3600.0
+
+
+class ListCapture:
+    """What the worker needs of a capture: filenos() for its selector and receive() to drain."""
+
+    def __init__(self) -> None:
+        self.pending: list[Datagram] = []
+        self.asked: list[int] = []
+        self._read, self._write = os.pipe()
+
+    def put(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SOURCE) -> None:
+        destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")
+        self.pending.append(Datagram(payload, source, destination, 40000, 12345, 2))
+        os.write(self._write, b"x")  # make the selector wake like a socket with data
+
+    def filenos(self) -> list[int]:
+        return [self._read]
+
+    def receive(self, max_count: int = 64) -> list[Datagram]:
+        self.asked.append(max_count)
+        out, self.pending = self.pending[:max_count], self.pending[max_count:]
+        if not self.pending:
+            os.set_blocking(self._read, False)
+            try:
+                while os.read(self._read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return out
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
+    worker_end, firewall_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    firewall_end.settimeout(5)
+    yield worker_end, firewall_end
+    worker_end.close()
+    firewall_end.close()
+
+
+@pytest.fixture
+def capture() -> Iterator[ListCapture]:
+    c = ListCapture()
+    yield c
+    c.close()
+
+
+def make_verifier(pki: TestPKI, **policy: object) -> KnockVerifier:
+    return KnockVerifier(
+        server_key=pki.server.credentials.key,
+        server_certificate=pki.server.certificate,
+        trust=pki.verifier(),
+        policy=VerifierPolicy(**{"min_work_bits": 4, **policy}),  # type: ignore[arg-type]
+    )
+
+
+def make_worker(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], **limits: object
+) -> Worker:
+    return Worker(
+        verifier=make_verifier(pki),
+        capture=capture,
+        channel=channel[0],
+        limits=WorkerLimits(**limits),  # type: ignore[arg-type]
+    )
+
+
+def alice(pki: TestPKI) -> KnockClient:
+    return KnockClient(credentials=pki.alice.credentials, server_cert=pki.server.certificate, work_bits=4)
+
+
+def received(firewall_end: socket.socket) -> list[GrantRequest]:
+    """Every message waiting on the firewall process's end, parsed as the firewall process does."""
+    out = []
+    firewall_end.setblocking(False)
+    try:
+        while True:
+            try:
+                data = firewall_end.recv(65536)
+            except BlockingIOError:
+                break
+            out.append(parse_request(data, max_duration=MAX_DURATION))
+    finally:
+        firewall_end.settimeout(5)
+    return out
+
+
+def test_accept_queues_only_what_passes_the_cheap_checks(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker(pki, capture, channel)
+    now = time.time()
+    good = alice(pki).build_knock([(Protocol.TCP, 22)], now=now)
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    worker.accept(good, SOURCE, now)
+    worker.accept(os.urandom(1024), OTHER, now)  # junk: bad magic
+    worker.accept(alice(pki).build_knock([(Protocol.TCP, 22)], now=now - 60), SOURCE, now)  # stale
+    worker.accept(good, OTHER, now + 1)  # the same bytes again, from elsewhere: replay
+    assert [source for _, source in worker.queue] == [SOURCE]
+    assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 1}
+    lines = [r.getMessage() for r in caplog.records if r.name == "sknock.worker"]
+    assert lines == [
+        f"refused knock from {OTHER}: bad-magic",
+        f"refused knock from {SOURCE}: stale" + lines[1].removeprefix(f"refused knock from {SOURCE}: stale"),
+        f"refused knock from {OTHER}: replay-seen",
+    ]
+    assert lines[1].startswith(f"refused knock from {SOURCE}: stale: clock differs by")
+    assert received(channel[1]) == []  # nothing reaches the firewall process before work()
+
+
+def test_read_batch_takes_at_most_read_batch_datagrams(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    worker = make_worker(pki, capture, channel, read_batch=3)
+    client = alice(pki)
+    now = time.time()
+    for _ in range(5):
+        capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    assert worker.read_batch() == 3
+    assert worker.read_batch() == 2
+    assert worker.read_batch() == 0
+    assert capture.asked == [3, 3, 3]
+    assert len(worker.queue) == 5
+
+
+def test_a_full_queue_counts_overload(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker(pki, capture, channel, queue_size=3)
+    client = alice(pki)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    for _ in range(5):
+        capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    worker.read_batch()
+    assert len(worker.queue) == 3
+    assert worker.verifier.counters["overload"] == 2
+    assert sum(f"refused knock from {SOURCE}: overload: verification queue full" == r.getMessage()
+               for r in caplog.records) == 2
+    # The queued ones are served (in arrival order), and room is made for new ones.
+    assert worker.work() >= 1
+    while worker.queue:
+        worker.work()
+    assert len(received(channel[1])) == 3
+    worker.accept(client.build_knock([(Protocol.TCP, 22)], now=now), SOURCE, now)
+    assert len(worker.queue) == 1 and worker.verifier.counters["overload"] == 2
+
+
+def test_work_sends_open_requests_the_firewall_process_accepts(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker(pki, capture, channel)
+    client = alice(pki)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    capture.put(client.build_knock([(Protocol.TCP, 22), (Protocol.UDP, 8000)], now=now, duration=60))
+    capture.put(client.build_knock([(Protocol.TCP, 2005)], now=now), source=OTHER)
+    capture.put(client.build_knock([(Protocol.TCP, 2006)], now=now, duration=99_999))  # capped
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    subject = pki.alice.certificate.subject.rfc4514_string()
+    assert received(channel[1]) == [
+        GrantRequest("open", Opening(SOURCE, Protocol.TCP, 22), 60.0, subject),
+        GrantRequest("open", Opening(SOURCE, Protocol.UDP, 8000), 60.0, subject),
+        GrantRequest("open", Opening(OTHER, Protocol.TCP, 2005), 15.0, subject),
+        GrantRequest("open", Opening(SOURCE, Protocol.TCP, 2006), MAX_DURATION, subject),
+    ]
+    assert worker.verifier.counters["granted"] == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"granted tcp/22,udp/8000 to {SOURCE} for 60 s ({subject})" in messages
+    assert f"granted tcp/2005 to {OTHER} for 15 s ({subject})" in messages
+
+
+def test_expensive_refusals_are_logged_and_send_nothing_to_the_firewall_process(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker(pki, capture, channel)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    mallory = KnockClient(credentials=pki.mallory.credentials, server_cert=pki.server.certificate, work_bits=4,
+                          check_server_cert=False)
+    capture.put(mallory.build_knock([(Protocol.TCP, 22)], now=now))
+    capture.put(alice(pki).build_knock([(Protocol.TCP, 22)], now=now, source_address=OTHER), source=OTHER)
+    capture.put(alice(pki).build_knock([(Protocol.TCP, 22)], now=now,
+                                       source_address=ipaddress.ip_address("198.18.0.99")))
+    worker.read_batch()
+    assert len(worker.queue) == 3  # all pass the cheap stage
+    while worker.queue:
+        worker.work()
+    # only the knock bound to OTHER and sent from it reaches the firewall process
+    assert [r.opening for r in received(channel[1])] == [Opening(OTHER, Protocol.TCP, 22)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"refused knock from {SOURCE}: cert-revoked") for m in messages), messages
+    assert any(m.startswith(f"refused knock from {SOURCE}: source-mismatch") for m in messages), messages
+    assert worker.verifier.counters["granted"] == 1
+
+
+def test_close_now_sends_a_close_request(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker(pki, capture, channel)
+    client = alice(pki)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    capture.put(client.build_knock([(Protocol.TCP, 22)], now=now + 0.1, action=Action.CLOSE))
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    subject = pki.alice.certificate.subject.rfc4514_string()
+    opened, closed = received(channel[1])
+    assert opened.op == "open"
+    assert closed.op == "close" and closed.opening == Opening(SOURCE, Protocol.TCP, 22) and closed.client == subject
+    assert worker.verifier.counters["closed"] == 1
+    assert f"closing tcp/22 for {SOURCE} at its request ({subject})" in [r.getMessage() for r in caplog.records]
+
+
+def test_work_is_bounded_by_its_time_slice_but_always_makes_progress(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    worker = make_worker(pki, capture, channel, work_slice=0.0)
+    client = alice(pki)
+    now = time.time()
+    for _ in range(4):
+        capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    worker.read_batch()
+    assert [worker.work() for _ in range(5)] == [1, 1, 1, 1, 0]
+    assert len(received(channel[1])) == 4
+
+
+def test_run_serves_knocks_refreshes_on_sighup_and_stops_when_the_firewall_process_goes(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    """The loop itself: capture -> verifier -> channel; SIGHUP calls on_hangup; a closed channel ends it."""
+    client = alice(pki)
+    capture.put(client.build_knock([(Protocol.TCP, 2001)], now=time.time()))
+    seen: list[GrantRequest] = []
+    hangups: list[float] = []
+    turns = [0]
+    firewall_end = channel[1]
+
+    def run_pending() -> None:
+        turns[0] += 1
+        seen.extend(received(firewall_end))
+        if turns[0] == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        elif hangups and seen:
+            firewall_end.close()  # the firewall process has gone
+        if turns[0] > 200:
+            raise AssertionError("the worker loop did not stop")
+
+    worker = Worker(
+        verifier=make_verifier(pki), capture=capture, channel=channel[0], run_pending=run_pending,
+        on_hangup=lambda: hangups.append(time.monotonic()),
+    )
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    started = time.monotonic()
+    try:
+        worker.run()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert time.monotonic() - started < 10
+    assert [r.opening for r in seen] == [Opening(SOURCE, Protocol.TCP, 2001)]
+    assert len(hangups) == 1
+
+
+def test_refusal_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    refusals = RefusalLog(per_second=20)
+    refusal = KnockRefused(Reason.BAD_MAGIC)
+    for i in range(100):
+        refusals.refused(SOURCE, refusal, 1000.0 + i / 1000)  # 100 within one second
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"refused knock from {SOURCE}: bad-magic"] * 20
+    refusals.refused(OTHER, KnockRefused(Reason.STALE, "clock differs by -60 s"), 1001.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[20:] == ["80 more refusals not logged in the last second",
+                          f"refused knock from {OTHER}: stale: clock differs by -60 s"]
+    caplog.clear()
+    for i in range(20):  # exactly the limit: no summary in the next second
+        refusals.refused(SOURCE, refusal, 1002.0 + i / 100)
+    refusals.refused(SOURCE, refusal, 1003.0)
+    assert len(caplog.records) == 21
+    assert not any("more refusals" in r.getMessage() for r in caplog.records)
