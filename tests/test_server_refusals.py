@@ -1,0 +1,278 @@
+"""The real server refuses every class of bad knock: the protected port stays closed, and the log
+names the reason and the source address.
+
+Knocks are built with the client library in the client namespace and sent with a plain UDP socket,
+so a test can replay the exact bytes, send from a second address, or send what the library itself
+would refuse to send.  In-memory refusal tests are in test_verifier.py; these go through capture,
+worker, firewall process and kernel firewall.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.netns import TestNet, require_netns
+from tests.pki import TestPKI
+from tests.server_harness import PY, RunningServer, client_script, run_in_client
+
+pytestmark = pytest.mark.root
+
+SERVED = (22, 2001, 2003, 2004, 2005, 2007, 2011)
+
+
+@dataclass
+class Site:
+    net: TestNet
+    server: RunningServer
+    pki: TestPKI
+    second: str  # another address on the client's interface
+
+    @property
+    def first(self) -> str:
+        return self.net.client.ipv4
+
+    def mark(self) -> int:
+        return len(self.server.log_text())
+
+    def wait_new(self, mark: int, needle: str, timeout: float = 10) -> str:
+        """Wait until ``needle`` appears in the log after ``mark``; return that part of the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.server.log_text()[mark:]
+            if needle in text:
+                return text
+            if self.server.process.poll() is not None:
+                raise AssertionError(f"server exited before {needle!r}:\n{self.server.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not logged within {timeout} s; new log:\n{text}")
+            time.sleep(0.05)
+
+    def client(self, who: str, body: str, timeout: float = 30) -> str:
+        """Run ``body`` in the client namespace with ``c``, a KnockClient for pki.<who>, and
+        ``send(datagram, source=None)``; returns its stdout."""
+        helpers = (
+            f"SERVER = {self.net.server.ipv4!r}\n"
+            "def send(datagram, source=None, port=40000):\n"
+            "    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:\n"
+            "        if source: s.bind((source, 0))\n"
+            "        s.sendto(datagram, (SERVER, port))\n"
+        )
+        result = run_in_client(
+            self.net, client_script(getattr(self.pki, who), self.pki.server.cer, helpers + body), timeout=timeout
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def reachable(self, port: int, source: str | None = None) -> bool:
+        """Can the client namespace, from ``source`` (default: its first address), connect to ``port``?"""
+        code = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM); s.settimeout(1.0)\n"
+            f"s.bind(({source or self.first!r}, 0))\n"
+            f"try:\n    s.connect(({self.net.server.ipv4!r}, {port})); s.close()\n"
+            "except OSError:\n    sys.exit(1)\n"
+        )
+        return self.net.client.run(PY, "-c", code, check=False, timeout=15).returncode == 0
+
+    def refused(self, who: str, body: str, reason: str, *, source: str | None = None) -> str:
+        """Send what ``body`` sends; wait for 'refused knock from SOURCE: REASON'; return that line."""
+        mark = self.mark()
+        self.client(who, body)
+        needle = f"refused knock from {source or self.first}: {reason}"
+        text = self.wait_new(mark, needle)
+        return next(line for line in text.splitlines() if needle in line)
+
+
+def _start(pki: TestPKI, prefix: str, **options: str) -> Iterator[Site]:
+    require_netns()
+    with TestNet.create(prefix) as net:
+        second = net.client.ipv4.rsplit(".", 1)[0] + ".3"
+        net.client.run("ip", "addr", "add", f"{second}/24", "dev", net.client.ifname)
+        with RunningServer.start(
+            net, pki, protectedPorts="tcp/22,tcp/2000-2011", firewallPolicy="reject",
+            PORT_OPEN_DURATION_IN_SECONDS="60", emergencySSH="no", **options,  # type: ignore[arg-type]
+        ) as server:
+            for port in SERVED:
+                server.serve_tcp(port)
+            yield Site(net, server, pki, second)
+
+
+@pytest.fixture(scope="module")
+def site(pki: TestPKI) -> Iterator[Site]:
+    yield from _start(pki, "skr")
+
+
+@pytest.fixture(scope="module")
+def strict(pki: TestPKI) -> Iterator[Site]:
+    yield from _start(pki, "skq", requireSourceAddress="yes")
+
+
+def test_nothing_is_reachable_before_a_knock(site: Site) -> None:
+    for port in (22, 2001, 2011):
+        assert not site.reachable(port)
+        assert not site.reachable(port, site.second)
+
+
+def test_an_exact_replay_is_refused_before_any_crypto(site: Site) -> None:
+    mark = site.mark()
+    out = site.client("alice", "d = c.build_knock([(Protocol.TCP, 2001)], now=time.time()); send(d)\n"
+                               "print(d.hex())\n")
+    datagram = out.strip().splitlines()[-1]
+    site.wait_new(mark, f"granted tcp/2001 to {site.first}")
+    assert site.reachable(2001)
+    # The same bytes again from the same address, then from another address on the client's link:
+    # an attacker who captured the knock gains nothing, not even for a new address.
+    line = site.refused("alice", f"send(bytes.fromhex({datagram!r}))\n", "replay-seen")
+    assert line.endswith(f"refused knock from {site.first}: replay-seen")
+    site.refused("alice", f"send(bytes.fromhex({datagram!r}), source={site.second!r})\n", "replay-seen",
+                 source=site.second)
+    assert not site.reachable(2001, site.second)
+    assert site.server.log_text().count("granted tcp/2001") == 1
+    assert [(g["address"], g["port"]) for g in site.server.status()["grants"] if g["port"] == 2001] == [
+        (site.first, 2001)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("who", "reason", "detail"),
+    [
+        ("old", "cert-expired", "CN=old"),
+        ("mallory", "cert-revoked", "CN=mallory"),
+        ("stranger", "cert-untrusted", ""),
+    ],
+)
+def test_certificate_refusals(site: Site, who: str, reason: str, detail: str) -> None:
+    line = site.refused(who, "send(c.build_knock([(Protocol.TCP, 22)], now=time.time()))\n", reason)
+    assert detail in line
+    assert not site.reachable(22)
+
+
+def test_a_port_the_certificate_does_not_name(site: Site) -> None:
+    # Bypass the client library's own check to reach the server's.
+    body = (
+        "from sknock.ports import parse_ports\n"
+        "c.ports = parse_ports('tcp/1-65535,udp/1-65535')\n"
+        "send(c.build_knock([(Protocol.TCP, 2003), (Protocol.TCP, 2011)], now=time.time()))\n"
+    )
+    line = site.refused("alice", body, "not-authorized")
+    assert "may not open tcp/2011" in line and "CN=alice" in line
+    assert not site.reachable(2011)
+    assert not site.reachable(2003)  # all or nothing: the named port is not opened either
+    line = site.refused("noports", body.replace("(Protocol.TCP, 2003), ", ""), "not-authorized")
+    assert "CN=noports may not open tcp/2011" in line
+
+
+def test_a_stale_knock(site: Site) -> None:
+    line = site.refused("alice", "send(c.build_knock([(Protocol.TCP, 2004)], now=time.time() - 60))\n", "stale")
+    assert re.search(r"stale: clock differs by -6\d s", line), line
+    line = site.refused("alice", "send(c.build_knock([(Protocol.TCP, 2004)], now=time.time() + 3600))\n", "stale")
+    assert re.search(r"stale: clock differs by \+3[56]\d\d s", line), line
+    assert not site.reachable(2004)
+
+
+def test_a_signed_timestamp_just_outside_the_window(site: Site) -> None:
+    """7.6 s old: the clear whole-second time passes the cheap check (1 s of slack), the signed
+    millisecond timestamp does not.  The knock is sent when the fraction of the second makes the
+    coarse time's rounding work for it (as in test_verifier.py, but against the server's clock)."""
+    for offset in (-7.6, 7.6):
+        body = (
+            "deadline = time.monotonic() + 3\n"
+            "while not 0.60 <= time.time() % 1 < 0.64 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.002)\n"
+            f"send(c.build_knock([(Protocol.TCP, 2004)], now=time.time() + {offset}))\n"
+        )
+        line = site.refused("alice", body, "timestamp")
+        assert re.search(r"timestamp: knock is [+-]7\.\d{3} s old, window 7 s", line), line
+    assert not site.reachable(2004)
+
+
+def test_a_knock_bound_to_another_address(site: Site) -> None:
+    # Bound to the first address, sent from the second.
+    body = f"send(c.build_knock([(Protocol.TCP, 2005)], now=time.time(), source_address=ipaddress.ip_address({site.first!r})), source={site.second!r})\n"  # noqa: E501
+    line = site.refused("alice", body, "source-mismatch", source=site.second)
+    assert f"signed for {site.first}, came from {site.second}" in line
+    # Bound to an address nobody has, sent from the first.
+    body = "send(c.build_knock([(Protocol.TCP, 2005)], now=time.time(), source_address=ipaddress.ip_address('198.18.250.250')))\n"  # noqa: E501
+    line = site.refused("alice", body, "source-mismatch")
+    assert f"signed for 198.18.250.250, came from {site.first}" in line
+    assert not site.reachable(2005, site.second)
+    assert not site.reachable(2005)
+
+
+def test_junk_of_knock_size_is_refused_cheaply_and_the_server_keeps_running(site: Site) -> None:
+    body = (
+        "import os\n"
+        "junk = os.urandom(1024)\n"
+        "while junk.startswith(b'sK'): junk = os.urandom(1024)\n"
+        "send(junk)\n"
+    )
+    site.refused("alice", body, "bad-magic")
+    site.refused("alice", "send(bytes(1232))\n", "bad-magic")
+    site.refused("alice", "send(b'sK' + bytes(1022))\n", "unsupported-version")
+    assert site.server.process.poll() is None
+    assert not site.reachable(2007)
+    mark = site.mark()
+    site.client("alice", "send(c.build_knock([(Protocol.TCP, 2007)], now=time.time()))\n")
+    site.wait_new(mark, f"granted tcp/2007 to {site.first}")
+    assert site.reachable(2007)
+
+
+# -- with requireSourceAddress = yes ---------------------------------------------------------------------------------
+
+
+def test_an_unbound_knock_when_the_address_is_required(strict: Site) -> None:
+    line = strict.refused("alice", "send(c.build_knock([(Protocol.TCP, 2003)], now=time.time()))\n",
+                          "source-required")
+    assert f"from {strict.first}: knock carries no source address" in line
+    assert not strict.reachable(2003)
+    mark = strict.mark()
+    strict.client("alice", f"send(c.build_knock([(Protocol.TCP, 2003)], now=time.time(), "
+                           f"source_address=ipaddress.ip_address({strict.first!r})))\n")
+    strict.wait_new(mark, f"granted tcp/2003 to {strict.first}")
+    assert strict.reachable(2003)
+    assert not strict.reachable(2003, strict.second)
+
+
+_LINE_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ")
+
+
+def test_a_junk_flood_is_rate_limited_in_the_log_and_a_valid_knock_still_gets_through(strict: Site) -> None:
+    flood = 2000
+    mark = strict.mark()
+    started = time.monotonic()
+    body = (
+        "import os\n"
+        "junk = [b'\\x00' + os.urandom(1023) for _ in range(64)]\n"
+        "with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:\n"
+        f"    for i in range({flood}):\n"
+        "        s.sendto(junk[i % 64], (SERVER, 40000 + i % 1000))\n"
+        "print('flooded', flush=True)\n"
+        f"send(c.build_knock([(Protocol.TCP, 2011 - 10)], now=time.time(), "
+        f"source_address=ipaddress.ip_address({strict.first!r})))\n"
+    )
+    out = strict.client("alice", body, timeout=60)
+    assert "flooded" in out
+    strict.wait_new(mark, f"granted tcp/2001 to {strict.first}", timeout=30)
+    assert strict.reachable(2001)
+    elapsed = time.monotonic() - started
+    # One more refusal, a second later, makes the log summarize the last flooded second.
+    time.sleep(1.1)
+    strict.refused("alice", "send(bytes(1024))\n", "bad-magic")
+    text = strict.server.log_text()[mark:]
+    refusal_lines = [line for line in text.splitlines() if "refused knock from" in line]
+    summaries = [int(m.group(1)) for m in re.finditer(r"(\d+) more refusals not logged in the last second", text)]
+    assert summaries, text[-3000:]
+    assert len(refusal_lines) <= 20 * (elapsed + 3)  # 20 a second, not 2,000
+    # Every flooded datagram the kernel delivered is accounted for: logged or summarized.
+    flooded_lines = len(refusal_lines) - 1
+    assert 0.5 * flood <= flooded_lines + sum(summaries) <= flood
+    per_second = collections.Counter(m.group(1) for line in refusal_lines if (m := _LINE_TIME.match(line)))
+    assert max(per_second.values()) <= 2 * 20, per_second  # a batch may straddle a second boundary
+    assert strict.server.process.poll() is None
+    assert (strict.first, 2001) in [(g["address"], g["port"]) for g in strict.server.status()["grants"]]
