@@ -1,0 +1,254 @@
+"""The real server's CRL: fetched over HTTP from inside its namespace, refreshed on SIGHUP, stored
+atomically, never replaced by a bad one; without crlUrl, crlFile itself is re-read on SIGHUP.
+
+Each test has its own CA (revoking is permanent, and the session ``pki`` is shared)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sknock import ca as ca_lib
+from sknock.fileio import write_atomic
+from sknock.ports import parse_ports
+from tests.netns import TestNet, require_netns
+from tests.pki import PASSWORD_BYTES, TestPKI
+from tests.server_harness import PY, RunningServer, client_script, run_in_client
+
+pytestmark = pytest.mark.root
+
+
+@dataclass
+class OwnCA:
+    ca: ca_lib.CertificateAuthority
+    folder: Path  # world-readable: the worker runs as nobody
+    server_pfx: Path
+    server_cer: Path
+
+    def client(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(pfx=self.ca.directory / "client" / f"{name}.pfx")
+
+    @property
+    def crl_bytes(self) -> bytes:
+        return (self.ca.directory / "crl.der").read_bytes()
+
+
+@pytest.fixture
+def own_ca() -> Iterator[OwnCA]:
+    folder = Path(tempfile.mkdtemp(prefix="sknock-crl-"))
+    folder.chmod(0o755)
+    try:
+        # The same name as the session pki's stranger CA, so its CRL differs only by the signature.
+        authority = ca_lib.init_ca(folder / "ca", PASSWORD_BYTES, name="sknock Test Root CA")
+        authority.issue_server("crlsrv", PASSWORD_BYTES)
+        for name in ("carol", "dave"):
+            authority.issue_client(name, parse_ports("tcp/2005-2009"), PASSWORD_BYTES)
+        pfx = folder / "server.pfx"
+        shutil.copy(authority.directory / "server" / "crlsrv.pfx", pfx)
+        pfx.chmod(0o644)
+        (folder / "state").mkdir(mode=0o755)
+        yield OwnCA(authority, folder, pfx, authority.directory / "server" / "crlsrv.cer")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class CrlSite:
+    """An http.server on 127.0.0.1 inside the server namespace, serving one file, crl.der."""
+
+    def __init__(self, net: TestNet, folder: Path) -> None:
+        self.net = net
+        self.folder = folder
+        self.folder.mkdir(mode=0o755)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._version = 0
+
+    def publish(self, data: bytes) -> None:
+        """Serve ``data`` from now on.  Replaced atomically, with an mtime that always moves forward by
+        whole seconds, so the server's If-Modified-Since never hides a change made within a second."""
+        target = self.folder / "crl.der"
+        write_atomic(target, data)
+        self._version += 1
+        stamp = time.time() + 10 * self._version
+        os.utime(target, (stamp, stamp))
+
+    def start(self) -> None:
+        code = (
+            "import functools, http.server\n"
+            f"handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={str(self.folder)!r})\n"
+            "server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)\n"
+            "print(server.server_address[1], flush=True)\n"
+            "server.serve_forever()\n"
+        )
+        self.process = self.net.server.popen(PY, "-c", code, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.process.stdout is not None
+        self.port = int(self.process.stdout.readline())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/crl.der"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@dataclass
+class Knocker:
+    net: TestNet
+    server: RunningServer
+    own: OwnCA
+
+    def mark(self) -> int:
+        return len(self.server.log_text())
+
+    def wait_new(self, mark: int, needle: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.server.log_text()[mark:]
+            if needle in text:
+                return text
+            if self.server.process.poll() is not None:
+                raise AssertionError(f"server exited before {needle!r}:\n{self.server.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not logged within {timeout} s; new log:\n{text}")
+            time.sleep(0.05)
+
+    def knock(self, name: str, port: int) -> None:
+        body = (
+            f"d = c.build_knock([(Protocol.TCP, {port})], now=time.time())\n"
+            "with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:\n"
+            f"    s.sendto(d, ({self.net.server.ipv4!r}, 40000))\n"
+        )
+        result = run_in_client(self.net, client_script(self.own.client(name), self.own.server_cer, body))
+        assert result.returncode == 0, result.stderr
+
+    def granted(self, name: str, port: int) -> None:
+        mark = self.mark()
+        self.knock(name, port)
+        self.wait_new(mark, f"granted tcp/{port} to {self.net.client.ipv4} for")
+        assert self.server.reachable(port)
+
+    def revoked(self, name: str, port: int) -> None:
+        mark = self.mark()
+        self.knock(name, port)
+        text = self.wait_new(mark, f"refused knock from {self.net.client.ipv4}: cert-revoked")
+        assert f"CN={name}" in text
+        assert not self.server.reachable(port)
+
+    def sighup(self, needle: str) -> str:
+        """SIGHUP the server (its firewall process); wait for ``needle`` from the refresh it causes."""
+        mark = self.mark()
+        self.server.process.send_signal(signal.SIGHUP)
+        self.wait_new(mark, "SIGHUP: asking the worker to refresh the CRL now")
+        return self.wait_new(mark, needle)
+
+
+def _server(net: TestNet, pki: TestPKI, own: OwnCA, **options: str) -> RunningServer:
+    server = RunningServer.start(
+        net, pki, serverPFXFile=str(own.server_pfx), firewallPolicy="reject", protectedPorts="tcp/2005-2009",
+        PORT_OPEN_DURATION_IN_SECONDS="60", **options,  # type: ignore[arg-type]
+    )
+    for port in range(2005, 2010):
+        server.serve_tcp(port)
+    return server
+
+
+def test_crl_from_a_url_refreshed_on_sighup(pki: TestPKI, own_ca: OwnCA) -> None:
+    require_netns()
+    crl_file = own_ca.folder / "state" / "crl.der"  # absent: the first fetch writes it
+    with TestNet.create("skc") as net:
+        web = CrlSite(net, own_ca.folder / "www")
+        try:
+            first = own_ca.crl_bytes
+            web.publish(first)
+            web.start()
+            with _server(net, pki, own_ca, crlFile=str(crl_file), crlUrl=web.url) as server:
+                k = Knocker(net, server, own_ca)
+                log = server.wait_log(f"wrote the refreshed CRL to {crl_file}")
+                assert f"CRL updated from {web.url} into {crl_file}" in log
+                assert crl_file.read_bytes() == first
+                assert (crl_file.stat().st_mode & 0o777) == 0o644
+
+                assert not server.reachable(2005)
+                k.granted("carol", 2005)
+
+                # Revoked at the CA and published; until the server refreshes it does not know.
+                own_ca.ca.revoke("carol")
+                revoked = own_ca.crl_bytes
+                web.publish(revoked)
+                k.granted("carol", 2006)
+                inode = crl_file.stat().st_ino
+                text = k.sighup(f"wrote the refreshed CRL to {crl_file}")
+                assert f"CRL updated from {web.url} into {crl_file}" in text
+                assert "using the new CRL; certificate cache dropped" in text
+                # From that refresh on, carol is refused; dave is not.
+                k.revoked("carol", 2007)
+                k.granted("dave", 2008)
+                # Stored atomically: a new file renamed over the old one, the bytes served, no temp file left.
+                assert crl_file.read_bytes() == revoked
+                assert crl_file.stat().st_ino != inode
+                assert sorted(p.name for p in crl_file.parent.iterdir()) == ["crl.der"]
+
+                # A CRL signed by another CA with the same name (wrong signature) is refused; the last
+                # good one is kept, in memory and on disk.
+                web.publish((pki.stranger_ca.directory / "crl.der").read_bytes())
+                text = k.sighup("keeping the last good CRL")
+                assert f"refused CRL from {web.url}" in text and "signature does not verify" in text, text
+                assert "wrote the refreshed CRL" not in text
+                assert crl_file.read_bytes() == revoked
+                k.revoked("carol", 2009)
+
+                # An older CRL of the right CA (before the revocation) must not un-revoke carol.
+                web.publish(first)
+                text = k.sighup("keeping the last good CRL")
+                assert "an older CRL could un-revoke keys" in text
+                assert crl_file.read_bytes() == revoked
+                k.revoked("carol", 2009)
+
+                # The CRL site goes away: the server keeps running on the last good CRL.
+                web.stop()
+                text = k.sighup("keeping the last good CRL")
+                assert f"cannot fetch CRL from {web.url}" in text
+                assert server.process.poll() is None
+                assert crl_file.read_bytes() == revoked
+                k.revoked("carol", 2009)
+                k.granted("dave", 2009)
+                assert server.stop() == 0
+        finally:
+            web.stop()
+
+
+def test_without_crl_url_crl_file_is_reread_on_sighup(pki: TestPKI, own_ca: OwnCA) -> None:
+    require_netns()
+    crl_file = own_ca.folder / "state" / "crl.der"
+    write_atomic(crl_file, own_ca.crl_bytes)
+    with TestNet.create("skf") as net, _server(net, pki, own_ca, crlFile=str(crl_file)) as server:
+        k = Knocker(net, server, own_ca)
+        k.granted("carol", 2005)
+        own_ca.ca.revoke("carol")
+        k.granted("carol", 2006)  # not re-read yet
+        # The admin publishes the new CRL file (atomically, world-readable) and sends SIGHUP.
+        write_atomic(crl_file, own_ca.crl_bytes)
+        text = k.sighup("using the new CRL; certificate cache dropped")
+        assert f"CRL updated from {crl_file} into {crl_file}" in text
+        assert "wrote the refreshed CRL" not in server.log_text()  # nothing is written back
+        k.revoked("carol", 2007)
+        k.granted("dave", 2008)
+        # A broken file is refused and the last good CRL kept.
+        write_atomic(crl_file, b"not a CRL")
+        text = k.sighup("keeping the last good CRL")
+        assert f"refused CRL from {crl_file}" in text
+        k.revoked("carol", 2009)
+        assert server.process.poll() is None
