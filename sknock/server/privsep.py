@@ -86,7 +86,7 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         # The worker never sends one; a scope id is free text that would reach the firewall backend.
         raise PrivsepError(f"bad address or protocol: scoped address {message['address']!r}")
-    if address.is_unspecified or address.is_multicast:
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
         raise PrivsepError(f"address {address} cannot be granted")
     port = message["port"]
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:

@@ -58,12 +58,17 @@ class RefusalLog:
         self._lines = 0
         self._suppressed = 0
 
-    def refused(self, source: IPAddress, refusal: KnockRefused, now: float) -> None:
+    def flush(self, now: float) -> None:
+        """Write the summary of a second that has ended (also called from the loop when idle, so the
+        count of a flood followed by silence is not held back until the next refusal)."""
         second = int(now)
         if second != self._second:
             if self._suppressed:
                 log.info("%d more refusals not logged in the last second", self._suppressed)
             self._second, self._lines, self._suppressed = second, 0, 0
+
+    def refused(self, source: IPAddress, refusal: KnockRefused, now: float) -> None:
+        self.flush(now)
         if self._lines < self.per_second:
             self._lines += 1
             log.info("refused knock from %s: %s", source, refusal)
@@ -120,6 +125,7 @@ class Worker:
             self.read_batch()
             self.work()
             self.run_pending()
+            self.refusals.flush(self.clock())
             if self._hangup:
                 self._hangup = False
                 self.on_hangup()
