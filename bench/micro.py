@@ -1,0 +1,148 @@
+"""In-process figures: the crypto bound, the verifier's own rate, and the client's costs."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from lab import ENV, PASSWORD, PROTECTED_TCP, PY, Pki
+
+
+def _crypto_loop(seconds: float) -> tuple[int, float]:
+    """ECDH (point decoding + exchange) and one ECDSA P-256 verification per iteration: the
+    public-key work one knock needs on the server (HKDF, AES-GCM and hashes are not counted)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    curve = ec.SECP256R1()
+    server = ec.generate_private_key(curve)
+    client = ec.generate_private_key(curve)
+    client_pub = client.public_key()
+    points, sigs = [], []
+    for i in range(64):
+        eph = ec.generate_private_key(curve).public_key()
+        points.append(eph.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint))
+        msg = os.urandom(400) + bytes([i])
+        sigs.append((client.sign(msg, ec.ECDSA(hashes.SHA256())), msg))
+    n = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end and n < 10_000_000:
+        for j in range(64):
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(curve, points[j])
+            server.exchange(ec.ECDH(), peer)
+            sig, msg = sigs[j]
+            client_pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+        n += 64
+    return n, time.perf_counter() - start
+
+
+def crypto_bound(seconds: float = 3.0) -> dict[str, float]:
+    n, t = _crypto_loop(seconds)
+    one = n / t
+    cores = os.cpu_count() or 1
+    with ProcessPoolExecutor(cores) as ex:
+        results = list(ex.map(_crypto_loop, [seconds] * cores))
+    all_cores = sum(k / s for k, s in results)
+    return {"per_second_one_core": one, "per_second_all_cores": all_cores, "cores": cores}
+
+
+def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
+    """KnockVerifier.check on prebuilt knocks, no I/O: what the worker's Python pipeline can do."""
+    import ipaddress
+
+    from sknock.credentials import load_server_pfx
+    from sknock.trust import ClientVerifier, load_crl
+    from sknock.verifier import KnockVerifier, VerifierPolicy
+
+    creds = load_server_pfx(pki.server_pfx, PASSWORD)
+    cas = list(creds.ca_certificates)
+    crl = load_crl(pki.crl.read_bytes(), cas, source=str(pki.crl))
+    verifier = KnockVerifier(
+        server_key=creds.key, server_certificate=creds.certificate,
+        trust=ClientVerifier(cas, [], [crl], require_crl=True, accept_stale_crl=True),
+        policy=VerifierPolicy(timestamp_threshold=300, default_duration=600),
+    )
+    src = ipaddress.ip_address("198.19.0.1")
+    now = time.time()
+    stages = {"precheck": 0.0, "complete": 0.0}
+    ok = 0
+    for d in knocks:
+        t0 = time.perf_counter()
+        pre = verifier.precheck(d, now)
+        t1 = time.perf_counter()
+        verifier.complete(pre, src, now)
+        t2 = time.perf_counter()
+        stages["precheck"] += t1 - t0
+        stages["complete"] += t2 - t1
+        ok += 1
+    total = stages["precheck"] + stages["complete"]
+    return {"knocks": ok, "per_second": ok / total, "precheck_us": 1e6 * stages["precheck"] / ok,
+            "complete_us": 1e6 * stages["complete"] / ok}
+
+
+CLIENT_CODE = r"""
+import json, statistics, sys, time
+t = time.perf_counter()
+from sknock.client import KnockClient, knock
+imported = time.perf_counter() - t
+pfx, cer, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+t = time.perf_counter()
+c = KnockClient(client_pfx=pfx, pfx_password=%r, server_cert=cer, check_server_cert=False)
+load = time.perf_counter() - t
+calls = []
+for _ in range(40):
+    t = time.perf_counter(); c.knock(host, port, verify=False); calls.append(time.perf_counter() - t)
+whole = []
+for _ in range(5):
+    t = time.perf_counter()
+    knock(host, port, "tcp", client_pfx=pfx, pfx_password=%r, server_cert=cer, verify=False)
+    whole.append(time.perf_counter() - t)
+print(json.dumps({"import_s": imported, "client_load_s": load, "knock_calls": calls, "knock_function": whole}))
+""".replace("%r", repr(PASSWORD))
+
+
+def client_figures(net: object, pki: Pki) -> dict[str, float]:
+    """In the client namespace (the knocks go to the server namespace): import time of sknock.client
+    (fresh interpreter each time, median of 5), KnockClient.knock(verify=False) and the module-level
+    knock() (loads the PKCS#12 each call)."""
+    import json
+
+    imports = []
+    for _ in range(5):
+        r = subprocess.run([PY, "-c", "import time; t=time.perf_counter(); import sknock.client; "
+                                      "print(time.perf_counter()-t)"], capture_output=True, text=True, env=ENV,
+                           check=True, timeout=60)
+        imports.append(float(r.stdout.strip()))
+    r = net.client.run(PY, "-c", CLIENT_CODE, str(pki.client_pfx), str(pki.server_cer), net.server.ipv4,  # type: ignore[attr-defined]
+                       str(PROTECTED_TCP), timeout=120)
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    calls = data["knock_calls"]
+    return {
+        "import_ms": 1000 * statistics.median(imports),
+        "knockclient_knock_ms_p50": 1000 * statistics.median(calls),
+        "knockclient_knock_ms_max": 1000 * max(calls),
+        "knock_function_ms_p50": 1000 * statistics.median(data["knock_function"]),
+        "client_load_ms": 1000 * data["client_load_s"],
+    }
+
+
+def read_knock_file(path: Path, limit: int) -> list[bytes]:
+    import struct
+
+    data = path.read_bytes()
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(data) and len(out) < limit:
+        (n,) = struct.unpack_from("!H", data, pos)
+        out.append(data[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

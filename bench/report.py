@@ -1,0 +1,239 @@
+"""Turn a run's results into the markdown table and the plot; summarize a py-spy profile."""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+from typing import Any
+
+SERVERS = ["sknock-nftables", "sknock-iptables", "fwknopd-iptables"]
+
+
+def _f(value: Any, fmt: str = "{:.0f}") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _phase(results: dict[str, Any], server: str, name: str) -> dict[str, Any]:
+    return results.get("servers", {}).get(server, {}).get("phases", {}).get(name, {})
+
+
+def _cell(results: dict[str, Any], server: str, name: str, getter: Any) -> str:
+    srv = results.get("servers", {}).get(server)
+    if srv is None:
+        return "not run"
+    if "error" in srv and "phases" not in srv:
+        return "error"
+    ph = _phase(results, server, name)
+    if not ph:
+        return "not run"
+    if "skipped" in ph:
+        return "skipped"
+    if "error" in ph:
+        return "error"
+    try:
+        return getter(ph)
+    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+        return "–"
+
+
+def _mb(kib: float) -> str:
+    return _f(kib / 1024, "{:.0f}")
+
+
+def _grants(ph: dict[str, Any]) -> str:
+    return f"{_f(ph['grants_per_s'])}/s ({ph['granted']}/{ph['sent']})"
+
+
+def _lat(ph: dict[str, Any]) -> str:
+    lat = ph["latency"]
+    return f"{_f(lat['p50_ms'], '{:.1f}')} / {_f(lat['p90_ms'], '{:.1f}')} / {_f(lat['p99_ms'], '{:.1f}')} / " \
+           f"{_f(lat['max_ms'], '{:.1f}')}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**missed**")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    servers = [s for s in SERVERS if s in results.get("servers", {})]
+    lines = [f"# sknock benchmark, {results.get('date', '')}", "",
+             f"**{results.get('caveat', '')}** (load average {results['machine'].get('loadavg_start')} at start, "
+             f"{results['machine'].get('loadavg_end')} at end).", "",
+             f"Machine: {results['machine'].get('cpus')} CPUs, Linux {results['machine'].get('kernel')}, "
+             f"Python {results['machine'].get('python')}, cryptography {results['machine'].get('cryptography')}. "
+             f"Run took {_f(results.get('run_seconds'))} s.", ""]
+    cb = results.get("crypto_bound", {})
+    ver = results.get("verifier", {})
+    if cb:
+        lines += ["## Bounds (in-process, this machine)", "",
+                  "| what | figure |", "| --- | --- |",
+                  f"| crypto bound: ECDH + ECDSA P-256 verify per s, one core | {_f(cb.get('per_second_one_core'))} |",
+                  f"| crypto bound, all {cb.get('cores')} cores at once | {_f(cb.get('per_second_all_cores'))} |",
+                  f"| sknock verifier (KnockVerifier.precheck+complete, no I/O), one core | "
+                  f"{_f(ver.get('per_second'))}/s (precheck {_f(ver.get('precheck_us'), '{:.1f}')} µs, "
+                  f"complete {_f(ver.get('complete_us'), '{:.0f}')} µs) |", ""]
+    head = "| figure | target | " + " | ".join(servers) + " |"
+    lines += ["## Servers (grants seen in the kernel)", "", head, "|" + " --- |" * (2 + len(servers))]
+
+    def row(title: str, target: str, name: str, getter: Any) -> None:
+        lines.append(f"| {title} | {target} | " + " | ".join(_cell(results, s, name, getter) for s in servers) + " |")
+
+    crypto = cb.get("per_second_all_cores")
+    row("1. burst 2,000 knocks", "", "burst-2000", _grants)
+    row("1. burst 20,000 knocks", ">= 8,000/s, >= 10x fwknopd", "burst-20000", _grants)
+    row("1. 2,000 at 100/s", "", "rate-100", _grants)
+    row("1. 2,000 at 1,000/s", "", "rate-1000", _grants)
+    row("1. 2,000 at 5,000/s", "", "rate-5000", _grants)
+    row("1. best grants/s as % of crypto bound (all cores)", "~70 %", "burst-20000",
+        lambda ph: _f(100 * ph["grants_per_s"] / crypto, "{:.0f} %") if crypto else "–")
+    row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
+    row("2. latency ms p50/p90/p99/max at 1,000/s", "p99 <= 5 ms", "rate-1000", _lat)
+    row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
+        lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
+                   f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
+                   f"flood {_f(ph['flood_pps'])} pps")
+    row("3. replay flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-replay",
+        lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
+                   f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
+                   f"flood {_f(ph['flood_pps'])} pps")
+    row("4. time to 10,000 grants (10,000 knocks sent at 2,500/s)", "", "scale-10000",
+        lambda ph: f"{_f(ph['time_to_10000_s'], '{:.2f}')} s ({ph['granted']} granted)")
+    row("4. server RSS at 10,000 grants (both processes)", "<= 100 MB", "scale-10000",
+        lambda ph: f"RSS {_mb(ph['rss_kib_total'])} MB, PSS {_mb(ph['pss_kib_total'])} MB "
+                   f"(idle: RSS {_mb(ph['rss_kib_0_grants'])}, PSS {_mb(ph['pss_kib_0_grants'])})")
+    row("4. ns per non-granted packet, 0 -> 10,000 grants (sender wall)", "no measurable change (nft)",
+        "scale-10000",
+        lambda ph: f"{_f(ph['probe_0_grants']['wall_ns'])} -> {_f(ph['probe_with_grants']['wall_ns'])}")
+    row("5. close lateness ms p50/p99/max (1,000 grants)", "p99 <= 1,000 ms", "expiry",
+        lambda ph: f"{_f(ph['late_p50_ms'], '{:.0f}')} / {_f(ph['late_p99_ms'], '{:.0f}')} / "
+                   f"{_f(ph['late_max_ms'], '{:.0f}')} ({ph['closes_seen']} seen)")
+    cl = results.get("client", {})
+    if cl:
+        lines += ["", "## Client (figure 6)", "", "| what | ms |", "| --- | --- |",
+                  f"| import sknock.client (fresh interpreter, median of 5) | {_f(cl.get('import_ms'), '{:.0f}')} |",
+                  f"| KnockClient.knock(verify=False), median of 40 (max) | "
+                  f"{_f(cl.get('knockclient_knock_ms_p50'), '{:.1f}')} "
+                  f"({_f(cl.get('knockclient_knock_ms_max'), '{:.1f}')}) |",
+                  f"| knock(..., verify=False), loads the PKCS#12 each call, median of 5 | "
+                  f"{_f(cl.get('knock_function_ms_p50'), '{:.1f}')} |"]
+    lines += ["", "## Targets", ""]
+    nft = results.get("servers", {}).get("sknock-nftables", {}).get("phases", {})
+    best = nft.get("burst-20000", {}).get("grants_per_s")
+    fw = results.get("servers", {}).get("fwknopd-iptables", {}).get("phases", {}).get("burst-2000", {})
+    checks = [
+        (">= 8,000 grants/s (sknock nftables, burst 20,000)", None if best is None else best >= 8000, _f(best)),
+        (">= 10x fwknopd", None if best is None or not fw.get("grants_per_s") else best >= 10 * fw["grants_per_s"],
+         _f(fw.get("grants_per_s"))),
+        ("p99 <= 5 ms at 1,000/s", _ok(nft.get("rate-1000", {}), lambda p: p["latency"]["p99_ms"] <= 5),
+         _f(nft.get("rate-1000", {}).get("latency", {}).get("p99_ms"), "{:.1f} ms")),
+        (">= 99 % granted under junk flood", _ok(nft.get("flood-junk", {}), lambda p: p["share_granted"] >= 0.99),
+         _f(nft.get("flood-junk", {}).get("share_granted"), "{:.2f}")),
+        (">= 99 % granted under replay flood", _ok(nft.get("flood-replay", {}), lambda p: p["share_granted"] >= 0.99),
+         _f(nft.get("flood-replay", {}).get("share_granted"), "{:.2f}")),
+        ("closes <= 1 s late at p99", _ok(nft.get("expiry", {}), lambda p: p["late_p99_ms"] <= 1000),
+         _f(nft.get("expiry", {}).get("late_p99_ms"), "{:.0f} ms")),
+        ("<= 100 MB RSS at 10,000 grants", _ok(nft.get("scale-10000", {}), lambda p: p["rss_kib_total"] <= 100 * 1024),
+         _f(nft.get("scale-10000", {}).get("rss_kib_total", 0) / 1024, "{:.0f} MB")),
+    ]
+    lines += ["| target (sknock, nftables) | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {_verdict(ok)} |" for t, ok, m in checks]
+    for proc_name, prof in (nft.get("burst-20000", {}).get("profile") or {}).items():
+        if not prof:
+            continue
+        lines += ["", f"## Where the {proc_name} process spends its time (py-spy, burst 20,000, nftables; "
+                  f"{prof['samples']} samples)", "",
+                  "Stages: " + ", ".join(f"{k} {v:.0f} %" for k, v in prof.get("stages", {}).items()), "",
+                  "| share | function (self time) |", "| --- | --- |"]
+        lines += [f"| {share:.1f} % | `{name}` |" for name, share in prof.get("top_self", [])[:12]]
+    notes = []
+    for s in servers:
+        for name, ph in results["servers"][s].get("phases", {}).items():
+            if "error" in ph:
+                notes.append(f"* {s} {name}: {ph['error'].splitlines()[0][:300]}")
+        if "error" in results["servers"][s]:
+            notes.append(f"* {s}: {str(results['servers'][s]['error']).splitlines()[0][:300]}")
+    if notes:
+        lines += ["", "## Errors", "", *notes]
+    lines += ["", "Method: each phase starts a fresh server (knocks are reused across fresh servers; each is "
+              "built with the default 12-bit proof of work before the timed part, the server's clock window "
+              "set to 300 s so they stay fresh). Grants/s = grants seen in the kernel / (last grant - first "
+              "send). Latency = kernel event time - send time, both CLOCK_MONOTONIC. Burst = one Python "
+              "sender as fast as it can (about 50,000/s); knocks the server's socket buffer could not hold "
+              "are lost, which is why a burst can grant fewer than were sent.", ""]
+    return "\n".join(lines)
+
+
+def _ok(ph: dict[str, Any], test: Any) -> bool | None:
+    try:
+        return bool(test(ph)) if ph and "error" not in ph and "skipped" not in ph else None
+    except (KeyError, TypeError):
+        return None
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for server, data in results.get("servers", {}).items():
+        ph = data.get("phases", {})
+        curve = ph.get("burst-20000", {}).get("grant_curve") or ph.get("burst-2000", {}).get("grant_curve")
+        if curve:
+            step = max(1, ph.get("burst-20000", ph.get("burst-2000", {})).get("granted", 0) / max(1, len(curve)))
+            axes[0].plot(curve, [i * step for i in range(len(curve))], label=server)
+        lat = ph.get("rate-1000", {}).get("latencies_ms")
+        if lat:
+            axes[1].plot(lat, [100 * (i + 1) / len(lat) for i in range(len(lat))], label=server)
+    axes[0].set(title="Grants in the kernel after a burst (knocks sent at t=0)", xlabel="s", ylabel="grants")
+    axes[1].set(title="Knock-to-open latency at 1,000 knocks/s", xlabel="ms", ylabel="% of knocks", xscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"sknock benchmark {results.get('date', '')} -- {results.get('caveat', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def summarize_profile(path: Path) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks -> share of samples by leaf function and by stage."""
+    leaf: collections.Counter[str] = collections.Counter()
+    stage: collections.Counter[str] = collections.Counter()
+    total = 0
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1].split(" (")[0]] += n
+        joined = stack
+        for key, needle in (("ecdh+decrypt (open_knock)", "open_knock"), ("signature", "verify_signature"),
+                            ("certificate cache", "_verify_certificate"), ("precheck", "precheck"),
+                            ("capture/receive", "receive"), ("logging", "logging"), ("channel send", "encode_request"),
+                            ("nft (libnftables)", "json_cmd"), ("grant table", "grants.py"),
+                            ("idle (select)", "select")):
+            if needle in joined:
+                stage[key] += n
+                break
+        else:
+            stage["other"] += n
+    if not total:
+        return {}
+    return {"samples": total,
+            "top_self": [(k, 100 * v / total) for k, v in leaf.most_common(15)],
+            "stages": {k: 100 * v / total for k, v in stage.most_common()}}

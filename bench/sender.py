@@ -1,0 +1,163 @@
+"""The load generator, run inside the client namespace (stdlib only, so it starts fast).
+
+    python bench/sender.py --server 198.18.7.1 --knocks FILE --out TIMES [--rate R] [--first N]
+    python bench/sender.py --server 198.18.7.1 --junk SIZE --seconds S --out STATS   (flood)
+    python bench/sender.py --server 198.18.7.1 --replay FILE --seconds S --out STATS (flood of replays)
+
+Knocks: FILE holds length-prefixed datagrams built beforehand; datagram i is sent from its own source
+address (198.19.0.0 + 256 + N + i; the client namespace has ``local 198.19.0.0/16 dev lo``), chosen
+per packet with IP_PKTINFO on one socket, to UDP port 40000 + i % 1000 of the server.  ``--rate 0`` sends
+as fast as possible, otherwise each datagram is due at t0 + i / rate.  The monotonic send time of each
+datagram is written to TIMES (array of doubles), after a one-line JSON summary on stdout.
+
+Flood: the same datagram size (random bytes, or one captured knock replayed) from rotating sources,
+as fast as one process can, for a bounded time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import ipaddress
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+IP_PKTINFO = 8
+SOURCE_NET = int(ipaddress.IPv4Address("198.19.0.0"))
+MAX_FLOOD_PACKETS = 20_000_000
+
+
+def source_bytes(index: int) -> bytes:
+    return (SOURCE_NET + 256 + index).to_bytes(4, "big")
+
+
+def source_text(index: int) -> str:
+    return str(ipaddress.IPv4Address(SOURCE_NET + 256 + index))
+
+
+def read_knocks(path: str) -> list[bytes]:
+    data = open(path, "rb").read()  # noqa: SIM115
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack_from("!H", data, pos)
+        out.append(data[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    return out
+
+
+def make_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    return s
+
+
+def send_one(s: socket.socket, payload: bytes, src: bytes, server: str, port: int) -> bool:
+    info = struct.pack("=I4s4s", 0, src, b"\0\0\0\0")
+    for _ in range(1000):  # bounded retry when the local queue is momentarily full
+        try:
+            s.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (server, port))
+            return True
+        except BlockingIOError:
+            time.sleep(0.0001)
+        except OSError as exc:
+            if exc.errno != 105:  # ENOBUFS
+                raise
+            time.sleep(0.0001)
+    return False
+
+
+def knocks(args: argparse.Namespace) -> dict[str, object]:
+    datagrams = read_knocks(args.knocks)
+    if args.count:
+        datagrams = datagrams[: args.count]
+    s = make_socket()
+    times = array.array("d", bytes(8 * len(datagrams)))
+    failed = 0
+    t0 = time.monotonic() + 0.05
+    rate = args.rate
+    for i, payload in enumerate(datagrams):
+        if rate > 0:
+            due = t0 + i / rate
+            delay = due - time.monotonic()
+            if delay > 0.002:
+                time.sleep(delay - 0.001)
+            while time.monotonic() < due:
+                pass
+        times[i] = time.monotonic()
+        if not send_one(s, payload, source_bytes(args.first + i), args.server, 40000 + i % 1000):
+            failed += 1
+    with open(args.out, "wb") as f:
+        times.tofile(f)
+    return {"sent": len(datagrams) - failed, "failed": failed, "first": times[0] if datagrams else 0,
+            "last": times[-1] if datagrams else 0}
+
+
+def flood(args: argparse.Namespace) -> dict[str, object]:
+    payload = read_knocks(args.replay)[0] if args.replay else os.urandom(args.junk)
+    s = make_socket()
+    s.setblocking(False)
+    sent = dropped = 0
+    start = time.monotonic()
+    end = start + args.seconds
+    i = 0
+    while i < MAX_FLOOD_PACKETS:
+        if i % 256 == 0 and time.monotonic() >= end:
+            break
+        info = struct.pack("=I4s4s", 0, source_bytes(30000 + (i & 0x7FFF)), b"\0\0\0\0")
+        try:
+            s.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (args.server, 41000 + (i & 0x3FF)))
+            sent += 1
+        except (BlockingIOError, OSError):
+            dropped += 1
+        i += 1
+    elapsed = time.monotonic() - start
+    return {"sent": sent, "local_drops": dropped, "seconds": elapsed, "rate": sent / elapsed if elapsed else 0}
+
+
+def probe(args: argparse.Namespace) -> dict[str, object]:
+    """Per-packet cost: ``--probe N`` UDP packets from this host's own (never granted) address to a
+    protected port, which the server's firewall evaluates in full and drops.  veth delivers in the
+    sender's context, so the sender's time per packet includes the server's filter work."""
+    payload = b"x" * 64
+    s = make_socket()
+    best_wall = best_cpu = float("inf")
+    for _ in range(args.repeat):
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(args.probe):
+            with contextlib.suppress(OSError):
+                s.sendto(payload, (args.server, args.port))
+        best_wall = min(best_wall, (time.perf_counter() - w) / args.probe)
+        best_cpu = min(best_cpu, (time.process_time() - c) / args.probe)
+    return {"packets": args.probe, "repeat": args.repeat, "wall_ns": best_wall * 1e9, "cpu_ns": best_cpu * 1e9}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--server", required=True)
+    p.add_argument("--knocks")
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--first", type=int, default=0, help="index of the first source address")
+    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--junk", type=int, default=0)
+    p.add_argument("--replay")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--probe", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--port", type=int, default=9999)
+    args = p.parse_args()
+    result = probe(args) if args.probe else knocks(args) if args.knocks else flood(args)
+    if not args.knocks:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
