@@ -58,6 +58,7 @@ class Grant:
     client: str  # certificate subject, for logs
     serial: int
     nonce: bytes
+    nonce_expires: float = 0.0  # Unix time after which the nonce can no longer be replayed (out of the window)
 
 
 def _unmap(address: IPAddress) -> IPAddress:
@@ -165,6 +166,7 @@ class KnockVerifier:
             client=client.subject,
             serial=client.certificate.serial_number,
             nonce=request.nonce,
+            nonce_expires=request.timestamp_ms / 1000 + self._window,
         )
 
     def _verify_certificate(self, opened: OpenedKnock, now: float) -> VerifiedClient:

@@ -105,12 +105,36 @@ def _start(pki: TestPKI, prefix: str, **options: str) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def site(pki: TestPKI) -> Iterator[Site]:
-    yield from _start(pki, "skr")
+    # One worker, so every replay meets the worker that saw the original (the cheap check); the
+    # test below shows what happens when a replay reaches another worker.
+    yield from _start(pki, "skr", workers="1")
 
 
 @pytest.fixture(scope="module")
 def strict(pki: TestPKI) -> Iterator[Site]:
     yield from _start(pki, "skq", requireSourceAddress="yes")
+
+
+def test_a_replay_that_reaches_another_worker_is_refused_by_the_firewall_process(pki: TestPKI) -> None:
+    """With two workers the kernel spreads packets by flow; a replay from other source ports may meet the
+    worker that did not see the original. Its nonce is then refused centrally: still exactly one grant."""
+    for site in _start(pki, "skx", workers="2"):
+        mark = site.mark()
+        site.client("alice", (
+            "d = c.build_knock([(Protocol.TCP, 2001)], now=time.time())\n"
+            "for i in range(12):\n"
+            "    send(d, source=(SECOND if i % 2 else None))\n"
+            "    time.sleep(0.02)\n"
+        ).replace("SECOND", repr(site.second)))
+        text = site.wait_new(mark, "granted tcp/2001")
+        deadline = time.monotonic() + 10
+        while text.count("refused knock from") < 11 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = site.server.log_text()[mark:]
+        assert text.count("granted tcp/2001") == 1
+        refusals = [line for line in text.splitlines() if "refused knock from" in line]
+        assert len(refusals) == 11 and all(": replay" in line for line in refusals)
+        assert len([g for g in site.server.status()["grants"] if g["port"] == 2001]) == 1
 
 
 def test_nothing_is_reachable_before_a_knock(site: Site) -> None:

@@ -196,12 +196,17 @@ def test_work_sends_open_requests_the_firewall_process_accepts(
     while worker.queue:
         worker.work()
     subject = pki.alice.certificate.subject.rfc4514_string()
-    assert received(channel[1]) == [
-        GrantRequest("open", Opening(SOURCE, Protocol.TCP, 22), 60.0, subject),
-        GrantRequest("open", Opening(SOURCE, Protocol.UDP, 8000), 60.0, subject),
-        GrantRequest("open", Opening(OTHER, Protocol.TCP, 2005), 15.0, subject),
-        GrantRequest("open", Opening(SOURCE, Protocol.TCP, 2006), MAX_DURATION, subject),
+    got = received(channel[1])
+    assert [(r.op, r.opening, r.duration, r.client) for r in got] == [
+        ("open", Opening(SOURCE, Protocol.TCP, 22), 60.0, subject),
+        ("open", Opening(SOURCE, Protocol.UDP, 8000), 60.0, subject),
+        ("open", Opening(OTHER, Protocol.TCP, 2005), 15.0, subject),
+        ("open", Opening(SOURCE, Protocol.TCP, 2006), MAX_DURATION, subject),
     ]
+    # Both ports of one knock carry its nonce, for the firewall process's replay check; each knock its own.
+    assert got[0].nonce == got[1].nonce and len({got[0].nonce, got[2].nonce, got[3].nonce}) == 3
+    window = worker.verifier.policy.timestamp_threshold
+    assert all(abs(r.expires - (now + window)) < 1 for r in got)
     assert worker.verifier.counters["granted"] == 3
     messages = [r.getMessage() for r in caplog.records]
     assert f"granted tcp/22,udp/8000 to {SOURCE} for 60 s ({subject})" in messages

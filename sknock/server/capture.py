@@ -58,6 +58,10 @@ _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 _SO_LOCK_FILTER = 44
 _IP_PKTINFO = 8
+_SOL_PACKET = 263
+_PACKET_FANOUT = 18
+_PACKET_FANOUT_HASH = 0
+_PACKET_FANOUT_FLAG_ROLLOVER = 0x1000
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _REJECT_ALL = (Instruction(0x06, 0, 0, 0),)  # ret #0
@@ -226,6 +230,7 @@ def open_packet_capture(
     min_payload: int,
     rcvbuf: int = DEFAULT_RCVBUF,
     max_packet: int = DEFAULT_MAX_PACKET,
+    fanout_group: int | None = None,
 ) -> PacketCapture:
     """Open one filtered ``AF_PACKET`` socket per interface in ``interfaces`` (``None``: one socket
     for all interfaces, including ones that appear later).
@@ -233,7 +238,13 @@ def open_packet_capture(
     ``ports`` are inclusive UDP destination port ranges (``None``: any), ``min_payload`` the smallest
     UDP payload worth reading.  Needs CAP_NET_RAW.  Raises :class:`ConfigError` for an unknown
     interface or bad filter values and :class:`CaptureError` when the kernel refuses.
+
+    ``fanout_group``: open one capture per worker with the same group number, and the kernel shares
+    the packets among them (PACKET_FANOUT by flow hash, so one source's packets go to one worker, with
+    rollover to another when a worker's buffer is full).  Each interface uses group number + its index.
     """
+    if fanout_group is not None and not 0 <= fanout_group <= 0xFFFF - len(interfaces or [None]):
+        raise ConfigError(f"fanout group {fanout_group} out of range")
     program = build_filter(min_payload=min_payload, ports=ports, max_packet=max_packet)
     if interfaces is not None:
         if not interfaces:
@@ -264,6 +275,10 @@ def open_packet_capture(
             sock.setsockopt(socket.SOL_SOCKET, _SO_LOCK_FILTER, 1)
             _set_rcvbuf(sock, rcvbuf)
             sock.setblocking(False)
+            if fanout_group is not None:
+                group = fanout_group + len(sockets) - 1
+                mode = _PACKET_FANOUT_HASH | _PACKET_FANOUT_FLAG_ROLLOVER
+                sock.setsockopt(_SOL_PACKET, _PACKET_FANOUT, group | (mode << 16))
     except OSError as error:
         for sock in sockets:
             sock.close()

@@ -46,6 +46,9 @@ __all__ = [
 #: included, so a 1232-byte knock over IPv6 needs 1232 + 40 + 8 bytes plus room for extension headers.
 MIN_RECV_BUFFER = 1400
 
+#: At most this many worker processes verify knocks in parallel.
+MAX_WORKERS = 8
+
 #: Placeholders the firewall ``command`` backend substitutes in openCommand / closeCommand.
 COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 
@@ -121,6 +124,7 @@ class ServerConfig:
     require_source_address: bool
     max_open_duration: int
     work_bits: int
+    workers: int  # processes that verify knocks ("auto": one per CPU, at most 8)
     user: str
     control_socket: Path
     notices: tuple[str, ...] = ()
@@ -164,6 +168,7 @@ class ServerConfig:
             ("requireSourceAddress", "yes" if self.require_source_address else "no"),
             ("maxOpenDuration", str(self.max_open_duration)),
             ("workBits", str(self.work_bits)),
+            ("workers", str(self.workers)),
             ("user", self.user),
             ("controlSocket", str(self.control_socket)),
         ]
@@ -204,6 +209,7 @@ _DEFAULTS: dict[str, str | None] = {
     "requireSourceAddress": "no",
     "maxOpenDuration": "3600",
     "workBits": "12",
+    "workers": "auto",
     "user": "nobody",
     "controlSocket": "/run/sknock/control.sock",
 }
@@ -492,6 +498,8 @@ def load_config(
     threshold = r.integer("TIMESTAMP_THRESHOLD_IN_SECONDS", 1, 300)
     crl_interval = r.integer("CRL_UPDATE_INTERVAL_IN_MINUTES", 1, 7 * 24 * 60)
     work_bits = r.integer("workBits", 0, 24)
+    auto_workers = r.raw("workers") == "auto"
+    workers = min(os.cpu_count() or 1, MAX_WORKERS) if auto_workers else r.integer("workers", 1, MAX_WORKERS)
 
     crl_url = _crl_url(r, check_files)
     crl_file = r.path("crlFile", r.required("crlFile"))
@@ -570,6 +578,7 @@ def load_config(
         require_source_address=r.boolean("requireSourceAddress"),
         max_open_duration=max_open,
         work_bits=work_bits,
+        workers=workers,
         user=_user(r, check_files),
         control_socket=control_socket,
         notices=tuple(notices),

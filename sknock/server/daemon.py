@@ -13,6 +13,7 @@ removes what a crashed run left); open the capture sockets and the control socke
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -145,25 +146,45 @@ def prepare(config: ServerConfig) -> Server:
     return Server(config, credentials, roots, intermediates, crl, firewall)
 
 
-def _open_capture(config: ServerConfig) -> Capture:
+def _open_captures(config: ServerConfig) -> list[Capture]:
+    """One capture per worker.  Packet capture: a fanout group shares the packets among them; UDP
+    sockets: one set, shared (the kernel hands each datagram to one reader)."""
     from .capture import open_packet_capture, open_udp_capture
 
     if config.capture_mode is CaptureMode.UDP:
         assert config.knock_ports is not None  # the config loader enforces it
         ports = [p for first, last in config.knock_ports for p in range(first, last + 1)]
-        return open_udp_capture(bind=[(host, port) for port in ports for host in ("0.0.0.0", "::")])  # noqa: S104
-    return open_packet_capture(
-        interfaces=config.interfaces,
-        ports=config.knock_ports,
-        min_payload=config.knockpacket_min_length,
-        max_packet=config.recv_buffer,
-    )
+        shared = open_udp_capture(bind=[(host, port) for port in ports for host in ("0.0.0.0", "::")])  # noqa: S104
+        return [shared] * config.workers
+    group = None if config.workers == 1 else (os.getpid() * 16) % 0xF000
+    captures: list[Capture] = []
+    try:
+        for _ in range(config.workers):
+            captures.append(
+                open_packet_capture(
+                    interfaces=config.interfaces,
+                    ports=config.knock_ports,
+                    min_payload=config.knockpacket_min_length,
+                    max_packet=config.recv_buffer,
+                    fanout_group=group,
+                )
+            )
+    except SknockError:
+        _close_captures(captures)
+        raise
+    return captures
 
 
-def _run_worker(server: Server, capture: Capture, channel: socket.socket) -> None:
+def _close_captures(captures: Sequence[Capture]) -> None:
+    for fd in {fd for capture in captures for fd in capture.filenos()}:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _run_worker(server: Server, capture: Capture, channel: socket.socket, index: int, count: int) -> None:
     config = server.config
     uid, gid = drop_privileges(config.user)
-    log.info("worker running as %s (uid %d, gid %d)", config.user, uid, gid)
+    log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, count, config.user, uid, gid)
     verifier = server.verifier()
     scheduler = schedule.Scheduler()
     # The CRL comes from crlUrl, or, without one, from crlFile itself (re-read on schedule and on SIGHUP,
@@ -171,8 +192,8 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket) -> Non
     source = config.crl_url or str(config.crl_file)
 
     def store(data: bytes) -> None:
-        if config.crl_url is None:
-            return  # the source is crlFile itself
+        if config.crl_url is None or index != 0:
+            return  # the source is crlFile itself, or another worker writes it
         if len(data) > MAX_CRL_MESSAGE:
             raise OSError(f"CRL of {len(data)} bytes is too large to hand over for writing")
         channel.send(CRL_PREFIX + data)
@@ -229,7 +250,7 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
         return 2
     log.info("starting: %s", config.describe())
     try:
-        capture = _open_capture(config)
+        captures = _open_captures(config)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
@@ -240,36 +261,44 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
         print(f"sknock-server: {exc}", file=sys.stderr)
         server.firewall.teardown()
         return 2
-    parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for end in (parent_end, worker_end):
-        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
-        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the worker
-        code = 0
-        try:
-            parent_end.close()
-            control.socket.close()
-            _run_worker(server, capture, worker_end)
-        except BaseException:  # noqa: BLE001 -- the worker must never fall back into the parent's code
-            log.exception("worker failed")
-            code = 1
-        finally:
-            logging.shutdown()
-            os._exit(code)
-    worker_end.close()
-    for fd in capture.filenos():
-        os.close(fd)
-    log.info("firewall process running; worker pid %d", pid)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(config.workers)]
+    for pair in pairs:
+        for end in pair:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
+    pids: list[int] = []
+    for index in range(config.workers):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # a worker
+            code = 0
+            try:
+                control.socket.close()
+                for other, (parent_end, worker_end) in enumerate(pairs):
+                    parent_end.close()
+                    if other != index:
+                        worker_end.close()
+                _close_captures([c for i, c in enumerate(captures) if i != index and c is not captures[index]])
+                _run_worker(server, captures[index], pairs[index][1], index, config.workers)
+            except BaseException:  # noqa: BLE001 -- a worker must never fall back into the parent's code
+                log.exception("worker failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    for _, worker_end in pairs:
+        worker_end.close()
+    _close_captures(captures)
+    log.info("firewall process running; %d worker(s): pid %s", len(pids), ", ".join(map(str, pids)))
     gatekeeper = Gatekeeper(
         firewall=server.firewall,
-        channel=parent_end,
+        channels=[parent_end for parent_end, _ in pairs],
         max_duration=float(config.max_open_duration),
         control=control,
         crl_file=config.crl_file if config.crl_url is not None else None,
-        worker_pid=pid,
+        worker_pids=pids,
     )
     code = gatekeeper.run()
     log.info("stopped (exit %d)", code)

@@ -1,34 +1,41 @@
 """The firewall process (root, CAP_NET_ADMIN): the only part of the server that changes the firewall.
 
-It runs no parser of network bytes and no crypto.  It listens to the worker on a socketpair, re-checks
-each request (:func:`privsep.parse_request`), applies it to the firewall backend and the grant table, closes
-grants when their time is up, answers ``status`` on the root-only control socket, writes CRLs the worker
-verified, and tears everything down on SIGTERM/SIGINT or when the worker dies.
+It runs no parser of network bytes and no crypto.  It listens to its workers, one socketpair each,
+re-checks each request (:func:`privsep.parse_request`), refuses a knock's nonce it has seen before (a
+replay that reached another worker), and applies everything the workers asked for since its last turn as
+one batch (one nftables transaction).  It closes grants when their time is up, answers ``status`` on the
+root-only control socket, writes CRLs a worker verified, and tears everything down on SIGTERM/SIGINT or
+when a worker dies (fail closed: a restart brings it all back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from ..errors import SknockError
 from ..fileio import write_atomic
+from ..replay import ReplayCache
 from .control import ControlServer
-from .firewall.base import Firewall
+from .firewall.base import Firewall, Opening
 from .grants import GrantTable
-from .privsep import PrivsepError, parse_request
+from .privsep import GrantRequest, PrivsepError, parse_request
 
-__all__ = ["Gatekeeper", "CRL_PREFIX", "MAX_CRL_MESSAGE"]
+__all__ = ["Gatekeeper", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
 log = logging.getLogger("sknock.firewall")
 CRL_PREFIX = b"CRL\0"
 MAX_CRL_MESSAGE = 4 << 20
+MAX_BATCH = 2048  # messages read from one worker before the batch is applied
+NONCE_CAPACITY = 1_000_000
 
 
 class Gatekeeper:
@@ -36,23 +43,29 @@ class Gatekeeper:
         self,
         *,
         firewall: Firewall,
-        channel: socket.socket,
+        channels: Sequence[socket.socket],
         max_duration: float,
         control: ControlServer | None = None,
         crl_file: Path | None = None,
-        worker_pid: int | None = None,
+        worker_pids: Sequence[int] = (),
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.firewall = firewall
-        self.channel = channel
+        self.channels = list(channels)
+        for channel in self.channels:
+            channel.setblocking(False)
         self.max_duration = max_duration
         self.control = control
         self.crl_file = crl_file
-        self.worker_pid = worker_pid
+        self.worker_pids = list(worker_pids)
         self.clock = clock
+        self.wall_clock = wall_clock
         self.grants = GrantTable()
-        # One receive buffer, reused: a fresh 4 MiB bytes object per grant message would cost more than
-        # the grant itself.
+        # Nonces of applied knocks, until they leave the timestamp window: the workers each keep their
+        # own replay caches, and this one catches a replay that reached a different worker.
+        self.nonces = ReplayCache(NONCE_CAPACITY, evict_when_full=False)
+        # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
         self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
         self._running = True
         self.exit_code = 0
@@ -61,71 +74,125 @@ class Gatekeeper:
         self._running = False
 
     def hangup(self, *_: object) -> None:
-        """SIGHUP: the worker refreshes the CRL at once (what an admin does after revoking someone)."""
-        if self.worker_pid is not None:
-            log.info("SIGHUP: asking the worker to refresh the CRL now")
-            os.kill(self.worker_pid, signal.SIGHUP)
+        """SIGHUP: the workers refresh the CRL at once (what an admin does after revoking someone)."""
+        log.info("SIGHUP: asking the workers to refresh the CRL now")
+        for pid in self.worker_pids:
+            os.kill(pid, signal.SIGHUP)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
         selector = selectors.DefaultSelector()
-        selector.register(self.channel, selectors.EVENT_READ, "channel")
+        for channel in self.channels:
+            selector.register(channel, selectors.EVENT_READ, channel)
         if self.control is not None:
-            selector.register(self.control.socket, selectors.EVENT_READ, "control")
+            selector.register(self.control.socket, selectors.EVENT_READ, None)
         try:
             while self._running:
                 deadline = self.grants.next_deadline()
                 timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - self.clock()))
+                requests: list[GrantRequest] = []
                 for key, _ in selector.select(timeout):
-                    if key.data == "channel":
-                        self.on_channel()
-                    elif self.control is not None:
-                        self.control.serve_one(self.status)
+                    if key.data is None:
+                        if self.control is not None:
+                            self.control.serve_one(self.status)
+                    else:
+                        requests += self.read(key.data)
+                if requests:
+                    self.apply(requests)
                 self.expire()
         finally:
             self.shutdown()
         return self.exit_code
 
-    def on_channel(self) -> None:
-        try:
-            size = self.channel.recv_into(self._buffer)
-        except OSError as exc:
-            size = 0
-            log.error("worker channel failed: %s", exc)
-        data = bytes(memoryview(self._buffer)[:size])
-        if not data:
-            log.error("the worker has gone: shutting down (fail closed: every grant is removed)")
-            self.exit_code = 1
-            self._running = False
-            return
-        if data.startswith(CRL_PREFIX):
-            self.store_crl(data[len(CRL_PREFIX) :])
-            return
-        try:
-            request = parse_request(data, max_duration=self.max_duration)
-        except PrivsepError as exc:
-            log.error("refused a malformed request from the worker: %s", exc)
-            return
-        try:
+    def read(self, channel: socket.socket) -> list[GrantRequest]:
+        """Everything one worker has sent since the last turn (at most MAX_BATCH messages)."""
+        requests = []
+        for _ in range(MAX_BATCH):
+            try:
+                size = channel.recv_into(self._buffer)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.error("worker channel failed: %s", exc)
+                size = 0
+            if size == 0:
+                log.error("a worker has gone: shutting down (fail closed: every grant is removed)")
+                self.exit_code = 1
+                self._running = False
+                break
+            data = bytes(memoryview(self._buffer)[:size])
+            if data.startswith(CRL_PREFIX):
+                self.store_crl(data[len(CRL_PREFIX) :])
+                continue
+            try:
+                requests.append(parse_request(data, max_duration=self.max_duration))
+            except PrivsepError as exc:
+                log.error("refused a malformed request from a worker: %s", exc)
+        return requests
+
+    def apply(self, requests: Sequence[GrantRequest]) -> None:
+        """Refuse replayed nonces, then apply the last word on each opening in one batch."""
+        wall = self.wall_clock()
+        final: dict[Opening, GrantRequest] = {}
+        for request in requests:
+            nonce, protocol, port = request.replay_key
+            replay = nonce + bytes((protocol,)) + port.to_bytes(2, "big")
+            if self.nonces.seen(replay, wall):
+                log.info("refused knock from %s: replay (its nonce was granted by another worker)",
+                         request.opening.address)
+                continue
+            if not self.nonces.add(replay, request.expires, wall):
+                log.warning("refused knock from %s: overload (nonce cache full)", request.opening.address)
+                continue
+            final[request.opening] = request
+        opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
+        closes = [o for o, r in final.items() if r.op == "close"]
+        failed = {opening for opening, _ in self._apply(opens, closes)}
+        now = self.clock()
+        # One log line per knock (its ports together), written once the firewall has it.
+        done: dict[tuple[bytes, str, Literal["open", "close"], float, str], list[str]] = {}
+        extensions: set[tuple[bytes, str, Literal["open", "close"], float, str]] = set()
+        for opening, request in final.items():
+            if opening in failed:
+                continue
+            extended = False
             if request.op == "open":
-                self.firewall.open(request.opening, request.duration)
-                extended = self.grants.open(request.opening, request.duration, self.clock(), request.client)
-                log.debug("%s %s for %g s", "extended" if extended else "opened", request.opening, request.duration)
+                extended = self.grants.open(opening, request.duration, now, request.client)
+                log.debug("%s %s for %g s", "extended" if extended else "opened", opening, request.duration)
             else:
-                self.firewall.close(request.opening)
-                self.grants.close(request.opening)
-        except SknockError as exc:
-            log.error("firewall: %s", exc)
+                self.grants.close(opening)
+            knock = (request.nonce, str(opening.address), request.op, request.duration, request.client)
+            done.setdefault(knock, []).append(f"{opening.protocol.label}/{opening.port}")
+            if extended:
+                extensions.add(knock)
+        for knock, ports in done.items():
+            what, who, duration, client = knock[2], knock[1], knock[3], knock[4]
+            if what == "open":
+                more = ", extending an open grant" if knock in extensions else ""
+                log.info("granted %s to %s for %g s (%s)%s", ",".join(ports), who, duration, client, more)
+            else:
+                log.info("closing %s for %s at its request (%s)", ",".join(ports), who, client)
+
+    def _apply(
+        self, opens: list[tuple[Opening, float]], closes: list[Opening]
+    ) -> list[tuple[Opening, SknockError]]:
+        try:
+            failures: list[tuple[Opening, SknockError]] = list(self.firewall.apply(opens, closes))
+        except SknockError as exc:  # a backend that fails as a whole
+            failures = [(o, exc) for o, _ in opens] + [(o, exc) for o in closes]
+        for opening, error in failures:
+            log.error("firewall: %s: %s", opening, error)
+        return failures
 
     def expire(self) -> None:
-        for opening in self.grants.due(self.clock()):
-            try:
-                self.firewall.close(opening)
-            except SknockError as exc:
-                log.error("firewall: closing %s failed: %s", opening, exc)
-            else:
+        due = self.grants.due(self.clock())
+        if not due:
+            return
+        failed = {opening for opening, _ in self._apply([], due)}
+        for opening in due:
+            if opening not in failed:
                 log.info("closed %s/%d for %s: window ended", opening.protocol.label, opening.port, opening.address)
 
     def store_crl(self, data: bytes) -> None:
@@ -143,6 +210,7 @@ class Gatekeeper:
         return {
             "backend": self.firewall.name,
             "kernel_expiry": self.firewall.kernel_expiry,
+            "workers": len(self.worker_pids),
             "grants": [
                 {
                     "address": str(e.opening.address),
@@ -157,13 +225,13 @@ class Gatekeeper:
         }
 
     def shutdown(self) -> None:
-        if self.worker_pid is not None:
-            try:
-                os.kill(self.worker_pid, signal.SIGTERM)
-                os.waitpid(self.worker_pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self.worker_pid = None
+        for pid in self.worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self.worker_pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.worker_pids = []
         try:
             self.firewall.teardown()
             log.info("firewall rules removed")

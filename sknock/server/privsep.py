@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pwd
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,8 @@ from .firewall.base import Opening
 __all__ = ["GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE"]
 
 MAX_MESSAGE = 512
+_FIELDS = frozenset({"op", "address", "protocol", "port", "duration", "client", "nonce", "expires"})
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class PrivsepError(SknockError):
@@ -35,10 +38,21 @@ class PrivsepError(SknockError):
 
 @dataclass(frozen=True, slots=True)
 class GrantRequest:
+    """One port of one verified knock.  ``nonce`` is the knock's signed nonce and ``expires`` (Unix
+    time) when it falls out of the timestamp window: the firewall process refuses a nonce it has seen,
+    which catches a replay that reached another worker."""
+
     op: Literal["open", "close"]
     opening: Opening
     duration: float
     client: str
+    nonce: bytes = bytes(16)
+    expires: float = 0.0
+
+    @property
+    def replay_key(self) -> tuple[bytes, Protocol, int]:
+        # Not the address: a replay from another source must collide with the original.
+        return (self.nonce, self.opening.protocol, self.opening.port)
 
 
 def encode_request(request: GrantRequest) -> bytes:
@@ -54,6 +68,8 @@ def encode_request(request: GrantRequest) -> bytes:
                 "port": request.opening.port,
                 "duration": request.duration,
                 "client": client,
+                "nonce": request.nonce.hex(),
+                "expires": request.expires,
             },
             separators=(",", ":"),
         ).encode()
@@ -70,7 +86,7 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
         message = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PrivsepError(f"message is not JSON: {exc}") from None
-    if not isinstance(message, dict) or set(message) != {"op", "address", "protocol", "port", "duration", "client"}:
+    if not isinstance(message, dict) or set(message) != _FIELDS:
         raise PrivsepError("message has the wrong fields")
     op = message["op"]
     if op not in ("open", "close"):
@@ -102,7 +118,15 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     client = message["client"]
     if not isinstance(client, str):
         raise PrivsepError("bad client name")
-    return GrantRequest(op, Opening(address, protocol, port), float(duration), client[:200])
+    nonce = message["nonce"]
+    if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
+        raise PrivsepError("bad nonce")
+    expires = message["expires"]
+    if not isinstance(expires, float) or not math.isfinite(expires) or not 0 <= expires < 2**40:
+        raise PrivsepError(f"bad nonce expiry {expires!r}")
+    return GrantRequest(
+        op, Opening(address, protocol, port), float(duration), client[:200], bytes.fromhex(nonce), expires
+    )
 
 
 _PR_SET_NO_NEW_PRIVS = 38

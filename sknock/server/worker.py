@@ -172,10 +172,12 @@ class Worker:
     def apply(self, grant: Grant) -> None:
         op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
         for protocol, port in grant.ports:
-            request = GrantRequest(op, Opening(grant.address, protocol, port), grant.duration, grant.client)
+            request = GrantRequest(
+                op, Opening(grant.address, protocol, port), grant.duration, grant.client, grant.nonce,
+                grant.nonce_expires,
+            )
             self.channel.send(encode_request(request))
-        ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
-        if op == "open":
-            log.info("granted %s to %s for %g s (%s)", ports, grant.address, grant.duration, grant.client)
-        else:
-            log.info("closing %s for %s at its request (%s)", ports, grant.address, grant.client)
+        # The firewall process logs the grant once applied (it may still refuse a replay another worker saw).
+        if log.isEnabledFor(logging.DEBUG):
+            ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
+            log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)

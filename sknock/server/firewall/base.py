@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import ipaddress
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,6 +117,25 @@ class Firewall(abc.ABC):
     @abc.abstractmethod
     def close(self, opening: Opening) -> None:
         """Withdraw ``opening``.  Closing something not open is not an error."""
+
+    def apply(
+        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+    ) -> list[tuple[Opening, FirewallError]]:
+        """Close ``closes``, then open (or extend) ``opens``; return what failed, with why (the rest is
+        applied).  Backends that can do it in one kernel transaction override this: under load the
+        daemon hands over everything its workers asked for since the last turn."""
+        failures: list[tuple[Opening, FirewallError]] = []
+        for opening in closes:
+            try:
+                self.close(opening)
+            except FirewallError as exc:
+                failures.append((opening, exc))
+        for opening, duration in opens:
+            try:
+                self.open(opening, duration)
+            except FirewallError as exc:
+                failures.append((opening, exc))
+        return failures
 
     @abc.abstractmethod
     def openings(self) -> list[Opening]:

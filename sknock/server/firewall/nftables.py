@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
@@ -171,10 +172,22 @@ def _set_for(opening: Opening) -> str:
 
 
 def _element(opening: Opening, timeout: int | None = None) -> Json:
+    return _grouped([_element_of(opening, timeout)])[0]
+
+
+def _element_of(opening: Opening, timeout: int | None) -> tuple[str, Json]:
     elem: Json = {"val": {"concat": [str(opening.address), opening.protocol.label, opening.port]}}
     if timeout is not None:
         elem["timeout"] = timeout
-    return {"family": FAMILY, "table": TABLE, "name": _set_for(opening), "elem": [{"elem": elem}]}
+    return _set_for(opening), {"elem": elem}
+
+
+def _grouped(elements: list[tuple[str, Json]]) -> list[Json]:
+    """One element command per set, with all of that set's elements."""
+    by_set: dict[str, list[Json]] = {}
+    for set_name, elem in elements:
+        by_set.setdefault(set_name, []).append(elem)
+    return [{"family": FAMILY, "table": TABLE, "name": name, "elem": elems} for name, elems in by_set.items()]
 
 
 def _parse_element(item: object, set_name: str) -> tuple[Opening, int | None]:
@@ -234,6 +247,30 @@ class NftablesFirewall(Firewall):
         # add-then-delete in one transaction makes close idempotent without a racy lookup first
         self._run([{"add": {"element": _element(opening, 1)}}, {"delete": {"element": _element(opening)}}],
                   f"closing {opening}")
+
+    def apply(
+        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+    ) -> list[tuple[Opening, FirewallError]]:
+        """Everything in one transaction (one netlink round trip, one JSON parse): the same
+        add/delete/add and add/delete sequences as :meth:`open` and :meth:`close`, element lists
+        grouped per set.  If the kernel refuses the batch, fall back to one change at a time so that
+        one bad change does not hold back the others."""
+        if not opens and not closes:
+            return []
+        timed = [(o, max(1, math.ceil(check_duration(NAME, d)))) for o, d in opens]
+        first_add = [_element_of(o, t) for o, t in timed] + [_element_of(o, 1) for o in closes]
+        delete = [_element_of(o, None) for o, _ in timed] + [_element_of(o, None) for o in closes]
+        second_add = [_element_of(o, t) for o, t in timed]
+        commands = (
+            [{"add": {"element": e}} for e in _grouped(first_add)]
+            + [{"delete": {"element": e}} for e in _grouped(delete)]
+            + [{"add": {"element": e}} for e in _grouped(second_add)]
+        )
+        try:
+            self._run(commands, f"applying {len(opens)} opening(s) and {len(closes)} closing(s)")
+        except FirewallError:
+            return super().apply(opens, closes)
+        return []
 
     def expiries(self) -> dict[Opening, int | None]:
         """Each grant and the whole seconds the kernel says it has left (None if it has no timeout)."""
