@@ -80,6 +80,7 @@ class Gatekeeper:
             os.kill(pid, signal.SIGHUP)
 
     def run(self) -> int:
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
@@ -104,6 +105,8 @@ class Gatekeeper:
                 self.expire()
         finally:
             self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.exit_code
 
     def read(self, channel: socket.socket) -> list[GrantRequest]:

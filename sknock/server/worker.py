@@ -107,10 +107,18 @@ class Worker:
         self._hangup = True
 
     def run(self) -> None:
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
         # Ctrl-C reaches the whole process group: the firewall process handles it and stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, self.hangup)  # forwarded by the firewall process: refresh the CRL now
+        try:
+            self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> None:
         selector = selectors.DefaultSelector()
         for fd in self.capture.filenos():
             selector.register(fd, selectors.EVENT_READ, "capture")

@@ -1,0 +1,172 @@
+"""The firewall process's own logic, driven through real socketpairs: batching, the central nonce check,
+close-now, expiry, CRL writing, and failing closed when a worker goes.
+
+The firewall backend here is a small recording backend (the kernel side is covered by
+test_firewall_kernel.py and test_server_e2e.py); everything else is the real code."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from sknock.ports import Protocol
+from sknock.server.firewall.base import Firewall, FirewallError, Opening
+from sknock.server.gatekeeper import CRL_PREFIX, Gatekeeper
+from sknock.server.privsep import GrantRequest, encode_request
+
+A = ipaddress.ip_address("198.18.0.2")
+B = ipaddress.ip_address("198.18.0.3")
+
+
+class RecordingFirewall(Firewall):
+    name = "recording"
+    kernel_expiry = False
+
+    def __init__(self, refuse: Sequence[Opening] = ()) -> None:
+        self.batches: list[tuple[list[tuple[Opening, float]], list[Opening]]] = []
+        self.open_now: dict[Opening, float] = {}
+        self.refuse = set(refuse)
+        self.torn_down = False
+
+    def setup(self) -> None:
+        pass
+
+    def open(self, opening: Opening, duration: float) -> None:
+        if opening in self.refuse:
+            raise FirewallError(self.name, f"refusing {opening}")
+        self.open_now[opening] = duration
+
+    def close(self, opening: Opening) -> None:
+        self.open_now.pop(opening, None)
+
+    def apply(
+        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+    ) -> list[tuple[Opening, FirewallError]]:
+        self.batches.append((list(opens), list(closes)))
+        return super().apply(opens, closes)
+
+    def openings(self) -> list[Opening]:
+        return list(self.open_now)
+
+    def teardown(self) -> None:
+        self.torn_down = True
+        self.open_now.clear()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(op: str, address: object, port: int, nonce: bytes, duration: float = 15.0) -> bytes:
+    return encode_request(
+        GrantRequest(op, Opening(address, Protocol.TCP, port), duration, "CN=alice", nonce, 2_000_000_000.0)  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Gatekeeper, RecordingFirewall, list[socket.socket], Clock]:
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    firewall = RecordingFirewall(refuse=[Opening(B, Protocol.TCP, 99)])
+    clock = Clock()
+    gatekeeper = Gatekeeper(
+        firewall=firewall, channels=[p[0] for p in pairs], max_duration=3600, crl_file=tmp_path / "crl.der",
+        clock=clock, wall_clock=lambda: 1_900_000_000.0,
+    )
+    return gatekeeper, firewall, [p[1] for p in pairs], clock
+
+
+def drain(gatekeeper: Gatekeeper) -> None:
+    requests = []
+    for channel in gatekeeper.channels:
+        requests += gatekeeper.read(channel)
+    gatekeeper.apply(requests)
+
+
+def test_everything_sent_since_the_last_turn_is_one_batch(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.firewall")
+    for i in range(50):
+        workers[i % 2].send(request("open", A, 1000 + i, bytes([i]) * 16))
+    drain(gatekeeper)
+    assert len(firewall.batches) == 1
+    assert len(firewall.batches[0][0]) == 50
+    assert len(gatekeeper.grants) == 50
+    assert sum("granted tcp/" in r.getMessage() for r in caplog.records) == 50
+
+
+def test_a_nonce_seen_from_another_worker_is_refused(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.firewall")
+    nonce = b"\x07" * 16
+    workers[0].send(request("open", A, 22, nonce))
+    drain(gatekeeper)
+    workers[1].send(request("open", B, 22, nonce))  # the same knock, replayed from another address
+    drain(gatekeeper)
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
+    assert any("replay (its nonce was granted by another worker)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_ports_of_one_knock_share_its_nonce(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    nonce = b"\x08" * 16
+    for port in (22, 2000, 2001):
+        workers[0].send(request("open", A, port, nonce))
+    drain(gatekeeper)
+    assert len(firewall.open_now) == 3
+
+
+def test_close_now_and_expiry(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, clock = setup
+    workers[0].send(request("open", A, 22, b"\x01" * 16, duration=10))
+    workers[0].send(request("open", A, 23, b"\x02" * 16, duration=10))
+    drain(gatekeeper)
+    workers[1].send(request("close", A, 22, b"\x03" * 16))
+    drain(gatekeeper)
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 23)]
+    clock.now += 9.9
+    gatekeeper.expire()
+    assert len(firewall.open_now) == 1
+    clock.now += 0.2
+    gatekeeper.expire()
+    assert firewall.open_now == {} and len(gatekeeper.grants) == 0
+
+
+def test_a_change_the_firewall_refuses_is_not_recorded_as_granted(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    workers[0].send(request("open", B, 99, b"\x04" * 16))
+    workers[0].send(request("open", B, 98, b"\x05" * 16))
+    drain(gatekeeper)
+    assert Opening(B, Protocol.TCP, 99) not in gatekeeper.grants
+    assert Opening(B, Protocol.TCP, 98) in gatekeeper.grants
+
+
+def test_malformed_messages_are_refused_and_the_rest_applied(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    workers[0].send(b'{"op": "open", "address": "198.18.0.2"}')
+    workers[0].send(b"\xff" * 100)
+    workers[0].send(request("open", A, 22, b"\x06" * 16))
+    drain(gatekeeper)
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
+
+
+def test_a_crl_from_a_worker_is_written(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, _, workers, _ = setup
+    workers[0].send(CRL_PREFIX + b"crl bytes")
+    drain(gatekeeper)
+    assert (tmp_path / "crl.der").read_bytes() == b"crl bytes"
+
+
+def test_a_worker_that_goes_shuts_everything_down(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    workers[0].send(request("open", A, 22, b"\x09" * 16))
+    workers[1].close()
+    assert gatekeeper.run() == 1
+    assert firewall.torn_down
