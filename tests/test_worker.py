@@ -208,9 +208,9 @@ def test_work_sends_open_requests_the_firewall_process_accepts(
     window = worker.verifier.policy.timestamp_threshold
     assert all(abs(r.expires - (now + window)) < 1 for r in got)
     assert worker.verifier.counters["granted"] == 3
-    messages = [r.getMessage() for r in caplog.records]
-    assert f"granted tcp/22,udp/8000 to {SOURCE} for 60 s ({subject})" in messages
-    assert f"granted tcp/2005 to {OTHER} for 15 s ({subject})" in messages
+    # The grant itself is logged by the firewall process once applied (test_gatekeeper.py); the worker
+    # says at DEBUG what it verified.
+    assert not any(r.getMessage().startswith("granted") for r in caplog.records)
 
 
 def test_expensive_refusals_are_logged_and_send_nothing_to_the_firewall_process(
@@ -254,7 +254,7 @@ def test_close_now_sends_a_close_request(
     assert opened.op == "open"
     assert closed.op == "close" and closed.opening == Opening(SOURCE, Protocol.TCP, 22) and closed.client == subject
     assert worker.verifier.counters["closed"] == 1
-    assert f"closing tcp/22 for {SOURCE} at its request ({subject})" in [r.getMessage() for r in caplog.records]
+    assert not any(r.getMessage().startswith("closing") for r in caplog.records)  # the firewall process logs it
 
 
 def test_work_is_bounded_by_its_time_slice_but_always_makes_progress(
