@@ -57,6 +57,15 @@ class Phases:
         self.knocks, self.expiry_knocks = knocks, expiry_knocks
         self.started, self.quick, self.profile = started, quick, profile
 
+    expiry_rate = 1000.0
+    expiry_wait = 20.0  # seconds past the grant duration to wait for every close
+    knock_port = 0  # 0: the sender's rotating ports (sknock sniffs them all); fwknopd: 62201
+    wait_extra = 60.0  # seconds to wait for grants after the last knock is due
+
+    def server(self, expiry: bool = False) -> Any:
+        """A freshly started server (a context manager with rss_kib/pss_kib/pids)."""
+        return lab.Server.start(self.net, self.pki, self.backend)
+
     def watch(self, limit: float) -> Any:
         if self.backend == "iptables":
             return lab.LegacyCounter(self.net, limit)
@@ -70,8 +79,8 @@ class Phases:
         return [watcher.opened.get(lab.source_text(first + i)) for i in range(len(times))]
 
     def run_load(self, count: int, rate: float, *, label: str, scale: bool = False) -> dict[str, Any]:
-        limit = 60 + (count / rate if rate else 0)
-        with lab.Server.start(self.net, self.pki, self.backend) as server:
+        limit = self.wait_extra + (count / rate if rate else 0)
+        with self.server() as server:
             out: dict[str, Any] = {"label": label, "knocks": count, "rate": rate or "max"}
             if scale:
                 out["probe_0_grants"] = self.probe()
@@ -81,9 +90,10 @@ class Phases:
             profilers = ([self.start_profiler(pid, label) for pid in server.pids()]
                          if (self.profile and label == "burst-20000") else [])
             try:
-                summary, times = lab.send_knocks(self.net, self.knocks, rate=rate, count=count)
+                summary, times = lab.send_knocks(self.net, self.knocks, rate=rate, count=count,
+                                                 port=self.knock_port)
                 if isinstance(watcher, lab.Watcher):
-                    watcher.wait_quiet(count, limit=limit)
+                    out["wait_end"] = watcher.wait_quiet(count, limit=limit)
                 else:
                     wait_counter(watcher, count, limit)
             finally:
@@ -146,11 +156,12 @@ class Phases:
 
     def expiry(self, count: int) -> dict[str, Any]:
         duration = 2.0
-        with lab.Server.start(self.net, self.pki, self.backend) as _server:
+        with self.server(expiry=True) as _server:
             watcher = self.watch(duration + 40)
             try:
-                summary, times = lab.send_knocks(self.net, self.expiry_knocks, rate=1000, count=count)
-                deadline = time.monotonic() + duration + 20
+                summary, times = lab.send_knocks(self.net, self.expiry_knocks, rate=self.expiry_rate, count=count,
+                                                 port=self.knock_port)
+                deadline = time.monotonic() + duration + self.expiry_wait
                 while time.monotonic() < deadline:
                     closed = (len(watcher.closed) if isinstance(watcher, lab.Watcher)
                               else len(close_times(watcher)))
@@ -170,7 +181,7 @@ class Phases:
                 opened, closed = watcher.grant_times(), close_times(watcher)
                 late = [c - (o + duration) for o, c in zip(opened, closed, strict=False)]
             ms = [1000 * x for x in late]
-            return {"grants": count, "duration_s": duration, "closes_seen": len(late),
+            return {"grants": count, "duration_s": duration, "rate": self.expiry_rate, "closes_seen": len(late),
                     "late_p50_ms": pct(ms, 50), "late_p99_ms": pct(ms, 99), "late_max_ms": max(ms) if ms else None,
                     "sent": summary["sent"],
                     "note": ("nftables: the kernel's own element timeout ends the grant at its due time; this is "
@@ -181,7 +192,7 @@ class Phases:
         """Valid knocks at 10/s from distinct sources while one sender floods as fast as it can."""
         valid = int(10 * seconds)
         first = 20_000  # source indexes not used by the load phases
-        with lab.Server.start(self.net, self.pki, self.backend) as _server:
+        with self.server() as _server:
             watcher = self.watch(seconds + 40)
             flood_file = None
             args = ["--junk", "1024"]
@@ -195,10 +206,12 @@ class Phases:
             stats = Path(tempfile.mkstemp(prefix="sknock-bench-flood-")[1])
             flooder = self.net.client.popen(lab.PY, str(lab.SENDER), "--server", self.net.server.ipv4, *args,
                                             "--seconds", str(seconds + 1), "--out", str(stats),
+                                            "--dest-port", str(self.knock_port),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(0.5)
-                summary, times = lab.send_knocks(self.net, self.knocks, rate=10, count=valid, first=first)
+                summary, times = lab.send_knocks(self.net, self.knocks, rate=10, count=valid, first=first,
+                                                 port=self.knock_port)
                 flooder.wait(seconds + 30)
                 if isinstance(watcher, lab.Watcher):
                     watcher.wait_quiet(valid, quiet=2.0, limit=15)
@@ -289,6 +302,16 @@ def run_sknock(backend: str, pki: lab.Pki, net: Any, folder: Path, args: argpars
         res["phases"][name]["phase_seconds"] = time.monotonic() - t
 
 
+def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:
+    """Servers and in-process figures of an earlier run that this one lacks, each marked ``from_run``."""
+    for key, server in earlier.get("servers", {}).items():
+        if key not in results["servers"] and "phases" in server:
+            results["servers"][key] = {**server, "from_run": name}
+    for key in ("crypto_bound", "verifier", "client"):
+        if key not in results and key in earlier:
+            results[key] = {**earlier[key], "from_run": name}
+
+
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 5)
@@ -305,6 +328,10 @@ def main() -> int:
     p.add_argument("--only", default="nftables,iptables,fwknopd")
     p.add_argument("--profile", action="store_true", help="py-spy on the worker during burst-20000")
     p.add_argument("--no-micro", action="store_true")
+    p.add_argument("--merge", action="append", default=[], metavar="RESULTS.json",
+                   help="add the servers (and in-process figures) of an earlier run that this run did not "
+                        "measure, marked with that run's date (first file wins); e.g. fwknopd alone, side by "
+                        "side with sknock's latest figures")
     args = p.parse_args()
     from tests.netns import netns_available
 
@@ -354,6 +381,8 @@ def main() -> int:
         shutil.rmtree(folder, ignore_errors=True)
     results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results["run_seconds"] = time.monotonic() - started
+    for earlier in args.merge:
+        merge(results, json.loads(Path(earlier).read_text()), Path(earlier).stem)
     RESULTS.mkdir(exist_ok=True)
     base = RESULTS / stamp
     base.with_suffix(".json").write_text(json.dumps(_rounded(results), separators=(",", ":"), default=str))

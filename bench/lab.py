@@ -228,11 +228,13 @@ _NFT_RULE_DEL = re.compile(r"^delete rule ip filter (\S+) handle (\d+)")
 @dataclass
 class Watcher:
     """Time (CLOCK_MONOTONIC, the sender's clock too) at which each source's grant appeared in the
-    kernel and was last removed.  nftables: ``nft monitor`` events (sknock's set elements, and the
-    rules iptables-nft makes for fwknopd), stamped when read.  legacy iptables: polls the number of
+    kernel and was last removed.  nftables: ``nft monitor`` events (sknock's set elements, and, with
+    ``handles``, the rules iptables-nft makes for fwknopd -- ``nft monitor`` prints a rule's handle, which
+    its delete names, only with ``-a``), stamped when read.  legacy iptables: polls the number of
     rules in x_tables' filter table (cheap getsockopt) -- see :class:`LegacyCounter`."""
 
     net: TestNet
+    handles: bool = False  # ``nft -a monitor``: rules with their handles (iptables-nft rules: fwknopd's)
     opened: dict[str, float] = field(default_factory=dict)
     closed: dict[str, float] = field(default_factory=dict)
     events: int = 0
@@ -241,7 +243,8 @@ class Watcher:
     _thread: threading.Thread | None = None
 
     def start(self) -> Watcher:
-        self._proc = self.net.server.popen("stdbuf", "-oL", "nft", "monitor", stdout=subprocess.PIPE,
+        flags = ["-a"] if self.handles else []
+        self._proc = self.net.server.popen("stdbuf", "-oL", "nft", *flags, "monitor", stdout=subprocess.PIPE,
                                            stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -273,19 +276,21 @@ class Watcher:
             if m and m.group(2) in self._handles:
                 self.closed[self._handles[m.group(2)]] = t
 
-    def wait_quiet(self, expected: int, *, quiet: float = 3.0, limit: float = 120.0) -> None:
-        """Until ``expected`` grants are seen, or none came for ``quiet`` s, or ``limit`` s passed."""
+    def wait_quiet(self, expected: int, *, quiet: float = 3.0, limit: float = 120.0) -> str:
+        """Until ``expected`` grants are seen, or none came for ``quiet`` s, or ``limit`` s passed;
+        returns which ("all", "quiet" or "limit": still granting when the time ran out)."""
         start = time.monotonic()
         last_count, last_change = -1, time.monotonic()
         while time.monotonic() - start < limit:
             n = len(self.opened)
             if n >= expected:
-                return
+                return "all"
             if n != last_count:
                 last_count, last_change = n, time.monotonic()
             elif time.monotonic() - last_change > quiet:
-                return
+                return "quiet"
             time.sleep(0.05)
+        return "limit"
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -359,7 +364,7 @@ while time.monotonic() < end:
 
 
 def send_knocks(net: TestNet, knocks: Path, *, rate: float = 0, count: int = 0, first: int = 0,
-                timeout: float = 180) -> tuple[dict[str, object], list[float]]:
+                timeout: float = 180, port: int = 0) -> tuple[dict[str, object], list[float]]:
     """Run the sender in the client namespace; returns its summary and the send time of each knock."""
     import array
     import json
@@ -368,7 +373,7 @@ def send_knocks(net: TestNet, knocks: Path, *, rate: float = 0, count: int = 0, 
     try:
         result = net.client.run(PY, str(SENDER), "--server", net.server.ipv4, "--knocks", str(knocks),
                                 "--rate", str(rate), "--count", str(count), "--first", str(first),
-                                "--out", str(out), timeout=timeout, check=False)
+                                "--dest-port", str(port), "--out", str(out), timeout=timeout, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"sender failed: {result.stderr[-2000:]}")
         times = array.array("d")

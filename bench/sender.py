@@ -6,9 +6,10 @@
 
 Knocks: FILE holds length-prefixed datagrams built beforehand; datagram i is sent from its own source
 address (198.19.0.0 + 256 + N + i; the client namespace has ``local 198.19.0.0/16 dev lo``), chosen
-per packet with IP_PKTINFO on one socket, to UDP port 40000 + i % 1000 of the server.  ``--rate 0`` sends
-as fast as possible, otherwise each datagram is due at t0 + i / rate.  The monotonic send time of each
-datagram is written to TIMES (array of doubles), after a one-line JSON summary on stdout.
+per packet with IP_PKTINFO on one socket, to UDP port 40000 + i % 1000 of the server (or
+``--dest-port``).  ``--rate 0`` sends as fast as possible, otherwise each datagram is due at
+t0 + i / rate.  The monotonic send time of each datagram is written to TIMES (array of doubles),
+after a one-line JSON summary on stdout.
 
 Flood: the same datagram size (random bytes, or one captured knock replayed) from rotating sources,
 as fast as one process can, for a bounded time and count.
@@ -89,7 +90,8 @@ def knocks(args: argparse.Namespace) -> dict[str, object]:
             while time.monotonic() < due:
                 pass
         times[i] = time.monotonic()
-        if not send_one(s, payload, source_bytes(args.first + i), args.server, 40000 + i % 1000):
+        port = args.dest_port or 40000 + i % 1000
+        if not send_one(s, payload, source_bytes(args.first + i), args.server, port):
             failed += 1
     with open(args.out, "wb") as f:
         times.tofile(f)
@@ -110,7 +112,8 @@ def flood(args: argparse.Namespace) -> dict[str, object]:
             break
         info = struct.pack("=I4s4s", 0, source_bytes(30000 + (i & 0x7FFF)), b"\0\0\0\0")
         try:
-            s.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (args.server, 41000 + (i & 0x3FF)))
+            port = args.dest_port or 41000 + (i & 0x3FF)
+            s.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (args.server, port))
             sent += 1
         except (BlockingIOError, OSError):
             dropped += 1
@@ -149,7 +152,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--probe", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--port", type=int, default=9999)
+    p.add_argument("--port", type=int, default=9999, help="the probe's destination port")
+    p.add_argument("--dest-port", type=int, default=0,
+                   help="one destination port for knocks and floods (fwknopd's 62201); 0: rotating ports")
     args = p.parse_args()
     result = probe(args) if args.probe else knocks(args) if args.knocks else flood(args)
     if not args.knocks:
