@@ -11,19 +11,22 @@ marker, the filtered socket has already accepted or dropped the packet under tes
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import select
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sknock.errors import ConfigError
+from sknock.errors import ConfigError, KnockRefused
+from sknock.protocol import wire
 from sknock.server.bpf import MAX_PORT_RANGES, Instruction, build_filter, pack
 from sknock.server.packet import MAX_EXTENSION_HEADERS
 from tests.netns import TestNet, netns_available
@@ -34,6 +37,8 @@ ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0003, 0x0800, 0x86DD, 0x0806
 SO_ATTACH_FILTER = 26
 CLONE_NEWNET = 0x40000000
 MARK_PORT = 9
+#: A real knock (docs/protocol.md's test vector): 1024 bytes, suite 1.
+REAL_KNOCK = bytes.fromhex(json.loads((Path(__file__).parent / "vectors" / "knock-v1.json").read_text())["datagram"])
 
 
 def in_netns(ns: str, make: Callable[[], T]) -> T:
@@ -186,7 +191,7 @@ def test_bad_arguments_refused() -> None:
 
 
 def test_ipv4_decisions(kernel: Kernel) -> None:
-    program = build_filter(min_payload=5, ports=[(8000, 8010), (22, 22)])
+    program = build_filter(min_payload=5, ports=[(8000, 8010), (22, 22)], knock_shape=False)
     assert kernel.passes(program, v4(b"knock", 22))
     assert kernel.passes(program, v4(b"knock", 8000))
     assert kernel.passes(program, v4(b"knock", 8010))
@@ -207,7 +212,7 @@ def test_ipv4_decisions(kernel: Kernel) -> None:
 
 
 def test_ipv6_decisions(kernel: Kernel) -> None:
-    program = build_filter(min_payload=5, ports=[(22, 22)])
+    program = build_filter(min_payload=5, ports=[(22, 22)], knock_shape=False)
     assert kernel.passes(program, v6(b"knock", 22))
     assert not kernel.passes(program, v6(b"knock", 23))
     assert not kernel.passes(program, v6(b"kno", 22))
@@ -222,7 +227,7 @@ def test_ipv6_decisions(kernel: Kernel) -> None:
 
 
 def test_link_level_decisions(kernel: Kernel) -> None:
-    program = build_filter(min_payload=0, ports=None, max_packet=600)
+    program = build_filter(min_payload=0, ports=None, max_packet=600, knock_shape=False)
     assert kernel.passes(program, v4(b"x" * 572, 1))  # 600 bytes from the IP header
     assert not kernel.passes(program, v4(b"x" * 573, 1))  # dropped, not truncated
     assert not kernel.passes(program, v4(b"knock", 1), ETH_P_ARP)
@@ -234,7 +239,7 @@ def test_own_outgoing_packets_not_passed(kernel: Kernel) -> None:
     # passes() checks that only PACKET_HOST copies arrive; the sender's PACKET_OUTGOING copy of
     # the same bytes reached the witness but must not reach the filtered socket.
     program = build_filter(min_payload=0, ports=None)
-    packet = v4(b"knock", 1)
+    packet = v4(REAL_KNOCK, 1)
     assert kernel.passes(program, packet)
     kinds = []
     kernel._send(packet, ETH_P_IP)
@@ -247,33 +252,178 @@ def test_own_outgoing_packets_not_passed(kernel: Kernel) -> None:
     assert [d for d, kind in kernel._drain(kernel.filtered) if kind != socket.PACKET_HOST] == []
 
 
-def model(ranges: list[tuple[int, int]] | None, min_payload: int, dport: int, payload: int) -> bool:
+def header(
+    *,
+    size: int = 1024,
+    magic: bytes = wire.MAGIC,
+    version: int = wire.VERSION,
+    suite: int = 1,
+    work_bits: int = 12,
+    flags: int = 0,
+) -> bytes:
+    """A knock-shaped payload of ``size`` bytes with these header fields (the rest is random)."""
+    head = magic + bytes([version, suite, work_bits, flags]) + os.urandom(wire.HEADER_SIZE - 6)
+    return (head + os.urandom(max(0, size - len(head))))[:size]
+
+
+def junk(size: int) -> bytes:
+    """Random bytes that do not happen to start like a knock."""
+    for _ in range(100):
+        data = os.urandom(size)
+        if data[:3] != wire.MAGIC + bytes([wire.VERSION]):
+            return data
+    raise AssertionError("os.urandom keeps starting with the magic")
+
+
+def test_knock_shape_is_the_default() -> None:
+    assert build_filter(min_payload=0, ports=None) == build_filter(min_payload=0, ports=None, knock_shape=True)
+    assert build_filter(min_payload=0, ports=None) != build_filter(min_payload=0, ports=None, knock_shape=False)
+    assert knock_shaped(REAL_KNOCK) and not knock_shaped(junk(1024))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_knock_shape_decisions(kernel: Kernel, family: int) -> None:
+    send = v4 if family == 4 else v6
+    program = build_filter(min_payload=800, ports=[(22, 22), (8000, 8010)])  # the daemon's default minimum
+    assert kernel.passes(program, send(REAL_KNOCK, 22))
+    for size in wire.BUCKETS:
+        for suite in sorted(wire.SUITES):
+            for work_bits in (0, 12, 255):  # not the filter's business
+                assert kernel.passes(program, send(header(size=size, suite=suite, work_bits=work_bits), 8005))
+        for _ in range(5):
+            assert not kernel.passes(program, send(junk(size), 22))
+        assert not kernel.passes(program, send(bytes(size), 22))
+        for magic in (b"sk", b"Ks", b"SK", b"\0K", b"s\0"):
+            assert not kernel.passes(program, send(header(size=size, magic=magic), 22))
+        for version in (0, 2, 255):
+            assert not kernel.passes(program, send(header(size=size, version=version), 22))
+        for suite in (0, 3, 255):
+            assert suite not in wire.SUITES
+            assert not kernel.passes(program, send(header(size=size, suite=suite), 22))
+        for flags in (1, 0x80, 0xFF):
+            assert not kernel.passes(program, send(header(size=size, flags=flags), 22))
+        for wrong in (size - 1, size + 1, size - 8, size + 8):
+            assert not kernel.passes(program, send(header(size=wrong), 22))
+    for size in (0, 5, 6, 22, 800, 2000):
+        assert not kernel.passes(program, send(header(size=size), 22))
+    # The other checks still apply to a knock-shaped payload.
+    assert not kernel.passes(program, send(REAL_KNOCK, 23))
+    assert not kernel.passes(program, send(REAL_KNOCK, 8011))
+    # A knock-shaped header on a UDP length that claims more than is present.
+    assert not kernel.passes(program, _udp_claiming(family, REAL_KNOCK[:1000], 1024))
+
+
+def _udp_claiming(family: int, payload: bytes, claimed: int) -> bytes:
+    """A packet whose UDP length field says 8 + ``claimed`` while only ``payload`` follows."""
+    segment = udp(payload, 40000, 22, length=8 + claimed)
+    return ipv4(segment, "127.0.0.1", "127.0.0.1") if family == 4 else ipv6(segment, "::1", "::1")
+
+
+def test_knock_shape_behind_ipv4_options_and_fragments(kernel: Kernel) -> None:
+    program = build_filter(min_payload=800, ports=[(22, 22)])
+    for options in (b"\x01\x01\x01\x00", b"\x01" * 40):  # IHL 6 and 15
+        assert kernel.passes(program, v4(REAL_KNOCK, 22, options=options))
+        assert kernel.passes(program, v4(header(size=1232, suite=2), 22, options=options))
+        assert not kernel.passes(program, v4(junk(1024), 22, options=options))
+        assert not kernel.passes(program, v4(junk(1232), 22, options=options))
+        assert not kernel.passes(program, v4(header(flags=1), 22, options=options))
+        assert not kernel.passes(program, v4(header(size=1025), 22, options=options))
+    assert kernel.passes(program, v4(REAL_KNOCK, 22, frag=0x4000))  # DF only
+    assert not kernel.passes(program, v4(REAL_KNOCK, 22, frag=0x2000))  # MF
+    assert not kernel.passes(program, v4(REAL_KNOCK, 22, frag=0x0010))  # offset
+    assert not kernel.passes(program, v4(REAL_KNOCK, 22, proto=6))
+
+
+def test_knock_shape_behind_ipv6_extension_headers(kernel: Kernel) -> None:
+    program = build_filter(min_payload=800, ports=[(22, 22)], max_packet=1600)  # the daemon's RECV_BUFFER
+    walked = [(0, b""), (43, b"\0\0" + b"\0" * 20), (60, b"\x01\x02\0\0")]
+    for extensions in (walked, [(60, b"")] * MAX_EXTENSION_HEADERS):
+        assert kernel.passes(program, v6(REAL_KNOCK, 22, extensions=extensions))
+        assert kernel.passes(program, v6(header(size=1232, suite=2), 22, extensions=extensions))
+        assert not kernel.passes(program, v6(junk(1024), 22, extensions=extensions))
+        assert not kernel.passes(program, v6(junk(1232), 22, extensions=extensions))
+        assert not kernel.passes(program, v6(header(suite=3), 22, extensions=extensions))
+        assert not kernel.passes(program, v6(header(size=1231), 22, extensions=extensions))
+        assert not kernel.passes(program, v6(REAL_KNOCK, 23, extensions=extensions))
+    too_many = [(60, b"")] * (MAX_EXTENSION_HEADERS + 1)
+    assert not kernel.passes(program, v6(REAL_KNOCK, 22, extensions=too_many))
+    assert not kernel.passes(program, v6(REAL_KNOCK, 22, extensions=[(44, b"\0" * 6)]))  # fragment
+
+
+def test_knock_shape_with_min_payload_and_max_packet(kernel: Kernel) -> None:
+    # min_payload still applies: above the small bucket only the large one passes.
+    program = build_filter(min_payload=1100, ports=None)
+    assert not kernel.passes(program, v4(REAL_KNOCK, 1))
+    assert kernel.passes(program, v4(header(size=1232), 1))
+    assert not kernel.passes(build_filter(min_payload=1233, ports=None), v4(header(size=1232), 1))
+    # max_packet too: 1232 + 28 bytes do not fit in 1259.
+    assert kernel.passes(build_filter(min_payload=0, ports=None, max_packet=1260), v4(header(size=1232), 1))
+    assert not kernel.passes(build_filter(min_payload=0, ports=None, max_packet=1259), v4(header(size=1232), 1))
+    # Turned off, well-sized junk passes again (the pre-check in Python refuses it).
+    loose = build_filter(min_payload=800, ports=None, knock_shape=False)
+    assert kernel.passes(loose, v4(junk(1024), 1)) and kernel.passes(loose, v6(junk(1232), 1))
+    assert kernel.passes(loose, v4(header(size=1025), 1))
+
+
+def knock_shaped(payload: bytes) -> bool:
+    """What the filter's shape check stands for: the header checks of the Python pre-check."""
+    try:
+        wire.parse_header(payload)
+    except KnockRefused:
+        return False
+    return True
+
+
+def model(
+    ranges: list[tuple[int, int]] | None, min_payload: int, dport: int, payload: bytes, knock_shape: bool
+) -> bool:
     port_ok = ranges is None or any(first <= dport <= last for first, last in ranges)
-    return port_ok and payload >= min_payload
+    return port_ok and len(payload) >= min_payload and (not knock_shape or knock_shaped(payload))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def shaped_payloads() -> st.SearchStrategy[bytes]:
+    """Payloads that are knocks, nearly knocks (one header byte or the length off) or junk."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        size = draw(st.integers(0, 80) | st.sampled_from([b + d for b in wire.BUCKETS for d in (-1, 0, 0, 1)]))
+        magic = draw(st.sampled_from([wire.MAGIC, wire.MAGIC, b"sk", b"Ks", b"\0K"]))
+        version = draw(st.sampled_from([wire.VERSION, wire.VERSION, 0, 2, 255]))
+        suite = draw(st.sampled_from([*sorted(wire.SUITES), 0, 3, 255]))
+        work_bits = draw(st.integers(0, 255))
+        flags = draw(st.sampled_from([0, 0, 1, 0x80]))
+        head = magic + bytes([version, suite, work_bits, flags])
+        if draw(st.booleans()):
+            return (head + draw(st.binary(min_size=16, max_size=16)) * (size // 16 + 1))[:size]
+        return draw(st.binary(min_size=size, max_size=size))  # junk (rarely knock-shaped)
+
+    return build()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     ranges=st.none() | st.lists(st.tuples(st.integers(1, 65535), st.integers(0, 300)), min_size=1, max_size=12),
-    min_payload=st.integers(0, 64),
+    min_payload=st.integers(0, 64) | st.sampled_from([1023, 1024, 1025, 1232, 1233]),
     dport=st.integers(0, 65535),
-    payload=st.integers(0, 80),
+    payload=shaped_payloads(),
     family=st.sampled_from([4, 6]),
     near=st.booleans(),
+    knock_shape=st.booleans(),
 )
 def test_kernel_agrees_with_model(
     kernel: Kernel,
     ranges: list[tuple[int, int]] | None,
     min_payload: int,
     dport: int,
-    payload: int,
+    payload: bytes,
     family: int,
     near: bool,
+    knock_shape: bool,
 ) -> None:
     spans = None if ranges is None else [(first, min(first + width, 65535)) for first, width in ranges]
     if near and spans:
         dport = spans[dport % len(spans)][1] + (dport % 3) - 1  # at or next to a range's edge
     dport = max(0, min(dport, 65535))
-    program = build_filter(min_payload=min_payload, ports=spans)
-    packet = (v4 if family == 4 else v6)(b"p" * payload, dport)
-    assert kernel.passes(program, packet) == model(spans, min_payload, dport, payload)
+    program = build_filter(min_payload=min_payload, ports=spans, knock_shape=knock_shape)
+    packet = (v4 if family == 4 else v6)(payload, dport)
+    assert kernel.passes(program, packet) == model(spans, min_payload, dport, payload, knock_shape)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from sknock.protocol import wire
 from tests.netns import Host, TestNet, netns_available
 from tests.test_packet import ipv4, ipv6, udp
 
@@ -94,6 +95,13 @@ for action in json.loads(sys.argv[1]):
                 answer = "timeout"
         print(json.dumps({"sport": s.getsockname()[1], "answer": answer}), flush=True)
 """
+
+
+def shaped(tag: bytes) -> bytes:
+    """A payload with a knock's shape (the capture filter drops anything else in the kernel):
+    a version-1 header, then ``tag``, zero-padded to the smallest bucket."""
+    payload = wire.MAGIC + bytes([wire.VERSION, 1, 0, 0]) + tag
+    return payload + bytes(wire.BUCKETS[0] - len(payload))
 
 
 def env() -> dict[str, str]:
@@ -241,22 +249,22 @@ def test_knocks_captured_although_input_drops_udp(net: TestNet, interfaces: list
     cap = packet_capture(net, interfaces=interfaces)
     try:
         # Control: with no firewall the closed port answers with ICMP port unreachable.
-        before = send(client, knock(server.ipv4, 7001, b"control-knock", listen=5))
+        before = send(client, knock(server.ipv4, 7001, shaped(b"control-knock"), listen=5))
         assert before[0]["answer"] == "refused"
-        cap.wait_payload(b"control-knock")
+        cap.wait_payload(shaped(b"control-knock"))
 
         nft(server, DROP_INPUT)
         sent = send(
             client,
-            knock(server.ipv4, 7001, b"knock-over-ipv4", listen=1),
-            knock(server.ipv6, 7002, b"knock-over-ipv6", listen=1),
+            knock(server.ipv4, 7001, shaped(b"knock-over-ipv4"), listen=1),
+            knock(server.ipv6, 7002, shaped(b"knock-over-ipv6"), listen=1),
         )
         assert [s["answer"] for s in sent] == ["timeout", "timeout"]  # dropped: no ICMP, nothing
-        got4 = cap.wait_payload(b"knock-over-ipv4")
-        got6 = cap.wait_payload(b"knock-over-ipv6")
+        got4 = cap.wait_payload(shaped(b"knock-over-ipv4"))
+        got6 = cap.wait_payload(shaped(b"knock-over-ipv6"))
         eth0 = ifindex(server, "eth0")
         assert got4 == {
-            "payload": b"knock-over-ipv4".hex(),
+            "payload": shaped(b"knock-over-ipv4").hex(),
             "source": client.ipv4,
             "destination": server.ipv4,
             "source_port": sent[0]["sport"],
@@ -264,7 +272,7 @@ def test_knocks_captured_although_input_drops_udp(net: TestNet, interfaces: list
             "ifindex": eth0,
         }
         assert got6 == {
-            "payload": b"knock-over-ipv6".hex(),
+            "payload": shaped(b"knock-over-ipv6").hex(),
             "source": client.ipv6,
             "destination": server.ipv6,
             "source_port": sent[1]["sport"],
@@ -294,18 +302,18 @@ table netdev sknocktest {
     try:
         sent = send(
             client,
-            knock(server.ipv4, 7003, b"knock-past-ingress", listen=1),
-            knock(server.ipv6, 7003, b"knock-past-ingress6", listen=1),
+            knock(server.ipv4, 7003, shaped(b"knock-past-ingress"), listen=1),
+            knock(server.ipv6, 7003, shaped(b"knock-past-ingress6"), listen=1),
         )
         assert [s["answer"] for s in sent] == ["timeout", "timeout"]
-        assert cap.wait_payload(b"knock-past-ingress")["source"] == client.ipv4
-        assert cap.wait_payload(b"knock-past-ingress6")["source"] == client.ipv6
+        assert cap.wait_payload(shaped(b"knock-past-ingress"))["source"] == client.ipv4
+        assert cap.wait_payload(shaped(b"knock-past-ingress6"))["source"] == client.ipv6
         assert counter(server, "netdev sknocktest", "ingress") >= 2
     finally:
         cap.close()
 
 
-def test_short_payloads_and_other_ports_filtered_in_kernel(net: TestNet) -> None:
+def test_short_or_shapeless_payloads_and_other_ports_filtered_in_kernel(net: TestNet) -> None:
     server, client = net.server, net.client
     nft(server, DROP_INPUT)
     cap = packet_capture(net)
@@ -313,14 +321,16 @@ def test_short_payloads_and_other_ports_filtered_in_kernel(net: TestNet) -> None
         unwanted = [
             knock(server.ipv4, 7001, b"short"),  # 5 < MIN_PAYLOAD
             knock(server.ipv6, 7001, b"7 bytes"),
-            knock(server.ipv4, 6999, b"long enough payload"),
-            knock(server.ipv6, 7011, b"long enough payload"),
+            knock(server.ipv4, 6999, shaped(b"long enough payload")),
+            knock(server.ipv6, 7011, shaped(b"long enough payload")),
+            knock(server.ipv4, 7001, bytes(wire.BUCKETS[0])),  # a knock's size, not its shape
+            knock(server.ipv6, 7001, b"\xff" * wire.BUCKETS[-1]),
         ]
         send(client, *unwanted)
         wait_counter(server, "inet sknocktest", "input", len(unwanted))
-        send(client, knock(server.ipv4, 7010, b"marker-payload"))
-        cap.wait_payload(b"marker-payload")
-        assert [d["payload"] for d in cap.datagrams()] == [b"marker-payload".hex()]
+        send(client, knock(server.ipv4, 7010, shaped(b"marker-payload")))
+        cap.wait_payload(shaped(b"marker-payload"))
+        assert [d["payload"] for d in cap.datagrams()] == [shaped(b"marker-payload").hex()]
         # Nothing reached the parser to be refused there: the kernel filtered them.
         assert cap.finish() == {}
     finally:
@@ -331,11 +341,15 @@ def test_own_outgoing_packets_not_captured(net: TestNet) -> None:
     server, client = net.server, net.client
     cap = packet_capture(net, ports=None)
     try:
-        send(server, knock(client.ipv4, 7001, b"server-outgoing-4"), knock(client.ipv6, 7001, b"server-outgoing-6"))
-        send(client, knock(server.ipv4, 7001, b"marker-payload"))
-        cap.wait_payload(b"marker-payload")
+        send(
+            server,
+            knock(client.ipv4, 7001, shaped(b"server-outgoing-4")),
+            knock(client.ipv6, 7001, shaped(b"server-outgoing-6")),
+        )
+        send(client, knock(server.ipv4, 7001, shaped(b"marker-payload")))
+        cap.wait_payload(shaped(b"marker-payload"))
         payloads = [bytes.fromhex(d["payload"]) for d in cap.datagrams()]
-        assert b"server-outgoing-4" not in payloads and b"server-outgoing-6" not in payloads
+        assert shaped(b"server-outgoing-4") not in payloads and shaped(b"server-outgoing-6") not in payloads
     finally:
         cap.close()
 
@@ -345,12 +359,12 @@ def test_interfaces_limit_capture(net: TestNet) -> None:
     nft(server, DROP_INPUT)
     cap = packet_capture(net, interfaces=["lo"])
     try:
-        send(client, knock(server.ipv4, 7001, b"knock-via-eth0"))
+        send(client, knock(server.ipv4, 7001, shaped(b"knock-via-eth0")))
         wait_counter(server, "inet sknocktest", "input", 1)  # the taps have seen it by now
-        send(server, knock("127.0.0.1", 7001, b"marker-via-lo"))
-        got = cap.wait_payload(b"marker-via-lo")
+        send(server, knock("127.0.0.1", 7001, shaped(b"marker-via-lo")))
+        got = cap.wait_payload(shaped(b"marker-via-lo"))
         assert got["ifindex"] == ifindex(server, "lo")
-        assert [bytes.fromhex(d["payload"]) for d in cap.datagrams()] == [b"marker-via-lo"]
+        assert [bytes.fromhex(d["payload"]) for d in cap.datagrams()] == [shaped(b"marker-via-lo")]
     finally:
         cap.close()
 
@@ -365,9 +379,13 @@ def test_capture_keeps_working_after_dropping_privileges(net: TestNet) -> None:
     cap = packet_capture(net, drop_to="nobody")
     try:
         assert cap.ready["uid"] == cap.ready["euid"] == nobody.pw_uid
-        send(client, knock(server.ipv4, 7005, b"knock-after-setuid"), knock(server.ipv6, 7005, b"knock-after-setuid6"))
-        assert cap.wait_payload(b"knock-after-setuid")["source"] == client.ipv4
-        assert cap.wait_payload(b"knock-after-setuid6")["source"] == client.ipv6
+        send(
+            client,
+            knock(server.ipv4, 7005, shaped(b"knock-after-setuid")),
+            knock(server.ipv6, 7005, shaped(b"knock-after-setuid6")),
+        )
+        assert cap.wait_payload(shaped(b"knock-after-setuid"))["source"] == client.ipv4
+        assert cap.wait_payload(shaped(b"knock-after-setuid6"))["source"] == client.ipv6
     finally:
         cap.close()
 
@@ -377,17 +395,17 @@ def test_malformed_packets_counted_not_raised(net: TestNet) -> None:
     cap = packet_capture(net)
     try:
         server_mac = mac(server, "eth0")
-        bad_checksum = ipv4(udp(b"bad header checksum", 1, 7001), client.ipv4, server.ipv4, good_checksum=False)
+        bad_checksum = ipv4(udp(shaped(b"bad header checksum"), 1, 7001), client.ipv4, server.ipv4, good_checksum=False)
         hop_not_first = ipv6(
-            udp(b"hop-by-hop second", 1, 7001), client.ipv6, server.ipv6, extensions=[(60, b""), (0, b"")]
+            udp(shaped(b"hop-by-hop second"), 1, 7001), client.ipv6, server.ipv6, extensions=[(60, b""), (0, b"")]
         )
         send(
             client,
             {"op": "raw", "ifname": "eth0", "ethertype": 0x0800, "mac": server_mac, "packet": bad_checksum.hex()},
             {"op": "raw", "ifname": "eth0", "ethertype": 0x86DD, "mac": server_mac, "packet": hop_not_first.hex()},
-            knock(server.ipv4, 7001, b"marker-payload"),
+            knock(server.ipv4, 7001, shaped(b"marker-payload")),
         )
-        cap.wait_payload(b"marker-payload")
+        cap.wait_payload(shaped(b"marker-payload"))
         assert len(cap.datagrams()) == 1
         assert cap.finish() == {"ipv4-checksum": 1, "ext-header": 1}
     finally:
@@ -399,11 +417,11 @@ def test_burst_drained_in_bounded_batches(net: TestNet) -> None:
     nft(server, DROP_INPUT)
     cap = packet_capture(net, max_count=16)
     try:
-        send(client, knock(server.ipv4, 7001, b"burst-payload", count=300))
+        send(client, knock(server.ipv4, 7001, shaped(b"burst-payload"), count=300))
         wait_counter(server, "inet sknocktest", "input", 300)
-        send(client, knock(server.ipv4, 7001, b"marker-payload"))
-        cap.wait_payload(b"marker-payload")
-        assert sum(1 for d in cap.datagrams() if d["payload"] == b"burst-payload".hex()) == 300
+        send(client, knock(server.ipv4, 7001, shaped(b"marker-payload")))
+        cap.wait_payload(shaped(b"marker-payload"))
+        assert sum(1 for d in cap.datagrams() if d["payload"] == shaped(b"burst-payload").hex()) == 300
         assert max(line["batch"] for line in cap.lines if "batch" in line) <= 16
     finally:
         cap.close()
@@ -443,8 +461,8 @@ def test_interface_down_is_counted_and_capture_resumes(net: TestNet) -> None:
         # The kernel reports ENETDOWN once on a packet socket bound to an interface going down.
         server.run("ip", "link", "set", "eth0", "down")
         server.run("ip", "link", "set", "eth0", "up")
-        send(client, knock(server.ipv4, 7001, b"knock-after-link-flap"))
-        assert cap.wait_payload(b"knock-after-link-flap")["source"] == client.ipv4
+        send(client, knock(server.ipv4, 7001, shaped(b"knock-after-link-flap")))
+        assert cap.wait_payload(shaped(b"knock-after-link-flap"))["source"] == client.ipv4
         assert cap.finish() == {"socket-error": 1, "socket-error-ENETDOWN": 1}
     finally:
         cap.close()

@@ -16,11 +16,20 @@ packet and keeps only what may be a knock, so that userspace never copies the re
    or destination-options headers are walked (the loop is unrolled, classic BPF has no backward
    jumps), and the header after them must be UDP; fragments and every other header are dropped;
 5. the UDP destination port lies in one of ``ports`` (``None``: any port);
-6. the UDP length field is at least ``8 + min_payload`` and no larger than the bytes present.
+6. with ``knock_shape`` (the default), the payload has a knock's shape (:mod:`sknock.protocol.wire`):
+   it starts with :data:`~sknock.protocol.wire.MAGIC` and :data:`~sknock.protocol.wire.VERSION`, its
+   suite byte is one of :data:`~sknock.protocol.wire.SUITES` and its flags byte is 0;
+7. the UDP length field is at least ``8 + min_payload``, with ``knock_shape`` exactly ``8 +`` one of
+   :data:`~sknock.protocol.wire.BUCKETS`, and no larger than the bytes present.
 
-Everything the filter passes is parsed again, strictly, by :mod:`sknock.server.packet`; the filter is
-a cheap first cut, not the validation.  Out-of-bounds loads make classic BPF return 0, so a packet
-shorter than any offset read here is dropped.
+Everything the filter passes is parsed again, strictly, by :mod:`sknock.server.packet`, and the knock
+header by :func:`sknock.protocol.wire.precheck`; the filter is a cheap first cut, not the validation.
+The shape check exists for floods: random bytes of a knock's size would otherwise each cost a receive
+and a pre-check in Python, and at a high enough rate overflow the socket and lose valid knocks with
+the junk; now about one random datagram of the right size in 2**39 gets through (24 bits of magic
+and version, 7 of suite, 8 of flags).
+Out-of-bounds loads make classic BPF return 0, so a packet shorter than any offset read here is
+dropped.
 
 The program is built from plain data (:class:`Instruction`) so it can be inspected and packed;
 :func:`pack` gives the ``struct sock_filter`` array the socket side puts behind a ``sock_fprog``.
@@ -33,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..protocol import wire
 from .packet import MAX_EXTENSION_HEADERS
 
 __all__ = ["Instruction", "build_filter", "pack", "DEFAULT_MAX_PACKET", "MAX_PORT_RANGES"]
@@ -60,6 +70,12 @@ _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
 _UDP = 17
 _IPV6_WALKED = (0, 43, 60)  # hop-by-hop, routing, destination options
+_UDP_HEADER = 8
+# The knock header the filter checks (docs/protocol.md): magic, version, suite, work_bits, flags.
+_KNOCK_PREFIX = wire.MAGIC + bytes([wire.VERSION])  # one 32-bit load covers it and the suite byte
+_KNOCK_SUITE_OFFSET = len(_KNOCK_PREFIX)  # 3
+_KNOCK_FLAGS_OFFSET = _KNOCK_SUITE_OFFSET + 2  # 5, after work_bits
+assert len(_KNOCK_PREFIX) == 3, "the magic check loads magic + version + suite as one word"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +154,14 @@ def build_filter(
     min_payload: int,
     ports: Sequence[tuple[int, int]] | None,
     max_packet: int = DEFAULT_MAX_PACKET,
+    knock_shape: bool = True,
 ) -> tuple[Instruction, ...]:
     """The filter program for an ``AF_PACKET``/``SOCK_DGRAM`` socket (see the module docstring).
 
     ``ports`` holds inclusive ``(first, last)`` UDP destination port ranges, or ``None`` for any.
+    ``min_payload`` is the smallest UDP payload passed; ``knock_shape`` also requires a payload of
+    exactly a bucket size with a version-1 knock header (magic, version, known suite, flags 0), which
+    makes ``min_payload`` moot unless it exceeds a bucket size.
     Raises :class:`~sknock.errors.ConfigError` for values no packet could satisfy sensibly.
     """
     if not 0 <= min_payload <= 65535 - 8:
@@ -218,15 +238,37 @@ def build_filter(
             a.label(nxt)
         a.op(_RET | _K, 0)
     a.label("port_ok")
+    if knock_shape:
+        # Payload bytes 0..3 (at X + 8): magic and version, then the suite; byte 5: flags.  Random
+        # junk fails the first test, so it costs the kernel a handful of instructions and Python
+        # nothing.  The loads stay inside the UDP datagram: its length is checked below to be a
+        # bucket size (>= 6) and within the packet.
+        a.op(_LD | _W | _IND, _UDP_HEADER)
+        a.op(_ALU | _AND | _K, 0xFFFFFF00)
+        a.jump(_JMP | _JEQ | _K, int.from_bytes(_KNOCK_PREFIX + b"\0", "big"), None, "reject")
+        a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_SUITE_OFFSET)
+        suites = sorted(wire.SUITES)
+        for suite in suites[:-1]:
+            a.jump(_JMP | _JEQ | _K, suite, "suite_ok", None)
+        a.jump(_JMP | _JEQ | _K, suites[-1], None, "reject")
+        a.label("suite_ok")
+        a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_FLAGS_OFFSET)
+        a.jump(_JMP | _JEQ | _K, 0, None, "reject")
     a.op(_LD | _H | _IND, 4)  # UDP length
-    a.jump(_JMP | _JGE | _K, 8 + min_payload, None, "short")
+    a.jump(_JMP | _JGE | _K, _UDP_HEADER + min_payload, None, "reject")
+    if knock_shape:
+        buckets = sorted(set(wire.BUCKETS))
+        for size in buckets[:-1]:
+            a.jump(_JMP | _JEQ | _K, _UDP_HEADER + size, "length_ok", None)
+        a.jump(_JMP | _JEQ | _K, _UDP_HEADER + buckets[-1], None, "reject")
+        a.label("length_ok")
     a.op(_ST, 1)
     a.op(_LD | _W | _LEN)
     a.op(_ALU | _SUB | _X)  # bytes from the UDP header to the end of the packet
     a.op(_LDX | _W | _MEM, 1)
-    a.jump(_JMP | _JGE | _X, 0, None, "short")
+    a.jump(_JMP | _JGE | _X, 0, None, "reject")
     a.op(_RET | _K, max_packet)
-    a.label("short")
+    a.label("reject")
     a.op(_RET | _K, 0)
     program = a.resolve()
     assert len(program) <= _BPF_MAXINSNS
