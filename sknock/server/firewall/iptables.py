@@ -23,7 +23,7 @@ ACCEPT cannot override a drop in the nft ruleset -- use the nftables backend the
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
@@ -268,6 +268,43 @@ class IptablesFirewall(Firewall):
                 chain.delete_rule(rule)
 
         self._apply(f"closing {opening}", fam, remove)
+
+    def apply(
+        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+    ) -> list[tuple[Opening, FirewallError]]:
+        """One table replacement per address family for the whole batch: the chain is read and parsed
+        once, instead of once per grant (each commit replaces the whole table, so per-grant commits
+        cost O(rules) each).  On failure, one change at a time for that family."""
+        failures: list[tuple[Opening, FirewallError]] = []
+        for fam in self._families:
+            fam_opens = [(o, d) for o, d in opens if o.address.version == fam.version]
+            fam_closes = [o for o in closes if o.address.version == fam.version]
+            if not fam_opens and not fam_closes:
+                continue
+            for _, duration in fam_opens:
+                check_duration(NAME, duration)
+
+            def change(table: Any, fam: _Family = fam, fam_opens: list[tuple[Opening, float]] = fam_opens,
+                       fam_closes: list[Opening] = fam_closes) -> None:
+                chain = self._chain(table)
+                present: dict[Opening, list[Any]] = {}
+                for rule in chain.rules:
+                    grant = _parse_grant(fam, rule)
+                    if grant is not None:
+                        present.setdefault(grant, []).append(rule)
+                for opening in fam_closes:
+                    for rule in present.pop(opening, []):  # duplicates too
+                        chain.delete_rule(rule)
+                for opening, _ in fam_opens:
+                    if opening not in present:
+                        chain.insert_rule(fam.grant_rule(opening), 0)
+                        present[opening] = []
+
+            try:
+                self._apply(f"applying {len(fam_opens)} opening(s), {len(fam_closes)} closing(s)", fam, change)
+            except FirewallError:
+                failures += super().apply(fam_opens, fam_closes)
+        return failures
 
     def openings(self) -> list[Opening]:
         found: list[Opening] = []
