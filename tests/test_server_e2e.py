@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -303,7 +304,7 @@ def test_kill_9_the_kernel_still_ends_the_grant_and_the_next_start_cleans_up(pki
             killed = time.monotonic()
             # the workers see their channels close and stop
             for worker in workers:
-                wait_for(lambda w=worker: gone(w), 5, f"worker {worker} exits after the firewall process died")
+                wait_for(partial(gone, worker), 5, f"worker {worker} exits after the firewall process died")
             assert "the firewall process has gone; worker stops" in server.log_text()
             # nobody tore the table down: the grant is still there, and the kernel ends it on time
             assert server.nft_ruleset().count("table inet sknock") == 1
