@@ -200,6 +200,16 @@ def test_password_from_environment(cli: CLI) -> None:
     load_client_pfx(cli.dir / "client/envuser.pfx", "env-pfx-pw")
 
 
+def test_the_ca_password_alone_is_enough(cli: CLI) -> None:
+    """The documented way: SKNOCK_PFX_PASSWORD only. The new file then shares the CA password, and the
+    tool says so (on stderr, without the password)."""
+    proc = cli("client", "sameuser", "--allow", "tcp/22", pw=False, env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD})
+    assert proc.returncode == 0, proc.stderr
+    assert "protected with the CA password" in proc.stderr
+    assert CA_PASSWORD not in proc.stdout + proc.stderr
+    load_client_pfx(cli.dir / "client/sameuser.pfx", CA_PASSWORD)
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [

@@ -64,6 +64,15 @@ def _pfx_password(args: argparse.Namespace, name: str) -> bytes:
         if not first:
             raise CredentialError("empty password entered")
         return first
+    if path is None and not os.environ.get(NEW_PFX_ENV):
+        # As documented: the password comes from --password-file, $SKNOCK_PFX_PASSWORD or a prompt.
+        # Without a separate one for the new file, it shares the CA's -- say so, and how to avoid it.
+        print(
+            f"{PROG}: note: {name}.pfx is protected with the CA password; give it its own with "
+            f"--pfx-password-file or ${NEW_PFX_ENV}",
+            file=sys.stderr,
+        )
+        return _ca_password(args)
     return resolve_password(path, env_var=NEW_PFX_ENV, interactive=False)
 
 
