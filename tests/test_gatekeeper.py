@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ class RecordingFirewall(Firewall):
 
     def __init__(self, refuse: Sequence[Opening] = ()) -> None:
         self.batches: list[tuple[list[tuple[Opening, float]], list[Opening]]] = []
+        self.known: list[set[Opening]] = []
         self.open_now: dict[Opening, float] = {}
         self.refuse = set(refuse)
         self.torn_down = False
@@ -44,10 +45,14 @@ class RecordingFirewall(Firewall):
         self.open_now.pop(opening, None)
 
     def apply(
-        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+        self,
+        opens: Sequence[tuple[Opening, float]],
+        closes: Sequence[Opening],
+        known: Collection[Opening] | None = None,
     ) -> list[tuple[Opening, FirewallError]]:
         self.batches.append((list(opens), list(closes)))
-        return super().apply(opens, closes)
+        self.known.append(set(known or ()))
+        return super().apply(opens, closes, known)
 
     def openings(self) -> list[Opening]:
         return list(self.open_now)
@@ -112,6 +117,16 @@ def test_a_nonce_seen_from_another_worker_is_refused(setup, caplog) -> None:  # 
     drain(gatekeeper)
     assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
     assert any("replay (its nonce was granted by another worker)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_backend_is_told_which_openings_may_exist(setup) -> None:  # type: ignore[no-untyped-def]
+    gatekeeper, firewall, workers, _ = setup
+    workers[0].send(request("open", A, 22, b"\x0a" * 16))
+    drain(gatekeeper)
+    workers[0].send(request("open", A, 22, b"\x0b" * 16))  # a new knock extends the grant
+    workers[0].send(request("open", A, 23, b"\x0c" * 16))
+    drain(gatekeeper)
+    assert firewall.known == [set(), {Opening(A, Protocol.TCP, 22)}]
 
 
 def test_the_ports_of_one_knock_share_its_nonce(setup) -> None:  # type: ignore[no-untyped-def]

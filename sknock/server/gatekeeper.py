@@ -152,7 +152,8 @@ class Gatekeeper:
             final[request.opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
         closes = [o for o, r in final.items() if r.op == "close"]
-        failed = {opening for opening, _ in self._apply(opens, closes)}
+        known = {o for o, _ in opens if o in self.grants}
+        failed = {opening for opening, _ in self._apply(opens, closes, known)}
         now = self.clock()
         # One log line per knock (its ports together), written once the firewall has it.
         done: dict[tuple[bytes, str, Literal["open", "close"], float, str], list[str]] = {}
@@ -179,10 +180,10 @@ class Gatekeeper:
                 log.info("closing %s for %s at its request (%s)", ",".join(ports), who, client)
 
     def _apply(
-        self, opens: list[tuple[Opening, float]], closes: list[Opening]
+        self, opens: list[tuple[Opening, float]], closes: list[Opening], known: set[Opening] | None = None
     ) -> list[tuple[Opening, SknockError]]:
         try:
-            failures: list[tuple[Opening, SknockError]] = list(self.firewall.apply(opens, closes))
+            failures: list[tuple[Opening, SknockError]] = list(self.firewall.apply(opens, closes, known))
         except SknockError as exc:  # a backend that fails as a whole
             failures = [(o, exc) for o, _ in opens] + [(o, exc) for o in closes]
         for opening, error in failures:

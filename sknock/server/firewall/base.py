@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import ipaddress
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,11 +119,16 @@ class Firewall(abc.ABC):
         """Withdraw ``opening``.  Closing something not open is not an error."""
 
     def apply(
-        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+        self,
+        opens: Sequence[tuple[Opening, float]],
+        closes: Sequence[Opening],
+        known: Collection[Opening] | None = None,
     ) -> list[tuple[Opening, FirewallError]]:
         """Close ``closes``, then open (or extend) ``opens``; return what failed, with why (the rest is
         applied).  Backends that can do it in one kernel transaction override this: under load the
-        daemon hands over everything its workers asked for since the last turn."""
+        daemon hands over everything its workers asked for since the last turn.  ``known``: the
+        openings that may already be in place (the daemon's grant table); the others are new, which
+        lets a backend skip the work of replacing them (None: any may exist)."""
         failures: list[tuple[Opening, FirewallError]] = []
         for opening in closes:
             try:

@@ -23,7 +23,7 @@ ACCEPT cannot override a drop in the nft ruleset -- use the nftables backend the
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
@@ -270,7 +270,10 @@ class IptablesFirewall(Firewall):
         self._apply(f"closing {opening}", fam, remove)
 
     def apply(
-        self, opens: Sequence[tuple[Opening, float]], closes: Sequence[Opening]
+        self,
+        opens: Sequence[tuple[Opening, float]],
+        closes: Sequence[Opening],
+        known: Collection[Opening] | None = None,
     ) -> list[tuple[Opening, FirewallError]]:
         """One table replacement per address family for the whole batch: the chain is read and parsed
         once, instead of once per grant (each commit replaces the whole table, so per-grant commits
