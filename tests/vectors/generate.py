@@ -49,7 +49,9 @@ def main() -> None:
         ephemeral_key=ephemeral,
     )
     shared = ephemeral.exchange(ec.ECDH(), server.public_key())
-    point = ephemeral.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    point = ephemeral.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
     vector = {
         "server_private_scalar": f"{server.private_numbers().private_value:064x}",
         "client_private_scalar": f"{client.private_numbers().private_value:064x}",
