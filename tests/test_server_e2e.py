@@ -477,3 +477,26 @@ def test_second_knock_extends_the_window(pki: TestPKI, backend: str) -> None:
         assert time.monotonic() > first_end + 0.5
         assert probe(net)[0] == "refused"
         assert server.stop() == 0
+
+
+# -- captureMode = udp: an ordinary UDP socket on the knock port --------------------------------------------
+
+
+def test_udp_capture_mode_keeps_only_the_knock_port_open(pki: TestPKI) -> None:
+    """With captureMode = udp the server binds the knock port; firewallPolicy drop on every port must
+    then leave that one UDP port open (and nothing else), or no knock could arrive."""
+    require_netns()
+    with TestNet.create("sku") as net, RunningServer.start(
+        net, pki, wait=True, **options("nftables", "drop", protectedPorts="all", captureMode="udp",
+                                       knockPorts="40000")
+    ) as server:
+        server.serve_tcp(PORT)
+        assert "udp dport 40000 accept" in server.nft_ruleset()
+        assert_closed(net, "drop")
+        knock_from_client(net, pki.alice, pki, PORT, knock_port=40001)  # not the knock port: dropped
+        time.sleep(1.0)
+        assert "granted" not in server.log_text()
+        knock_from_client(net, pki.alice, pki, PORT, knock_port=40000)
+        server.wait_log(f"granted tcp/{PORT} to {net.client.ipv4}")
+        wait_open(net)
+        assert server.stop() == 0
