@@ -92,15 +92,20 @@ class RunningServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_log(self, needle: str, *, timeout: float = 10, count: int = 1) -> str:
-        """Wait until ``needle`` appears ``count`` times in the server log; return the log."""
+    def mark(self) -> int:
+        """A place in the log: pass it as ``since`` to wait only for what comes after."""
+        return len(self.log_text())
+
+    def wait_log(self, needle: str, *, timeout: float = 10, count: int = 1, since: int = 0) -> str:
+        """Wait until ``needle`` appears ``count`` times in the server log after ``since``; return that
+        part of the log."""
         deadline = time.monotonic() + timeout
         while True:
-            text = self.log_text()
+            text = self.log_text()[since:]
             if text.count(needle) >= count:
                 return text
             if self.process.poll() is not None:
-                raise AssertionError(f"server exited ({self.process.returncode}) before {needle!r}:\n{text}")
+                raise AssertionError(f"server exited ({self.process.returncode}) before {needle!r}:\n{self.log_text()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{needle!r} not in the server log within {timeout} s:\n{text}")
             time.sleep(0.05)

@@ -111,19 +111,11 @@ class Knocker:
     own: OwnCA
 
     def mark(self) -> int:
-        return len(self.server.log_text())
+        return self.server.mark()
 
     def wait_new(self, mark: int, needle: str, timeout: float = 15) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.server.log_text()[mark:]
-            if needle in text:
-                return text
-            if self.server.process.poll() is not None:
-                raise AssertionError(f"server exited before {needle!r}:\n{self.server.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not logged within {timeout} s; new log:\n{text}")
-            time.sleep(0.05)
+        """Wait until ``needle`` appears in the log after ``mark``; return that part of the log."""
+        return self.server.wait_log(needle, timeout=timeout, since=mark)
 
     def knock(self, name: str, port: int) -> None:
         body = (

@@ -38,20 +38,11 @@ class Site:
         return self.net.client.ipv4
 
     def mark(self) -> int:
-        return len(self.server.log_text())
+        return self.server.mark()
 
     def wait_new(self, mark: int, needle: str, timeout: float = 10) -> str:
         """Wait until ``needle`` appears in the log after ``mark``; return that part of the log."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.server.log_text()[mark:]
-            if needle in text:
-                return text
-            if self.server.process.poll() is not None:
-                raise AssertionError(f"server exited before {needle!r}:\n{self.server.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not logged within {timeout} s; new log:\n{text}")
-            time.sleep(0.05)
+        return self.server.wait_log(needle, timeout=timeout, since=mark)
 
     def client(self, who: str, body: str, timeout: float = 30) -> str:
         """Run ``body`` in the client namespace with ``c``, a KnockClient for pki.<who>, and
