@@ -450,6 +450,24 @@ def test_scheduled_job_survives_a_crash(tmp_path: Path, ca_key: ec.EllipticCurve
     assert len(scheduler.jobs) == 1
 
 
+def test_each_result_reaches_on_result_and_its_crash_is_logged(
+    server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    server.body, server.etag = make_crl(ca_key), '"v1"'
+    scheduler = schedule.Scheduler()
+    results: list[RefreshResult] = []
+    job = schedule_refresh(refresher_for(server.url, tmp_path, ca_key), 30, scheduler, lambda: NOW, results.append)
+    job.run()  # what the daemon does at start and on SIGHUP
+    assert [r.status for r in results] == ["updated"] and results[0].crl is not None
+
+    def broken(result: RefreshResult) -> None:
+        raise RuntimeError("adopting the CRL exploded")
+
+    crashing = schedule_refresh(refresher_for(server.url, tmp_path, ca_key), 30, schedule.Scheduler(), lambda: NOW,
+                                broken)
+    crashing.run()  # logged, not raised: the worker keeps serving with its last good CRL
+
+
 @pytest.mark.parametrize("minutes", [0, -5, True, 1.5])
 def test_schedule_refresh_rejects_bad_intervals(
     tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, minutes: object

@@ -314,19 +314,21 @@ def schedule_refresh(
     minutes: int,
     scheduler: schedule.Scheduler,
     clock: Callable[[], datetime],
+    on_result: Callable[[RefreshResult], None] = lambda result: None,
 ) -> Any:
-    """Run ``refresher.refresh(clock())`` every ``minutes`` on ``scheduler``; returns the schedule Job.
+    """Run ``refresher.refresh(clock())`` every ``minutes`` on ``scheduler`` and hand each result to
+    ``on_result``; returns the schedule Job (``job.run()`` refreshes now, as on SIGHUP).
 
     The daemon owns the Scheduler and calls ``run_pending()`` from its loop, so no thread is started
-    here.  An unexpected exception in a refresh is logged, not raised, so a bug in the CRL edge does
-    not stop the knock server (which keeps its last good CRL).
+    here.  An unexpected exception in a refresh or in ``on_result`` is logged, not raised, so a bug in
+    the CRL edge does not stop the knock server (which keeps its last good CRL).
     """
     if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
         raise ValueError(f"CRL refresh interval must be a whole number of minutes >= 1, not {minutes!r}")
 
     def job() -> None:
         try:
-            refresher.refresh(clock())
+            on_result(refresher.refresh(clock()))
         except Exception:
             _log.exception("CRL refresh from %s crashed; keeping the last good CRL", refresher.source)
 

@@ -34,7 +34,7 @@ from ..trust import ClientVerifier, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import CrlRefresher
+from .crl_refresh import CrlRefresher, RefreshResult, schedule_refresh
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .gatekeeper import CRL_PREFIX, MAX_CRL_MESSAGE, Gatekeeper
 from .privsep import drop_privileges
@@ -206,8 +206,7 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     )
     current: list[object] = [server.crl]
 
-    def refresh() -> None:
-        result = refresher.refresh(dt.datetime.now(dt.UTC))
+    def adopt(result: RefreshResult) -> None:
         level = logging.WARNING if result.status == "failed" or result.stale else logging.INFO
         log.log(level, "CRL refresh: %s", result.message)
         if result.stale:
@@ -220,10 +219,12 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
             verifier.set_trust(server.trust(result.crl))  # type: ignore[arg-type]
             log.info("using the new CRL; certificate cache dropped")
 
-    refresh()
-    scheduler.every(config.crl_update_interval_minutes).minutes.do(refresh)
+    job = schedule_refresh(
+        refresher, config.crl_update_interval_minutes, scheduler, lambda: dt.datetime.now(dt.UTC), adopt
+    )
+    job.run()  # at start, and again on SIGHUP (which also restarts the interval)
     Worker(
-        verifier=verifier, capture=capture, channel=channel, run_pending=scheduler.run_pending, on_hangup=refresh
+        verifier=verifier, capture=capture, channel=channel, run_pending=scheduler.run_pending, on_hangup=job.run
     ).run()
 
 
