@@ -8,6 +8,7 @@ import math
 import os
 import pwd
 import select
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -25,23 +26,38 @@ from sknock.server.privsep import (
     drop_privileges,
     encode_request,
     parse_request,
+    printable_client,
 )
 
 MAX = 3600.0
+LAYOUT = struct.Struct("!BBBBHdd16s16s")  # written out again here, as the docstring of privsep.py states it
 GOOD: dict[str, Any] = {
-    "op": "open",
-    "address": "198.18.0.2",
-    "protocol": "tcp",
+    "op": 1,
+    "family": 4,
+    "protocol": 1,
+    "reserved": 0,
     "port": 22,
-    "duration": 15,
-    "client": "CN=alice",
-    "nonce": "00112233445566778899aabbccddeeff",
+    "duration": 15.0,
     "expires": 1767225607.5,
+    "address": bytes([198, 18, 0, 2]) + bytes(12),
+    "nonce": bytes.fromhex("00112233445566778899aabbccddeeff"),
+    "client": b"CN=alice",
 }
+ALICE = GrantRequest(
+    "open", Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 22), 15.0, "CN=alice",
+    bytes.fromhex("00112233445566778899aabbccddeeff"), 1767225607.5,
+)
 
 
 def message(**changes: Any) -> bytes:
-    return json.dumps({**GOOD, **changes}).encode()
+    f = {**GOOD, **changes}
+    fixed = LAYOUT.pack(f["op"], f["family"], f["protocol"], f["reserved"], f["port"], f["duration"], f["expires"],
+                        f["address"], f["nonce"])
+    return fixed + f["client"]
+
+
+def v6(text: str) -> bytes:
+    return ipaddress.IPv6Address(text).packed
 
 
 def refused(data: bytes, max_duration: float = MAX) -> str:
@@ -51,13 +67,12 @@ def refused(data: bytes, max_duration: float = MAX) -> str:
 
 
 def test_the_good_message_parses() -> None:
+    assert message() == encode_request(ALICE)
     request = parse_request(message(), max_duration=MAX)
-    assert request == GrantRequest(
-        "open", Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 22), 15.0, "CN=alice",
-        bytes.fromhex("00112233445566778899aabbccddeeff"), 1767225607.5,
-    )
+    assert request == ALICE
     assert isinstance(request.duration, float)
-    assert parse_request(message(op="close", protocol="udp", address="fd00::2"), max_duration=MAX).op == "close"
+    close = parse_request(message(op=2, protocol=0, family=6, address=v6("fd00::2")), max_duration=MAX)
+    assert (close.op, close.opening.protocol, str(close.opening.address)) == ("close", Protocol.UDP, "fd00::2")
 
 
 # -- hostile input: anything is a GrantRequest or a PrivsepError ------------------------------------------------
@@ -73,7 +88,12 @@ def _parse_or_privsep_error(data: bytes) -> GrantRequest | None:
     assert 1 <= request.opening.port <= 65535
     assert 0 < request.duration <= MAX
     assert not request.opening.address.is_multicast and not request.opening.address.is_unspecified
+    assert request.opening.address != _BROADCAST
+    assert request.client.isprintable() and len(request.client) <= 200
     return request
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @settings(max_examples=400, deadline=None)
@@ -82,31 +102,32 @@ def test_any_bytes_give_a_request_or_a_privsep_error(data: bytes) -> None:
     _parse_or_privsep_error(data)
 
 
-_json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**30), max_value=10**400)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=40)
-    | st.sampled_from(["open", "close", "tcp", "udp", "TCP", " tcp", "198.18.0.2", "fd00::2", "fe80::1%eth0",
-                       "224.0.0.1", "0.0.0.0", "::", "ff02::1", "1.2.3.4/32"])
-)
-_json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
-                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+_fields = {
+    "op": st.integers(0, 255),
+    "family": st.sampled_from([4, 6]) | st.integers(0, 255),
+    "protocol": st.integers(0, 255),
+    "reserved": st.integers(0, 255),
+    "port": st.integers(0, 65535),
+    "duration": st.floats(allow_nan=True, allow_infinity=True),
+    "expires": st.floats(allow_nan=True, allow_infinity=True),
+    "address": st.binary(min_size=16, max_size=16)
+    | st.ip_addresses(v=4).map(lambda a: a.packed + bytes(12))
+    | st.sampled_from([bytes(16), bytes([224, 0, 0, 1]) + bytes(12), b"\xff" * 4 + bytes(12), v6("ff02::1")]),
+    "nonce": st.binary(min_size=16, max_size=16),
+    "client": st.binary(max_size=900) | st.text(max_size=250).map(str.encode),
+}
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(GOOD)), _json_values), st.booleans())
-def test_any_json_fields_give_a_request_or_a_privsep_error(fields: dict[str, Any], complete: bool) -> None:
-    """Structured input reaches the field checks (random bytes almost never do)."""
-    data = json.dumps({**GOOD, **fields} if complete else fields).encode()
-    request = _parse_or_privsep_error(data)
+@given(st.fixed_dictionaries({}, optional=_fields))
+def test_any_field_values_give_a_request_or_a_privsep_error(fields: dict[str, Any]) -> None:
+    """Structured input reaches the field checks (random bytes rarely pass the first ones)."""
+    request = _parse_or_privsep_error(message(**fields))
     if request is not None:
         # whatever was accepted is exactly what the worker could have sent
         assert parse_request(encode_request(request), max_duration=MAX) == request
 
 
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _addresses = st.ip_addresses().filter(lambda a: not a.is_multicast and not a.is_unspecified and a != _BROADCAST)
 _requests = st.builds(
     GrantRequest,
@@ -114,7 +135,7 @@ _requests = st.builds(
     opening=st.builds(Opening, address=_addresses, protocol=st.sampled_from(Protocol),
                       port=st.integers(1, 65535)),
     duration=st.floats(min_value=0.001, max_value=MAX) | st.integers(1, int(MAX)).map(float),
-    client=st.text(max_size=200),
+    client=st.text(max_size=300),
     nonce=st.binary(min_size=16, max_size=16),
     expires=st.floats(0, 2**40, exclude_max=True),
 )
@@ -124,20 +145,24 @@ _requests = st.builds(
 @given(_requests)
 def test_round_trip(request: GrantRequest) -> None:
     """Every request the worker can make fits one message and comes back unchanged -- whatever the
-    client's subject holds (a certificate subject may be any Unicode)."""
+    client's subject holds (a certificate subject may be any Unicode): the name is cut to 200
+    characters and its control characters become '?'."""
     data = encode_request(request)
     assert len(data) <= MAX_MESSAGE
     back = parse_request(data, max_duration=MAX)
     assert (back.op, back.opening, back.duration) == (request.op, request.opening, request.duration)
     assert (back.nonce, back.expires) == (request.nonce, request.expires)
-    assert request.client.startswith(back.client)
+    assert back.client == printable_client(request.client)
+    assert len(back.client) == min(200, len(request.client))
 
 
-def test_client_names_are_cut_to_200_characters() -> None:
+def test_client_names_are_cut_to_200_characters_and_kept_printable() -> None:
     opening = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 22)
     back = parse_request(encode_request(GrantRequest("open", opening, 1.0, "x" * 500)), max_duration=MAX)
     assert back.client == "x" * 200
-    assert parse_request(message(client="y" * 300), max_duration=MAX).client == "y" * 200
+    forged = "CN=alice\n2026-11-22 05:00:00,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 203.0.113.9"
+    back = parse_request(encode_request(GrantRequest("open", opening, 1.0, forged)), max_duration=MAX)
+    assert "\n" not in back.client and back.client.startswith("CN=alice?2026")
 
 
 def test_a_long_non_ascii_subject_still_fits_one_message() -> None:
@@ -152,26 +177,20 @@ def test_a_long_non_ascii_subject_still_fits_one_message() -> None:
 # -- every rule ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nonce", ["", "00" * 15, "00" * 17, "0G" * 16, "AA" * 16, 7, None, ["00" * 16]])
-def test_bad_nonces(nonce: object) -> None:
-    assert "nonce" in refused(message(nonce=nonce))
-
-
-@pytest.mark.parametrize("expires", [-1.0, float(2**40), 7, "1.0", None, True])
-def test_bad_nonce_expiries(expires: object) -> None:
+@pytest.mark.parametrize("expires", [-1.0, float(2**40), math.nan, math.inf, -math.inf])
+def test_bad_nonce_expiries(expires: float) -> None:
     assert "expir" in refused(message(expires=expires))
 
 
 def test_replay_key_leaves_out_the_address() -> None:
     a = parse_request(message(), max_duration=MAX)
-    b = parse_request(message(address="198.18.0.66"), max_duration=MAX)
+    b = parse_request(message(address=bytes([198, 18, 0, 66]) + bytes(12)), max_duration=MAX)
     assert a.replay_key == b.replay_key
     assert parse_request(message(port=23), max_duration=MAX).replay_key != a.replay_key
 
 
-@pytest.mark.parametrize("port", [0, 65536, -1, True, False, 22.0, "22", None, [22], 10**30])
-def test_bad_ports(port: object) -> None:
-    assert "bad port" in refused(message(port=port))
+def test_bad_port() -> None:
+    assert "bad port" in refused(message(port=0))
 
 
 @pytest.mark.parametrize("port", [1, 65535])
@@ -179,81 +198,61 @@ def test_port_bounds(port: int) -> None:
     assert parse_request(message(port=port), max_duration=MAX).opening.port == port
 
 
-@pytest.mark.parametrize("duration", [0, 0.0, -1, -0.5, MAX + 0.001, MAX + 1, True, "15", None, 10**309, -(10**309)])
-def test_bad_durations(duration: object) -> None:
+@pytest.mark.parametrize("duration", [0.0, -0.0, -1.0, -0.5, MAX + 0.001, MAX + 1, math.nan, math.inf, -math.inf])
+def test_bad_durations(duration: float) -> None:
     assert "bad duration" in refused(message(duration=duration))
-
-
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_non_finite_durations(literal: str) -> None:
-    data = message().replace(b'"duration": 15', b'"duration": ' + literal.encode())
-    assert literal.encode() in data
-    assert "bad duration" in refused(data)
 
 
 def test_duration_bounds_follow_max_duration() -> None:
     assert parse_request(message(duration=MAX), max_duration=MAX).duration == MAX
     assert parse_request(message(duration=0.001), max_duration=MAX).duration == 0.001
-    assert "at most 60" in refused(message(duration=61), max_duration=60)
+    assert "at most 60" in refused(message(duration=61.0), max_duration=60)
     assert math.isclose(parse_request(message(duration=59.5), max_duration=60).duration, 59.5)
 
 
-@pytest.mark.parametrize("op", ["OPEN", "delete", "flush", "", None, 1, ["open"]])
-def test_unknown_ops(op: object) -> None:
+@pytest.mark.parametrize("op", [0, 3, 255])
+def test_unknown_ops(op: int) -> None:
     assert "unknown op" in refused(message(op=op))
 
 
-def test_fields_must_be_exactly_the_six() -> None:
-    assert "wrong fields" in refused(message(extra=1))
-    assert "wrong fields" in refused(message(command="rm -rf /"))
-    for name in GOOD:
-        fields = dict(GOOD)
-        del fields[name]
-        assert "wrong fields" in refused(json.dumps(fields).encode())
-    for top in (b"[]", b'"open"', b"1", b"null", json.dumps([GOOD]).encode()):
-        assert "wrong fields" in refused(top)
+@pytest.mark.parametrize(("protocol", "reserved"), [(2, 0), (6, 0), (17, 0), (255, 0), (1, 1), (0, 255)])
+def test_bad_protocols_and_reserved_byte(protocol: int, reserved: int) -> None:
+    assert "bad protocol" in refused(message(protocol=protocol, reserved=reserved))
 
 
 @pytest.mark.parametrize(
-    "address",
-    ["224.0.0.1", "239.255.255.250", "ff02::1", "ff05::2", "0.0.0.0", "::", "255.255.255.255"],
+    ("family", "address"),
+    [(4, "224.0.0.1"), (4, "239.255.255.250"), (4, "0.0.0.0"), (4, "255.255.255.255"),
+     (6, "ff02::1"), (6, "ff05::2"), (6, "::")],
 )
-def test_multicast_and_unspecified_addresses(address: str) -> None:
-    assert "cannot be granted" in refused(message(address=address))
+def test_multicast_unspecified_and_broadcast_addresses(family: int, address: str) -> None:
+    packed = ipaddress.ip_address(address).packed.ljust(16, b"\0")
+    assert "cannot be granted" in refused(message(family=family, address=packed))
 
 
-@pytest.mark.parametrize(
-    "address",
-    ["198.18.0.256", "198.18.0.0/24", "example.org", "", "fe80::1%eth0", "fe80::1%$(reboot)", "fd00::2%a b",
-     16909060, None, ["198.18.0.2"]],
-)
-def test_bad_addresses(address: object) -> None:
-    """Only an address in text, as the worker writes it: no integers, networks, names or IPv6 scope
-    ids (a scope is free text that would reach the firewall backend, e.g. a command template)."""
-    assert "bad address" in refused(message(address=address))
+def test_bad_address_families_and_padding() -> None:
+    for family in (0, 2, 10, 41, 255):
+        assert "bad address family" in refused(message(family=family))
+    assert "after its fourth" in refused(message(address=bytes([198, 18, 0, 2]) + bytes(11) + b"\1"))
+    # the same 16 bytes are a fine IPv6 address
+    assert str(parse_request(message(family=6, address=v6("fd00::2")), max_duration=MAX).opening.address) == "fd00::2"
 
 
-@pytest.mark.parametrize("protocol", ["icmp", "sctp", "", 6, 1, None, ["tcp"]])
-def test_bad_protocols(protocol: object) -> None:
-    assert "bad address or protocol" in refused(message(protocol=protocol))
-
-
-@pytest.mark.parametrize("client", [None, 1, ["CN=alice"], {"cn": "alice"}])
-def test_bad_client_names(client: object) -> None:
+@pytest.mark.parametrize("client", [b"\xff\xfe", b"CN=\xc3", b"CN=alice\nINFO forged", b"\x00", b"x" * 201,
+                                    "ж".encode() * 201])
+def test_bad_client_names(client: bytes) -> None:
     assert "bad client" in refused(message(client=client))
 
 
-def test_oversize_and_not_json() -> None:
-    big = message(client="x" * 100)
-    big += b" " * (MAX_MESSAGE + 1 - len(big))
-    assert len(big) == MAX_MESSAGE + 1
-    assert "exceeds" in refused(big)
+def test_empty_client_name_is_fine() -> None:
+    assert parse_request(message(client=b""), max_duration=MAX).client == ""
+
+
+def test_oversize_and_truncated() -> None:
+    assert "exceeds" in refused(message(client=b"x" * (MAX_MESSAGE + 1 - LAYOUT.size)))
     assert "exceeds" in refused(b"{" * 100_000)
-    padded = message(client="x") + b" " * (MAX_MESSAGE - len(message(client="x")))
-    assert len(padded) == MAX_MESSAGE
-    assert parse_request(padded, max_duration=MAX).client == "x"
-    for junk in (b"", b"\xff\xfe", b"{", b"open 1.2.3.4 tcp 22", b"\x00" * 20):
-        assert "not JSON" in refused(junk)
+    for junk in (b"", b"\x01", message()[: LAYOUT.size - 1], b"open 1.2.3.4 tcp 22"):
+        assert "shorter" in refused(junk)
 
 
 # -- drop_privileges --------------------------------------------------------------------------------------------------
