@@ -15,7 +15,7 @@ import pytest
 
 from sknock.ports import Protocol
 from sknock.server.firewall.base import Firewall, FirewallError, Opening
-from sknock.server.gatekeeper import CRL_PREFIX, Gatekeeper
+from sknock.server.gatekeeper import CRL_PREFIX, LOG_GROUP, Gatekeeper
 from sknock.server.privsep import GrantRequest, encode_request
 
 A = ipaddress.ip_address("198.18.0.2")
@@ -105,6 +105,34 @@ def test_everything_sent_since_the_last_turn_is_one_batch(setup, caplog) -> None
     assert len(firewall.batches[0][0]) == 50
     assert len(gatekeeper.grants) == 50
     assert sum("granted tcp/" in r.getMessage() for r in caplog.records) == 50
+
+
+def test_knocks_for_the_same_ports_share_log_lines_and_each_is_named(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A burst is logged in lines of at most LOG_GROUP knocks, each knock named by address and client;
+    a knock for two ports is one knock; an extension and a close have lines of their own."""
+    gatekeeper, _, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.firewall")
+    addresses = [ipaddress.ip_address(f"198.18.1.{i}") for i in range(1, 41)]
+    for i, address in enumerate(addresses):
+        workers[i % 2].send(request("open", address, 22, bytes([i]) * 16))
+    two_ports = bytes([100]) * 16
+    workers[0].send(request("open", A, 80, two_ports))
+    workers[0].send(request("open", A, 443, two_ports))
+    drain(gatekeeper)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("granted")]
+    tcp22 = [line for line in lines if line.startswith("granted tcp/22 to ")]
+    assert [line.count("(CN=alice)") for line in tcp22] == [LOG_GROUP, 40 - LOG_GROUP]
+    assert all(line.endswith(" for 15 s") for line in tcp22)
+    for address in addresses:
+        assert sum(f"{address} (CN=alice)" in line for line in tcp22) == 1
+    assert "granted tcp/80,tcp/443 to 198.18.0.2 (CN=alice) for 15 s" in lines
+    caplog.clear()
+    workers[1].send(request("open", addresses[0], 22, bytes([101]) * 16))
+    workers[1].send(request("close", addresses[1], 22, bytes([102]) * 16))
+    drain(gatekeeper)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "granted tcp/22 to 198.18.1.1 (CN=alice) for 15 s, extending an open grant" in messages
+    assert "closing tcp/22 for 198.18.1.2 (CN=alice) at its request" in messages
 
 
 def test_a_nonce_seen_from_another_worker_is_refused(setup, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -129,7 +129,7 @@ class Knocker:
     def granted(self, name: str, port: int) -> None:
         mark = self.mark()
         self.knock(name, port)
-        self.wait_new(mark, f"granted tcp/{port} to {self.net.client.ipv4} for")
+        self.wait_new(mark, f"granted tcp/{port} to {self.net.client.ipv4} (")
         assert self.server.reachable(port)
 
     def revoked(self, name: str, port: int) -> None:

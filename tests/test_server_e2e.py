@@ -436,7 +436,7 @@ def test_close_knock_closes_before_the_window_ends(pki: TestPKI, backend: str) -
         body = f"c.close({net.server.ipv4!r}, {PORT})\n"
         result = run_in_client(net, client_script(pki.alice, pki.server.cer, body))
         assert result.returncode == 0, result.stderr
-        server.wait_log(f"closing tcp/{PORT} for {net.client.ipv4} at its request")
+        server.wait_log(f"closing tcp/{PORT} for {net.client.ipv4} (CN=alice")
         wait_for(lambda: probe(net)[0] == "refused", 5, "closed after the close knock")
         assert time.monotonic() - opened < long_window / 2
         assert server.status()["grants"] == []

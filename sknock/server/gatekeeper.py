@@ -17,9 +17,8 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
 
 from ..errors import SknockError
 from ..fileio import write_atomic
@@ -36,6 +35,7 @@ CRL_PREFIX = b"CRL\0"
 MAX_CRL_MESSAGE = 4 << 20
 MAX_BATCH = 2048  # messages read from one worker before the batch is applied
 NONCE_CAPACITY = 1_000_000
+LOG_GROUP = 32  # knocks named in one log line
 
 
 class Gatekeeper:
@@ -138,46 +138,57 @@ class Gatekeeper:
     def apply(self, requests: Sequence[GrantRequest]) -> None:
         """Refuse replayed nonces, then apply the last word on each opening in one batch."""
         wall = self.wall_clock()
+        nonces = self.nonces
         final: dict[Opening, GrantRequest] = {}
         for request in requests:
-            nonce, protocol, port = request.replay_key
-            replay = nonce + bytes((protocol,)) + port.to_bytes(2, "big")
-            if self.nonces.seen(replay, wall):
-                log.info("refused knock from %s: replay (its nonce was granted by another worker)",
-                         request.opening.address)
+            opening = request.opening
+            replay = request.nonce + opening.port.to_bytes(2, "big") + bytes((opening.protocol,))
+            if nonces.seen(replay, wall):
+                log.info("refused knock from %s: replay (its nonce was granted by another worker)", opening.address)
                 continue
-            if not self.nonces.add(replay, request.expires, wall):
-                log.warning("refused knock from %s: overload (nonce cache full)", request.opening.address)
+            if not nonces.add(replay, request.expires, wall):
+                log.warning("refused knock from %s: overload (nonce cache full)", opening.address)
                 continue
-            final[request.opening] = request
+            final[opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
         closes = [o for o, r in final.items() if r.op == "close"]
-        known = {o for o, _ in opens if o in self.grants}
-        failed = {opening for opening, _ in self._apply(opens, closes, known)}
+        grants = self.grants
+        known = {o for o, _ in opens if o in grants}
+        failed = {opening for opening, _ in self._apply(opens, closes, known)} if final else set()
         now = self.clock()
-        # One log line per knock (its ports together), written once the firewall has it.
-        done: dict[tuple[bytes, str, Literal["open", "close"], float, str], list[str]] = {}
-        extensions: set[tuple[bytes, str, Literal["open", "close"], float, str]] = set()
+        knocks: dict[bytes, tuple[GrantRequest, list[str]]] = {}  # a knock is its nonce; its ports go together
         for opening, request in final.items():
             if opening in failed:
                 continue
-            extended = False
             if request.op == "open":
-                extended = self.grants.open(opening, request.duration, now, request.client)
-                log.debug("%s %s for %g s", "extended" if extended else "opened", opening, request.duration)
+                grants.open(opening, request.duration, now, request.client)
             else:
-                self.grants.close(opening)
-            knock = (request.nonce, str(opening.address), request.op, request.duration, request.client)
-            done.setdefault(knock, []).append(f"{opening.protocol.label}/{opening.port}")
-            if extended:
-                extensions.add(knock)
-        for knock, ports in done.items():
-            what, who, duration, client = knock[2], knock[1], knock[3], knock[4]
-            if what == "open":
-                more = ", extending an open grant" if knock in extensions else ""
-                log.info("granted %s to %s for %g s (%s)%s", ",".join(ports), who, duration, client, more)
+                grants.close(opening)
+            port = f"{opening.protocol.label}/{opening.port}"
+            entry = knocks.get(request.nonce)
+            if entry is None:
+                knocks[request.nonce] = (request, [port])
             else:
-                log.info("closing %s for %s at its request (%s)", ",".join(ports), who, client)
+                entry[1].append(port)
+        self._log_applied(knocks.values(), known)
+
+    @staticmethod
+    def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:
+        """Every applied knock, by address and client, once the firewall has it.  Knocks for the same
+        ports and duration share a line (at most LOG_GROUP of them): at thousands of grants a second, a
+        log record per knock cost the firewall process as much as the firewall itself."""
+        groups: dict[tuple[str, str, float, bool], list[str]] = {}
+        for request, ports in knocks:
+            key = (request.op, ",".join(ports), request.duration, request.opening in known)
+            groups.setdefault(key, []).append(f"{request.opening.address} ({request.client})")
+        for (op, port_list, duration, extending), who in groups.items():
+            for start in range(0, len(who), LOG_GROUP):
+                clients = ", ".join(who[start : start + LOG_GROUP])
+                if op == "close":
+                    log.info("closing %s for %s at its request", port_list, clients)
+                else:
+                    log.info("granted %s to %s for %g s%s", port_list, clients, duration,
+                             ", extending an open grant" if extending else "")
 
     def _apply(
         self, opens: list[tuple[Opening, float]], closes: list[Opening], known: set[Opening] | None = None

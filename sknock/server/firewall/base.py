@@ -48,6 +48,9 @@ class Opening:
     address: Address
     protocol: Protocol
     port: int
+    # Computed once: the firewall process hashes each opening several times per grant, and an
+    # ipaddress object hashes through hex() each time.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.address, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -56,6 +59,11 @@ class Opening:
             raise FirewallError("-", f"opening protocol must be a Protocol, not {self.protocol!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise FirewallError("-", f"opening port must be an integer 1..65535, not {self.port!r}")
+        key = (int(self.address), self.address.version, int(self.protocol), self.port)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.address} -> {self.protocol.label}/{self.port}"
