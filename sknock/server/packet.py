@@ -31,8 +31,8 @@ kernel always fills it in software and would itself drop a packet whose header c
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
 
 from ..errors import SknockError
 
@@ -67,11 +67,11 @@ _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _UDP_HEADER = struct.Struct("!HHHH")
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
+class Datagram(NamedTuple):
     """One UDP datagram as received: who sent it, to which address and port, on which interface.
 
-    ``ifindex`` is 0 when the receiver does not know the interface.
+    ``ifindex`` is 0 when the receiver does not know the interface.  A named tuple rather than a
+    frozen dataclass: one is made per captured packet, and this costs a third as much.
     """
 
     payload: bytes
@@ -114,9 +114,13 @@ def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
         raise PacketError("ipv4-options-bad", f"IHL {header_len // 4} is below 5")
     if header_len > len(data):
         raise PacketError("truncated", f"IPv4 header of {header_len} bytes in {len(data)}")
-    if _internet_checksum(data[:header_len]) != 0:
+    if header_len == 20:  # the usual case, without options: one precompiled unpack
+        checksum_ok = _fold(sum(_IPV4_WORDS.unpack_from(data))) == 0
+    else:
+        checksum_ok = _internet_checksum(data[:header_len]) == 0
+        _check_ipv4_options(data[20:header_len])
+    if not checksum_ok:
         raise PacketError("ipv4-checksum", "IPv4 header checksum mismatch")
-    _check_ipv4_options(data[20:header_len])
     if total < header_len:
         raise PacketError("bad-length", f"IPv4 total length {total} below header length {header_len}")
     if total > len(data):
@@ -125,13 +129,13 @@ def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
         raise PacketError("fragment", "IPv4 fragment")
     if proto != _UDP:
         raise PacketError("not-udp", f"IPv4 protocol {proto}")
-    source = IPv4Address(src)
-    if source.is_multicast or source.is_unspecified or source == _LIMITED_BROADCAST:
-        raise PacketError("bad-source", f"source {source}")
-    return _parse_udp(data[header_len:total], source, IPv4Address(dst), ifindex)
+    source = int.from_bytes(src, "big")
+    if source == 0 or source >> 28 == 0xE or source == 0xFFFFFFFF:  # unspecified, multicast, broadcast
+        raise PacketError("bad-source", f"source {IPv4Address(source)}")
+    return _parse_udp(data, header_len, total, IPv4Address(source), IPv4Address(dst), ifindex)
 
 
-_LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+_IPV4_WORDS = struct.Struct("!10H")
 
 
 def _check_ipv4_options(options: bytes) -> None:
@@ -158,7 +162,10 @@ def _internet_checksum(data: bytes) -> int:
     """RFC 1071 ones'-complement sum, folded and complemented; 0 over a header with a good checksum."""
     if len(data) % 2:
         data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    return _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+
+
+def _fold(total: int) -> int:
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -205,7 +212,7 @@ def _parse_ipv6(data: bytes, ifindex: int) -> Datagram:
     source = IPv6Address(data[8:24])
     if source.is_multicast or source.is_unspecified:
         raise PacketError("bad-source", f"source {source}")
-    return _parse_udp(data[offset:end], source, IPv6Address(data[24:40]), ifindex)
+    return _parse_udp(data, offset, end, source, IPv6Address(data[24:40]), ifindex)
 
 
 def _check_ipv6_options(options: bytes, header: int) -> None:
@@ -229,18 +236,21 @@ def _check_ipv6_options(options: bytes, header: int) -> None:
 
 
 def _parse_udp(
-    segment: bytes,
+    data: bytes,
+    start: int,
+    end: int,
     source: IPv4Address | IPv6Address,
     destination: IPv4Address | IPv6Address,
     ifindex: int,
 ) -> Datagram:
-    if len(segment) < _UDP_HEADER.size:
-        raise PacketError("truncated", f"UDP header needs 8 bytes, {len(segment)} present")
-    source_port, dest_port, length, _checksum = _UDP_HEADER.unpack_from(segment)
-    if length < 8 or length > len(segment):
-        raise PacketError("bad-length", f"UDP length {length} with {len(segment)} bytes of IP payload")
+    """The UDP datagram in ``data[start:end]`` (the IP payload), read in place."""
+    if end - start < _UDP_HEADER.size:
+        raise PacketError("truncated", f"UDP header needs 8 bytes, {end - start} present")
+    source_port, dest_port, length, _checksum = _UDP_HEADER.unpack_from(data, start)
+    if length < 8 or length > end - start:
+        raise PacketError("bad-length", f"UDP length {length} with {end - start} bytes of IP payload")
     return Datagram(
-        payload=bytes(segment[8:length]),
+        payload=bytes(data[start + 8 : start + length]),
         source=source,
         destination=destination,
         source_port=source_port,
