@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 
-__all__ = ["ReplayCache"]
+__all__ = ["ReplayCache", "RecentKeys"]
 
 
 class ReplayCache:
@@ -63,3 +63,37 @@ class ReplayCache:
             self._expiry[key] = expiry
             heapq.heappush(self._heap, (expiry, key))
         return True
+
+
+class RecentKeys:
+    """The last ``capacity`` integer keys added, as a set: adding one more forgets the oldest.
+
+    For shortcuts that are safe to forget, such as the worker's "this exact datagram passed the
+    cheap checks before" (a hash of it): an exact copy of a knock is never a new knock, and a copy
+    missed here is still caught by the replay caches behind it.  No clock: entries leave by age only.
+    """
+
+    __slots__ = ("_keys", "_ring", "_next")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be positive")
+        self._keys: set[int] = set()
+        self._ring: list[int | None] = [None] * capacity
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: int) -> None:
+        if key in self._keys:
+            return
+        old = self._ring[self._next]
+        if old is not None:
+            self._keys.discard(old)
+        self._ring[self._next] = key
+        self._next = (self._next + 1) % len(self._ring)
+        self._keys.add(key)

@@ -60,6 +60,8 @@ while time.monotonic() < deadline:
     if batch:
         print(json.dumps({"batch": len(batch)}), flush=True)
     for d in batch:
+        if cfg.get("remember"):
+            cap.remember(d.payload)  # as the worker does once a datagram passed its cheap checks
         print(json.dumps({"payload": d.payload.hex(), "source": str(d.source), "destination": str(d.destination),
                           "source_port": d.source_port, "dest_port": d.dest_port, "ifindex": d.ifindex}), flush=True)
 print(json.dumps({"stats": dict(cap.stats)}), flush=True)
@@ -408,6 +410,30 @@ def test_malformed_packets_counted_not_raised(net: TestNet) -> None:
         cap.wait_payload(shaped(b"marker-payload"))
         assert len(cap.datagrams()) == 1
         assert cap.finish() == {"ipv4-checksum": 1, "ext-header": 1}
+    finally:
+        cap.close()
+
+
+@pytest.mark.parametrize("kind", ["packet", "udp"])
+def test_exact_copies_of_a_remembered_payload_are_dropped_and_counted(net: TestNet, kind: str) -> None:
+    """Once the worker remembers a payload, exact copies stop at the capture (from any source
+    address, over IPv4 and IPv6), while other payloads still come through."""
+    server, client = net.server, net.client
+    if kind == "packet":
+        nft(server, DROP_INPUT)  # no port-unreachable answers to break the sender's connected socket
+        cap = packet_capture(net, remember=True)
+    else:
+        cap = Capture(server, kind="udp", bind=[["0.0.0.0", 7001], ["::", 7001]], remember=True)
+    try:
+        send(client, knock(server.ipv4, 7001, shaped(b"the-knock")))
+        cap.wait_payload(shaped(b"the-knock"))
+        send(client, knock(server.ipv4, 7001, shaped(b"the-knock"), count=4),
+             knock(server.ipv6, 7001, shaped(b"the-knock"), count=3))
+        send(client, knock(server.ipv4, 7001, shaped(b"another-knock")))
+        cap.wait_payload(shaped(b"another-knock"))
+        payloads = [bytes.fromhex(d["payload"]) for d in cap.datagrams()]
+        assert payloads == [shaped(b"the-knock"), shaped(b"another-knock")]
+        assert cap.finish() == {"duplicate": 7}
     finally:
         cap.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sknock.replay import ReplayCache
+from sknock.replay import RecentKeys, ReplayCache
 
 
 def test_seen_until_expiry() -> None:
@@ -73,3 +73,28 @@ def test_matches_a_simple_model(ops: list[tuple[bytes, float, float]], capacity:
                 assert k in model
             elif not evict:
                 assert k not in model, "the authoritative cache forgot an entry before its expiry"
+
+
+def test_recent_keys_forget_the_oldest_first() -> None:
+    recent = RecentKeys(3)
+    for key in (1, 2, 3):
+        recent.add(key)
+    recent.add(2)  # already there: changes nothing
+    assert [k in recent for k in (1, 2, 3)] == [True, True, True]
+    recent.add(4)
+    assert 1 not in recent and {2, 3, 4} == {k for k in range(6) if k in recent}
+    assert len(recent) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(-5, 20), max_size=60))
+def test_recent_keys_are_exactly_the_last_distinct_additions(capacity: int, keys: list[int]) -> None:
+    recent = RecentKeys(capacity)
+    model: list[int] = []
+    for key in keys:
+        recent.add(key)
+        if key not in model:
+            model.append(key)
+            model = model[-capacity:]
+    assert {k for k in range(-5, 21) if k in recent} == set(model)
+    assert len(recent) == len(model)

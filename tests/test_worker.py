@@ -5,6 +5,7 @@ Knocks are real (the test PKI, real crypto); only the capture is replaced by a l
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import os
@@ -38,7 +39,12 @@ class ListCapture:
     def __init__(self) -> None:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
+        self.remembered: list[bytes] = []
+        self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
+
+    def remember(self, payload: bytes) -> None:
+        self.remembered.append(payload)
 
     def put(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SOURCE) -> None:
         destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")

@@ -36,8 +36,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Capture(TypingProtocol):
+    stats: collections.Counter[str]
+
     def filenos(self) -> list[int]: ...
     def receive(self, max_count: int = 64) -> list[Datagram]: ...
+    def remember(self, payload: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,8 @@ class Worker:
                 self.on_hangup()
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.limits.stats_interval
-                log.info("counters: %s", dict(sorted(self.verifier.counters.items())))
+                log.info("counters: %s; capture: %s", dict(sorted(self.verifier.counters.items())),
+                         dict(sorted(self.capture.stats.items())))
 
     def read_batch(self) -> int:
         datagrams = self.capture.receive(self.limits.read_batch)
@@ -155,6 +159,7 @@ class Worker:
         except KnockRefused as refusal:
             self.refusals.refused(source, refusal, now)
             return
+        self.capture.remember(payload)  # exact copies now stop at the capture
         if len(self.queue) >= self.limits.queue_size:
             self.verifier.counters[Reason.OVERLOAD.value] += 1
             self.refusals.refused(source, KnockRefused(Reason.OVERLOAD, "verification queue full"), now)
