@@ -33,6 +33,7 @@ import report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_LIMIT = 18 * 60  # seconds: phases not started by then are skipped (and said so)
+QUIET_LOAD = 0.5  # 1-minute load average at the start above which a run is marked preliminary
 
 
 def pct(values: list[float], q: float) -> float:
@@ -86,6 +87,7 @@ class Phases:
                 out["probe_0_grants"] = self.probe()
                 out["rss_kib_0_grants"] = sum(server.rss_kib().values())
                 out["pss_kib_0_grants"] = sum(server.pss_kib().values())
+                out["resident_kib_0_grants"] = server.resident_kib()
             watcher = self.watch(limit + 10)
             profilers = ([self.start_profiler(pid, label) for pid in server.pids()]
                          if (self.profile and label == "burst-20000") else [])
@@ -120,6 +122,8 @@ class Phases:
                 out["rss_kib"] = server.rss_kib()
                 out["rss_kib_total"] = sum(out["rss_kib"].values())
                 out["pss_kib_total"] = sum(server.pss_kib().values())
+                out["resident_kib"] = server.resident_kib()
+                out["processes"] = len(server.pids())
                 out["probe_with_grants"] = self.probe()
                 out["grants_in_kernel"] = len(seen)
             return out
@@ -289,6 +293,8 @@ def run_sknock(backend: str, pki: lab.Pki, net: Any, folder: Path, args: argpars
         ("flood-replay", lambda: ph.flood("replay")),
     ]
     for name, fn in plan:
+        if args.phases and name not in args.phases.split(","):
+            continue
         if time.monotonic() - started > RUN_LIMIT:
             res["phases"][name] = {"skipped": "run time limit reached"}
             continue
@@ -328,6 +334,8 @@ def main() -> int:
     p.add_argument("--only", default="nftables,iptables,fwknopd")
     p.add_argument("--profile", action="store_true", help="py-spy on the worker during burst-20000")
     p.add_argument("--no-micro", action="store_true")
+    p.add_argument("--phases", default="", help="comma-separated phase names to run (default: all), e.g. "
+                                                "burst-20000,flood-replay; for trying a change, not for the README")
     p.add_argument("--merge", action="append", default=[], metavar="RESULTS.json",
                    help="add the servers (and in-process figures) of an earlier run that this run did not "
                         "measure, marked with that run's date (first file wins); e.g. fwknopd alone, side by "
@@ -346,9 +354,12 @@ def main() -> int:
         "machine": {"cpus": __import__("os").cpu_count(), "kernel": platform.release(),
                     "python": platform.python_version(),
                     "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]},
-        "caveat": "PRELIMINARY: other jobs were running on this 2-core machine during the run",
         "servers": {},
     }
+    load = float(results["machine"]["loadavg_start"][0])
+    if load > QUIET_LOAD:
+        results["caveat"] = (f"PRELIMINARY: the machine was busy when the run started (1-minute load average "
+                             f"{load:.2f} > {QUIET_LOAD}); figures may be low")
     try:
         import cryptography
 

@@ -150,6 +150,9 @@ class Fwknopd:
     def pss_kib(self) -> dict[int, int]:
         return _status_field(self.process.pid, "/proc/{}/smaps_rollup", "Pss:")
 
+    def resident_kib(self) -> int:
+        return lab.resident_kib(self.pids())
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

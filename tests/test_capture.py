@@ -11,6 +11,7 @@ seen by the capture tells us the subprocess has read everything queued before it
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pwd
@@ -57,6 +58,9 @@ while time.monotonic() < deadline:
     if 0 in readable and not sys.stdin.readline():
         break
     batch = cap.receive(max_count=cfg.get("max_count", 64))
+    copies = cap.take_copies()
+    if copies:
+        print(json.dumps({"copies": [c.hex() for c in copies]}), flush=True)
     if batch:
         print(json.dumps({"batch": len(batch)}), flush=True)
     for d in batch:
@@ -433,6 +437,9 @@ def test_exact_copies_of_a_remembered_payload_are_dropped_and_counted(net: TestN
         cap.wait_payload(shaped(b"another-knock"))
         payloads = [bytes.fromhex(d["payload"]) for d in cap.datagrams()]
         assert payloads == [shaped(b"the-knock"), shaped(b"another-knock")]
+        copies = [bytes.fromhex(c) for line in cap.lines for c in line.get("copies", [])]
+        assert sorted(copies) == sorted([ipaddress.ip_address(client.ipv4).packed] * 4
+                                        + [ipaddress.ip_address(client.ipv6).packed] * 3)
         assert cap.finish() == {"duplicate": 7}
     finally:
         cap.close()

@@ -46,6 +46,9 @@ class ListCapture:
     def remember(self, payload: bytes) -> None:
         self.remembered.append(payload)
 
+    def take_copies(self) -> list[bytes]:
+        return []
+
     def put(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SOURCE) -> None:
         destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")
         self.pending.append(Datagram(payload, source, destination, 40000, 12345, 2))

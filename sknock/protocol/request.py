@@ -166,7 +166,7 @@ def parse_plaintext(data: bytes) -> ParsedPlaintext:
     if sig_len == 0:
         raise KnockRefused(Reason.MALFORMED, "empty signature")
     signature = r.take(sig_len, "signature")
-    if any(data[r.pos :]):
+    if data.count(0, r.pos) != len(data) - r.pos:  # in C: any() over the padding took 5 us
         raise KnockRefused(Reason.MALFORMED, "non-zero padding")
     request = KnockRequest(
         ports=tuple(ports),

@@ -76,6 +76,11 @@ _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _REJECT_ALL = (Instruction(0x06, 0, 0, 0),)  # ret #0
 _MAX_NAME_CACHE = 256
+_MAX_COPIES_KEPT = 4096
+
+
+def _packed(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text.split("%", 1)[0])
 
 
 class CaptureError(SknockError):
@@ -115,14 +120,23 @@ class _Receiver:
         self._start = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self._recent = RecentKeys(RECENT_PAYLOADS)
+        self._copies: list[bytes] = []
 
     def remember(self, payload: bytes) -> None:
         """``payload`` passed the cheap checks: drop exact copies of it from now on."""
         self._recent.add(hash(payload))
 
-    def _is_copy(self, payload: bytes) -> bool:
+    def take_copies(self) -> list[bytes]:
+        """The source addresses (packed, as the IP header says) of the copies dropped since the last
+        call, for the refusal log; at most a few thousand are kept between calls."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _is_copy(self, payload: bytes, source: bytes) -> bool:
         if hash(payload) in self._recent:
             self.stats["duplicate"] += 1
+            if len(self._copies) < _MAX_COPIES_KEPT:
+                self._copies.append(source)
             return True
         return False
 
@@ -190,9 +204,11 @@ class PacketCapture(_Receiver):
             return None
         # An exact copy of a remembered payload: where the payload starts in a plain IPv4 or IPv6
         # packet, without trusting the header (a wrong guess only misses the shortcut).
-        first = data[0] if data else 0
-        start = (first & 0x0F) * 4 + 8 if first >> 4 == 4 else 48 if len(data) > 6 and data[6] == 17 else 0
-        if start and self._is_copy(data[start:]):
+        version = data[0] >> 4 if data else 0
+        if version == 4:
+            if self._is_copy(data[(data[0] & 0x0F) * 4 + 8 :], data[12:16]):
+                return None
+        elif version == 6 and len(data) > 48 and data[6] == 17 and self._is_copy(data[48:], data[8:24]):
             return None
         try:
             return parse_datagram(data, ifindex=self._index(address[0]))
@@ -230,7 +246,7 @@ class UdpCapture(_Receiver):
         if flags & socket.MSG_TRUNC:
             self.stats["truncated"] += 1
             return None
-        if self._is_copy(data):
+        if self._is_copy(data, _packed(address[0])):
             return None
         source = ipaddress.ip_address(address[0])
         if source.is_multicast or source.is_unspecified:

@@ -41,6 +41,7 @@ class Capture(TypingProtocol):
     def filenos(self) -> list[int]: ...
     def receive(self, max_count: int = 64) -> list[Datagram]: ...
     def remember(self, payload: bytes) -> None: ...
+    def take_copies(self) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +71,14 @@ class RefusalLog:
                 log.info("%d more refusals not logged in the last second", self._suppressed)
             self._second, self._lines, self._suppressed = second, 0, 0
 
-    def refused(self, source: IPAddress, refusal: KnockRefused, now: float) -> None:
+    def refused(self, source: IPAddress | bytes, refusal: KnockRefused | Reason, now: float) -> None:
+        """``source`` may be packed (4 or 16 bytes): it is only made an address when it is logged."""
         self.flush(now)
         if self._lines < self.per_second:
             self._lines += 1
-            log.info("refused knock from %s: %s", source, refusal)
+            if isinstance(source, bytes):
+                source = ipaddress.ip_address(source)
+            log.info("refused knock from %s: %s", source, refusal.value if isinstance(refusal, Reason) else refusal)
         else:
             self._suppressed += 1
 
@@ -148,6 +152,8 @@ class Worker:
     def read_batch(self) -> int:
         datagrams = self.capture.receive(self.limits.read_batch)
         now = self.clock()
+        for source in self.capture.take_copies():  # exact copies of remembered datagrams
+            self.refusals.refused(source, Reason.REPLAY_SEEN, now)
         for datagram in datagrams:
             self.accept(datagram.payload, datagram.source, now)
         return len(datagrams)
