@@ -123,7 +123,6 @@ def hosts() -> Iterator[TestNet]:
 # -- the server --------------------------------------------------------------------------------------
 
 
-@dataclass
 def resident_kib(pids: list[int]) -> int:
     """The resident memory of a group of processes with every physical page counted once.
 
@@ -152,6 +151,7 @@ def resident_kib(pids: list[int]) -> int:
     return len(frames) * page // 1024
 
 
+@dataclass
 class Server:
     net: TestNet
     folder: Path
