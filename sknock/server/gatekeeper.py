@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import selectors
 import signal
@@ -36,6 +37,9 @@ MAX_CRL_MESSAGE = 4 << 20
 MAX_BATCH = 2048  # messages read from one worker before the batch is applied
 NONCE_CAPACITY = 1_000_000
 LOG_GROUP = 32  # knocks named in one log line
+# One firewall transaction costs about 120 us whatever its size, 15 us more per grant (nftables,
+# measured): applying one grant per transaction under load took the firewall process 72 us a grant.
+MIN_BATCH_INTERVAL = 0.001  # seconds
 
 
 class Gatekeeper:
@@ -89,19 +93,29 @@ class Gatekeeper:
             selector.register(channel, selectors.EVENT_READ, channel)
         if self.control is not None:
             selector.register(self.control.socket, selectors.EVENT_READ, None)
+        last_apply = -math.inf
         try:
             while self._running:
                 deadline = self.grants.next_deadline()
                 timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - self.clock()))
-                requests: list[GrantRequest] = []
+                pending: list[GrantRequest] = []
                 for key, _ in selector.select(timeout):
                     if key.data is None:
                         if self.control is not None:
                             self.control.serve_one(self.status)
                     else:
-                        requests += self.read(key.data)
-                if requests:
-                    self.apply(requests)
+                        pending += self.read(key.data)
+                if pending:
+                    # At most one transaction per MIN_BATCH_INTERVAL: a request that finds the last one
+                    # older than that is applied at once; under load the process sleeps out the rest of
+                    # the interval (not woken by every message) and what came meanwhile joins the batch.
+                    wait = last_apply + MIN_BATCH_INTERVAL - self.clock()
+                    if wait > 0:
+                        time.sleep(wait)
+                        for channel in self.channels:
+                            pending += self.read(channel)
+                    self.apply(pending)
+                    last_apply = self.clock()
                 self.expire()
         finally:
             self.shutdown()
