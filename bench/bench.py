@@ -70,7 +70,7 @@ class Phases:
     def watch(self, limit: float) -> Any:
         if self.backend == "iptables":
             return lab.LegacyCounter(self.net, limit)
-        return lab.Watcher(self.net).start()
+        return lab.SetWatcher(self.net).start()
 
     def grants(self, watcher: Any, first: int, count: int, times: list[float]) -> list[float | None]:
         """Grant time per knock sent (None: not seen in the kernel)."""
@@ -90,11 +90,11 @@ class Phases:
                 out["resident_kib_0_grants"] = server.resident_kib()
             watcher = self.watch(limit + 10)
             profilers = ([self.start_profiler(pid, label) for pid in server.pids()]
-                         if (self.profile and label == "burst-20000") else [])
+                         if label == "profile" else [])
             try:
                 summary, times = lab.send_knocks(self.net, self.knocks, rate=rate, count=count,
                                                  port=self.knock_port)
-                if isinstance(watcher, lab.Watcher):
+                if isinstance(watcher, lab.Watcher | lab.SetWatcher):
                     out["wait_end"] = watcher.wait_quiet(count, limit=limit)
                 else:
                     wait_counter(watcher, count, limit)
@@ -167,7 +167,7 @@ class Phases:
                                                  port=self.knock_port)
                 deadline = time.monotonic() + duration + self.expiry_wait
                 while time.monotonic() < deadline:
-                    closed = (len(watcher.closed) if isinstance(watcher, lab.Watcher)
+                    closed = (len(watcher.closed) if isinstance(watcher, lab.Watcher | lab.SetWatcher)
                               else len(close_times(watcher)))
                     if closed >= count:
                         break
@@ -176,7 +176,7 @@ class Phases:
             finally:
                 watcher.stop()
             late: list[float] = []
-            if isinstance(watcher, lab.Watcher):
+            if isinstance(watcher, lab.Watcher | lab.SetWatcher):
                 for i in range(count):
                     src = lab.source_text(i)
                     if src in watcher.opened and src in watcher.closed:
@@ -217,7 +217,7 @@ class Phases:
                 summary, times = lab.send_knocks(self.net, self.knocks, rate=10, count=valid, first=first,
                                                  port=self.knock_port)
                 flooder.wait(seconds + 30)
-                if isinstance(watcher, lab.Watcher):
+                if isinstance(watcher, lab.Watcher | lab.SetWatcher):
                     watcher.wait_quiet(valid, quiet=2.0, limit=15)
                 else:
                     wait_counter(watcher, valid, 15)
@@ -230,7 +230,7 @@ class Phases:
                     flood_file.unlink(missing_ok=True)
             flood_stats = json.loads(stats.read_text() or "{}")
             stats.unlink(missing_ok=True)
-            if isinstance(watcher, lab.Watcher):
+            if isinstance(watcher, lab.Watcher | lab.SetWatcher):
                 granted = [watcher.opened.get(lab.source_text(first + i)) for i in range(valid)]
             else:
                 seen = watcher.grant_times()
@@ -292,6 +292,10 @@ def run_sknock(backend: str, pki: lab.Pki, net: Any, folder: Path, args: argpars
         ("flood-junk", lambda: ph.flood("junk")),
         ("flood-replay", lambda: ph.flood("replay")),
     ]
+    if args.profile:
+        # The burst once more, with py-spy sampling both server processes: sampling takes CPU from the
+        # server, so these figures are not the throughput figures (burst-20000 runs unprofiled).
+        plan.append(("profile", lambda: ph.run_load(big, 0, label="profile")))
     for name, fn in plan:
         if args.phases and name not in args.phases.split(","):
             continue
@@ -332,7 +336,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small counts, to try the harness")
     p.add_argument("--only", default="nftables,iptables,fwknopd")
-    p.add_argument("--profile", action="store_true", help="py-spy on the worker during burst-20000")
+    p.add_argument("--profile", action="store_true", help="one more 20,000 burst with py-spy on both server processes")
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--phases", default="", help="comma-separated phase names to run (default: all), e.g. "
                                                 "burst-20000,flood-replay; for trying a change, not for the README")

@@ -178,11 +178,12 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     lines += ["| target (sknock, nftables) | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {_verdict(ok)} |" for t, ok, m in checks]
-    for proc_name, prof in (nft.get("burst-20000", {}).get("profile") or {}).items():
+    for proc_name, prof in (nft.get("profile", {}).get("profile") or nft.get("burst-20000", {}).get("profile")
+                            or {}).items():
         if not prof:
             continue
-        lines += ["", f"## Where the {proc_name} process spends its time (py-spy, burst 20,000, nftables; "
-                  f"{prof['samples']} samples)", "",
+        lines += ["", f"## Where the {proc_name} process spends its time (py-spy; a separate, profiled burst of "
+                  f"20,000, nftables; {prof['samples']} samples)", "",
                   "Stages: " + ", ".join(f"{k} {v:.0f} %" for k, v in prof.get("stages", {}).items()), "",
                   "| share | function (self time) |", "| --- | --- |"]
         lines += [f"| {share:.1f} % | `{name}` |" for name, share in prof.get("top_self", [])[:12]]
