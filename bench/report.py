@@ -50,7 +50,10 @@ def _mb(kib: float) -> str:
 
 def _grants(ph: dict[str, Any]) -> str:
     cut = " †" if ph.get("wait_end") == "limit" else ""
-    return f"{_f(ph['grants_per_s'])}/s ({ph['granted']}/{ph['sent']}{cut})"
+    text = f"{_f(ph['grants_per_s'])}/s ({ph['granted']}/{ph['sent']}{cut})"
+    if ph.get("repeats"):
+        text += f", median of {len(ph['repeats'])} bursts: {', '.join(_f(r) for r in sorted(ph['repeats']))}"
+    return text
 
 
 def _lat(ph: dict[str, Any]) -> str:
