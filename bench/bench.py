@@ -246,6 +246,8 @@ class Phases:
                 granted = [watcher.opened.get(lab.source_text(first + i)) for i in range(valid)]
             else:
                 seen = watcher.grant_times()
+                if kind == "replay":  # the replayed knock's own grant came first, before the valid knocks
+                    seen = seen[1:]
                 granted = [seen[i] if i < len(seen) else None for i in range(valid)]
             lat = [g - t for g, t in zip(granted, times, strict=True) if g is not None]
             return {"kind": kind, "valid_sent": summary["sent"], "valid_granted": len(lat),

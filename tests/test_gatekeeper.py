@@ -15,7 +15,7 @@ import pytest
 
 from sknock.ports import Protocol
 from sknock.server.firewall.base import Firewall, FirewallError, Opening
-from sknock.server.gatekeeper import CRL_PREFIX, LOG_GROUP, Gatekeeper
+from sknock.server.gatekeeper import CRL_PREFIX, LOG_GROUP, Gatekeeper, RecentRate
 from sknock.server.privsep import GrantRequest, encode_request
 
 A = ipaddress.ip_address("198.18.0.2")
@@ -213,3 +213,13 @@ def test_a_worker_that_goes_shuts_everything_down(setup) -> None:  # type: ignor
     workers[1].close()
     assert gatekeeper.run() == 1
     assert firewall.torn_down
+
+
+def test_recent_rate_counts_only_the_window() -> None:
+    rate = RecentRate(0.01)
+    assert rate.per_second(100.0) == 0
+    rate.add(100.0, 5)
+    rate.add(100.004, 15)
+    assert rate.per_second(100.005) == pytest.approx(2000)
+    assert rate.per_second(100.0105) == pytest.approx(1500)  # the first 5 have left the window
+    assert rate.per_second(100.02) == 0
