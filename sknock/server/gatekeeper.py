@@ -183,7 +183,7 @@ class Gatekeeper:
         final: dict[Opening, GrantRequest] = {}
         for request in requests:
             opening = request.opening
-            replay = request.nonce + opening.port.to_bytes(2, "big") + bytes((opening.protocol,))
+            replay = request.replay_key
             if nonces.seen(replay, wall):
                 log.info("refused knock from %s: replay (its nonce was granted by another worker)", opening.address)
                 continue

@@ -62,9 +62,10 @@ class GrantRequest:
     expires: float = 0.0
 
     @property
-    def replay_key(self) -> tuple[bytes, Protocol, int]:
-        # Not the address: a replay from another source must collide with the original.
-        return (self.nonce, self.opening.protocol, self.opening.port)
+    def replay_key(self) -> bytes:
+        """Nonce, port and protocol -- not the address: a replay from another source must collide
+        with the original."""
+        return self.nonce + self.opening.port.to_bytes(2, "big") + bytes((self.opening.protocol,))
 
 
 def printable_client(client: str) -> str:
