@@ -310,20 +310,30 @@ def run_sknock(backend: str, pki: lab.Pki, net: Any, folder: Path, args: argpars
         # The burst once more, with py-spy sampling both server processes: sampling takes CPU from the
         # server, so these figures are not the throughput figures (burst-20000 runs unprofiled).
         plan.append(("profile", lambda: ph.run_load(big, 0, label="profile")))
+    run_plan(key, plan, res["phases"], started, args.phases)
+
+
+def run_plan(key: str, plan: list[tuple[str, Any]], phases: dict[str, Any], started: float, only: str = "",
+             after: Any = None) -> None:
+    """Run each (name, phase) of ``plan`` into ``phases``: only those named in ``only`` (comma-separated;
+    empty: all), none once the run has taken RUN_LIMIT; a failed phase is reported and the run goes on.
+    ``after(name, result)`` may add to a phase's result."""
     for name, fn in plan:
-        if args.phases and name not in args.phases.split(","):
+        if only and name not in only.split(","):
             continue
         if time.monotonic() - started > RUN_LIMIT:
-            res["phases"][name] = {"skipped": "run time limit reached"}
+            phases[name] = {"skipped": "run time limit reached"}
             continue
         print(f"bench: {key}: {name}", flush=True)
         t = time.monotonic()
         try:
-            res["phases"][name] = fn()
+            phases[name] = fn()
         except Exception as exc:  # noqa: BLE001 -- a failed phase is reported, the run goes on
-            res["phases"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            phases[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             traceback.print_exc()
-        res["phases"][name]["phase_seconds"] = time.monotonic() - t
+        if after is not None:
+            after(name, phases[name])
+        phases[name]["phase_seconds"] = time.monotonic() - t
 
 
 def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:

@@ -29,7 +29,6 @@ import struct
 import subprocess
 import tempfile
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -258,20 +257,12 @@ def run(net: Any, folder: Path, args: Any, started: float, results: dict[str, An
         ("flood-replay", lambda: ph.flood("replay")),
         ("scale-10000", lambda: ph.run_load(scale, 2500, label="scale-10000", scale=True)),
     ]
-    for name, fn in plan:
-        if time.monotonic() - started > bench.RUN_LIMIT:
-            res["phases"][name] = {"skipped": "run time limit reached"}
-            continue
-        print(f"bench: {KEY}: {name}", flush=True)
-        t = time.monotonic()
-        try:
-            res["phases"][name] = fn()
-        except Exception as exc:  # noqa: BLE001 -- a failed phase is reported, the run goes on
-            res["phases"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            traceback.print_exc()
+
+    def log_summary(_name: str, result: dict[str, Any]) -> None:
         if ph.last is not None and getattr(ph.last, "summary", None):
-            res["phases"][name]["fwknopd_log"] = ph.last.summary
-        res["phases"][name]["phase_seconds"] = time.monotonic() - t
+            result["fwknopd_log"] = ph.last.summary
+
+    bench.run_plan(KEY, plan, res["phases"], started, args.phases, after=log_summary)
     if "expiry" in res["phases"]:
         res["phases"]["expiry"]["note"] = (
             "fwknopd stamps each rule _exp_<epoch seconds> (time(NULL) + 2) and deletes it at the first check "
