@@ -95,7 +95,7 @@ def build_packets(server_ip: str, keys: Keys, path: Path, count: int, first: int
     return time.monotonic() - t
 
 
-class Fwknopd:
+class Fwknopd(lab.ServerProcesses):
     """fwknopd in the foreground in the server namespace, with its own config dir; stopped by pid."""
 
     def __init__(self, net: Any, keys: Keys, timeout: int) -> None:
@@ -134,23 +134,8 @@ class Fwknopd:
             time.sleep(0.05)
         self.net = net
 
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def pids(self) -> list[int]:
         return [self.process.pid]  # `ip netns exec` execs fwknopd: same pid (iptables children are brief)
-
-    def rss_kib(self) -> dict[int, int]:
-        return _status_field(self.process.pid, "/proc/{}/status", "VmRSS:")
-
-    def pss_kib(self) -> dict[int, int]:
-        return _status_field(self.process.pid, "/proc/{}/smaps_rollup", "Pss:")
-
-    def resident_kib(self) -> int:
-        return lab.resident_kib(self.pids())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -169,16 +154,6 @@ class Fwknopd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _status_field(pid: int, pattern: str, name: str) -> dict[int, int]:
-    try:
-        for line in Path(pattern.format(pid)).read_text().splitlines():
-            if line.startswith(name):
-                return {pid: int(line.split()[1])}
-    except OSError:
-        pass
-    return {}
 
 
 def _log_summary(text: str) -> dict[str, int]:

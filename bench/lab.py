@@ -152,8 +152,46 @@ def resident_kib(pids: list[int]) -> int:
     return len(frames) * page // 1024
 
 
+def _proc_kib(pids: list[int], file: str, field: str) -> dict[int, int]:
+    """``field`` (in kB) of /proc/PID/``file`` for each process that still exists."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+                if line.startswith(field):
+                    out[pid] = int(line.split()[1])
+                    break
+    return out
+
+
+class ServerProcesses:
+    """What the benchmark reads of a server under test, sknock's or fwknopd's: its log and the memory
+    of its processes.  Subclasses set ``log`` and say which ``pids()`` are theirs."""
+
+    log: Path
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def rss_kib(self) -> dict[int, int]:
+        return _proc_kib(self.pids(), "status", "VmRSS:")
+
+    def pss_kib(self) -> dict[int, int]:
+        """Proportional set size: pages forked processes share are counted once overall."""
+        return _proc_kib(self.pids(), "smaps_rollup", "Pss:")
+
+    def resident_kib(self) -> int:
+        return resident_kib(self.pids())
+
+
 @dataclass
-class Server:
+class Server(ServerProcesses):
     net: TestNet
     folder: Path
     process: subprocess.Popen[bytes]
@@ -194,40 +232,12 @@ class Server:
             time.sleep(0.05)
         return server
 
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def pids(self) -> list[int]:
         pids = [self.process.pid]
         with contextlib.suppress(OSError):
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
             pids += [int(c) for c in children]
         return pids
-
-    def rss_kib(self) -> dict[int, int]:
-        out = {}
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        out[pid] = int(line.split()[1])
-        return out
-
-    def resident_kib(self) -> int:
-        return resident_kib(self.pids())
-
-    def pss_kib(self) -> dict[int, int]:
-        """Proportional set size: pages the two forked processes share are counted once overall."""
-        out = {}
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
-                        out[pid] = int(line.split()[1])
-        return out
 
     def worker_pid(self) -> int | None:
         pids = self.pids()
