@@ -81,7 +81,7 @@ def client(net: TestNet, name: str, body: str) -> str:
 def show_log(log: Path, start: int) -> int:
     text = log.read_text(errors="replace")
     for line in text[start:].splitlines():
-        if " sknock.worker: " in line or " sknock.firewall: " in line:
+        if " sknock.worker: " in line or " sknock.monitor: " in line:
             print("   server log: " + line.split(": ", 1)[1].split(" sknock.", 1)[-1])
     return len(text)
 

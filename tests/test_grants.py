@@ -101,7 +101,7 @@ def test_same_deadline_for_many_grants() -> None:
 
 def test_the_heap_does_not_grow_without_bound() -> None:
     """A client re-knocking every second for a day leaves one live entry; stale heap rows are dropped
-    by next_deadline (which the firewall process calls every turn)."""
+    by next_deadline (which the monitor calls every turn)."""
     table = GrantTable()
     for second in range(10_000):
         table.open(A, 15, now=float(second))

@@ -1,4 +1,4 @@
-"""The worker -> firewall process messages (every byte hostile) and the privilege drop itself."""
+"""The worker -> monitor messages (every byte hostile) and the privilege drop itself."""
 
 from __future__ import annotations
 

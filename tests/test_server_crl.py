@@ -140,7 +140,7 @@ class Knocker:
         assert not self.server.reachable(port)
 
     def sighup(self, needle: str) -> str:
-        """SIGHUP the server (its firewall process); wait for ``needle`` from the refresh it causes in
+        """SIGHUP the server (its monitor); wait for ``needle`` from the refresh it causes in
         every worker (``workers = auto``: one per CPU, at most 8)."""
         mark = self.mark()
         self.server.process.send_signal(signal.SIGHUP)

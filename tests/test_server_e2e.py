@@ -304,8 +304,8 @@ def test_kill_9_the_kernel_still_ends_the_grant_and_the_next_start_cleans_up(pki
             killed = time.monotonic()
             # the workers see their channels close and stop
             for worker in workers:
-                wait_for(partial(gone, worker), 5, f"worker {worker} exits after the firewall process died")
-            assert "the firewall process has gone; worker stops" in server.log_text()
+                wait_for(partial(gone, worker), 5, f"worker {worker} exits after the monitor died")
+            assert "the monitor has gone; worker stops" in server.log_text()
             # nobody tore the table down: the grant is still there, and the kernel ends it on time
             assert server.nft_ruleset().count("table inet sknock") == 1
             wait_for(lambda: address not in grant_rules(server, "nftables", 4), DURATION + 3, "the element expired")

@@ -4,7 +4,7 @@ names the reason and the source address.
 Knocks are built with the client library in the client namespace and sent with a plain UDP socket,
 so a test can replay the exact bytes, send from a second address, or send what the library itself
 would refuse to send.  In-memory refusal tests are in test_verifier.py; these go through capture,
-worker, firewall process and kernel firewall.
+worker, monitor and kernel firewall.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def alice(pki: TestPKI) -> KnockClient:
 
 
 def received(firewall_end: socket.socket) -> list[GrantRequest]:
-    """Every message waiting on the firewall process's end, parsed as the firewall process does."""
+    """Every message waiting on the monitor's end, parsed as the monitor does."""
     out = []
     firewall_end.setblocking(False)
     try:
@@ -150,7 +150,7 @@ def test_accept_queues_only_what_passes_the_cheap_checks(
         f"refused knock from {OTHER}: replay-seen",
     ]
     assert lines[1].startswith(f"refused knock from {SOURCE}: stale: clock differs by")
-    assert received(channel[1]) == []  # nothing reaches the firewall process before work()
+    assert received(channel[1]) == []  # nothing reaches the monitor before work()
 
 
 def test_read_batch_takes_at_most_read_batch_datagrams(
@@ -212,12 +212,12 @@ def test_work_sends_open_requests_the_firewall_process_accepts(
         ("open", Opening(OTHER, Protocol.TCP, 2005), 15.0, subject),
         ("open", Opening(SOURCE, Protocol.TCP, 2006), MAX_DURATION, subject),
     ]
-    # Both ports of one knock carry its nonce, for the firewall process's replay check; each knock its own.
+    # Both ports of one knock carry its nonce, for the monitor's replay check; each knock its own.
     assert got[0].nonce == got[1].nonce and len({got[0].nonce, got[2].nonce, got[3].nonce}) == 3
     window = worker.verifier.policy.timestamp_threshold
     assert all(abs(r.expires - (now + window)) < 1 for r in got)
     assert worker.verifier.counters["granted"] == 3
-    # The grant itself is logged by the firewall process once applied (test_gatekeeper.py); the worker
+    # The grant itself is logged by the monitor once applied (test_gatekeeper.py); the worker
     # says at DEBUG what it verified.
     assert not any(r.getMessage().startswith("granted") for r in caplog.records)
 
@@ -238,7 +238,7 @@ def test_expensive_refusals_are_logged_and_send_nothing_to_the_firewall_process(
     assert len(worker.queue) == 3  # all pass the cheap stage
     while worker.queue:
         worker.work()
-    # only the knock bound to OTHER and sent from it reaches the firewall process
+    # only the knock bound to OTHER and sent from it reaches the monitor
     assert [r.opening for r in received(channel[1])] == [Opening(OTHER, Protocol.TCP, 22)]
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"refused knock from {SOURCE}: cert-revoked") for m in messages), messages
@@ -263,7 +263,7 @@ def test_close_now_sends_a_close_request(
     assert opened.op == "open"
     assert closed.op == "close" and closed.opening == Opening(SOURCE, Protocol.TCP, 22) and closed.client == subject
     assert worker.verifier.counters["closed"] == 1
-    assert not any(r.getMessage().startswith("closing") for r in caplog.records)  # the firewall process logs it
+    assert not any(r.getMessage().startswith("closing") for r in caplog.records)  # the monitor logs it
 
 
 def test_work_is_bounded_by_its_time_slice_but_always_makes_progress(
@@ -296,7 +296,7 @@ def test_run_serves_knocks_refreshes_on_sighup_and_stops_when_the_firewall_proce
         if turns[0] == 1:
             os.kill(os.getpid(), signal.SIGHUP)
         elif hangups and seen:
-            firewall_end.close()  # the firewall process has gone
+            firewall_end.close()  # the monitor has gone
         if turns[0] > 200:
             raise AssertionError("the worker loop did not stop")
 

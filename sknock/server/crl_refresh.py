@@ -95,7 +95,7 @@ class CrlRefresher:
         store: Callable[[bytes], None] | None = None,
     ) -> None:
         # Where a verified new CRL goes: by default written atomically to crl_file; the daemon's
-        # unprivileged worker instead hands the bytes to the firewall process, which may write there.
+        # unprivileged worker instead hands the bytes to the monitor, which may write there.
         self._store = store or (lambda data: write_atomic(self.crl_file, data))
         if not source or "\x00" in source:
             raise ValueError(f"bad CRL source {source!r}")

@@ -6,7 +6,7 @@ removes what a crashed run left); open the capture sockets and the control socke
 
 * The worker (child) drops to the unprivileged ``user`` and runs :class:`~sknock.server.worker.Worker`:
   it reads packets, runs the parser and the crypto, refreshes the CRL, and asks for grants.
-* The firewall process (parent) keeps root and runs :class:`~sknock.server.gatekeeper.Gatekeeper`: it
+* The monitor (parent) keeps root and runs :class:`~sknock.server.monitor.Monitor`: it
   re-checks and applies those requests, closes grants on time, answers the control socket, and removes
   everything it added on SIGTERM/SIGINT or when the worker dies.
 """
@@ -37,7 +37,7 @@ from .config import CaptureMode, ServerConfig, load_config
 from .control import ControlServer
 from .crl_refresh import CrlRefresher, RefreshResult, schedule_refresh
 from .firewall import Firewall, FirewallPolicy, make_firewall
-from .gatekeeper import CRL_PREFIX, MAX_CRL_MESSAGE, Gatekeeper
+from .monitor import CRL_PREFIX, MAX_CRL_MESSAGE, Monitor
 from .privsep import drop_privileges
 from .worker import Capture, Worker
 
@@ -298,8 +298,8 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
     for _, worker_end in pairs:
         worker_end.close()
     _close_captures(captures)
-    log.info("firewall process running; %d worker(s): pid %s", len(pids), ", ".join(map(str, pids)))
-    gatekeeper = Gatekeeper(
+    log.info("monitor running; %d worker(s): pid %s", len(pids), ", ".join(map(str, pids)))
+    monitor = Monitor(
         firewall=server.firewall,
         channels=[parent_end for parent_end, _ in pairs],
         max_duration=float(config.max_open_duration),
@@ -307,6 +307,6 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
         crl_file=config.crl_file if config.crl_url is not None else None,
         worker_pids=pids,
     )
-    code = gatekeeper.run()
+    code = monitor.run()
     log.info("stopped (exit %d)", code)
     return code

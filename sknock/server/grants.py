@@ -1,6 +1,6 @@
 """The table of open grants, sans-I/O: which (address, protocol, port) is open until when.
 
-The firewall process owns one.  Time is passed in (monotonic seconds); :meth:`GrantTable.due` says what
+The monitor owns one.  Time is passed in (monotonic seconds); :meth:`GrantTable.due` says what
 to close now and :meth:`GrantTable.next_deadline` when to wake up next.  A new knock for an open grant
 extends it; a close-now request ends it.
 """

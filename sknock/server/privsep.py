@@ -1,9 +1,9 @@
-"""Privilege separation: the messages the unprivileged worker sends the firewall process, and the
+"""Privilege separation: the messages the unprivileged worker sends the monitor, and the
 privilege drop itself.
 
 The worker reads packets and runs the parser and crypto as an unprivileged user.  It asks the firewall
 process (root, CAP_NET_ADMIN) to open or close a grant with one small fixed-layout binary datagram over a
-SOCK_SEQPACKET socketpair.  The firewall process treats those messages as hostile too: it re-checks
+SOCK_SEQPACKET socketpair.  The monitor treats those messages as hostile too: it re-checks
 every field (address, protocol, port, duration bound) before the firewall sees it, so a compromised
 worker can at most open ports for the durations the configuration allows -- never run commands, never
 touch other tables.
@@ -15,7 +15,7 @@ Layout (network byte order; 54 bytes, then the client name)::
     address 16 bytes (IPv4: 4 bytes, then 12 zero bytes) | nonce 16 bytes
     client: the certificate subject for the log, UTF-8, at most 200 printable characters
 
-Binary rather than JSON because the firewall process reads one message per grant: parsing JSON and an
+Binary rather than JSON because the monitor reads one message per grant: parsing JSON and an
 address in text cost it about 25 us a grant, which at thousands of grants a second is a core's share.
 """
 
@@ -45,13 +45,13 @@ _V4_LIMITED_BROADCAST = 0xFFFFFFFF
 
 
 class PrivsepError(SknockError):
-    """A message between the worker and the firewall process is malformed, or privileges cannot be dropped."""
+    """A message between the worker and the monitor is malformed, or privileges cannot be dropped."""
 
 
 @dataclass(frozen=True, slots=True)
 class GrantRequest:
     """One port of one verified knock.  ``nonce`` is the knock's signed nonce and ``expires`` (Unix
-    time) when it falls out of the timestamp window: the firewall process refuses a nonce it has seen,
+    time) when it falls out of the timestamp window: the monitor refuses a nonce it has seen,
     which catches a replay that reached another worker."""
 
     op: Literal["open", "close"]

@@ -116,9 +116,9 @@ class Worker:
     def run(self) -> None:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
-        # Ctrl-C reaches the whole process group: the firewall process handles it and stops us.
+        # Ctrl-C reaches the whole process group: the monitor handles it and stops us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, self.hangup)  # forwarded by the firewall process: refresh the CRL now
+        signal.signal(signal.SIGHUP, self.hangup)  # forwarded by the monitor: refresh the CRL now
         try:
             self._loop()
         finally:
@@ -135,7 +135,7 @@ class Worker:
         while self._running:
             for key, _ in selector.select(0 if self.queue else 1.0):
                 if key.data == "channel" and not self.channel.recv(64):
-                    log.warning("the firewall process has gone; worker stops")
+                    log.warning("the monitor has gone; worker stops")
                     return
             self.read_batch()
             self.work()
@@ -196,7 +196,7 @@ class Worker:
                 grant.nonce_expires,
             )
             self.channel.send(encode_request(request))
-        # The firewall process logs the grant once applied (it may still refuse a replay another worker saw).
+        # The monitor logs the grant once applied (it may still refuse a replay another worker saw).
         if log.isEnabledFor(logging.DEBUG):
             ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
             log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)

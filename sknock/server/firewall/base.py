@@ -48,7 +48,7 @@ class Opening:
     address: Address
     protocol: Protocol
     port: int
-    # Computed once: the firewall process hashes each opening several times per grant, and an
+    # Computed once: the monitor hashes each opening several times per grant, and an
     # ipaddress object hashes through hex() each time.
     _hash: int = field(init=False, repr=False, compare=False)
 

@@ -1,4 +1,4 @@
-"""The firewall process (root, CAP_NET_ADMIN): the only part of the server that changes the firewall.
+"""The monitor (root, CAP_NET_ADMIN): the only part of the server that changes the firewall.
 
 It runs no parser of network bytes and no crypto.  It listens to its workers, one socketpair each,
 re-checks each request (:func:`privsep.parse_request`), refuses a knock's nonce it has seen before (a
@@ -30,16 +30,16 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantTable
 from .privsep import GrantRequest, PrivsepError, parse_request
 
-__all__ = ["Gatekeeper", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
+__all__ = ["Monitor", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
-log = logging.getLogger("sknock.firewall")
+log = logging.getLogger("sknock.monitor")
 CRL_PREFIX = b"CRL\0"
 MAX_CRL_MESSAGE = 4 << 20
 MAX_BATCH = 2048  # messages read from one worker before the batch is applied
 NONCE_CAPACITY = 1_000_000
 LOG_GROUP = 32  # knocks named in one log line
 # One firewall transaction costs about 120 us whatever its size, 15 us more per grant (nftables,
-# measured): applying one grant per transaction under load took the firewall process 72 us a grant.
+# measured): applying one grant per transaction under load took the monitor 72 us a grant.
 MIN_BATCH_INTERVAL = 0.001  # seconds
 # Coalescing only pays under load; at 1,000 grants a second it added up to 1 ms to every grant.
 BUSY_RATE = 2000.0  # requests a second, over the last RATE_WINDOW
@@ -65,7 +65,7 @@ class RecentRate:
         return self._count / self.window
 
 
-class Gatekeeper:
+class Monitor:
     def __init__(
         self,
         *,
@@ -217,7 +217,7 @@ class Gatekeeper:
     def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:
         """Every applied knock, by address and client, once the firewall has it.  Knocks for the same
         ports and duration share a line (at most LOG_GROUP of them): at thousands of grants a second, a
-        log record per knock cost the firewall process as much as the firewall itself."""
+        log record per knock cost the monitor as much as the firewall itself."""
         groups: dict[tuple[str, str, float, bool], list[str]] = {}
         for request, ports in knocks:
             key = (request.op, ",".join(ports), request.duration, request.opening in known)
