@@ -37,6 +37,10 @@ class ReplayCache:
     def __contains__(self, key: object) -> bool:
         return key in self._expiry
 
+    def items(self) -> list[tuple[bytes, float]]:
+        """Every key with its expiry (expired ones too, until :meth:`expire` removes them)."""
+        return list(self._expiry.items())
+
     def seen(self, key: bytes, now: float) -> bool:
         """True when ``key`` was added and has not expired by ``now``."""
         expiry = self._expiry.get(key)
