@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 
 from sknock.errors import SknockError
 from sknock.ports import PortSet, Protocol, parse_ports
-from sknock.server.firewall import FirewallError, FirewallPolicy, HostProbe, Opening, decide_backend, make_firewall
+from sknock.server.firewall import (
+    Firewall,
+    FirewallError,
+    FirewallPolicy,
+    HostProbe,
+    Opening,
+    decide_backend,
+    make_firewall,
+)
 from sknock.server.firewall.command import CommandFirewall, substitute
 from sknock.server.firewall.nftables import build_ruleset
 
@@ -247,3 +255,57 @@ def test_protected_portset_type_checked() -> None:
     with pytest.raises(FirewallError, match="protected"):
         FirewallPolicy("drop", protected="tcp/22")  # type: ignore[arg-type]
     assert FirewallPolicy("drop", protected=PortSet(())).protected == PortSet(())
+
+
+# --- the policy outlives the server -----------------------------------------------------------
+
+def test_command_backend_holds_no_kernel_state(recorder: tuple[str, Path]) -> None:
+    prog, log = recorder
+    fw = CommandFirewall(FirewallPolicy("none"), open_command=f"{prog} {log} open %IP% %PORT% %DURATION%",
+                         close_command=f"{prog} {log} close %IP% %PORT%")
+    a, b = Opening(V4, Protocol.TCP, 22), Opening(V6, Protocol.UDP, 8000)
+    assert fw.setup() == []
+    assert fw.intact() is True
+    fw.open(a, 60)
+    assert fw.intact() is True
+    assert fw.restore([(a, 12.5), (b, 0.0), (b, -3.0)]) == [(a, 12.5)]  # no time left: not reopened
+    assert fw.openings() == [a]
+    assert fw.boot_ruleset() is None
+    assert calls(log) == [["open", "198.18.0.2", "22", "60"], ["open", "198.18.0.2", "22", "13"]]
+
+
+class _MemoryFirewall(Firewall):
+    """The smallest backend: what the base class's defaults do with it."""
+
+    name = "memory"
+    kernel_expiry = False
+
+    def __init__(self) -> None:
+        self.grants: dict[Opening, float] = {}
+        self.setups = 0
+
+    def setup(self) -> list[tuple[Opening, float]]:
+        self.setups += 1
+        self.grants.clear()
+        return []
+
+    def open(self, opening: Opening, duration: float) -> None:
+        self.grants[opening] = duration
+
+    def close(self, opening: Opening) -> None:
+        self.grants.pop(opening, None)
+
+    def openings(self) -> list[Opening]:
+        return list(self.grants)
+
+    def teardown(self) -> None:
+        self.grants.clear()
+
+
+def test_base_defaults_restore_by_setup_and_apply() -> None:
+    fw = _MemoryFirewall()
+    fw.open(Opening(V6, Protocol.TCP, 1), 5)
+    a = Opening(V4, Protocol.TCP, 22)
+    assert fw.intact() is True and fw.boot_ruleset() is None
+    assert fw.restore([(a, 7.5), (Opening(V4, Protocol.UDP, 53), 0)]) == [(a, 7.5)]
+    assert fw.setups == 1 and fw.grants == {a: 7.5}

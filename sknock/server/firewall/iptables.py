@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
-from .base import Firewall, FirewallError, FirewallPolicy, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
 
 __all__ = ["IptablesFirewall", "load_iptc", "CHAIN", "GRANT_COMMENT"]
 
@@ -225,7 +225,7 @@ class IptablesFirewall(Firewall):
         sknock.flush()
         sknock.delete()
 
-    def setup(self) -> None:
+    def setup(self) -> list[Grant]:
         for fam in self._families:
             def install(table: Any, fam: _Family = fam) -> None:
                 self._remove(table)
@@ -237,6 +237,7 @@ class IptablesFirewall(Firewall):
                 next(c for c in table.chains if c.name == "INPUT").insert_rule(jump, 0)
 
             self._apply(f"installing chain {CHAIN}", fam, install)
+        return []
 
     def _chain(self, table: Any) -> Any:
         if not table.is_chain(CHAIN):

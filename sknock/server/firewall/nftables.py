@@ -30,7 +30,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
-from .base import Firewall, FirewallError, FirewallPolicy, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
 
 __all__ = ["NftablesFirewall", "build_ruleset", "load_libnftables", "TABLE", "FAMILY"]
 
@@ -229,8 +229,9 @@ class NftablesFirewall(Firewall):
             raise FirewallError(NAME, f"{what} failed: {' / '.join(detail[-3:]) or f'libnftables returned {rc}'}")
         return output
 
-    def setup(self) -> None:
+    def setup(self) -> list[Grant]:
         self._run(build_ruleset(self.policy, self.priority), f"installing table {FAMILY} {TABLE}")
+        return []
 
     def open(self, opening: Opening, duration: float) -> None:
         seconds = max(1, math.ceil(check_duration(NAME, duration)))
