@@ -24,7 +24,7 @@ from sknock.server.firewall import (
     make_firewall,
 )
 from sknock.server.firewall.command import CommandFirewall, substitute
-from sknock.server.firewall.nftables import build_ruleset
+from sknock.server.firewall.nftables import boot_ruleset, build_ruleset
 
 V4 = ipaddress.ip_address("198.18.0.2")
 V6 = ipaddress.ip_address("fd00::2")
@@ -258,6 +258,29 @@ def test_protected_portset_type_checked() -> None:
 
 
 # --- the policy outlives the server -----------------------------------------------------------
+
+def test_boot_ruleset_replaces_the_table_and_holds_the_policy() -> None:
+    policy = FirewallPolicy("reject", parse_ports("tcp/2000-2010"), always_open=parse_ports("udp/62201"))
+    text = boot_ruleset(policy, priority=-10)
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    # declare, delete, create: loaded over an existing table it replaces it instead of appending rules
+    assert lines[:3] == ["table inet sknock", "delete table inet sknock", "table inet sknock {"]
+    assert "\t\ttype filter hook input priority -10; policy accept;" in lines
+    assert text.count("flags timeout") == 2 and "elements" not in text
+    rules = [line.strip() for line in lines if line.startswith("\t\t") and line.strip().endswith(
+        ("accept", "drop", "reset", "port-unreachable"))]
+    assert len(rules) == len([c for c in build_ruleset(policy) if "rule" in c.get("add", {})])
+    assert rules[-1] == "tcp dport { 2000-2010 } reject with tcp reset"
+    assert "udp dport 62201 accept" in rules
+
+
+@pytest.mark.parametrize("bad", ['lo" accept', "lo\naccept", "", "{x}"])
+def test_boot_ruleset_renders_only_plain_words(bad: str) -> None:
+    from sknock.server.firewall.nftables import _text_statement
+
+    with pytest.raises(FirewallError, match="cannot render"):
+        _text_statement({"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": bad}})
+
 
 def test_command_backend_holds_no_kernel_state(recorder: tuple[str, Path]) -> None:
     prog, log = recorder
