@@ -298,21 +298,59 @@ def test_nftables_rejects_bad_requests_with_typed_errors(rig: Rig) -> None:
     assert ok(fw.ask(op="list")) == []
 
 
-def test_iptables_setup_cleans_leftovers(rig: Rig) -> None:
-    server, client_addr, _ = addresses(rig.net, 4)
+def test_iptables_setup_keeps_live_grants_and_drops_the_rest(rig: Rig) -> None:
+    """A new server's setup() over a killed one's chain: one jump, a live grant kept with its datestop
+    (so its remaining time), a grant past its datestop and an untimed grant (older sknock) dropped."""
+    server, client_addr, stranger = addresses(rig.net, 4)
+    host = rig.net.server
     rig.echo(PORT)
     probe = rig.client()
     crashed = rig.firewall("iptables", "reject")
     assert crashed.ask(op="setup")["ok"]
+    opened_from = time.time()
     assert ok(crashed.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=600))
+    opened_by = time.time()
     crashed.kill()
+    host.run("iptables-legacy", "-I", "INPUT", "1", "-j", "SKNOCK")  # a second jump
+    for extra in (["-m", "time", "--datestop", "2020-01-01T00:00:00"], []):  # expired; untimed
+        host.run("iptables-legacy", "-I", "SKNOCK", "1", "-s", stranger, "-p", "tcp", "-m", "tcp", "--dport",
+                 str(OTHER_PORT), *extra, "-m", "comment", "--comment", "sknock-grant", "-j", "ACCEPT")
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
 
     fresh = rig.firewall("iptables", "reject")
-    assert ok(fresh.ask(op="setup")) == []
-    saved = rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout
+    set_up_from = time.time()
+    reply = fresh.ask(op="setup")
+    set_up_by = time.time()
+    assert ok(reply) == [(client_addr, "tcp", PORT)]
+    (carried,) = reply["carried"]
+    # the datestop is ceil(open time + 600) - 1: the grant holds until the whole second after it
+    assert opened_from + 600 - set_up_by <= carried["remaining"] <= opened_by + 601 - set_up_from
+    saved = host.run("iptables-legacy-save", "-t", "filter").stdout
     assert saved.count("-A INPUT -j SKNOCK") == 1
-    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert saved.count("sknock-grant") == 1 and stranger not in saved
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fresh.ask(op="intact")["intact"] is True
+
+
+def test_iptables_grant_ends_at_its_datestop_with_no_server(rig: Rig) -> None:
+    """The kernel (xt_time) stops honouring a grant at its datestop although the process that made it
+    was killed and the rule is still in the chain.  The helper runs in a time zone far from UTC: the
+    datestop must be UTC whatever the process's zone."""
+    server, client_addr, _ = addresses(rig.net, 4)
+    rig.echo(PORT)
+    probe = rig.client()
+    fw = rig.firewall("iptables", "reject", env={"TZ": "America/Los_Angeles"})
+    assert fw.ask(op="setup")["ok"]
+    opened = fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=2)
+    assert ok(opened) == [(client_addr, "tcp", PORT)]
+    ends = time.time() + opened["openings"][0]["expires"]
+    assert 2 <= opened["openings"][0]["expires"] <= 3
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    fw.kill()
+
+    time.sleep(max(0.0, ends - time.time()) + 0.2)
+    assert "sknock-grant" in rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout  # still there
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"  # and ignored
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -475,3 +513,68 @@ print(json.dumps({"seconds": (time.perf_counter() - start) / 200, "results": sor
     result = json.loads(out.stdout)
     assert result["grants"] == 10000 and result["results"] == [True]
     assert result["seconds"] < 0.005
+
+
+@pytest.mark.parametrize("tampering", ["flush chain", "restore without grants", "jump moved", "flush INPUT"])
+def test_iptables_intact_notices_tampering_and_restore_repairs_it(rig: Rig, tampering: str) -> None:
+    server, client_addr, _ = addresses(rig.net, 6)
+    host = rig.net.server
+    rig.echo(PORT, OTHER_PORT)
+    probe = rig.client()
+    fw = rig.firewall("iptables", "reject")
+    assert fw.ask(op="intact")["intact"] is False
+    assert fw.ask(op="setup")["ok"]
+    assert ok(fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=60))
+    assert fw.ask(op="intact")["intact"] is True
+    saved = host.run("ip6tables-legacy-save", "-t", "filter").stdout
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fw.ask(op="intact")["intact"] is True  # counters moved; nothing it compares did
+
+    if tampering == "flush chain":
+        host.run("ip6tables-legacy", "-F", "SKNOCK")
+    elif tampering == "restore without grants":  # e.g. netfilter-persistent reload of a file saved earlier
+        policy_only = "\n".join(line for line in saved.splitlines() if "sknock-grant" not in line) + "\n"
+        subprocess.run(host.cmd("ip6tables-legacy-restore"), input=policy_only, text=True, check=True)
+        assert ok(fw.ask(op="list")) == []
+    elif tampering == "jump moved":  # an ACCEPT ahead of the jump would be final
+        host.run("ip6tables-legacy", "-I", "INPUT", "1", "-p", "tcp", "--dport", str(OTHER_PORT), "-j", "ACCEPT")
+    else:
+        host.run("ip6tables-legacy", "-F", "INPUT")
+    assert fw.ask(op="intact")["intact"] is False
+    # a grant change in between does not hide it
+    assert ok(fw.ask(op="open", address=client_addr, protocol="udp", port=PORT, duration=60))
+    assert fw.ask(op="intact")["intact"] is False
+
+    restored = fw.ask(op="restore", grants=[{"address": client_addr, "protocol": "tcp", "port": PORT,
+                                             "remaining": 30}])
+    assert ok(restored) == [(client_addr, "tcp", PORT)]
+    assert 29 <= restored["openings"][0]["expires"] <= 31
+    assert fw.ask(op="intact")["intact"] is True
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "refused"
+    saved = host.run("ip6tables-legacy-save", "-t", "filter").stdout
+    assert saved.count("-A INPUT -j SKNOCK") == 1 and saved.count("sknock-grant") == 1
+
+
+def test_iptables_restore_installs_the_policy_even_if_a_grant_cannot_be(rig: Rig) -> None:
+    """A grant the library refuses (libxt_time takes no date after 2038: the clock here says 2039) must
+    not keep the policy out: the chain is installed without it, and intact() holds."""
+    script = """
+import ipaddress, json
+from sknock.ports import Protocol
+from sknock.server.firewall import FirewallPolicy, Opening
+from sknock.server.firewall.iptables import IptablesFirewall
+fw = IptablesFirewall(FirewallPolicy("reject"), clock=lambda: 2_200_000_000.0)
+fw.setup()
+grant = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 2000)
+restored = fw.restore([(grant, 30.0)])
+print(json.dumps({"restored": len(restored), "intact": fw.intact(), "openings": len(fw.openings())}))
+"""
+    host = rig.net.server
+    host.run("iptables-legacy", "-N", "SKNOCK")  # a leftover chain: gone afterwards, replaced by the policy
+    host.run("iptables-legacy", "-A", "SKNOCK", "-j", "ACCEPT")
+    out = host.run(sys.executable, "-c", script, timeout=120)
+    assert json.loads(out.stdout) == {"restored": 0, "intact": True, "openings": 0}
+    saved = host.run("iptables-legacy-save", "-t", "filter").stdout
+    assert "-A INPUT -j SKNOCK" in saved and "-A SKNOCK -j REJECT --reject-with icmp-port-unreachable" in saved
+    assert "-A SKNOCK -j ACCEPT" not in saved

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from sknock.server.firewall import (
     make_firewall,
 )
 from sknock.server.firewall.command import CommandFirewall, substitute
+from sknock.server.firewall.iptables import datestop_for
 from sknock.server.firewall.nftables import boot_ruleset, build_ruleset
 
 V4 = ipaddress.ip_address("198.18.0.2")
@@ -280,6 +282,42 @@ def test_boot_ruleset_renders_only_plain_words(bad: str) -> None:
 
     with pytest.raises(FirewallError, match="cannot render"):
         _text_statement({"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": bad}})
+
+
+@given(st.floats(1e9, 4e9), st.floats(0.001, 7 * 24 * 3600))
+def test_iptables_datestop_holds_to_the_second(now: float, seconds: float) -> None:
+    """xt_time matches while the whole second of arrival is <= datestop: the grant holds until
+    datestop + 1, which is at least now + seconds and less than a second later."""
+    stop = datestop_for(now, seconds)
+    assert now + seconds <= stop + 1 < now + seconds + 1
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_iptables_datestop_text_is_utc(stop: int) -> None:
+    from sknock.server.firewall.iptables import _datestop_text, _datestop_value
+
+    assert _datestop_value(_datestop_text(stop)) == stop
+
+
+def test_iptables_datestop_leaves_the_process_time_zone_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libxt_time sets TZ=UTC in the process that parses a datestop; the backend puts it back."""
+    try:
+        from sknock.server.firewall.iptables import _Family, load_iptc
+
+        iptc = load_iptc()
+    except FirewallError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        offset = time.localtime(1_800_000_000).tm_gmtoff
+        rule = _Family(iptc, 4).grant_rule(Opening(V4, Protocol.TCP, 22), 1_800_000_000)
+        assert [m.get_all_parameters() for m in rule.matches if m.name == "time"] == [
+            {"datestop": ["2027-01-15T08:00:00"]}]
+        assert time.localtime(1_800_000_000).tm_gmtoff == offset == -8 * 3600
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 def test_command_backend_holds_no_kernel_state(recorder: tuple[str, Path]) -> None:

@@ -111,8 +111,8 @@ class Firewall(abc.ABC):
     """A firewall backend.  Not thread-safe: the daemon drives it from one privileged process.
 
     ``kernel_expiry`` is True when the kernel itself stops honouring a grant when its time is up
-    (nftables set timeouts), so access ends on time even if the server dies; when False only
-    :meth:`close` ends a grant.
+    (nftables set timeouts, iptables ``-m time --datestop``), so access ends on time even if the server
+    dies; when False only :meth:`close` ends a grant.
 
     Stopping the server is not a teardown: the policy stays in the kernel and live grants end on time.
     :meth:`intact` tells when someone else removed or rewrote sknock's table, :meth:`restore` puts it
