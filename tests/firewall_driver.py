@@ -6,7 +6,8 @@ drives it step by step; each ends at EOF, after a bounded number of commands, or
 server -- after a bounded lifetime):
 
 * ``firewall BACKEND POLICY_JSON [OPTIONS_JSON]`` -- holds a real backend, as the daemon's privileged
-  helper would.  Commands: setup, open, close, list, teardown.
+  helper would.  Commands: setup (answers the grants it carried over, too), open, close, list, intact,
+  restore (``grants``: address, protocol, port, remaining), boot (the boot-time ruleset), teardown.
 * ``client`` -- makes TCP connections: connect (answers connected / refused / timeout), hold (keeps an
   established connection), echo (sends a line over a held connection and reads it back); udp sends one
   datagram and waits for its echo (ok / refused / timeout).
@@ -66,20 +67,32 @@ def run_firewall(backend: str, policy_json: str, options_json: str) -> None:
         return [{"address": str(o.address), "protocol": o.protocol.label, "port": o.port, "expires": e}
                 for o, e in found.items()]
 
+    def grants(found: list[tuple[Opening, float]]) -> list[dict[str, Any]]:
+        return [{"address": str(o.address), "protocol": o.protocol.label, "port": o.port, "remaining": t}
+                for o, t in found]
+
     for cmd in _commands():
         try:
             op = cmd["op"]
+            extra: dict[str, Any] = {}
             if op == "setup":
-                firewall.setup()
+                extra["carried"] = grants(firewall.setup())
             elif op == "open":
                 firewall.open(opening(cmd), cmd["duration"])
             elif op == "close":
                 firewall.close(opening(cmd))
+            elif op == "intact":
+                extra["intact"] = firewall.intact()
+            elif op == "restore":
+                extra["restored"] = grants(firewall.restore([(opening(g), g["remaining"]) for g in cmd["grants"]]))
+            elif op == "boot":
+                extra["text"] = firewall.boot_ruleset()
             elif op == "teardown":
                 firewall.teardown()
             elif op != "list":
                 raise ValueError(f"unknown op {op!r}")
-            _answer({"ok": True, "openings": listing() if op != "teardown" else []})
+            # intact and boot run where sknock's table may be missing: nothing to list there
+            _answer({"ok": True, "openings": listing() if op not in ("teardown", "intact", "boot") else [], **extra})
         except SknockError as exc:
             _answer({"ok": False, "error": str(exc), "type": type(exc).__name__})
 

@@ -34,8 +34,8 @@ REPLY_TIMEOUT = 20.0  # generous: only bounds a hung helper, never measures spee
 class Helper:
     """One driver-process role inside a namespace, spoken to in JSON lines."""
 
-    def __init__(self, host: Host, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+    def __init__(self, host: Host, *args: str, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen(host.cmd(sys.executable, DRIVER, *args), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self._selector = selectors.DefaultSelector()
@@ -74,8 +74,8 @@ class Rig:
         self.net = TestNet.create("skf")
         self.helpers: list[Helper] = []
 
-    def start(self, host: Host, *args: str) -> Helper:
-        helper = Helper(host, *args)
+    def start(self, host: Host, *args: str, env: dict[str, str] | None = None) -> Helper:
+        helper = Helper(host, *args, env=env)
         self.helpers.append(helper)
         return helper
 
@@ -84,8 +84,8 @@ class Rig:
         assert helper.read() == {"ready": True}
         return helper
 
-    def firewall(self, backend: str, mode: str, **policy: Any) -> Helper:
-        return self.start(self.net.server, "firewall", backend, json.dumps({"mode": mode, **policy}))
+    def firewall(self, backend: str, mode: str, env: dict[str, str] | None = None, **policy: Any) -> Helper:
+        return self.start(self.net.server, "firewall", backend, json.dumps({"mode": mode, **policy}), env=env)
 
     def client(self) -> Helper:
         return self.start(self.net.client, "client")
@@ -218,29 +218,55 @@ def test_nftables_kernel_expiry_survives_a_dead_server(rig: Rig) -> None:
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
 
 
-def test_nftables_setup_cleans_leftovers_and_spares_other_tables(rig: Rig) -> None:
-    server, client_addr, _ = addresses(rig.net, 6)
+def test_nftables_setup_keeps_live_grants_and_spares_other_tables(rig: Rig) -> None:
+    """A new server's setup() over a killed one's table: the table is replaced (a stray rule and a grant
+    without a timeout are gone), a live grant stays reachable with the time it had left (to the second),
+    one with less than a second left is dropped, and the admin's table is not touched."""
+    server, client_addr, stranger = addresses(rig.net, 6)
     host = rig.net.server
     host.run("nft", "add table inet admin")
     host.run("nft", "add chain inet admin input { type filter hook input priority 10 ; policy accept ; }")
     host.run("nft", "add rule inet admin input tcp dport 9999 counter accept")
     admin_before = host.run("nft", "list", "table", "inet", "admin").stdout
-    rig.echo(PORT)
+    rig.echo(PORT, OTHER_PORT)
     probe = rig.client()
 
     crashed = rig.firewall("nftables", "reject")
-    assert crashed.ask(op="setup")["ok"]
+    assert ok(crashed.ask(op="setup")) == []
+    fresh_rules = len(nft_rules(host))
+    opened_from = time.monotonic()
     assert ok(crashed.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=600))
+    opened_by = time.monotonic()
+    assert ok(crashed.ask(op="open", address=client_addr, protocol="udp", port=PORT, duration=1))
     crashed.kill()
+    host.run("nft", "add rule inet sknock input tcp dport 2001 accept")  # not sknock's policy
+    host.run("nft", "add element inet sknock grants6 { " + stranger + " . tcp . 2000 }")  # no timeout
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"  # leftover grant
 
     fresh = rig.firewall("nftables", "reject")
-    assert ok(fresh.ask(op="setup")) == []
+    set_up_from = time.monotonic()
+    reply = fresh.ask(op="setup")
+    set_up_by = time.monotonic()
+    # only the 600 s grant: the 1 s one has less than a second left, the stranger's has no timeout
+    assert ok(reply) == [(client_addr, "tcp", PORT)]
+    (carried,) = reply["carried"]
+    assert (carried["address"], carried["protocol"], carried["port"]) == (client_addr, "tcp", PORT)
+    # what it had left, rounded down to the second: never more, at most 1 s less
+    assert 600 - (set_up_by - opened_from) - 1 <= carried["remaining"] <= 600 - (set_up_from - opened_by)
+    assert reply["openings"][0]["expires"] <= carried["remaining"]
+    assert len(nft_rules(host)) == fresh_rules  # the stray rule went with the old table
     tables = host.run("nft", "list", "tables").stdout.split("\n")
     assert sorted(t.strip() for t in tables if t.strip()) == ["table inet admin", "table inet sknock"]
-    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"  # the grant, carried
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "refused"  # the policy
+    assert fresh.ask(op="intact")["intact"] is True
     assert fresh.ask(op="teardown")["ok"]
     assert host.run("nft", "list", "table", "inet", "admin").stdout == admin_before
+
+
+def nft_rules(host: Host) -> list[dict[str, Any]]:
+    out = json.loads(host.run("nft", "-j", "list", "chain", "inet", "sknock", "input").stdout)
+    return [e["rule"] for e in out["nftables"] if "rule" in e]
 
 
 def test_nftables_open_twice_extends(rig: Rig) -> None:
@@ -272,21 +298,59 @@ def test_nftables_rejects_bad_requests_with_typed_errors(rig: Rig) -> None:
     assert ok(fw.ask(op="list")) == []
 
 
-def test_iptables_setup_cleans_leftovers(rig: Rig) -> None:
-    server, client_addr, _ = addresses(rig.net, 4)
+def test_iptables_setup_keeps_live_grants_and_drops_the_rest(rig: Rig) -> None:
+    """A new server's setup() over a killed one's chain: one jump, a live grant kept with its datestop
+    (so its remaining time), a grant past its datestop and an untimed grant (older sknock) dropped."""
+    server, client_addr, stranger = addresses(rig.net, 4)
+    host = rig.net.server
     rig.echo(PORT)
     probe = rig.client()
     crashed = rig.firewall("iptables", "reject")
     assert crashed.ask(op="setup")["ok"]
+    opened_from = time.time()
     assert ok(crashed.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=600))
+    opened_by = time.time()
     crashed.kill()
+    host.run("iptables-legacy", "-I", "INPUT", "1", "-j", "SKNOCK")  # a second jump
+    for extra in (["-m", "time", "--datestop", "2020-01-01T00:00:00"], []):  # expired; untimed
+        host.run("iptables-legacy", "-I", "SKNOCK", "1", "-s", stranger, "-p", "tcp", "-m", "tcp", "--dport",
+                 str(OTHER_PORT), *extra, "-m", "comment", "--comment", "sknock-grant", "-j", "ACCEPT")
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
 
     fresh = rig.firewall("iptables", "reject")
-    assert ok(fresh.ask(op="setup")) == []
-    saved = rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout
+    set_up_from = time.time()
+    reply = fresh.ask(op="setup")
+    set_up_by = time.time()
+    assert ok(reply) == [(client_addr, "tcp", PORT)]
+    (carried,) = reply["carried"]
+    # the datestop is ceil(open time + 600) - 1: the grant holds until the whole second after it
+    assert opened_from + 600 - set_up_by <= carried["remaining"] <= opened_by + 601 - set_up_from
+    saved = host.run("iptables-legacy-save", "-t", "filter").stdout
     assert saved.count("-A INPUT -j SKNOCK") == 1
-    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert saved.count("sknock-grant") == 1 and stranger not in saved
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fresh.ask(op="intact")["intact"] is True
+
+
+def test_iptables_grant_ends_at_its_datestop_with_no_server(rig: Rig) -> None:
+    """The kernel (xt_time) stops honouring a grant at its datestop although the process that made it
+    was killed and the rule is still in the chain.  The helper runs in a time zone far from UTC: the
+    datestop must be UTC whatever the process's zone."""
+    server, client_addr, _ = addresses(rig.net, 4)
+    rig.echo(PORT)
+    probe = rig.client()
+    fw = rig.firewall("iptables", "reject", env={"TZ": "America/Los_Angeles"})
+    assert fw.ask(op="setup")["ok"]
+    opened = fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=2)
+    assert ok(opened) == [(client_addr, "tcp", PORT)]
+    ends = time.time() + opened["openings"][0]["expires"]
+    assert 2 <= opened["openings"][0]["expires"] <= 3
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    fw.kill()
+
+    time.sleep(max(0.0, ends - time.time()) + 0.2)
+    assert "sknock-grant" in rig.net.server.run("iptables-legacy-save", "-t", "filter").stdout  # still there
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"  # and ignored
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -306,3 +370,211 @@ def test_udp_grant(rig: Rig, backend: str, family: int) -> None:
     assert ok(fw.ask(op="close", **grant)) == []
     # a new source port: not part of the flow conntrack already knows
     assert probe.ask(op="udp", host=server, port=PORT)["result"] == "refused"
+
+
+# --- the policy outlives the server: intact(), restore(), the boot-time include -----------------
+
+def nft_table(host: Host) -> list[dict[str, Any]]:
+    """sknock's table as ``nft -j`` lists it, without handles (they differ between two installs)."""
+    out = json.loads(host.run("nft", "-j", "list", "table", "inet", "sknock").stdout)
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "handle"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return [strip(e) for e in out["nftables"] if "metainfo" not in e]
+
+
+def write_boot(fw: Helper, tmp_path: Path) -> Path:
+    reply = fw.ask(op="boot")
+    assert reply["ok"] and reply["text"].startswith("#")
+    path = tmp_path / "sknock.nft"
+    path.write_text(reply["text"])
+    return path
+
+
+def nft_delete_first_rule(host: Host) -> None:
+    host.run("nft", "delete", "rule", "inet", "sknock", "input", "handle", str(nft_rules(host)[0]["handle"]))
+
+
+NFT_TAMPERING = {
+    "flush ruleset": lambda host, boot: host.run("nft", "flush", "ruleset"),
+    # what an nftables.service reload does when /etc/nftables.conf starts with flush ruleset
+    "flush ruleset and include": lambda host, boot: host.run("nft", "-f", str(boot.with_name("nftables.conf"))),
+    # ... and without flush ruleset: the include alone, over the live table
+    "include over the live table": lambda host, boot: host.run("nft", "-f", str(boot)),
+    "delete a rule": lambda host, boot: nft_delete_first_rule(host),
+    "flush chain": lambda host, boot: host.run("nft", "flush", "chain", "inet", "sknock", "input"),
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(NFT_TAMPERING))
+def test_nftables_intact_notices_tampering_and_restore_repairs_it(rig: Rig, tmp_path: Path, tampering: str) -> None:
+    server, client_addr, _ = addresses(rig.net, 4)
+    host = rig.net.server
+    rig.echo(PORT, OTHER_PORT)
+    probe = rig.client()
+    fw = rig.firewall("nftables", "reject", always_open="udp/62201")
+    boot = write_boot(fw, tmp_path)
+    boot.with_name("nftables.conf").write_text(f'flush ruleset\ninclude "{boot}"\n')
+    assert fw.ask(op="intact")["intact"] is False  # nothing installed yet
+    assert fw.ask(op="setup")["ok"]
+    assert fw.ask(op="intact")["intact"] is True
+    assert ok(fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=60))
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "refused"
+    assert fw.ask(op="intact")["intact"] is True  # grants and traffic change nothing it compares
+
+    NFT_TAMPERING[tampering](host, boot)
+    assert fw.ask(op="intact")["intact"] is False
+
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+    restored = fw.ask(op="restore", grants=[{**grant, "remaining": 29.2}])
+    assert ok(restored) == [(client_addr, "tcp", PORT)]
+    assert restored["restored"] == [{**grant, "remaining": 30.0}]  # rounded up, as open() does
+    assert 28 <= restored["openings"][0]["expires"] <= 30
+    assert fw.ask(op="intact")["intact"] is True
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "refused"
+    assert fw.ask(op="intact")["intact"] is True
+    tables = host.run("nft", "list", "tables").stdout.split()
+    assert tables == ["table", "inet", "sknock"]  # one table, not one more per restore
+
+
+@pytest.mark.parametrize("policy", [
+    {"mode": "reject", "always_open": "udp/62201"},
+    {"mode": "drop", "protected": "tcp/2000-2010,udp/53", "emergency_ssh": False},
+    {"mode": "none", "emergency_ssh": False},
+])
+def test_nftables_boot_ruleset_installs_what_setup_installs(rig: Rig, tmp_path: Path, policy: dict[str, Any]) -> None:
+    """The include, loaded by nft, gives the very table setup() gives (same sets, chain and rules), and
+    setup() replaces it in one step (no duplicated rules, nothing carried: its sets are empty)."""
+    host = rig.net.server
+    fw = rig.firewall("nftables", **policy)
+    host.run("nft", "-f", str(write_boot(fw, tmp_path)))
+    from_boot = nft_table(host)
+    assert ok(fw.ask(op="setup")) == []
+    assert nft_table(host) == from_boot
+    assert len([e for e in from_boot if "rule" in e]) >= 6
+
+
+def test_nftables_boot_ruleset_shuts_ports_without_a_server_and_reloads_cleanly(rig: Rig, tmp_path: Path) -> None:
+    """Loaded at boot (no server), the include shuts the protected port.  Loaded again -- twice, or
+    over a running server's table with a grant -- it replaces the table: no duplicated rule, nothing
+    opened, the grant dropped (the server notices and restores it)."""
+    server, client_addr, _ = addresses(rig.net, 4)
+    host = rig.net.server
+    rig.echo(PORT, OTHER_PORT)
+    probe = rig.client()
+    fw = rig.firewall("nftables", "reject", protected=f"tcp/{PORT}")
+    boot = write_boot(fw, tmp_path)
+
+    host.run("nft", "-f", str(boot))
+    expected = nft_table(host)
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"  # before any server
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "connected"  # not protected
+    host.run("nft", "-f", str(boot))  # loaded twice
+    assert nft_table(host) == expected
+
+    assert ok(fw.ask(op="setup")) == []
+    assert ok(fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=60))
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    host.run("nft", "-f", str(boot))  # a reload without flush ruleset, under a running server
+    assert nft_table(host) == expected  # the policy once, and empty sets
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "refused"
+    assert fw.ask(op="intact")["intact"] is False
+    restored = fw.ask(op="restore", grants=[{"address": client_addr, "protocol": "tcp", "port": PORT,
+                                             "remaining": 50}])
+    assert ok(restored) == [(client_addr, "tcp", PORT)]
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+
+
+def test_nftables_intact_is_cheap_with_many_grants(rig: Rig) -> None:
+    """intact() reads no set elements: with 10,000 grants it stays well under a millisecond a call
+    (bounded here at 5 ms to leave room for a loaded machine; libnftables' listing took 40 ms)."""
+    script = """
+import ipaddress, json, time
+from sknock.ports import Protocol
+from sknock.server.firewall import FirewallPolicy, Opening, make_firewall
+fw = make_firewall("nftables", FirewallPolicy("reject"))
+fw.setup()
+grants = [(Opening(ipaddress.ip_address(f"198.18.{i // 250}.{i % 250 + 1}"), Protocol.TCP, 2000), 600.0)
+          for i in range(10000)]
+assert fw.apply(grants, [], known=set()) == []
+start = time.perf_counter()
+results = {fw.intact() for _ in range(200)}
+print(json.dumps({"seconds": (time.perf_counter() - start) / 200, "results": sorted(results),
+                  "grants": len(fw.openings())}))
+"""
+    out = rig.net.server.run(sys.executable, "-c", script, timeout=120)
+    result = json.loads(out.stdout)
+    assert result["grants"] == 10000 and result["results"] == [True]
+    assert result["seconds"] < 0.005
+
+
+@pytest.mark.parametrize("tampering", ["flush chain", "restore without grants", "jump moved", "flush INPUT"])
+def test_iptables_intact_notices_tampering_and_restore_repairs_it(rig: Rig, tampering: str) -> None:
+    server, client_addr, _ = addresses(rig.net, 6)
+    host = rig.net.server
+    rig.echo(PORT, OTHER_PORT)
+    probe = rig.client()
+    fw = rig.firewall("iptables", "reject")
+    assert fw.ask(op="intact")["intact"] is False
+    assert fw.ask(op="setup")["ok"]
+    assert ok(fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=60))
+    assert fw.ask(op="intact")["intact"] is True
+    saved = host.run("ip6tables-legacy-save", "-t", "filter").stdout
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fw.ask(op="intact")["intact"] is True  # counters moved; nothing it compares did
+
+    if tampering == "flush chain":
+        host.run("ip6tables-legacy", "-F", "SKNOCK")
+    elif tampering == "restore without grants":  # e.g. netfilter-persistent reload of a file saved earlier
+        policy_only = "\n".join(line for line in saved.splitlines() if "sknock-grant" not in line) + "\n"
+        subprocess.run(host.cmd("ip6tables-legacy-restore"), input=policy_only, text=True, check=True)
+        assert ok(fw.ask(op="list")) == []
+    elif tampering == "jump moved":  # an ACCEPT ahead of the jump would be final
+        host.run("ip6tables-legacy", "-I", "INPUT", "1", "-p", "tcp", "--dport", str(OTHER_PORT), "-j", "ACCEPT")
+    else:
+        host.run("ip6tables-legacy", "-F", "INPUT")
+    assert fw.ask(op="intact")["intact"] is False
+    # a grant change in between does not hide it
+    assert ok(fw.ask(op="open", address=client_addr, protocol="udp", port=PORT, duration=60))
+    assert fw.ask(op="intact")["intact"] is False
+
+    restored = fw.ask(op="restore", grants=[{"address": client_addr, "protocol": "tcp", "port": PORT,
+                                             "remaining": 30}])
+    assert ok(restored) == [(client_addr, "tcp", PORT)]
+    assert 29 <= restored["openings"][0]["expires"] <= 31
+    assert fw.ask(op="intact")["intact"] is True
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert probe.ask(op="connect", host=server, port=OTHER_PORT)["result"] == "refused"
+    saved = host.run("ip6tables-legacy-save", "-t", "filter").stdout
+    assert saved.count("-A INPUT -j SKNOCK") == 1 and saved.count("sknock-grant") == 1
+
+
+def test_iptables_restore_installs_the_policy_even_if_a_grant_cannot_be(rig: Rig) -> None:
+    """A grant the library refuses (libxt_time takes no date after 2038: the clock here says 2039) must
+    not keep the policy out: the chain is installed without it, and intact() holds."""
+    script = """
+import ipaddress, json
+from sknock.ports import Protocol
+from sknock.server.firewall import FirewallPolicy, Opening
+from sknock.server.firewall.iptables import IptablesFirewall
+fw = IptablesFirewall(FirewallPolicy("reject"), clock=lambda: 2_200_000_000.0)
+fw.setup()
+grant = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 2000)
+restored = fw.restore([(grant, 30.0)])
+print(json.dumps({"restored": len(restored), "intact": fw.intact(), "openings": len(fw.openings())}))
+"""
+    host = rig.net.server
+    host.run("iptables-legacy", "-N", "SKNOCK")  # a leftover chain: gone afterwards, replaced by the policy
+    host.run("iptables-legacy", "-A", "SKNOCK", "-j", "ACCEPT")
+    out = host.run(sys.executable, "-c", script, timeout=120)
+    assert json.loads(out.stdout) == {"restored": 0, "intact": True, "openings": 0}
+    saved = host.run("iptables-legacy-save", "-t", "filter").stdout
+    assert "-A INPUT -j SKNOCK" in saved and "-A SKNOCK -j REJECT --reject-with icmp-port-unreachable" in saved
+    assert "-A SKNOCK -j ACCEPT" not in saved

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,18 @@ from hypothesis import strategies as st
 
 from sknock.errors import SknockError
 from sknock.ports import PortSet, Protocol, parse_ports
-from sknock.server.firewall import FirewallError, FirewallPolicy, HostProbe, Opening, decide_backend, make_firewall
+from sknock.server.firewall import (
+    Firewall,
+    FirewallError,
+    FirewallPolicy,
+    HostProbe,
+    Opening,
+    decide_backend,
+    make_firewall,
+)
 from sknock.server.firewall.command import CommandFirewall, substitute
-from sknock.server.firewall.nftables import build_ruleset
+from sknock.server.firewall.iptables import datestop_for
+from sknock.server.firewall.nftables import boot_ruleset, build_ruleset
 
 V4 = ipaddress.ip_address("198.18.0.2")
 V6 = ipaddress.ip_address("fd00::2")
@@ -247,3 +257,116 @@ def test_protected_portset_type_checked() -> None:
     with pytest.raises(FirewallError, match="protected"):
         FirewallPolicy("drop", protected="tcp/22")  # type: ignore[arg-type]
     assert FirewallPolicy("drop", protected=PortSet(())).protected == PortSet(())
+
+
+# --- the policy outlives the server -----------------------------------------------------------
+
+def test_boot_ruleset_replaces_the_table_and_holds_the_policy() -> None:
+    policy = FirewallPolicy("reject", parse_ports("tcp/2000-2010"), always_open=parse_ports("udp/62201"))
+    text = boot_ruleset(policy, priority=-10)
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    # declare, delete, create: loaded over an existing table it replaces it instead of appending rules
+    assert lines[:3] == ["table inet sknock", "delete table inet sknock", "table inet sknock {"]
+    assert "\t\ttype filter hook input priority -10; policy accept;" in lines
+    assert text.count("flags timeout") == 2 and "elements" not in text
+    rules = [line.strip() for line in lines if line.startswith("\t\t") and line.strip().endswith(
+        ("accept", "drop", "reset", "port-unreachable"))]
+    assert len(rules) == len([c for c in build_ruleset(policy) if "rule" in c.get("add", {})])
+    assert rules[-1] == "tcp dport { 2000-2010 } reject with tcp reset"
+    assert "udp dport 62201 accept" in rules
+
+
+@pytest.mark.parametrize("bad", ['lo" accept', "lo\naccept", "", "{x}"])
+def test_boot_ruleset_renders_only_plain_words(bad: str) -> None:
+    from sknock.server.firewall.nftables import _text_statement
+
+    with pytest.raises(FirewallError, match="cannot render"):
+        _text_statement({"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": bad}})
+
+
+@given(st.floats(1e9, 4e9), st.floats(0.001, 7 * 24 * 3600))
+def test_iptables_datestop_holds_to_the_second(now: float, seconds: float) -> None:
+    """xt_time matches while the whole second of arrival is <= datestop: the grant holds until
+    datestop + 1, which is at least now + seconds and less than a second later."""
+    stop = datestop_for(now, seconds)
+    assert now + seconds <= stop + 1 < now + seconds + 1
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_iptables_datestop_text_is_utc(stop: int) -> None:
+    from sknock.server.firewall.iptables import _datestop_text, _datestop_value
+
+    assert _datestop_value(_datestop_text(stop)) == stop
+
+
+def test_iptables_datestop_leaves_the_process_time_zone_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libxt_time sets TZ=UTC in the process that parses a datestop; the backend puts it back."""
+    try:
+        from sknock.server.firewall.iptables import _Family, load_iptc
+
+        iptc = load_iptc()
+    except FirewallError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        offset = time.localtime(1_800_000_000).tm_gmtoff
+        rule = _Family(iptc, 4).grant_rule(Opening(V4, Protocol.TCP, 22), 1_800_000_000)
+        assert [m.get_all_parameters() for m in rule.matches if m.name == "time"] == [
+            {"datestop": ["2027-01-15T08:00:00"]}]
+        assert time.localtime(1_800_000_000).tm_gmtoff == offset == -8 * 3600
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_command_backend_holds_no_kernel_state(recorder: tuple[str, Path]) -> None:
+    prog, log = recorder
+    fw = CommandFirewall(FirewallPolicy("none"), open_command=f"{prog} {log} open %IP% %PORT% %DURATION%",
+                         close_command=f"{prog} {log} close %IP% %PORT%")
+    a, b = Opening(V4, Protocol.TCP, 22), Opening(V6, Protocol.UDP, 8000)
+    assert fw.setup() == []
+    assert fw.intact() is True
+    fw.open(a, 60)
+    assert fw.intact() is True
+    assert fw.restore([(a, 12.5), (b, 0.0), (b, -3.0)]) == [(a, 12.5)]  # no time left: not reopened
+    assert fw.openings() == [a]
+    assert fw.boot_ruleset() is None
+    assert calls(log) == [["open", "198.18.0.2", "22", "60"], ["open", "198.18.0.2", "22", "13"]]
+
+
+class _MemoryFirewall(Firewall):
+    """The smallest backend: what the base class's defaults do with it."""
+
+    name = "memory"
+    kernel_expiry = False
+
+    def __init__(self) -> None:
+        self.grants: dict[Opening, float] = {}
+        self.setups = 0
+
+    def setup(self) -> list[tuple[Opening, float]]:
+        self.setups += 1
+        self.grants.clear()
+        return []
+
+    def open(self, opening: Opening, duration: float) -> None:
+        self.grants[opening] = duration
+
+    def close(self, opening: Opening) -> None:
+        self.grants.pop(opening, None)
+
+    def openings(self) -> list[Opening]:
+        return list(self.grants)
+
+    def teardown(self) -> None:
+        self.grants.clear()
+
+
+def test_base_defaults_restore_by_setup_and_apply() -> None:
+    fw = _MemoryFirewall()
+    fw.open(Opening(V6, Protocol.TCP, 1), 5)
+    a = Opening(V4, Protocol.TCP, 22)
+    assert fw.intact() is True and fw.boot_ruleset() is None
+    assert fw.restore([(a, 7.5), (Opening(V4, Protocol.UDP, 53), 0)]) == [(a, 7.5)]
+    assert fw.setups == 1 and fw.grants == {a: 7.5}

@@ -1,9 +1,9 @@
 """The one interface every firewall backend offers the daemon, and the values it speaks in.
 
 The daemon decides *who* may reach *what* and for *how long*; a backend only turns that into kernel
-state.  Keeping the contract this small (set up, open, close, list, tear down) is what lets the
-nftables, iptables and command backends be swapped by one config key, and lets the privileged helper
-process that holds a backend be tiny.
+state.  Keeping the contract this small (set up, open, close, list, check, restore, tear down) is what
+lets the nftables, iptables and command backends be swapped by one config key, and lets the privileged
+helper process that holds a backend be tiny.
 
 Values are frozen dataclasses so a grant can be a dict key and be sent between processes without
 anyone mutating it on the way.
@@ -21,7 +21,7 @@ from typing import Literal
 from ...errors import SknockError
 from ...ports import PortSet, Protocol
 
-__all__ = ["Address", "Opening", "FirewallPolicy", "Firewall", "FirewallError", "PolicyMode", "check_duration"]
+__all__ = ["Address", "Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "PolicyMode", "check_duration"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 PolicyMode = Literal["none", "reject", "drop"]
@@ -69,6 +69,10 @@ class Opening:
         return f"{self.address} -> {self.protocol.label}/{self.port}"
 
 
+# A grant as the backends hand it over: the opening and the seconds it has left.
+Grant = tuple[Opening, float]
+
+
 @dataclass(frozen=True, slots=True)
 class FirewallPolicy:
     """What the server's table does with traffic that holds no grant (config ``firewallPolicy``).
@@ -106,17 +110,25 @@ def check_duration(backend: str, duration: float) -> float:
 class Firewall(abc.ABC):
     """A firewall backend.  Not thread-safe: the daemon drives it from one privileged process.
 
-    ``kernel_expiry`` is True when the kernel itself removes a grant when its time is up (nftables set
-    timeouts), so access ends on time even if the server dies; when False the daemon must call
-    :meth:`close` itself.
+    ``kernel_expiry`` is True when the kernel itself stops honouring a grant when its time is up
+    (nftables set timeouts, iptables ``-m time --datestop``), so access ends on time even if the server
+    dies; when False only :meth:`close` ends a grant.
+
+    Stopping the server is not a teardown: the policy stays in the kernel and live grants end on time.
+    :meth:`intact` tells when someone else removed or rewrote sknock's table, :meth:`restore` puts it
+    back with the grants still due.
     """
 
     name: str
     kernel_expiry: bool
 
     @abc.abstractmethod
-    def setup(self) -> None:
-        """Remove what a crashed earlier run left behind, then install sknock's table or chain."""
+    def setup(self) -> list[Grant]:
+        """Install sknock's policy, replacing in one step whatever an earlier run (stopped, killed) or the
+        boot-time include left, and keep that run's grants that are still live, each with the time it has
+        left.  Returns those carried-over grants as ``(opening, remaining_seconds)``; a caller that does
+        not track them may ignore the value (the kernel, or the grant's own expiry, ends them).  A grant
+        whose remaining time cannot be read is never carried over: fail closed."""
 
     @abc.abstractmethod
     def open(self, opening: Opening, duration: float) -> None:
@@ -156,4 +168,34 @@ class Firewall(abc.ABC):
 
     @abc.abstractmethod
     def teardown(self) -> None:
-        """Remove everything sknock added.  Safe to call more than once."""
+        """Remove everything sknock added.  Safe to call more than once.  This opens the protected ports
+        to whatever the admin's own ruleset allows: it is for an explicit uninstall, not for a stop."""
+
+    def intact(self) -> bool:
+        """Whether sknock's table or chain is still in place as this process last installed it (by
+        :meth:`setup` or :meth:`restore`): False once someone removed, replaced or edited it -- ``nft
+        flush ruleset``, a firewall service reload, a deleted rule -- and before the first setup.  Cheap
+        enough to be called twice a second with thousands of grants; raises :class:`FirewallError` only
+        when the kernel cannot be asked at all.
+
+        This default, True, is for backends that own no kernel state (nothing of theirs can vanish);
+        every backend with a table or chain overrides it."""
+        return True
+
+    def restore(self, grants: Sequence[Grant]) -> list[Grant]:
+        """Reinstall the policy and exactly ``grants`` (``(opening, remaining_seconds)``) after
+        :meth:`intact` said False, whatever is left of sknock's table.  Afterwards :meth:`intact` is True.
+        Returns the grants actually installed (a grant with no time left is skipped).
+
+        This default runs :meth:`setup` and then :meth:`apply`; backends that can do it in one kernel
+        transaction override it."""
+        self.setup()
+        live = [(o, float(t)) for o, t in grants if t > 0]
+        failed = {o for o, _ in self.apply(live, [], known=set())}
+        return [(o, t) for o, t in live if o not in failed]
+
+    def boot_ruleset(self) -> str | None:
+        """The text of a file the host's firewall loads at boot so that sknock's policy is in force from
+        boot to shutdown, whether or not the server runs (nftables: an include for /etc/nftables.conf);
+        None when the backend has no such file (see docs/firewall.md)."""
+        return None

@@ -16,6 +16,14 @@ rounded up; 0 for close).  The open command is run again to extend a grant, so i
 run for a grant that exists (ufw and ``nft add element`` do).  The backend applies no policy of its
 own: rejecting or dropping unknocked traffic is the admin's firewall's job.  It cannot see the kernel,
 so :meth:`openings` reports what it has opened and not yet closed in this process.
+
+It holds no kernel state of its own, so nothing of its can be flushed away: :meth:`intact` is always
+True and the daemon never needs :meth:`restore` (which, if called, runs the open command again for each
+grant with its remaining time).  Grants live in the admin's tool: if the server is killed (-9) they stay
+there until that tool expires them itself -- pass ``%DURATION%`` to one that can (an nft set element
+with a timeout, ``firewall-cmd --timeout``) -- or the admin removes them.  ``kernel_expiry`` is False
+because sknock cannot know whether the tool does.  :meth:`setup` therefore carries nothing over: it
+cannot see what an earlier run opened.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import shlex
 import subprocess
 from collections.abc import Sequence
 
-from .base import Firewall, FirewallError, FirewallPolicy, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
 
 __all__ = ["CommandFirewall", "PLACEHOLDERS"]
 
@@ -87,9 +95,35 @@ class CommandFirewall(Firewall):
             raise FirewallError(NAME, f"{what} {opening}: {args[0]} exited with status {done.returncode}"
                                       + (f": {tail}" if tail else ""))
 
-    def setup(self) -> None:
-        """Nothing to install: the admin's firewall holds the policy.  Forget grants of a previous setup."""
+    def setup(self) -> list[Grant]:
+        """Nothing to install: the admin's firewall holds the policy.  Forget grants of a previous setup;
+        an earlier process's grants cannot be seen, so none are carried over."""
         self._open.clear()
+        return []
+
+    def intact(self) -> bool:
+        """Always True: this backend owns no kernel state that someone else could remove."""
+        return True
+
+    def restore(self, grants: Sequence[Grant]) -> list[Grant]:
+        """Run the open command again for each grant with a positive remaining time (rounded up to whole
+        seconds for ``%DURATION%``), after forgetting what this process had opened.  Tries them all;
+        returns those that succeeded, and raises the first failure after trying the rest."""
+        self._open.clear()
+        restored: list[Grant] = []
+        errors: list[FirewallError] = []
+        for opening, remaining in grants:
+            if remaining <= 0:
+                continue
+            try:
+                self.open(opening, remaining)
+            except FirewallError as exc:
+                errors.append(exc)
+            else:
+                restored.append((opening, float(remaining)))
+        if errors:
+            raise FirewallError(NAME, f"restore left {len(errors)} grant(s) closed; first: {errors[0]}")
+        return restored
 
     def open(self, opening: Opening, duration: float) -> None:
         seconds = max(1, math.ceil(check_duration(NAME, duration)))

@@ -20,19 +20,30 @@ Why this shape:
 libnftables' JSON parser takes element timeouts as whole seconds and -- measured with 1.0.6 -- silently
 stores an element with *no* timeout (a permanent grant) when given a float or a string such as
 ``"1500ms"``.  Durations are therefore always rounded up to a whole number of seconds here.
+
+A stop is not a teardown.  The table stays when the server stops or dies, and grants end by their
+timeouts; :func:`boot_ruleset` renders the same table for an include in /etc/nftables.conf, so the
+policy is there from boot on.  :meth:`NftablesFirewall.setup` replaces a table it finds and carries its
+live grants over with the time they have left.  :meth:`NftablesFirewall.intact` compares the table's
+kernel handle, the chain and its rules with what setup/restore installed (raw netlink, see
+nfnetlink.py: libnftables would read every set element first), so a ``flush ruleset`` -- even followed
+by a reload that recreates an identical-looking, empty table -- is noticed, and
+:meth:`NftablesFirewall.restore` puts the policy and the daemon's grants back in one transaction.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
-from .base import Firewall, FirewallError, FirewallPolicy, Opening, check_duration
+from . import nfnetlink
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
 
-__all__ = ["NftablesFirewall", "build_ruleset", "load_libnftables", "TABLE", "FAMILY"]
+__all__ = ["NftablesFirewall", "boot_ruleset", "build_ruleset", "load_libnftables", "TABLE", "FAMILY"]
 
 NAME = "nftables"
 FAMILY = "inet"
@@ -167,6 +178,95 @@ def build_ruleset(policy: FirewallPolicy, priority: int = 0) -> list[Json]:
     return commands
 
 
+# --- the same table as nft text, for the boot-time include ---------------------------------------
+
+_BARE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_QUOTED_KEYS = {"iif", "oif", "iifname", "oifname"}  # interface names are strings in nft's grammar
+
+
+def _text_word(value: object, quoted: bool = False) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise FirewallError(NAME, f"cannot render {value!r} as nft text")
+    text = str(value)
+    if not _BARE.fullmatch(text):
+        raise FirewallError(NAME, f"cannot render {text!r} as nft text")
+    return f'"{text}"' if quoted else text
+
+
+def _text_value(value: Any, quoted: bool = False) -> str:
+    if isinstance(value, str) and value.startswith("@"):
+        return "@" + _text_word(value[1:])
+    if isinstance(value, dict) and "set" in value:
+        return "{ " + ", ".join(_text_value(item, quoted) for item in value["set"]) + " }"
+    if isinstance(value, dict) and "range" in value:
+        first, last = value["range"]
+        return f"{_text_word(first)}-{_text_word(last)}"
+    return _text_word(value, quoted)
+
+
+def _text_left(left: Json) -> str:
+    if "concat" in left:
+        return " . ".join(_text_left(part) for part in left["concat"])
+    if "meta" in left:
+        return f"meta {_text_word(left['meta']['key'])}"
+    if "ct" in left:
+        return f"ct {_text_word(left['ct']['key'])}"
+    if "payload" in left:
+        return f"{_text_word(left['payload']['protocol'])} {_text_word(left['payload']['field'])}"
+    raise FirewallError(NAME, f"cannot render {left!r} as nft text")
+
+
+def _text_statement(statement: Json) -> str:
+    [(kind, body)] = statement.items()
+    if kind == "match":
+        left = body["left"]
+        quoted = "meta" in left and left["meta"]["key"] in _QUOTED_KEYS
+        if body["op"] == "in" and isinstance(body["right"], list):  # flags: ct state a,b
+            return f"{_text_left(left)} {','.join(_text_word(v) for v in body['right'])}"
+        if body["op"] != "==":
+            raise FirewallError(NAME, f"cannot render operator {body['op']!r} as nft text")
+        return f"{_text_left(left)} {_text_value(body['right'], quoted)}"
+    if kind in ("accept", "drop"):
+        return kind
+    if kind == "reject":
+        if body.get("type") == "tcp reset":
+            return "reject with tcp reset"
+        return f"reject with {_text_word(body['type'])} type {_text_word(body['expr'])}"
+    raise FirewallError(NAME, f"cannot render {statement!r} as nft text")
+
+
+def boot_ruleset(policy: FirewallPolicy, priority: int = 0) -> str:
+    """sknock's table as nft text -- the policy, empty grant sets -- for an ``include`` in the host's
+    /etc/nftables.conf, so the protected ports are shut from boot on, before sknock starts and after it
+    stops.  The same rules as :func:`build_ruleset` (rendered from the same description; the kernel test
+    compares what the two install).
+
+    The file first declares and deletes the table, then creates it: ``nft -f`` loads a file as one
+    transaction, so loading it over an existing sknock table (a reload without ``flush ruleset``)
+    replaces that table atomically -- no moment without the policy, no duplicated rules (a plain
+    ``table inet sknock { ... }`` block would *append* a second copy of every rule) -- and drops the
+    grants it held; a running server sees the new table (:meth:`NftablesFirewall.intact`) and restores
+    its grants within a second."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise FirewallError(NAME, f"chain priority must be an integer, not {priority!r}")
+    lines = [
+        "# sknock's firewall policy: include this file from /etc/nftables.conf (see docs/firewall.md).",
+        "# Generated from sknock's configuration; regenerate it when the configuration changes.",
+        "# The first two lines make a reload replace sknock's table in one step instead of adding rules",
+        "# to it; grants held at that moment are dropped, and a running server restores them.",
+        f"table {FAMILY} {TABLE}",
+        f"delete table {FAMILY} {TABLE}",
+        f"table {FAMILY} {TABLE} {{",
+    ]
+    for name, addr_type in ((SET4, "ipv4_addr"), (SET6, "ipv6_addr")):
+        lines += [f"\tset {name} {{", f"\t\ttype {addr_type} . inet_proto . inet_service",
+                  "\t\tflags timeout", "\t}"]
+    lines += [f"\tchain {CHAIN} {{", f"\t\ttype filter hook input priority {priority}; policy accept;"]
+    lines += ["\t\t" + " ".join(_text_statement(statement) for statement in body) for body in _rule_bodies(policy)]
+    lines += ["\t}", "}"]
+    return "\n".join(lines) + "\n"
+
+
 def _set_for(opening: Opening) -> str:
     return SET4 if opening.address.version == 4 else SET6
 
@@ -221,6 +321,7 @@ class NftablesFirewall(Firewall):
         self.policy = policy
         self.priority = priority
         self._nft = load_libnftables()
+        self._installed: nfnetlink.Fingerprint | None = None  # what setup()/restore() left; see intact()
 
     def _run(self, commands: list[Json], what: str) -> Any:
         rc, output, error = self._nft.json_cmd({"nftables": commands})
@@ -229,8 +330,64 @@ class NftablesFirewall(Firewall):
             raise FirewallError(NAME, f"{what} failed: {' / '.join(detail[-3:]) or f'libnftables returned {rc}'}")
         return output
 
-    def setup(self) -> None:
-        self._run(build_ruleset(self.policy, self.priority), f"installing table {FAMILY} {TABLE}")
+    def setup(self) -> list[Grant]:
+        """Replace whatever sknock table is there -- one transaction, never a moment without it -- and
+        carry over its live grants.  Each keeps the whole seconds the kernel says it has left, which the
+        listing rounds down (so a carried grant ends up to 1 s early, never late); one with less than
+        a second left, or with no timeout at all, is dropped."""
+        carried: list[tuple[Opening, int]] = []
+        try:
+            found = self.expiries()
+        except FirewallError:
+            found = {}  # no table (the usual case), or one this version cannot read: carry nothing
+        for opening, expires in found.items():
+            if expires is not None and expires >= 1:
+                carried.append((opening, expires))
+        return self._install(carried, f"installing table {FAMILY} {TABLE}")
+
+    def restore(self, grants: Sequence[Grant]) -> list[Grant]:
+        """Reinstall the policy with exactly ``grants`` in one transaction, whatever is left of the table.
+        Remaining times are rounded up to whole seconds, as :meth:`open` rounds durations; a grant with
+        no time left is skipped."""
+        timed: list[tuple[Opening, int]] = []
+        for opening, remaining in grants:
+            if remaining > 0:
+                timed.append((opening, max(1, math.ceil(check_duration(NAME, remaining)))))
+        return self._install(timed, f"restoring table {FAMILY} {TABLE}")
+
+    def _install(self, grants: list[tuple[Opening, int]], what: str) -> list[Grant]:
+        """The table and ``grants`` in one batch, then remember what the kernel holds for intact().  If
+        the kernel refuses the batch, the policy alone first (the ports must not stay open because of
+        one grant), then the grants one by one."""
+        self._installed = None
+        elements = [{"add": {"element": e}} for e in _grouped([_element_of(o, t) for o, t in grants])]
+        installed: list[Grant] = [(o, float(t)) for o, t in grants]
+        try:
+            self._run(build_ruleset(self.policy, self.priority) + elements, what)
+        except FirewallError:
+            if not grants:
+                raise
+            self._run(build_ruleset(self.policy, self.priority), what)
+            failed = {o for o, _ in self.apply([(o, float(t)) for o, t in grants], [], known=set())}
+            installed = [(o, t) for o, t in installed if o not in failed]
+        self._installed = self._fingerprint()
+        return installed
+
+    def _fingerprint(self) -> nfnetlink.Fingerprint | None:
+        try:
+            return nfnetlink.fingerprint(FAMILY, TABLE, CHAIN)
+        except nfnetlink.NetlinkError as exc:
+            raise FirewallError(NAME, f"reading table {FAMILY} {TABLE} over netlink failed: {exc}") from None
+
+    def intact(self) -> bool:
+        """True while the kernel holds the very table this process installed last (same kernel handle:
+        a recreated table gets a new one), with the chain and rules it installed.  Reads no set
+        elements; measured with 10,000 grants in the sets: about 0.1 ms (libnftables' own ``list
+        chain`` took 40 ms there)."""
+        return self._installed is not None and self._fingerprint() == self._installed
+
+    def boot_ruleset(self) -> str:
+        return boot_ruleset(self.policy, self.priority)
 
     def open(self, opening: Opening, duration: float) -> None:
         seconds = max(1, math.ceil(check_duration(NAME, duration)))
@@ -297,4 +454,5 @@ class NftablesFirewall(Firewall):
 
     def teardown(self) -> None:
         table = {"family": FAMILY, "name": TABLE}
+        self._installed = None
         self._run([{"add": {"table": table}}, {"delete": {"table": table}}], f"removing table {FAMILY} {TABLE}")

@@ -1,0 +1,171 @@
+"""A few read-only nf_tables queries over raw netlink, for the nftables backend's :meth:`intact` check.
+
+Why not libnftables: before it answers any ``list`` command -- even ``list tables`` -- libnftables 1.0.6
+fills its cache with every set element of the ruleset.  Measured in a namespace with 10,000 grants in
+sknock's sets: ``list chain inet sknock input`` took 40 ms, ``list tables`` 36 ms, also with terse
+output.  A check that runs twice a second cannot cost that.  The three requests here (the table, the
+chain, the chain's rules) never touch set elements: with 10,000 grants they take about 0.1 ms
+together (see :func:`fingerprint`).
+
+Only what the check needs is decoded: attributes are kept as raw bytes, compared with the same bytes
+read right after sknock installed its table.  Layouts are from linux/netlink.h,
+linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+__all__ = ["Fingerprint", "NetlinkError", "fingerprint"]
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETTABLE = 1
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETRULE = 7
+NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+NFTA_TABLE_NAME = 1
+NFTA_TABLE_HANDLE = 4
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_HANDLE = 2
+NFTA_CHAIN_NAME = 3
+NFTA_CHAIN_HOOK = 4
+NFTA_CHAIN_POLICY = 5
+NFTA_CHAIN_TYPE = 7
+NFTA_RULE_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_RULE_HANDLE = 3
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_RULE_USERDATA = 7
+
+# what identifies a chain / a rule as installed; counters and use counts change on their own
+_CHAIN_KEEP = (NFTA_CHAIN_HANDLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE)
+_RULE_KEEP = (NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA)
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_NLATTR = struct.Struct("=HH")
+_TIMEOUT = 2.0  # seconds; a kernel answers in microseconds, this only bounds a wedged socket
+
+Fingerprint = tuple[int, tuple[tuple[int, bytes], ...], tuple[tuple[tuple[int, bytes], ...], ...]]
+
+
+class NetlinkError(OSError):
+    """The kernel refused a query (errno other than "no such table/chain"), or the socket failed."""
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    raw = _NLATTR.pack(_NLATTR.size + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _name(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _attrs(data: bytes, start: int) -> Iterator[tuple[int, bytes]]:
+    """(type without flags, raw value) of each netlink attribute in data[start:]."""
+    pos = start
+    while pos + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, pos)
+        if length < _NLATTR.size:
+            break
+        yield kind & 0x3FFF, data[pos + _NLATTR.size : pos + length]
+        pos += (length + 3) & ~3
+
+
+class _Socket:
+    """One netlink socket for one check: opened, asked, closed.  Nothing outlives the call (and so no
+    descriptor leaks into the processes the daemon forks)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.settimeout(_TIMEOUT)
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def ask(self, msg_type: int, family: int, flags: int, payload: bytes) -> list[bytes] | None:
+        """The answers (each message's attribute bytes) to one request; None for ENOENT."""
+        self.seq += 1
+        header = _NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                                NLM_F_REQUEST | flags, self.seq, 0)
+        self.sock.send(header + _NFGENMSG.pack(family, 0, 0) + payload)
+        answers: list[bytes] = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            pos = 0
+            while pos + _NLMSGHDR.size <= len(data):
+                length, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, pos)
+                if length < _NLMSGHDR.size:
+                    raise NetlinkError(errno.EBADMSG, "malformed netlink answer")
+                body = data[pos + _NLMSGHDR.size : pos + length]
+                pos += (length + 3) & ~3
+                if seq != self.seq:
+                    continue  # a late answer to an earlier request
+                if kind == NLMSG_DONE:
+                    return answers
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", body)
+                    if code == 0:
+                        return answers
+                    if -code == errno.ENOENT:
+                        return None
+                    raise NetlinkError(-code, os.strerror(-code))
+                answers.append(body[_NFGENMSG.size :])
+
+
+def _family(family: str) -> int:
+    try:
+        return NFPROTO[family]
+    except KeyError:
+        raise NetlinkError(errno.EINVAL, f"unknown nftables family {family!r}") from None
+
+
+def fingerprint(family: str, table: str, chain: str) -> Fingerprint | None:
+    """What makes sknock's table and chain the ones it installed: the table's handle (the kernel gives
+    every new table a new one, so a table deleted and recreated -- ``flush ruleset`` and a reload -- looks
+    different even when it reads the same), the chain's handle, hook, type and policy, and each rule's
+    handle and expressions.  None when the table or the chain does not exist.
+
+    Three netlink requests, none of which reads set elements.  Measured in a namespace with 10,000
+    grants in sknock's sets (Python 3.11, kernel 6.18): about 0.1 ms for the three.
+    """
+    fam = _family(family)
+    sock = _Socket()
+    try:
+        tables = sock.ask(NFT_MSG_GETTABLE, fam, NLM_F_ACK, _attr(NFTA_TABLE_NAME, _name(table)))
+        if not tables:
+            return None
+        handle = next((int.from_bytes(v, "big") for k, v in _attrs(tables[0], 0) if k == NFTA_TABLE_HANDLE), None)
+        if handle is None:
+            raise NetlinkError(errno.EBADMSG, f"table {family} {table} answered without a handle")
+        chains = sock.ask(NFT_MSG_GETCHAIN, fam, NLM_F_ACK,
+                          _attr(NFTA_CHAIN_TABLE, _name(table)) + _attr(NFTA_CHAIN_NAME, _name(chain)))
+        if not chains:
+            return None
+        chain_attrs = tuple(sorted((k, v) for k, v in _attrs(chains[0], 0) if k in _CHAIN_KEEP))
+        rules = sock.ask(NFT_MSG_GETRULE, fam, NLM_F_DUMP,
+                         _attr(NFTA_RULE_TABLE, _name(table)) + _attr(NFTA_RULE_CHAIN, _name(chain)))
+        if rules is None:
+            return None
+        rule_attrs = tuple(tuple(sorted((k, v) for k, v in _attrs(r, 0) if k in _RULE_KEEP)) for r in rules)
+    except NetlinkError:
+        raise
+    except OSError as exc:
+        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
+    finally:
+        sock.close()
+    return handle, chain_attrs, rule_attrs
