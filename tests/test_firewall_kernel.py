@@ -344,7 +344,8 @@ def test_iptables_grant_ends_at_its_datestop_with_no_server(rig: Rig) -> None:
     opened = fw.ask(op="open", address=client_addr, protocol="tcp", port=PORT, duration=2)
     assert ok(opened) == [(client_addr, "tcp", PORT)]
     ends = time.time() + opened["openings"][0]["expires"]
-    assert 2 <= opened["openings"][0]["expires"] <= 3
+    # ceil(open time + 2) less the time until the listing: above 2 but for that delay, at most 3
+    assert 1.5 <= opened["openings"][0]["expires"] <= 3
     assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
     fw.kill()
 
