@@ -206,6 +206,7 @@ class Server(ServerProcesses):
             "PFXPasswd": PASSWORD,
             "crlFile": str(pki.crl),
             "controlSocket": str(folder / "control.sock"),
+            "stateDir": str(folder / "state"),
             "firewallBackend": backend,
             "firewallPolicy": "drop",
             "protectedPorts": f"tcp/{PROTECTED_TCP},udp/{PROBE_UDP}",

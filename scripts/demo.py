@@ -9,7 +9,8 @@ hosts are network namespaces joined by a veth pair, with addresses from 198.18.0
   4. The client cannot connect.  It knocks with the client library; now it can.
   5. After the window (5 s) new connections fail again.
   6. A replayed knock and a revoked client are refused (see the server's log).
-  7. The server stops and removes its firewall table; the namespaces are removed.
+  7. The server stops; its firewall policy stays (the port stays closed) until an explicit
+     `sknock-server teardown` removes it; the namespaces are removed.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main() -> int:
             f"serverPFXFile = {PKI / 'server' / 'server.pfx'}\nPFXPasswd = {PASSWORD}\ncrlFile = {PKI / 'crl.der'}\n"
             f"firewallPolicy = drop\nprotectedPorts = tcp/{PORT}\nPORT_OPEN_DURATION_IN_SECONDS = {WINDOW}\n"
             f"controlSocket = {folder / 'control.sock'}\n"
+            f"stateDir = {folder / 'state'}\n"
         )
         log = folder / "server.log"
         service = net.server.popen(PY, "-m", "http.server", str(PORT), "--bind", "::",
@@ -153,7 +155,7 @@ def main() -> int:
             time.sleep(0.5)
             seen = show_log(log, seen)
         finally:
-            say("7. Stop: the server removes everything it added")
+            say("7. Stop: the firewall policy stays, so the port stays closed while no server runs")
             server.send_signal(signal.SIGTERM)
             server.wait(15)
             service.kill()
@@ -161,9 +163,16 @@ def main() -> int:
             show_log(log, seen)
             print(f"   exit {server.returncode}; nft tables left on the server host: "
                   f"{net.server.run('nft', 'list', 'tables').stdout.strip() or 'none'}")
+            print(f"$ sknock-server -c {config} teardown")
+            teardown = subprocess.run(net.server.cmd(PY, "-m", "sknock.cli.server", "-c", str(config), "teardown"),
+                                      capture_output=True, text=True, env=ENV)
+            print("   " + (teardown.stdout + teardown.stderr).strip())
+            tables = net.server.run("nft", "list", "tables").stdout.strip()
+            print(f"   nft tables left on the server host: {tables or 'none'}")
+            failed = teardown.returncode != 0 or "sknock" in tables
             shutil.rmtree(folder, ignore_errors=True)
     print("   namespaces removed; the dev PKI stays in certificates/devpki")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

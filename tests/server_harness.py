@@ -66,6 +66,7 @@ class RunningServer:
             "PFXPasswd": PASSWORD,
             "crlFile": "crl.der",
             "controlSocket": str(folder / "control" / "control.sock"),
+            "stateDir": str(folder / "state"),
             "firewallPolicy": "drop",
             "logLevel": "DEBUG",
             **options,

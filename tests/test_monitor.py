@@ -1,12 +1,16 @@
-"""The monitor's own logic, driven through real socketpairs: batching, the central nonce check,
-close-now, expiry, CRL writing, and failing closed when a worker goes.
+"""The monitor's own logic, driven through real socketpairs, real child processes and real CRLs, on a
+clock the tests move: batching, the journal of applied knocks (replays, also across a restart),
+close-now, expiry and retried closes, the CRL (verified before it is written or handed to workers),
+the firewall watch, replacing a worker that dies, and a stop that leaves the policy in place.
 
 The firewall backend here is a small recording backend (the kernel side is covered by
 test_firewall_kernel.py and test_server_e2e.py); everything else is the real code."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import socket
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -15,7 +19,8 @@ import pytest
 
 from sknock.ports import Protocol
 from sknock.server.firewall.base import Firewall, FirewallError, Opening
-from sknock.server.monitor import CRL_PREFIX, LOG_GROUP, Monitor, RecentRate
+from sknock.server.journal import KnockJournal
+from sknock.server.monitor import CRL_PREFIX, LOG_GROUP, BatchRule, Monitor, RecentRate
 from sknock.server.privsep import GrantRequest, encode_request
 
 A = ipaddress.ip_address("198.18.0.2")
@@ -31,10 +36,22 @@ class RecordingFirewall(Firewall):
         self.known: list[set[Opening]] = []
         self.open_now: dict[Opening, float] = {}
         self.refuse = set(refuse)
+        self.refuse_close: set[Opening] = set()
         self.torn_down = False
+        self.is_intact = True
+        self.restored: list[list[tuple[Opening, float]]] = []
 
-    def setup(self) -> None:
-        pass
+    def setup(self) -> list[tuple[Opening, float]]:
+        return []
+
+    def intact(self) -> bool:
+        return self.is_intact
+
+    def restore(self, grants: Sequence[tuple[Opening, float]]) -> list[tuple[Opening, float]]:
+        self.restored.append(list(grants))
+        self.open_now = dict(grants)
+        self.is_intact = True
+        return list(grants)
 
     def open(self, opening: Opening, duration: float) -> None:
         if opening in self.refuse:
@@ -42,6 +59,8 @@ class RecordingFirewall(Firewall):
         self.open_now[opening] = duration
 
     def close(self, opening: Opening) -> None:
+        if opening in self.refuse_close:
+            raise FirewallError(self.name, f"cannot close {opening}")
         self.open_now.pop(opening, None)
 
     def apply(
@@ -82,8 +101,8 @@ def setup(tmp_path: Path) -> tuple[Monitor, RecordingFirewall, list[socket.socke
     firewall = RecordingFirewall(refuse=[Opening(B, Protocol.TCP, 99)])
     clock = Clock()
     monitor = Monitor(
-        firewall=firewall, channels=[p[0] for p in pairs], max_duration=3600, crl_file=tmp_path / "crl.der",
-        clock=clock, wall_clock=lambda: 1_900_000_000.0,
+        firewall=firewall, channels=[p[0] for p in pairs], max_duration=3600, clock=clock,
+        wall_clock=lambda: 1_900_000_000.0,
     )
     return monitor, firewall, [p[1] for p in pairs], clock
 
@@ -144,7 +163,8 @@ def test_a_nonce_seen_from_another_worker_is_refused(setup, caplog) -> None:  # 
     workers[1].send(request("open", B, 22, nonce))  # the same knock, replayed from another address
     drain(monitor)
     assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
-    assert any("replay (its nonce was granted by another worker)" in r.getMessage() for r in caplog.records)
+    needle = "replay (its nonce was granted by another worker or before a restart)"
+    assert any(needle in r.getMessage() for r in caplog.records)
 
 
 def test_the_backend_is_told_which_openings_may_exist(setup) -> None:  # type: ignore[no-untyped-def]
@@ -200,21 +220,6 @@ def test_malformed_messages_are_refused_and_the_rest_applied(setup) -> None:  # 
     assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
 
 
-def test_a_crl_from_a_worker_is_written(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    monitor, _, workers, _ = setup
-    workers[0].send(CRL_PREFIX + b"crl bytes")
-    drain(monitor)
-    assert (tmp_path / "crl.der").read_bytes() == b"crl bytes"
-
-
-def test_a_worker_that_goes_shuts_everything_down(setup) -> None:  # type: ignore[no-untyped-def]
-    monitor, firewall, workers, _ = setup
-    workers[0].send(request("open", A, 22, b"\x09" * 16))
-    workers[1].close()
-    assert monitor.run() == 1
-    assert firewall.torn_down
-
-
 def test_recent_rate_counts_only_the_window() -> None:
     rate = RecentRate(0.01)
     assert rate.per_second(100.0) == 0
@@ -223,3 +228,275 @@ def test_recent_rate_counts_only_the_window() -> None:
     assert rate.per_second(100.005) == pytest.approx(2000)
     assert rate.per_second(100.0105) == pytest.approx(1500)  # the first 5 have left the window
     assert rate.per_second(100.02) == 0
+
+
+def test_batch_rule_holds_only_under_load() -> None:
+    rule = BatchRule(min_interval=0.001, busy_rate=2000, window=0.01)
+    assert rule.hold(100.0) == 0  # nothing applied yet
+    rule.applied(100.0, 1)
+    assert rule.hold(100.0002) == 0  # 100 requests a second: apply at once
+    rule.applied(100.0003, 30)  # 3,100 a second over the window: busy
+    assert rule.hold(100.0005) == pytest.approx(0.0008)
+    assert rule.hold(100.0014) == 0  # the interval has passed
+    assert rule.hold(100.03) == 0
+
+
+# -- closes that happen --------------------------------------------------------------------------------
+
+
+def test_a_close_that_fails_stays_listed_overdue_and_is_retried_until_it_works(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, clock = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    opening = Opening(A, Protocol.TCP, 22)
+    workers[0].send(request("open", A, 22, b"\x21" * 16, duration=10))
+    drain(monitor)
+    firewall.refuse_close.add(opening)
+    clock.now += 10
+    monitor.expire()
+    [entry] = monitor.status()["grants"]  # type: ignore[misc]
+    assert entry["overdue"] is True and entry["close_failures"] == 1
+    assert opening in firewall.open_now
+    assert any("could not close tcp/22 for 198.18.0.2" in r.getMessage() and "retried in 1 s" in r.getMessage()
+               for r in caplog.records)
+    clock.now += 0.5
+    monitor.expire()  # not yet: the backoff is 1 s
+    assert monitor.grants.next_deadline() == pytest.approx(clock.now + 0.5)
+    clock.now += 0.5
+    monitor.expire()  # fails again: 2 s next
+    assert monitor.status()["grants"][0]["close_failures"] == 2  # type: ignore[index]
+    assert monitor.grants.next_deadline() == pytest.approx(clock.now + 2)
+    firewall.refuse_close.clear()
+    clock.now += 2
+    monitor.expire()
+    assert monitor.status()["grants"] == [] and firewall.open_now == {}
+    assert any("closed tcp/22 for 198.18.0.2: window ended" in r.getMessage() for r in caplog.records)
+
+
+# -- the journal: no replay, also across a restart -----------------------------------------------------
+
+
+def test_a_knock_applied_before_a_restart_is_refused_after_it(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("INFO", logger="sknock.monitor")
+    wall = 1_900_000_000.0
+    path = tmp_path / "state" / "replay.journal"
+
+    def started() -> tuple[Monitor, RecordingFirewall, socket.socket]:
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        firewall = RecordingFirewall()
+        journal = KnockJournal(path, capacity=1000, now=wall, window=7)
+        monitor = Monitor(firewall=firewall, channels=[here], max_duration=3600, journal=journal,
+                          wall_clock=lambda: wall)
+        return monitor, firewall, there
+
+    first, _, worker = started()
+    nonce = b"\x31" * 16
+    worker.send(request("open", A, 22, nonce))
+    drain(first)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    first.journal.close()  # the process ends (no stop needed: the record was written before the grant)
+
+    second, firewall, worker = started()
+    worker.send(request("open", B, 22, nonce))  # the captured knock, replayed from another address
+    worker.send(request("open", B, 23, b"\x32" * 16))  # a new knock
+    drain(second)
+    assert list(firewall.open_now) == [Opening(B, Protocol.TCP, 23)]
+    assert any("refused knock from 198.18.0.3: replay" in r.getMessage() for r in caplog.records)
+
+
+def test_the_journal_floor_refuses_what_a_lost_journal_could_have_held(tmp_path: Path) -> None:
+    """A journal that cannot be read at start (an I/O error) sets the floor: every knock signed within
+    a window of the start (its expiry within two windows) might have been applied before, and is refused."""
+    wall = 1_900_000_000.0
+    journal = KnockJournal(tmp_path / "replay.journal", capacity=10, now=wall, window=7)
+    assert journal.problem is None and journal.floor == float("-inf")  # a missing file is a first start
+    journal.floor = wall + 14  # as __init__ sets it when the read fails
+    assert journal.seen(b"k" * 19, wall + 14, wall)  # signed at start + 7 s: could have been applied before
+    assert not journal.seen(b"k" * 19, wall + 14.5, wall)
+    # a journal path that cannot be written at all stops the start (the daemon says so and exits 2)
+    (tmp_path / "dir.journal").mkdir()
+    with pytest.raises(OSError):
+        KnockJournal(tmp_path / "dir.journal", capacity=10, now=wall, window=7)
+
+
+def test_a_journal_that_cannot_be_written_refuses_the_batch(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("INFO", logger="sknock.monitor")
+    here, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    firewall = RecordingFirewall()
+    journal = KnockJournal(tmp_path / "replay.journal", capacity=1000, now=1_900_000_000.0, window=7)
+    monitor = Monitor(firewall=firewall, channels=[here], max_duration=3600, journal=journal,
+                      wall_clock=lambda: 1_900_000_000.0)
+    journal.close()
+    journal._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail with EBADF
+    worker.send(request("open", A, 22, b"\x41" * 16))
+    drain(monitor)
+    assert firewall.open_now == {} and len(monitor.grants) == 0
+    assert any("cannot record them" in r.getMessage() for r in caplog.records)
+
+
+# -- the firewall watch ----------------------------------------------------------------------------------
+
+
+def test_a_firewall_changed_by_something_else_is_restored_with_the_grants_still_due(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, clock = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    workers[0].send(request("open", A, 22, b"\x51" * 16, duration=10))
+    workers[0].send(request("open", A, 23, b"\x52" * 16, duration=2))
+    drain(monitor)
+    clock.now += 3  # tcp/23's window ended (not yet closed by expire): it is not put back
+    firewall.is_intact = False
+    firewall.open_now.clear()  # `nft flush ruleset`
+    monitor.watch()
+    assert firewall.restored == [[(Opening(A, Protocol.TCP, 22), pytest.approx(7))]]
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)]
+    assert any(r.levelname == "ERROR" and "removed or changed by something else" in r.getMessage()
+               for r in caplog.records)
+    monitor.watch()  # intact again: nothing more
+    assert len(firewall.restored) == 1
+
+
+# -- the CRL ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crl_ca(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from sknock import ca as ca_lib
+    from tests.pki import PASSWORD_BYTES
+
+    return ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="monitor test CA")
+
+
+def test_a_crl_from_the_fetcher_is_verified_before_it_is_written_or_handed_to_workers(
+    tmp_path: Path, crl_ca, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    import datetime as dt
+    from functools import partial
+
+    from cryptography.hazmat.primitives import serialization
+
+    from sknock import ca as ca_lib
+    from sknock.server.crl_refresh import CrlRefresher
+    from sknock.trust import load_crl
+    from tests.pki import PASSWORD_BYTES
+
+    caplog.set_level("INFO")
+    now = dt.datetime.now(dt.UTC)
+    der = serialization.Encoding.DER
+    first = crl_ca.write_crl(now=now - dt.timedelta(hours=2)).public_bytes(der)
+    newer = crl_ca.write_crl(now=now - dt.timedelta(hours=1)).public_bytes(der)
+    older = crl_ca.write_crl(now=now - dt.timedelta(hours=3)).public_bytes(der)
+    other = ca_lib.init_ca(tmp_path / "other", PASSWORD_BYTES, name="monitor test CA").write_crl().public_bytes(der)
+    crl_file = tmp_path / "crl.der"
+    crl_file.write_bytes(first)
+    keeper = CrlRefresher("http://crl.invalid/crl.der", crl_file,
+                          partial(load_crl, issuers=[crl_ca.certificate], source="test"))
+    keeper.seed(load_crl(first, [crl_ca.certificate], source="test"), first)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    monitor = Monitor(firewall=RecordingFirewall(), channels=[p[0] for p in pairs], max_duration=3600, crl=keeper)
+
+    def handed() -> list[bytes]:
+        out = []
+        for _, worker in pairs:
+            worker.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                out.append(worker.recv(1 << 20))
+        return out
+
+    for bad, why in ((b"garbage", "not a DER or PEM CRL"), (other, "signature does not verify"),
+                     (older, "before the CRL in hand")):
+        monitor.offer_crl(bad)
+        assert crl_file.read_bytes() == first and handed() == []
+        assert any(why in r.getMessage() for r in caplog.records), why
+    monitor.offer_crl(newer)
+    assert crl_file.read_bytes() == newer
+    assert handed() == [CRL_PREFIX + newer] * 2
+    assert sum("CRL updated" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- children: a worker that dies is replaced; a stop leaves the policy ------------------------------------
+
+
+def _spawner(started: list[int]):  # type: ignore[no-untyped-def]
+    """Forks children that wait for their channel to close (stand-ins for workers: real processes)."""
+
+    def spawn(role: str, index: int, fds: Sequence[int]) -> tuple[int, socket.socket]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine.close()
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                while theirs.recv(1 << 20):
+                    pass
+            finally:
+                os._exit(0)
+        theirs.close()
+        started.append(pid)
+        return pid, mine
+
+    return spawn
+
+
+def test_a_worker_that_dies_is_replaced_and_the_policy_stays(caplog) -> None:  # type: ignore[no-untyped-def]
+    import selectors
+    import signal
+    import time
+
+    caplog.set_level("INFO", logger="sknock.monitor")
+    started: list[int] = []
+    firewall = RecordingFirewall()
+    monitor = Monitor(firewall=firewall, max_duration=3600, spawn=_spawner(started), workers=2)
+    monitor._selector = selectors.DefaultSelector()
+    try:
+        monitor._start_children()
+        assert len(started) == 2 and monitor.worker_pids == started
+        victim = started[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(started) < 3 and time.monotonic() < deadline:
+            monitor.turn(0.1)
+        assert len(started) == 3, "a replacement was started"
+        assert victim not in monitor.worker_pids and started[2] in monitor.worker_pids
+        assert not firewall.torn_down
+        assert any("worker 1 has gone" in r.getMessage() and "killed by signal 9" in r.getMessage()
+                   for r in caplog.records)
+        # restarts are bounded: after FREE_RESTARTS quick ones, a replacement waits
+        for _ in range(3):
+            if not monitor.children[0].pid:
+                break  # its replacement is waiting: the bound was reached
+            os.kill(monitor.children[0].pid, signal.SIGKILL)
+            before = len(started)
+            while len(started) == before and monitor.children[0].respawn_at is None and time.monotonic() < deadline:
+                monitor.turn(0.1)
+        assert monitor.children[0].pid == 0
+        assert monitor.children[0].respawn_at is not None and monitor.children[0].respawn_at > monitor.clock()
+    finally:
+        monitor.shutdown()
+    for pid in started:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # every child was reaped
+    assert not firewall.torn_down
+
+
+def test_a_stop_leaves_the_policy_and_closes_only_what_the_kernel_cannot_end(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    workers[0].send(request("open", A, 22, b"\x61" * 16))
+    drain(monitor)
+    monitor.stop()
+    assert monitor.run() == 0
+    assert not firewall.torn_down
+    assert firewall.open_now == {}  # the recording backend has no kernel expiry: closed at the stop
+    assert any("the firewall policy stays in place" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_channel_that_closes_does_not_stop_the_monitor(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    workers[1].close()
+    drain(monitor)
+    workers[0].send(request("open", A, 22, b"\x71" * 16))
+    drain(monitor)
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)] and not firewall.torn_down
+    assert any("worker 2 has gone" in r.getMessage() for r in caplog.records)

@@ -22,7 +22,7 @@ from sknock.ports import Protocol
 from sknock.protocol import Action
 from sknock.server.firewall.base import Opening
 from sknock.server.packet import Datagram
-from sknock.server.privsep import GrantRequest, parse_request
+from sknock.server.privsep import CRL_PREFIX, GrantRequest, parse_request
 from sknock.server.worker import RefusalLog, Worker, WorkerLimits
 from sknock.verifier import KnockVerifier, VerifierPolicy
 from tests.pki import TestPKI
@@ -279,41 +279,44 @@ def test_work_is_bounded_by_its_time_slice_but_always_makes_progress(
     assert len(received(channel[1])) == 4
 
 
-def test_run_serves_knocks_refreshes_on_sighup_and_stops_when_the_firewall_process_goes(
+def test_run_serves_knocks_takes_the_monitors_crl_survives_sighup_and_stops_when_the_monitor_goes(
     pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket]
 ) -> None:
-    """The loop itself: capture -> verifier -> channel; SIGHUP calls on_hangup; a closed channel ends it."""
+    """The loop itself: capture -> verifier -> channel; a CRL from the monitor reaches on_crl; a SIGHUP
+    (sent to every sknock process by an admin) does not end it; a closed channel does."""
+    import threading
+
     client = alice(pki)
     capture.put(client.build_knock([(Protocol.TCP, 2001)], now=time.time()))
+    monitor_end = channel[1]
+    monitor_end.send(CRL_PREFIX + b"the CRL")
+    crls: list[bytes] = []
     seen: list[GrantRequest] = []
-    hangups: list[float] = []
-    turns = [0]
-    firewall_end = channel[1]
 
-    def run_pending() -> None:
-        turns[0] += 1
-        seen.extend(received(firewall_end))
-        if turns[0] == 1:
-            os.kill(os.getpid(), signal.SIGHUP)
-        elif hangups and seen:
-            firewall_end.close()  # the monitor has gone
-        if turns[0] > 200:
-            raise AssertionError("the worker loop did not stop")
+    def monitor() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            seen.extend(received(monitor_end))
+            time.sleep(0.05)
+        time.sleep(0.3)
+        monitor_end.close()  # the monitor has gone
 
-    worker = Worker(
-        verifier=make_verifier(pki), capture=capture, channel=channel[0], run_pending=run_pending,
-        on_hangup=lambda: hangups.append(time.monotonic()),
-    )
+    worker = Worker(verifier=make_verifier(pki), capture=capture, channel=channel[0], on_crl=crls.append)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    helper = threading.Thread(target=monitor)
     started = time.monotonic()
+    helper.start()
     try:
         worker.run()
     finally:
+        helper.join(10)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert time.monotonic() - started < 10
     assert [r.opening for r in seen] == [Opening(SOURCE, Protocol.TCP, 2001)]
-    assert len(hangups) == 1
+    assert crls == [b"the CRL"]
 
 
 def test_refusal_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,11 @@
     sknock-server [-c config.ini]                  run (as root)
     sknock-server [-c config.ini] --check-config   validate and exit (0 good, 2 bad)
     sknock-server [-c config.ini] status           the grants open now (root: the control socket is 0600)
+    sknock-server [-c config.ini] teardown         remove sknock's firewall policy (the server must be stopped)
+    sknock-server [-c config.ini] boot-ruleset     print sknock's policy as nft text, for the host's ruleset at boot
+
+Stopping the server (SIGTERM, Ctrl-C, a crash) leaves its firewall policy in place, so the protected
+ports stay closed; ``teardown`` is the one way to remove it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         "-c", "--config", default=None, help=f"configuration file (default: {DEFAULT_CONFIG} or ./config.ini)"
     )
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
-    p.add_argument("command", nargs="?", choices=["run", "status"], default="run")
+    p.add_argument(
+        "command", nargs="?", choices=["run", "status", "teardown", "boot-ruleset"], default="run",
+        help="run the server (default); status: the grants open now; teardown: remove sknock's firewall "
+             "policy, which a stop leaves in place (refused while the server runs); boot-ruleset: print the "
+             "policy as nft text to include in /etc/nftables.conf, so the ports are closed from boot",
+    )
     return p
 
 
@@ -50,7 +60,26 @@ def status(config_path: Path) -> int:
         print(f"{'ADDRESS':<40} {'PORT':<10} {'EXPIRES IN':>10}  CLIENT")
         for g in grants:
             port = f"{g['protocol']}/{g['port']}"
-            print(f"{g['address']:<40} {port:<10} {g['expires_in']:>9.1f}s  {g['client']}")
+            overdue = f"  OVERDUE: close failed {g['close_failures']} time(s), retrying" if g.get("overdue") else ""
+            print(f"{g['address']:<40} {port:<10} {g['expires_in']:>9.1f}s  {g['client']}{overdue}")
+    return 0
+
+
+def boot_ruleset(config_path: Path) -> int:
+    from ..server.config import load_config
+    from ..server.daemon import make_server_firewall
+
+    try:
+        firewall = make_server_firewall(load_config(config_path, check_files=False))
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    text = firewall.boot_ruleset()
+    if text is None:
+        print(f"sknock-server: firewallBackend {firewall.name} has no nft ruleset to include at boot; "
+              "see docs/firewall.md", file=sys.stderr)
+        return 2
+    print(text, end="" if text.endswith("\n") else "\n")
     return 0
 
 
@@ -59,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = _config_path(args.config)
     if args.command == "status":
         return status(path)
+    if args.command == "boot-ruleset":
+        return boot_ruleset(path)
+    if args.command == "teardown":
+        from ..server.daemon import teardown
+
+        return teardown(path)
     from ..server.daemon import run
 
     try:

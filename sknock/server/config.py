@@ -127,6 +127,7 @@ class ServerConfig:
     workers: int  # processes that verify knocks ("auto": one per CPU, at most 8)
     user: str
     control_socket: Path
+    state_dir: Path  # root-only folder for what must survive a restart (the applied-knock journal)
     notices: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -171,6 +172,7 @@ class ServerConfig:
             ("workers", str(self.workers)),
             ("user", self.user),
             ("controlSocket", str(self.control_socket)),
+            ("stateDir", str(self.state_dir)),
         ]
         lines = [f"{key} = {value}" for key, value in rows]
         lines.extend(f"notice: {n}" for n in self.notices)
@@ -212,6 +214,7 @@ _DEFAULTS: dict[str, str | None] = {
     "workers": "auto",
     "user": "nobody",
     "controlSocket": "/run/sknock/control.sock",
+    "stateDir": "/var/lib/sknock",
 }
 
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
@@ -507,6 +510,7 @@ def load_config(
     ca_file = r.optional_path("caFile")
     log_file = r.optional_path("logFile")
     control_socket = r.path("controlSocket", r.required("controlSocket"))
+    state_dir = r.path("stateDir", r.required("stateDir"))
     password, password_source, password_notices = _password(r, environ, check_files)
     notices.extend(password_notices)
 
@@ -581,5 +585,6 @@ def load_config(
         workers=workers,
         user=_user(r, check_files),
         control_socket=control_socket,
+        state_dir=state_dir,
         notices=tuple(notices),
     )

@@ -93,6 +93,7 @@ class CrlRefresher:
         *,
         max_bytes: int = MAX_CRL_BYTES,
         store: Callable[[bytes], None] | None = None,
+        announce: bool = True,
     ) -> None:
         # Where a verified new CRL goes: by default written atomically to crl_file; the daemon's
         # unprivileged worker instead hands the bytes to the monitor, which may write there.
@@ -118,6 +119,9 @@ class CrlRefresher:
         self._etag: str | None = None
         self._last_modified: str | None = None
         self._adopted_file = False
+        # False in the CRL fetcher, which only hands bytes on: the monitor announces what it adopts,
+        # so that each CRL event is logged once.
+        self._announce = announce
 
     @property
     def current(self) -> object | None:
@@ -147,12 +151,20 @@ class CrlRefresher:
 
         if fetched.body is None:
             return self._result("unchanged", f"CRL at {self.source} not modified", now)
-        if self._current is not None and fetched.body == self._current_bytes:
+        return self.accept(fetched.body, now, fetched)
+
+    def accept(self, body: bytes, now: datetime, fetched: _Fetched | None = None) -> RefreshResult:
+        """Verify ``body`` as the new CRL from this source, refuse it if it is older than the one in
+        hand, store it and adopt it.  The monitor calls this with the bytes its unprivileged CRL
+        fetcher sends: it trusts nothing from that process that it can check itself."""
+        if now.tzinfo is None:
+            raise ValueError("accept(now) needs a timezone-aware datetime")
+        fetched = fetched or _Fetched(body)
+        if self._current is not None and body == self._current_bytes:
             self._remember(fetched)
             return self._result("unchanged", f"CRL at {self.source} has not changed", now)
-
         try:
-            crl = self._verify(fetched.body)
+            crl = self._verify(body)
         except Exception as exc:  # verify is the caller's; anything it raises means "refuse"
             return self._result("failed", f"refused CRL from {self.source}: {exc}", now)
         older = _older_than(crl, self._current)
@@ -160,16 +172,29 @@ class CrlRefresher:
             return self._result("failed", f"refused CRL from {self.source}: {older}", now)
 
         try:
-            self._store(fetched.body)
+            self._store(body)
         except OSError as exc:
             # The new CRL is verified and newer: use it in memory, but forget the validators so the
             # next refresh fetches again and retries the write.
-            self._adopt(crl, fetched.body, _Fetched(fetched.body))
+            self._adopt(crl, body, _Fetched(body))
             return self._result(
                 "failed", f"verified a new CRL from {self.source} but cannot write {self.crl_file}: {exc}", now
             )
-        self._adopt(crl, fetched.body, fetched)
-        return self._result("updated", f"CRL updated from {self.source} into {self.crl_file}", now)
+        self._adopt(crl, body, fetched)
+        where = f"into {self.crl_file}" if self._announce else "(handed on)"
+        return self._result("updated", f"CRL updated from {self.source} {where}", now)
+
+    def seed(self, crl: object, body: bytes) -> None:
+        """Start from a CRL already verified elsewhere (the CRL fetcher starts from the monitor's), so
+        that nothing older is taken and the file need not be read."""
+        self._current = crl
+        self._current_bytes = body
+        self._adopted_file = True
+
+    @property
+    def current_bytes(self) -> bytes | None:
+        """The encoding of :attr:`current`, as it came from the source."""
+        return self._current_bytes
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -207,7 +232,7 @@ class CrlRefresher:
         if status == "failed":
             message += "; keeping the last good CRL" if self._current is not None else "; there is no good CRL yet"
             _log.warning("%s", message)
-        elif status == "updated":
+        elif status == "updated" and self._announce:
             _log.info("%s", message)
         else:
             _log.debug("%s", message)
@@ -215,11 +240,14 @@ class CrlRefresher:
         next_update = _utc_attr(self._current, "next_update_utc")
         if next_update is not None and next_update < now:
             stale = True
-            _log.warning(
-                "CRL %s is past its nextUpdate (%s): revocations since then may be missing",
-                self.crl_file,
-                next_update.isoformat(),
-            )
+            if self._announce:
+                _log.warning(
+                    "CRL %s is past its nextUpdate (%s): revocations since then may be missing; publish a "
+                    "fresh CRL at %s (sknock-ca --dir CA_DIR crl signs one)",
+                    self.crl_file,
+                    next_update.isoformat(),
+                    self.source,
+                )
             message += f" (STALE: past nextUpdate {next_update.isoformat()})"
         return RefreshResult(status, message, self._current, stale)
 

@@ -1,14 +1,18 @@
 """The knock server: wires the configuration, the verifier and the edges together.  Nothing else.
 
 Start-up, as root: load and check the configuration, the server's PKCS#12, the CA certificates and the
-CRL (any problem: one message, exit 2, nothing changed in the firewall); set up the firewall (which first
-removes what a crashed run left); open the capture sockets and the control socket; then fork.
+CRL (any problem: one message, exit 2, nothing changed in the firewall); claim the network namespace (a
+second server refuses to start and leaves the first alone); read the journal of applied knocks; set up
+the firewall (replacing the policy a previous run or the boot ruleset left, keeping its live grants);
+open the capture sockets and the control socket; then hand over to the monitor, which forks:
 
-* The worker (child) drops to the unprivileged ``user`` and runs :class:`~sknock.server.worker.Worker`:
-  it reads packets, runs the parser and the crypto, refreshes the CRL, and asks for grants.
-* The monitor (parent) keeps root and runs :class:`~sknock.server.monitor.Monitor`: it
-  re-checks and applies those requests, closes grants on time, answers the control socket, and removes
-  everything it added on SIGTERM/SIGINT or when the worker dies.
+* the workers, which drop to the unprivileged ``user`` and run :class:`~sknock.server.worker.Worker`:
+  they read packets, run the parser and the crypto, and ask for grants;
+* with an http(s) ``crlUrl``, the CRL fetcher, unprivileged too: it downloads the CRL and hands the
+  bytes to the monitor, so that no worker ever waits on the network;
+* the monitor itself (:class:`~sknock.server.monitor.Monitor`) keeps root: it re-checks and applies
+  the workers' requests, closes grants on time, keeps the CRL, answers the control socket, replaces a
+  child that dies, and on a stop leaves the firewall policy in place.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import datetime as dt
 import gc
 import logging
 import os
+import selectors
+import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,15 +42,20 @@ from ..trust import ClientVerifier, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import CrlRefresher, RefreshResult, schedule_refresh
+from .crl_refresh import CrlRefresher, schedule_refresh
 from .firewall import Firewall, FirewallPolicy, make_firewall
-from .monitor import CRL_PREFIX, MAX_CRL_MESSAGE, Monitor
-from .privsep import drop_privileges
+from .firewall.base import Opening
+from .instance import AlreadyRunning, claim, running_pid
+from .journal import KnockJournal
+from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .worker import Capture, Worker
 
-__all__ = ["Server", "prepare", "run", "setup_logging"]
+__all__ = ["Server", "prepare", "run", "teardown", "setup_logging", "make_server_firewall"]
 
 log = logging.getLogger("sknock.server")
+JOURNAL_NAME = "replay.journal"
+FIRST_CRL_TIMEOUT = 30.0  # seconds a new worker waits for the monitor's CRL
 
 
 @dataclass
@@ -55,6 +67,7 @@ class Server:
     roots: list[x509.Certificate]
     intermediates: list[x509.Certificate]
     crl: x509.CertificateRevocationList | None
+    crl_bytes: bytes | None
     firewall: Firewall
 
     def trust(self, crl: x509.CertificateRevocationList | None) -> ClientVerifier:
@@ -124,16 +137,23 @@ def prepare(config: ServerConfig) -> Server:
         raise ConfigError(
             f"{config.source}: no CA certificate: {config.server_pfx_file} carries none and caFile is not set"
         )
-    crl = None
+    crl = crl_bytes = None
     if config.crl_file.exists():
         try:
-            crl = load_crl(config.crl_file.read_bytes(), cas, source=str(config.crl_file))
+            crl_bytes = config.crl_file.read_bytes()
+            crl = load_crl(crl_bytes, cas, source=str(config.crl_file))
         except (OSError, CertificateError) as exc:
+            crl_bytes = None
             if config.crl_url is None:
                 raise ConfigError(f"{config.source}: crlFile: {exc}") from None
             log.warning("crlFile %s not usable (%s); waiting for %s", config.crl_file, exc, config.crl_url)
     elif config.crl_url is None:
         raise ConfigError(f"{config.source}: crlFile: {config.crl_file} does not exist and crlUrl is not set")
+    return Server(config, credentials, roots, intermediates, crl, crl_bytes, make_server_firewall(config))
+
+
+def make_server_firewall(config: ServerConfig) -> Firewall:
+    """The firewall backend and policy the configuration asks for (nothing is changed yet)."""
     options: dict[str, object] = {}
     if config.firewall_backend.value == "command":
         options = {"open_command": config.open_command, "close_command": config.close_command}
@@ -143,8 +163,7 @@ def prepare(config: ServerConfig) -> Server:
         emergency_ssh=config.emergency_ssh,
         always_open=_knock_port_set(config),
     )
-    firewall = make_firewall(config.firewall_backend.value, policy, **options)
-    return Server(config, credentials, roots, intermediates, crl, firewall)
+    return make_firewall(config.firewall_backend.value, policy, **options)
 
 
 def _open_captures(config: ServerConfig) -> list[Capture]:
@@ -182,51 +201,111 @@ def _close_captures(captures: Sequence[Capture]) -> None:
             os.close(fd)
 
 
-def _run_worker(server: Server, capture: Capture, channel: socket.socket, index: int, count: int) -> None:
+def _spawner(server: Server, captures: list[Capture]) -> Spawner:
+    """Forks the monitor's children.  A child closes the monitor's sockets and the captures that are
+    not its own, drops its privileges, and never returns into the monitor's code."""
+
+    def spawn(role: Role, index: int, fds: Sequence[int]) -> tuple[int, socket.socket]:
+        monitor_end, child_end = channel_pair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                monitor_end.close()
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if role == "worker":
+                    own = captures[index]
+                    _close_captures([c for c in captures if c is not own])
+                    _run_worker(server, own, child_end, index)
+                else:
+                    _close_captures(captures)
+                    _run_crl_fetcher(server, child_end)
+            except BaseException:  # noqa: BLE001 -- a child must never fall back into the monitor's code
+                log.exception("%s failed", role)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        child_end.close()
+        return pid, monitor_end
+
+    return spawn
+
+
+def _run_worker(server: Server, capture: Capture, channel: socket.socket, index: int) -> None:
     config = server.config
     uid, gid = drop_privileges(config.user)
-    log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, count, config.user, uid, gid)
     verifier = server.verifier()
-    scheduler = schedule.Scheduler()
-    # The CRL comes from crlUrl, or, without one, from crlFile itself (re-read on schedule and on SIGHUP,
-    # so an admin who publishes a new CRL file needs no restart).
-    source = config.crl_url or str(config.crl_file)
+    issuers = [*server.roots, *server.intermediates]
 
-    def store(data: bytes) -> None:
-        if config.crl_url is None or index != 0:
-            return  # the source is crlFile itself, or another worker writes it
-        if len(data) > MAX_CRL_MESSAGE:
-            raise OSError(f"CRL of {len(data)} bytes is too large to hand over for writing")
+    def adopt(data: bytes) -> None:
+        """The CRL in use, from the monitor, which has verified it (it is checked again here all the same)."""
+        try:
+            crl = load_crl(data, issuers, source="the monitor") if data else None
+        except CertificateError as exc:
+            log.error("worker %d: the monitor's CRL does not load (%s); knocks are refused until one does",
+                      index + 1, exc)
+            crl = None
+        verifier.set_trust(server.trust(crl))
+
+    # The first message is the CRL in use: no knock is verified before the worker has it.
+    channel.settimeout(FIRST_CRL_TIMEOUT)
+    first = channel.recv(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+    if not first.startswith(CRL_PREFIX):
+        raise SknockError(f"worker {index + 1}: the monitor sent no CRL first")
+    adopt(first[len(CRL_PREFIX) :])
+    channel.setblocking(False)
+    log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, config.workers, config.user, uid, gid)
+    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt).run()
+
+
+def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
+    """Download crlUrl every CRL_UPDATE_INTERVAL_IN_MINUTES (and at once on SIGHUP, which the monitor
+    forwards) and hand what verifies to the monitor, which checks it again before it is used or written.
+    A slow or dead CRL server delays only this process."""
+    config = server.config
+    assert config.crl_url is not None
+    drop_privileges(config.user)
+    issuers = [*server.roots, *server.intermediates]
+
+    def send(data: bytes) -> None:
         channel.send(CRL_PREFIX + data)
 
     refresher = CrlRefresher(
-        source,
-        config.crl_file,
-        partial(load_crl, issuers=[*server.roots, *server.intermediates], source=source),
-        store=store,
+        config.crl_url, config.crl_file, partial(load_crl, issuers=issuers, source=config.crl_url),
+        store=send, announce=False, max_bytes=MAX_CRL_MESSAGE,
     )
-    current: list[object] = [server.crl]
-
-    def adopt(result: RefreshResult) -> None:
-        level = logging.WARNING if result.status == "failed" or result.stale else logging.INFO
-        log.log(level, "CRL refresh: %s", result.message)
-        if result.stale:
-            log.warning("THE CRL IS PAST ITS nextUpdate: revocations since then are unknown to this server")
-        if result.crl is None:
-            if current[0] is None:
-                log.error("no CRL: every knock is refused until a valid CRL is available from %s", source)
-        elif result.crl is not current[0]:
-            current[0] = result.crl
-            verifier.set_trust(server.trust(result.crl))  # type: ignore[arg-type]
-            log.info("using the new CRL; certificate cache dropped")
-
-    job = schedule_refresh(
-        refresher, config.crl_update_interval_minutes, scheduler, lambda: dt.datetime.now(dt.UTC), adopt
-    )
+    if server.crl is not None and server.crl_bytes is not None:
+        refresher.seed(server.crl, server.crl_bytes)
+    state = {"running": True, "now": False}
+    signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda *_: state.update(now=True))
+    scheduler = schedule.Scheduler()
+    job = schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, lambda: dt.datetime.now(dt.UTC))
+    log.info("CRL fetcher running as %s: %s every %d min", config.user, config.crl_url,
+             config.crl_update_interval_minutes)
     job.run()  # at start, and again on SIGHUP (which also restarts the interval)
-    Worker(
-        verifier=verifier, capture=capture, channel=channel, run_pending=scheduler.run_pending, on_hangup=job.run
-    ).run()
+    with selectors.DefaultSelector() as selector:
+        selector.register(channel, selectors.EVENT_READ)
+        while state["running"]:
+            if state["now"]:
+                state["now"] = False
+                job.run()
+            scheduler.run_pending()
+            idle = scheduler.idle_seconds
+            if selector.select(max(0.0, min(1.0, idle if idle is not None else 1.0))) and not channel.recv(16):
+                return  # the monitor has gone
+
+
+def _firewall_checked(server: Server) -> list[tuple[Opening, float]]:
+    """Install the policy, keeping the live grants a previous run (or the boot ruleset) left."""
+    carried = server.firewall.setup()
+    return list(carried) if carried else []
 
 
 def run(config_path: str | Path, *, check_only: bool = False) -> int:
@@ -236,77 +315,125 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
     setup_logging(config)
-    for notice in config.notices:
-        log.warning("%s", notice)
     try:
         server = prepare(config)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
     if check_only:
+        for notice in config.notices:
+            log.warning("%s", notice)
         print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name})")
         return 0
     if os.geteuid() != 0:
         print("sknock-server: must run as root (it captures packets and changes the firewall); "
               "--check-config works as any user", file=sys.stderr)
         return 2
+    try:
+        instance = claim()
+    except AlreadyRunning as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    wall = time.time()
+    try:
+        journal = KnockJournal(config.state_dir / JOURNAL_NAME, capacity=NONCE_CAPACITY, now=wall,
+                               window=float(config.timestamp_threshold))
+    except OSError as exc:
+        print(f"sknock-server: {config.source}: stateDir: cannot keep the knock journal in {config.state_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    for notice in config.notices:
+        log.warning("%s", notice)
     log.info("starting: %s", config.describe())
+    if journal.problem:
+        log.error("%s: knocks applied before this start are unknown, so every knock signed before %s is "
+                  "refused (one timestamp window)", journal.problem,
+                  dt.datetime.fromtimestamp(journal.floor - config.timestamp_threshold, dt.UTC).isoformat())
     try:
         captures = _open_captures(config)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
     try:
-        server.firewall.setup()
+        carried = _firewall_checked(server)
         control = ControlServer(config.control_socket)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
-        server.firewall.teardown()
+        _close_captures(captures)
         return 2
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(config.workers)]
-    for pair in pairs:
-        for end in pair:
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
+    if carried:
+        log.info("kept %d live grant(s) from before this start", len(carried))
+    crl = _monitor_crl(server)
+    if server.crl is None:
+        log.error("no CRL: every knock is refused until a valid CRL is available from %s", crl.source)
     # Everything made so far (modules, keys, the verifier's trust) lives as long as the server: keep
     # the garbage collector from walking it, which would write to every page of it in each forked
     # process and turn shared pages into private copies.  Measured, distinct resident pages of all
     # three processes: idle 57 MB, at 10,000 grants 83 MB without this, 75 MB with it.
     gc.freeze()
-    pids: list[int] = []
-    for index in range(config.workers):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # a worker
-            code = 0
-            try:
-                control.socket.close()
-                for other, (parent_end, worker_end) in enumerate(pairs):
-                    parent_end.close()
-                    if other != index:
-                        worker_end.close()
-                _close_captures([c for i, c in enumerate(captures) if i != index and c is not captures[index]])
-                _run_worker(server, captures[index], pairs[index][1], index, config.workers)
-            except BaseException:  # noqa: BLE001 -- a worker must never fall back into the parent's code
-                log.exception("worker failed")
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        pids.append(pid)
-    for _, worker_end in pairs:
-        worker_end.close()
-    _close_captures(captures)
-    log.info("monitor running; %d worker(s): pid %s", len(pids), ", ".join(map(str, pids)))
     monitor = Monitor(
         firewall=server.firewall,
-        channels=[parent_end for parent_end, _ in pairs],
         max_duration=float(config.max_open_duration),
+        spawn=_spawner(server, captures),
+        workers=config.workers,
+        fetcher=config.crl_url is not None and _is_url(config.crl_url),
+        window=float(config.timestamp_threshold),
+        journal=journal,
         control=control,
-        crl_file=config.crl_file if config.crl_url is not None else None,
-        worker_pids=pids,
+        crl=crl,
+        crl_interval=config.crl_update_interval_minutes * 60.0,
+        instance=instance,
+        carried=carried,
     )
+    log.info("monitor running (pid %d); starting %d worker(s)", os.getpid(), config.workers)
     code = monitor.run()
+    _close_captures(captures)
     log.info("stopped (exit %d)", code)
     return code
+
+
+def _is_url(source: str) -> bool:
+    return source.split(":", 1)[0].lower() in ("http", "https")
+
+
+def _monitor_crl(server: Server) -> CrlRefresher:
+    """The monitor's keeper of the CRL: it reads a file source itself (as root) and verifies whatever
+    the CRL fetcher brings, against the CA and the CRL in hand, before writing crlFile."""
+    config = server.config
+    source = config.crl_url or str(config.crl_file)
+    store = None if config.crl_url is not None else (lambda data: None)  # crlFile itself is the source
+    keeper = CrlRefresher(
+        source, config.crl_file,
+        partial(load_crl, issuers=[*server.roots, *server.intermediates], source=source),
+        store=store, max_bytes=MAX_CRL_MESSAGE,
+    )
+    if server.crl is not None and server.crl_bytes is not None:
+        keeper.seed(server.crl, server.crl_bytes)
+    return keeper
+
+
+def teardown(config_path: str | Path) -> int:
+    """``sknock-server teardown``: remove sknock's firewall, the one explicit way to do it.  Refused
+    while a server runs in this network namespace (it would only put it back)."""
+    try:
+        config = load_config(config_path, check_files=False)
+        firewall = make_server_firewall(config)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("sknock-server: teardown must run as root (it changes the firewall)", file=sys.stderr)
+        return 2
+    pid = running_pid()
+    if pid is not None:
+        print(f"sknock-server: a knock server is running in this network namespace (pid {pid}): stop it first; "
+              "the firewall was left as it is", file=sys.stderr)
+        return 2
+    try:
+        firewall.teardown()
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    print(f"sknock-server: removed sknock's firewall ({firewall.name}): the protected ports are now whatever "
+          "the host's own ruleset says")
+    return 0

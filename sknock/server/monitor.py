@@ -1,17 +1,29 @@
-"""The monitor (root, CAP_NET_ADMIN): the only part of the server that changes the firewall.
+"""The monitor: the server's root process, and the only part of it that changes the firewall.
 
 It runs no parser of network bytes and no crypto.  It listens to its workers, one socketpair each,
-re-checks each request (:func:`privsep.parse_request`), refuses a knock's nonce it has seen before (a
-replay that reached another worker), and applies everything the workers asked for since its last turn as
-one batch (one nftables transaction).  It closes grants when their time is up, answers ``status`` on the
-root-only control socket, writes CRLs a worker verified, and tears everything down on SIGTERM/SIGINT or
-when a worker dies (fail closed: a restart brings it all back).
+re-checks each request (:func:`privsep.parse_request`), refuses a knock it has applied before (a replay
+that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`),
+and applies everything the workers asked for since its last turn as one batch (one nftables
+transaction).  It closes grants when their time is up and retries a close that fails, answers
+``status`` on the root-only control socket, keeps the CRL (verifying every CRL before it is used or
+written) and hands it to the workers.
+
+Failing closed is arranged so that nothing the monitor or its children do can open a port:
+
+* A stop is not a teardown.  SIGTERM, SIGINT, a crash of the monitor or ``kill -9`` of any process
+  leave sknock's firewall policy in place; grants end on time in the kernel (a backend without kernel
+  expiry has its grants closed at a stop).  Removing the policy is an explicit ``sknock-server teardown``.
+* A worker (or the CRL fetcher) that dies is replaced, at a bounded rate; the policy is never touched
+  because of it.
+* Twice a second the monitor checks that its firewall table is still the one it installed; when
+  something else removed or rewrote it, it puts it back with the grants still due, within a second.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import datetime as dt
 import logging
 import math
 import os
@@ -20,30 +32,36 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Literal
 
 from ..errors import SknockError
-from ..fileio import write_atomic
-from ..replay import ReplayCache
 from .control import ControlServer
+from .crl_refresh import CrlRefresher, RefreshResult
 from .firewall.base import Firewall, Opening
 from .grants import GrantTable
-from .privsep import GrantRequest, PrivsepError, parse_request
+from .journal import KnockJournal
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
 
-__all__ = ["Monitor", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
+__all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
 log = logging.getLogger("sknock.monitor")
-CRL_PREFIX = b"CRL\0"
-MAX_CRL_MESSAGE = 4 << 20
 MAX_BATCH = 2048  # messages read from one worker before the batch is applied
 NONCE_CAPACITY = 1_000_000
 LOG_GROUP = 32  # knocks named in one log line
-# One firewall transaction costs about 120 us whatever its size, 15 us more per grant (nftables,
-# measured): applying one grant per transaction under load took the monitor 72 us a grant.
-MIN_BATCH_INTERVAL = 0.001  # seconds
-# Coalescing only pays under load; at 1,000 grants a second it added up to 1 ms to every grant.
-BUSY_RATE = 2000.0  # requests a second, over the last RATE_WINDOW
+MIN_BATCH_INTERVAL = 0.001  # seconds between transactions under load
+BUSY_RATE = 2000.0  # requests a second, over the last RATE_WINDOW: coalescing only pays above it
 RATE_WINDOW = 0.01  # seconds
+WATCH_INTERVAL = 0.5  # seconds between checks that the firewall table is still ours
+RESTART_WINDOW = 60.0  # seconds over which a child's restarts are counted
+FREE_RESTARTS = 3  # restarts within RESTART_WINDOW that happen at once; later ones back off
+MAX_RESTART_DELAY = 30.0
+STOP_GRACE = 5.0  # seconds a child has to exit after SIGTERM before SIGKILL
+
+Role = Literal["worker", "crl fetcher"]
+#: Forks a child of ``role`` number ``index``; the child closes ``fds`` (the monitor's own sockets) first.
+#: Returns the child's pid and the monitor's end of its channel.
+Spawner = Callable[[Role, int, Sequence[int]], tuple[int, socket.socket]]
 
 
 class RecentRate:
@@ -65,90 +83,195 @@ class RecentRate:
         return self._count / self.window
 
 
+class BatchRule:
+    """When to apply what the workers sent, sans-I/O.  A firewall transaction costs about the same
+    whatever its size, so under load (``busy_rate`` requests a second or more) the monitor applies at
+    most one batch per ``min_interval`` and lets what comes meanwhile join it; below that rate each
+    request is applied at once (coalescing would only add latency)."""
+
+    def __init__(
+        self, min_interval: float = MIN_BATCH_INTERVAL, busy_rate: float = BUSY_RATE, window: float = RATE_WINDOW
+    ) -> None:
+        self.min_interval = min_interval
+        self.busy_rate = busy_rate
+        self._rate = RecentRate(window)
+        self._last = -math.inf
+
+    def hold(self, now: float) -> float:
+        """Seconds to hold the pending batch before applying it (0: apply now)."""
+        wait = self._last + self.min_interval - now
+        if wait > 0 and self._rate.per_second(now) >= self.busy_rate:
+            return wait
+        return 0.0
+
+    def applied(self, now: float, count: int) -> None:
+        self._last = now
+        self._rate.add(now, count)
+
+
+@dataclass(eq=False)
+class Child:
+    """A process the monitor forked and keeps alive: a worker, or the CRL fetcher."""
+
+    role: Role
+    index: int
+    pid: int = 0  # 0: not running
+    channel: socket.socket | None = None
+    starts: collections.deque[float] = field(default_factory=collections.deque)
+    respawn_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index + 1}" if self.role == "worker" else self.role
+
+
 class Monitor:
     def __init__(
         self,
         *,
         firewall: Firewall,
-        channels: Sequence[socket.socket],
         max_duration: float,
-        control: ControlServer | None = None,
-        crl_file: Path | None = None,
+        channels: Sequence[socket.socket] = (),
         worker_pids: Sequence[int] = (),
+        spawn: Spawner | None = None,
+        workers: int = 0,
+        fetcher: bool = False,
+        window: float = 7.0,
+        journal: KnockJournal | None = None,
+        control: ControlServer | None = None,
+        crl: CrlRefresher | None = None,
+        crl_interval: float = 1800.0,
+        instance: socket.socket | None = None,
+        carried: Iterable[tuple[Opening, float]] = (),
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.firewall = firewall
-        self.channels = list(channels)
-        for channel in self.channels:
-            channel.setblocking(False)
         self.max_duration = max_duration
+        self.spawn = spawn
         self.control = control
-        self.crl_file = crl_file
-        self.worker_pids = list(worker_pids)
+        self.crl = crl
+        self.crl_interval = crl_interval
+        self.instance = instance
         self.clock = clock
         self.wall_clock = wall_clock
         self.grants = GrantTable()
-        # Nonces of applied knocks, until they leave the timestamp window: the workers each keep their
-        # own replay caches, and this one catches a replay that reached a different worker.
-        self.nonces = ReplayCache(NONCE_CAPACITY, evict_when_full=False)
+        now = clock()
+        for opening, remaining in carried:
+            self.grants.open(opening, remaining, now, "(from before the restart)")
+        self.journal = journal or KnockJournal(None, capacity=NONCE_CAPACITY, now=wall_clock(), window=window)
+        # Children: workers given as channels (tests, or forked by the caller) are never respawned.
+        self.children: list[Child] = []
+        pids = list(worker_pids) + [0] * (len(channels) - len(worker_pids))
+        for index, (channel, pid) in enumerate(zip(channels, pids, strict=False)):
+            channel.setblocking(False)
+            self.children.append(Child("worker", index, pid, channel))
+        self.children += [Child("worker", len(self.children) + i) for i in range(workers)]  # spawned by run()
+        self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
+        self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
         self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
         self._running = True
-        self._rate = RecentRate(RATE_WINDOW)
+        self._hangup = False
+        self._batch = BatchRule()
+        self._pending: list[GrantRequest] = []
+        self._pending_since = 0.0
+        self._next_watch = now
+        self._next_crl = now + crl_interval
+        self._selector: selectors.BaseSelector | None = None
         self.exit_code = 0
+
+    @property
+    def channels(self) -> list[socket.socket]:
+        return [c.channel for c in self.children if c.channel is not None]
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [c.pid for c in self.children if c.pid]
+
+    # -- signals -----------------------------------------------------------------------------------
 
     def stop(self, *_: object) -> None:
         self._running = False
 
     def hangup(self, *_: object) -> None:
-        """SIGHUP: the workers refresh the CRL at once (what an admin does after revoking someone)."""
-        log.info("SIGHUP: asking the workers to refresh the CRL now")
-        for pid in self.worker_pids:
-            os.kill(pid, signal.SIGHUP)
+        """SIGHUP: refresh the CRL now (what an admin does after revoking someone); done in the loop."""
+        self._hangup = True
+
+    # -- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> int:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
-        selector = selectors.DefaultSelector()
-        for channel in self.channels:
-            selector.register(channel, selectors.EVENT_READ, channel)
-        if self.control is not None:
-            selector.register(self.control.socket, selectors.EVENT_READ, None)
-        last_apply = -math.inf
+        self._selector = selector = selectors.DefaultSelector()
         try:
+            for child in self.children:
+                if child.channel is not None:
+                    selector.register(child.channel, selectors.EVENT_READ, child)
+            if self.control is not None:
+                selector.register(self.control.socket, selectors.EVENT_READ, "control")
+            if self.instance is not None:
+                selector.register(self.instance, selectors.EVENT_READ, "instance")
+            self._start_children()
             while self._running:
-                deadline = self.grants.next_deadline()
-                timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - self.clock()))
-                pending: list[GrantRequest] = []
-                for key, _ in selector.select(timeout):
-                    if key.data is None:
-                        if self.control is not None:
-                            self.control.serve_one(self.status)
-                    else:
-                        pending += self.read(key.data)
-                if pending:
-                    # Under load (BUSY_RATE grants a second or more), at most one transaction per
-                    # MIN_BATCH_INTERVAL: the process sleeps out the rest of the interval (not woken by
-                    # every message) and what came meanwhile joins the batch.  Below that rate, or when
-                    # the last transaction is older than the interval, a request is applied at once.
-                    now = self.clock()
-                    wait = last_apply + MIN_BATCH_INTERVAL - now
-                    if wait > 0 and self._rate.per_second(now) >= BUSY_RATE:
-                        time.sleep(wait)
-                        for channel in self.channels:
-                            pending += self.read(channel)
-                    self.apply(pending)
-                    last_apply = self.clock()
-                    self._rate.add(last_apply, len(pending))
-                self.expire()
+                self.turn(self._timeout())
         finally:
             self.shutdown()
+            selector.close()
+            self._selector = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
+
+    def _timeout(self) -> float:
+        now = self.clock()
+        wake = [self._next_watch, now + 1.0]
+        deadline = self.grants.next_deadline()
+        if deadline is not None:
+            wake.append(deadline)
+        if self._pending:
+            wake.append(now + self._batch.hold(now))
+        if self.crl is not None and self._fetcher is None:
+            wake.append(self._next_crl)
+        wake.extend(c.respawn_at for c in self._all_children() if c.respawn_at is not None)
+        return max(0.0, min(wake) - now)
+
+    def turn(self, timeout: float) -> None:
+        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due."""
+        assert self._selector is not None
+        for key, _ in self._selector.select(timeout):
+            if key.data == "control":
+                if self.control is not None:
+                    self.control.serve_one(self.status)
+            elif key.data == "instance":
+                self._answer_instance_probe()
+            else:
+                child: Child = key.data
+                if child.role == "worker":
+                    self._pending += self.read(key.fileobj)  # type: ignore[arg-type]
+                else:
+                    self._read_fetcher(child)
+        if self._pending:
+            now = self.clock()
+            if self._batch.hold(now) <= 0:
+                pending, self._pending = self._pending, []
+                self.apply(pending)
+                self._batch.applied(self.clock(), len(pending))
+        self.expire()
+        now = self.clock()
+        if now >= self._next_watch:
+            self._next_watch = now + WATCH_INTERVAL
+            self.watch()
+        if self._hangup:
+            self._hangup = False
+            self.refresh_crl(now_requested=True)
+        elif self.crl is not None and self._fetcher is None and now >= self._next_crl:
+            self.refresh_crl()
+        self._respawn_due(now)
+
+    # -- requests from workers -----------------------------------------------------------------------
 
     def read(self, channel: socket.socket) -> list[GrantRequest]:
         """Everything one worker has sent since the last turn (at most MAX_BATCH messages)."""
@@ -162,14 +285,9 @@ class Monitor:
                 log.error("worker channel failed: %s", exc)
                 size = 0
             if size == 0:
-                log.error("a worker has gone: shutting down (fail closed: every grant is removed)")
-                self.exit_code = 1
-                self._running = False
+                self._child_gone(self._by_channel.get(channel), channel)
                 break
             data = bytes(memoryview(self._buffer)[:size])
-            if data.startswith(CRL_PREFIX):
-                self.store_crl(data[len(CRL_PREFIX) :])
-                continue
             try:
                 requests.append(parse_request(data, max_duration=self.max_duration))
             except PrivsepError as exc:
@@ -177,20 +295,30 @@ class Monitor:
         return requests
 
     def apply(self, requests: Sequence[GrantRequest]) -> None:
-        """Refuse replayed nonces, then apply the last word on each opening in one batch."""
+        """Refuse knocks applied before, record the rest in the journal, then apply the last word on
+        each opening in one batch."""
         wall = self.wall_clock()
-        nonces = self.nonces
-        final: dict[Opening, GrantRequest] = {}
+        journal = self.journal
+        fresh: dict[bytes, GrantRequest] = {}
         for request in requests:
-            opening = request.opening
-            replay = request.replay_key
-            if nonces.seen(replay, wall):
-                log.info("refused knock from %s: replay (its nonce was granted by another worker)", opening.address)
+            key = request.replay_key
+            if key in fresh or journal.seen(key, request.expires, wall):
+                log.info("refused knock from %s: replay (its nonce was granted by another worker or before a "
+                         "restart)", request.opening.address)
                 continue
-            if not nonces.add(replay, request.expires, wall):
-                log.warning("refused knock from %s: overload (nonce cache full)", opening.address)
+            fresh[key] = request
+        try:
+            taken = journal.record(((key, r.expires) for key, r in fresh.items()), wall)
+        except OSError as exc:
+            log.error("refused %d knock request(s): cannot record them in %s (%s); a knock that is not "
+                      "recorded could be replayed after a restart", len(fresh), journal.path, exc)
+            return
+        final: dict[Opening, GrantRequest] = {}
+        for index, request in enumerate(fresh.values()):
+            if index >= taken:
+                log.warning("refused knock from %s: overload (replay memory full)", request.opening.address)
                 continue
-            final[opening] = request
+            final[request.opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
         closes = [o for o, r in final.items() if r.op == "close"]
         grants = self.grants
@@ -242,31 +370,205 @@ class Monitor:
             log.error("firewall: %s: %s", opening, error)
         return failures
 
+    # -- time ----------------------------------------------------------------------------------------
+
     def expire(self) -> None:
-        due = self.grants.due(self.clock())
+        """Close the grants whose window has ended; a close that fails stays listed, overdue, and is
+        retried with a backoff until the firewall confirms it."""
+        now = self.clock()
+        due = self.grants.due(now)
         if not due:
             return
         failed = {opening for opening, _ in self._apply([], due)}
         for opening in due:
-            if opening not in failed:
+            if opening in failed:
+                delay = self.grants.close_failed(opening, now)
+                log.error("could not close %s/%d for %s; it stays listed as overdue and is retried in %g s",
+                          opening.protocol.label, opening.port, opening.address, delay)
+            else:
                 log.info("closed %s/%d for %s: window ended", opening.protocol.label, opening.port, opening.address)
 
-    def store_crl(self, data: bytes) -> None:
-        if self.crl_file is None:
-            return
+    def watch(self) -> None:
+        """Put sknock's firewall back if something else removed or rewrote it (``nft flush ruleset``,
+        a firewall service restart), with the grants still due."""
         try:
-            write_atomic(self.crl_file, data)
+            if self.firewall.intact():
+                return
+        except SknockError as exc:
+            log.error("cannot check the firewall: %s", exc)
+        remaining = self.grants.remaining(self.clock())
+        log.error("sknock's firewall (%s) was removed or changed by something else: restoring it with %d "
+                  "grant(s) still due", self.firewall.name, len(remaining))
+        try:
+            self.firewall.restore(remaining)
+        except SknockError as exc:
+            log.error("restoring the firewall failed (tried again in %g s): %s", WATCH_INTERVAL, exc)
+
+    # -- the CRL -------------------------------------------------------------------------------------
+
+    def _now_utc(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.wall_clock(), dt.UTC)
+
+    def refresh_crl(self, *, now_requested: bool = False) -> None:
+        """Re-read the CRL source (a file: the monitor reads it itself, as root), or ask the CRL fetcher
+        to fetch the URL now."""
+        if self.crl is None:
+            return
+        if self._fetcher is not None:
+            if now_requested and self._fetcher.pid:
+                log.info("SIGHUP: asking the CRL fetcher to fetch %s now", self.crl.source)
+                _signal(self._fetcher.pid, signal.SIGHUP)
+            return
+        if now_requested:
+            log.info("SIGHUP: reading the CRL from %s now", self.crl.source)
+        self._next_crl = self.clock() + self.crl_interval
+        self._adopt(self.crl.refresh(self._now_utc()))
+
+    def offer_crl(self, data: bytes) -> None:
+        """CRL bytes from the CRL fetcher (unprivileged: trusted for nothing): verified against the CA
+        and refused if older than the CRL in hand, before they are written or used."""
+        if self.crl is not None:
+            self._adopt(self.crl.accept(data, self._now_utc()))
+
+    def _adopt(self, result: RefreshResult) -> None:
+        if result.status != "updated":
+            return
+        crl = result.crl
+        issued = getattr(crl, "last_update_utc", None)
+        next_update = getattr(crl, "next_update_utc", None)
+        workers = [c for c in self.children if c.channel is not None]
+        log.info("using the new CRL (issued %s, next update %s): handed to %d worker(s), whose certificate "
+                 "caches are dropped", issued.isoformat() if issued else "?",
+                 next_update.isoformat() if next_update else "none", len(workers))
+        self._send_crl(workers)
+
+    def _crl_message(self) -> bytes:
+        return CRL_PREFIX + ((self.crl.current_bytes or b"") if self.crl is not None else b"")
+
+    def _send_crl(self, children: Iterable[Child]) -> None:
+        """Hand the CRL in hand to workers.  A worker that cannot take it is replaced (it would go on
+        with the old CRL, and a revoked client with it); its successor starts with the new one."""
+        if self.crl is None:
+            return
+        message = self._crl_message()
+        for child in children:
+            if child.role != "worker" or child.channel is None:
+                continue
+            try:
+                child.channel.send(message)
+            except OSError as exc:
+                log.error("%s (pid %d) cannot take the new CRL (%s): replacing it", child.name, child.pid, exc)
+                _signal(child.pid, signal.SIGKILL)
+
+    def _read_fetcher(self, child: Child) -> None:
+        assert child.channel is not None
+        try:
+            size = child.channel.recv_into(self._buffer)
+        except BlockingIOError:
+            return
         except OSError as exc:
-            log.error("cannot write the CRL to %s: %s", self.crl_file, exc)
+            log.error("CRL fetcher channel failed: %s", exc)
+            size = 0
+        if size == 0:
+            self._child_gone(child, child.channel)
+            return
+        data = bytes(memoryview(self._buffer)[:size])
+        if data.startswith(CRL_PREFIX):
+            self.offer_crl(data[len(CRL_PREFIX) :])
         else:
-            log.info("wrote the refreshed CRL to %s", self.crl_file)
+            log.error("refused a malformed message from the CRL fetcher (%d bytes)", size)
+
+    # -- children ------------------------------------------------------------------------------------
+
+    def _all_children(self) -> list[Child]:
+        return self.children + ([self._fetcher] if self._fetcher is not None else [])
+
+    def _start_children(self) -> None:
+        if self.spawn is None:
+            return
+        if self._fetcher is not None:
+            self._spawn(self._fetcher)
+        for child in self.children:
+            if not child.pid:
+                self._spawn(child)
+
+    def _own_fds(self) -> list[int]:
+        """What a forked child must close: the monitor's sockets and its other children's channels."""
+        fds = [c.channel.fileno() for c in self._all_children() if c.channel is not None]
+        if self.control is not None:
+            fds.append(self.control.socket.fileno())
+        if self.instance is not None:
+            fds.append(self.instance.fileno())
+        return fds
+
+    def _spawn(self, child: Child) -> None:
+        assert self.spawn is not None
+        child.respawn_at = None
+        try:
+            pid, channel = self.spawn(child.role, child.index, self._own_fds())
+        except (OSError, SknockError) as exc:
+            log.error("cannot start %s: %s", child.name, exc)
+            child.respawn_at = self.clock() + MAX_RESTART_DELAY
+            return
+        channel.setblocking(False)
+        child.pid, child.channel = pid, channel
+        child.starts.append(self.clock())
+        self._by_channel[channel] = child
+        if self._selector is not None:
+            self._selector.register(channel, selectors.EVENT_READ, child)
+        if child.role == "worker":
+            self._send_crl([child])  # before it reads any packet: the CRL in hand, not the one it was born with
+        log.info("%s running: pid %d", child.name, pid)
+
+    def _child_gone(self, child: Child | None, channel: socket.socket) -> None:
+        """A child's channel closed: it died (or is dying).  Reap it and plan its replacement; the
+        firewall policy stays as it is."""
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(channel)
+        self._by_channel.pop(channel, None)
+        channel.close()
+        if child is None:
+            return
+        child.channel = None
+        how = _reap(child.pid) if child.pid else "gone"
+        child.pid = 0
+        if not self._running or self.spawn is None:
+            log.error("%s has gone (%s); the firewall policy stays in place", child.name, how)
+            return
+        now = self.clock()
+        while child.starts and child.starts[0] < now - RESTART_WINDOW:
+            child.starts.popleft()
+        extra = len(child.starts) - FREE_RESTARTS
+        delay = 0.0 if extra < 0 else min(MAX_RESTART_DELAY, 2.0**extra)
+        child.respawn_at = now + delay
+        log.error("%s has gone (%s); the firewall policy stays in place; starting a new one%s",
+                  child.name, how, f" in {delay:g} s" if delay else "")
+
+    def _respawn_due(self, now: float) -> None:
+        for child in self._all_children():
+            if child.respawn_at is not None and child.respawn_at <= now and self._running:
+                self._spawn(child)
+
+    def _answer_instance_probe(self) -> None:
+        """Another server asked who holds this namespace (it has read our pid already): hang up."""
+        assert self.instance is not None
+        with contextlib.suppress(OSError):
+            conn, _ = self.instance.accept()
+            conn.close()
+
+    # -- status and stop -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
         now = self.clock()
+        crl = self.crl.current if self.crl is not None else None
+        next_update = getattr(crl, "next_update_utc", None)
         return {
             "backend": self.firewall.name,
             "kernel_expiry": self.firewall.kernel_expiry,
-            "workers": len(self.worker_pids),
+            "workers": len(self.children),
+            "worker_pids": self.worker_pids,
+            "crl_next_update": next_update.isoformat() if next_update is not None else None,
             "grants": [
                 {
                     "address": str(e.opening.address),
@@ -275,24 +577,69 @@ class Monitor:
                     "client": e.client,
                     "opened_seconds_ago": round(now - e.opened_at, 3),
                     "expires_in": round(e.expires_at - now, 3),
+                    "overdue": e.overdue,
+                    "close_failures": e.close_failures,
                 }
                 for e in self.grants.entries()
             ],
         }
 
     def shutdown(self) -> None:
-        for pid in self.worker_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in self.worker_pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.worker_pids = []
-        try:
-            self.firewall.teardown()
-            log.info("firewall rules removed")
-        except SknockError as exc:
-            log.error("teardown: %s", exc)
-            self.exit_code = self.exit_code or 1
+        """Stop the children and the control socket.  The firewall policy stays: a stop must not open
+        the door.  Grants end on time in the kernel; a backend that cannot end them by itself has them
+        closed now."""
+        self._running = False
+        children = [c for c in self._all_children() if c.pid]
+        for child in children:
+            _signal(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for child in children:
+            _reap(child.pid, deadline)
+            child.pid = 0
+            if child.channel is not None:
+                child.channel.close()
+                child.channel = None
+        if not self.firewall.kernel_expiry:
+            openings = [e.opening for e in self.grants.entries()]
+            if openings:
+                failed = self._apply([], openings)
+                log.info("closed %d grant(s) at the stop (backend %s cannot end them on time by itself)",
+                         len(openings) - len(failed), self.firewall.name)
+        log.info("the firewall policy stays in place: protected ports stay closed while the server is "
+                 "stopped (sknock-server -c CONFIG teardown removes it)")
         if self.control is not None:
             self.control.close()
+        self.journal.close()
+        if self.instance is not None:
+            self.instance.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal one child by its pid (never 0 or a negative pid, which would reach a whole group)."""
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _reap(pid: int, deadline: float | None = None) -> str:
+    """Wait for child ``pid`` (SIGKILL once ``deadline`` passes, or at once without one); say how it ended."""
+    end = time.monotonic() + 1.0 if deadline is None else deadline
+    status = 0
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "gone"
+        if done:
+            break
+        if time.monotonic() >= end:
+            _signal(pid, signal.SIGKILL)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return "gone"
+            break
+        time.sleep(0.01)
+    if os.WIFSIGNALED(status):
+        return f"pid {pid} killed by signal {os.WTERMSIG(status)}"
+    return f"pid {pid} exited with status {os.WEXITSTATUS(status)}"

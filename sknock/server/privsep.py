@@ -1,12 +1,12 @@
-"""Privilege separation: the messages the unprivileged worker sends the monitor, and the
-privilege drop itself.
+"""Privilege separation: the channels between the monitor and its unprivileged children, the
+messages on them, and the privilege drop itself.
 
-The worker reads packets and runs the parser and crypto as an unprivileged user.  It asks the firewall
-process (root, CAP_NET_ADMIN) to open or close a grant with one small fixed-layout binary datagram over a
-SOCK_SEQPACKET socketpair.  The monitor treats those messages as hostile too: it re-checks
-every field (address, protocol, port, duration bound) before the firewall sees it, so a compromised
-worker can at most open ports for the durations the configuration allows -- never run commands, never
-touch other tables.
+The worker reads packets and runs the parser and crypto as an unprivileged user.  It asks the monitor
+(root, CAP_NET_ADMIN) to open or close a grant with one small fixed-layout binary datagram over a
+SOCK_SEQPACKET socketpair (:func:`channel_pair`).  The monitor treats those messages as hostile too: it
+re-checks every field (address, protocol, port, duration bound) before the firewall sees it, so a
+compromised worker can at most open ports for the durations the configuration allows -- never run
+commands, never touch other tables.
 
 Layout (network byte order; 54 bytes, then the client name)::
 
@@ -14,6 +14,10 @@ Layout (network byte order; 54 bytes, then the client name)::
     port u16 | duration f64 | nonce expiry f64 (Unix time)
     address 16 bytes (IPv4: 4 bytes, then 12 zero bytes) | nonce 16 bytes
     client: the certificate subject for the log, UTF-8, at most 200 printable characters
+
+The one other message is ``CRL_PREFIX`` + a CRL in DER: the monitor hands each worker the CRL in use
+(empty when there is none), and the CRL fetcher hands the monitor what it downloaded, which the
+monitor verifies before anything else is done with it.
 
 Binary rather than JSON because the monitor reads one message per grant: parsing JSON and an
 address in text cost it about 25 us a grant, which at thousands of grants a second is a core's share.
@@ -25,6 +29,7 @@ import ctypes
 import ipaddress
 import os
 import pwd
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Literal
@@ -33,9 +38,14 @@ from ..errors import SknockError
 from ..ports import Protocol
 from .firewall.base import Opening
 
-__all__ = ["GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE"]
+__all__ = [
+    "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
+    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair",
+]
 
 _LAYOUT = struct.Struct("!BBBBHdd16s16s")
+CRL_PREFIX = b"CRL\0"
+MAX_CRL_MESSAGE = 4 << 20
 MAX_CLIENT = 200  # characters
 MAX_MESSAGE = _LAYOUT.size + 4 * MAX_CLIENT
 _OPS: dict[int, Literal["open", "close"]] = {1: "open", 2: "close"}
@@ -133,6 +143,16 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     if len(client) > MAX_CLIENT or not client.isprintable():
         raise PrivsepError("bad client name: too long or not printable")
     return GrantRequest(op, Opening(address, protocol, port), duration, client, nonce, expires)
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The monitor's end and a child's end of one channel: datagrams, each a whole message, with room
+    for a CRL."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in pair:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
+    return pair
 
 
 _PR_SET_NO_NEW_PRIVS = 38

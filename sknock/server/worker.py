@@ -27,7 +27,7 @@ from ..protocol import Action, Prechecked
 from ..verifier import Grant, KnockVerifier
 from .firewall.base import Opening
 from .packet import Datagram
-from .privsep import GrantRequest, encode_request
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, encode_request
 
 __all__ = ["Worker", "WorkerLimits", "RefusalLog"]
 
@@ -90,17 +90,15 @@ class Worker:
         verifier: KnockVerifier,
         capture: Capture,
         channel: socket.socket,
-        run_pending: Callable[[], None] = lambda: None,
-        on_hangup: Callable[[], None] = lambda: None,
+        on_crl: Callable[[bytes], None] = lambda data: None,
         limits: WorkerLimits = WorkerLimits(),  # noqa: B008 -- frozen
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.verifier = verifier
         self.capture = capture
         self.channel = channel
-        self.run_pending = run_pending
-        self.on_hangup = on_hangup
-        self._hangup = False
+        self.on_crl = on_crl
+        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
         self.limits = limits
         self.clock = clock
         self.queue: collections.deque[tuple[Prechecked, IPAddress]] = collections.deque()
@@ -110,15 +108,13 @@ class Worker:
     def stop(self, *_: object) -> None:
         self._running = False
 
-    def hangup(self, *_: object) -> None:
-        self._hangup = True
-
     def run(self) -> None:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
-        # Ctrl-C reaches the whole process group: the monitor handles it and stops us.
+        # Ctrl-C reaches the whole process group, and a SIGHUP may be sent to every sknock process:
+        # the monitor handles both (it stops us, or refreshes the CRL and hands it to us).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, self.hangup)  # forwarded by the monitor: refresh the CRL now
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             self._loop()
         finally:
@@ -134,20 +130,33 @@ class Worker:
         log.info("worker ready")
         while self._running:
             for key, _ in selector.select(0 if self.queue else 1.0):
-                if key.data == "channel" and not self.channel.recv(64):
+                if key.data == "channel" and not self.read_channel():
                     log.warning("the monitor has gone; worker stops")
                     return
             self.read_batch()
             self.work()
-            self.run_pending()
             self.refusals.flush(self.clock())
-            if self._hangup:
-                self._hangup = False
-                self.on_hangup()
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.limits.stats_interval
                 log.info("counters: %s; capture: %s", dict(sorted(self.verifier.counters.items())),
                          dict(sorted(self.capture.stats.items())))
+
+    def read_channel(self) -> bool:
+        """Take what the monitor sent (a new CRL); False when the monitor has gone."""
+        while True:
+            try:
+                size = self.channel.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if size == 0:
+                return False
+            data = bytes(memoryview(self._buffer)[:size])
+            if data.startswith(CRL_PREFIX):
+                self.on_crl(data[len(CRL_PREFIX) :])
+            else:
+                log.error("ignored a message of %d bytes from the monitor", size)
 
     def read_batch(self) -> int:
         datagrams = self.capture.receive(self.limits.read_batch)
