@@ -252,6 +252,10 @@ class Server(ServerProcesses):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        # A stop leaves sknock's policy and its live grants in place; the next server in this namespace
+        # must start from nothing, so remove them as an operator would.
+        script = str(ROOT / "server" / "knock-server.py")
+        self.net.server.run(PY, script, "-c", str(self.folder / "config.ini"), "teardown", check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Server:

@@ -129,10 +129,20 @@ def gone(pid: int) -> bool:
 # -- 2: every stop is closed --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "kill -9 of the monitor"])
-def test_every_stop_leaves_the_port_closed_and_live_grants_end_on_time(pki: TestPKI, how: str) -> None:
+def policy_in_place(net: TestNet, backend: str) -> bool:
+    if backend == "nftables":
+        return "table inet sknock" in sknock_table(net)
+    return "-A INPUT -j SKNOCK" in net.server.run("iptables-legacy-save", "-t", "filter").stdout
+
+
+@pytest.mark.parametrize(
+    ("backend", "how"),
+    [("nftables", "SIGTERM"), ("nftables", "SIGINT"), ("nftables", "kill -9 of the monitor"),
+     ("iptables", "SIGTERM"), ("iptables", "kill -9 of the monitor")],
+)
+def test_every_stop_leaves_the_port_closed_and_live_grants_end_on_time(pki: TestPKI, backend: str, how: str) -> None:
     with host(pki, "skfs") as (net, second):
-        server = start(net, pki)
+        server = start(net, pki, firewallBackend=backend)
         with server:
             assert not reachable(net, net.client.ipv4)
             knock(net, pki, server)
@@ -145,13 +155,13 @@ def test_every_stop_leaves_the_port_closed_and_live_grants_end_on_time(pki: Test
             for pid in workers:
                 wait_for(lambda pid=pid: gone(pid), 5, f"worker {pid} ends with the monitor")  # type: ignore[misc]
             # the policy stayed: the unknocked address is refused; the live grant holds until its end
-            assert "table inet sknock" in sknock_table(net)
+            assert policy_in_place(net, backend)
             assert not reachable(net, second)
             if time.monotonic() - granted < 3:
                 assert reachable(net, net.client.ipv4)
             wait_for(lambda: not reachable(net, net.client.ipv4), 8, "the grant ends on time without the server")
             assert time.monotonic() - granted < 4 + 2
-            assert not reachable(net, second)
+            assert not reachable(net, second) and policy_in_place(net, backend)
             if sig != signal.SIGKILL:
                 assert "the firewall policy stays in place" in server.log_text()
             assert "firewall rules removed" not in server.log_text()

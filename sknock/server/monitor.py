@@ -57,6 +57,7 @@ RESTART_WINDOW = 60.0  # seconds over which a child's restarts are counted
 FREE_RESTARTS = 3  # restarts within RESTART_WINDOW that happen at once; later ones back off
 MAX_RESTART_DELAY = 30.0
 STOP_GRACE = 5.0  # seconds a child has to exit after SIGTERM before SIGKILL
+MAX_LOOP_FAILURES = 50  # unexpected errors in a row before the monitor gives up (exit 1; the policy stays)
 
 Role = Literal["worker", "crl fetcher"]
 #: Forks a child of ``role`` number ``index``; the child closes ``fds`` (the monitor's own sockets) first.
@@ -215,8 +216,18 @@ class Monitor:
             if self.instance is not None:
                 selector.register(self.instance, selectors.EVENT_READ, "instance")
             self._start_children()
+            failures = 0
             while self._running:
-                self.turn(self._timeout())
+                try:
+                    self.turn(self._timeout())
+                    failures = 0
+                except Exception:  # a bug: log it and go on; a stop would not open anything, but keeps knocks out
+                    failures += 1
+                    log.exception("unexpected error in the monitor (%d in a row); the firewall policy stays", failures)
+                    if failures >= MAX_LOOP_FAILURES:
+                        self.exit_code = 1
+                        break
+                    time.sleep(0.1)
         finally:
             self.shutdown()
             selector.close()
