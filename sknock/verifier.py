@@ -55,7 +55,7 @@ class Grant:
     address: IPAddress
     ports: tuple[tuple[Protocol, int], ...]
     duration: float
-    client: str  # certificate subject, for logs
+    client: str  # certificate subject, escaped for logs
     serial: int
     nonce: bytes
     nonce_expires: float = 0.0  # Unix time after which the nonce can no longer be replayed (out of the window)
@@ -184,23 +184,17 @@ class KnockVerifier:
             if len(self._certificates) > self.policy.certificate_cache_size:
                 self._certificates.popitem(last=False)
         if isinstance(verdict, CertificateError):
-            raise KnockRefused(_reason(verdict.reason), str(verdict))
+            raise KnockRefused(verdict.reason, str(verdict))
         return verdict
 
     def _verify_uncached(self, der: bytes, now: float) -> tuple[VerifiedClient | CertificateError, float, float]:
         try:
             certificate = x509.load_der_x509_certificate(der)
         except ValueError:
-            return CertificateError(Reason.CERT_INVALID.value, "client certificate is not valid DER"), now, now + 60
+            return CertificateError(Reason.CERT_INVALID, "client certificate is not valid DER"), now, now + 60
         try:
             client = self._trust.verify(certificate, dt.datetime.fromtimestamp(now, dt.UTC))
         except CertificateError as exc:
             return exc, now, now + 60
         return client, certificate.not_valid_before_utc.timestamp(), client.not_after.timestamp()
 
-
-def _reason(code: str) -> Reason:
-    try:
-        return Reason(code)
-    except ValueError:
-        return Reason.CERT_INVALID

@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sknock import ca as ca_lib
 from sknock.certificate import ports_general_name
 from sknock.credentials import certificate_fingerprint
-from sknock.errors import CertificateError
+from sknock.errors import CertificateError, Reason
 from sknock.ports import PortSet, parse_ports
 from sknock.trust import ClientVerifier, load_crl, verify_server_certificate
 from tests.pki import ALICE_PORTS, PASSWORD_BYTES, TestPKI
@@ -25,6 +25,7 @@ DAY = dt.timedelta(days=1)
 def _reason(verifier: ClientVerifier, cert: x509.Certificate, now: dt.datetime) -> str:
     with pytest.raises(CertificateError) as info:
         verifier.verify(cert, now)
+    assert isinstance(info.value.reason, Reason)  # one vocabulary: the refusal reason itself
     return info.value.reason
 
 
