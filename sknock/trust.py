@@ -33,6 +33,8 @@ from .ports import PortSet
 __all__ = [
     "VerifiedClient",
     "ClientVerifier",
+    "parse_client_certificate",
+    "check_well_formed",
     "load_crl",
     "verify_server_certificate",
 ]
@@ -65,6 +67,48 @@ def _describe(name: x509.Name) -> str:
 
 def _name(cert: x509.Certificate) -> str:
     return _describe(cert.subject)
+
+
+def check_well_formed(cert: x509.Certificate, what: str = "client certificate") -> None:
+    """Read every field of ``cert`` that a verdict or a message may use, once, so that a malformed one
+    is refused here as ``cert-invalid`` instead of raising something else later.
+
+    cryptography parses most of a certificate lazily: a certificate that loads may still claim a version
+    it does not have, hold a subject or issuer that does not decode (a UTF8String with byte 0xFF, a
+    BIT STRING where a string belongs), extensions that do not parse, or a key of an unknown type, and
+    then raise ValueError, TypeError, InvalidVersion or UnsupportedAlgorithm at the first read.  Whatever
+    it raises while reading what a stranger sent us means the certificate is malformed, so every
+    exception is caught here: this is the one place that decides it, on the uncached path only.
+    """
+    try:
+        with tolerate_zero_serial():
+            if cert.version is not x509.Version.v3:
+                raise CertificateError(Reason.CERT_INVALID, f"{what}: version {cert.version.name}, not v3")
+            # Each read parses (and so checks) one part; the values themselves are not needed here.
+            _ = cert.serial_number, cert.tbs_certificate_bytes, cert.signature_hash_algorithm, cert.public_key()
+            _ = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+            _ = [extension.value for extension in cert.extensions]
+            before, after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    except CertificateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- see above: any failure to read it means malformed
+        raise CertificateError(Reason.CERT_INVALID, f"{what} is malformed: {type(exc).__name__}: {exc}") from None
+    if before > after:
+        raise CertificateError(Reason.CERT_INVALID, f"{what}: validity ends before it begins")
+
+
+def parse_client_certificate(der: bytes) -> x509.Certificate:
+    """The one way in for a client certificate from the wire: DER to a certificate whose every field
+    reads (:func:`check_well_formed`), or ``CertificateError`` with reason ``cert-invalid``."""
+    try:
+        with tolerate_zero_serial():
+            cert = x509.load_der_x509_certificate(der)
+    except Exception as exc:  # noqa: BLE001 -- ValueError, InvalidVersion, ...: not a certificate we can read
+        raise CertificateError(
+            Reason.CERT_INVALID, f"client certificate is not valid DER: {type(exc).__name__}: {exc}"
+        ) from None
+    check_well_formed(cert)
+    return cert
 
 
 def _issued_by(child_issuer: x509.Name, candidates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
@@ -170,6 +214,7 @@ class ClientVerifier:
         ``cert-untrusted``, ``cert-invalid``, ``cert-revoked`` or ``crl-unavailable``."""
         now = _aware(now)
         with tolerate_zero_serial():
+            check_well_formed(leaf)
             return self._verify(leaf, now)
 
     def _verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:

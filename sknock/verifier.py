@@ -7,7 +7,7 @@ the daemon feeds it datagrams and the time, and applies the grants it returns.  
     pre-crypto replay cache on the body digest                     (a dict lookup)
     ECDH + HKDF + AES-GCM, strict parse                            (protocol.open_knock)
     timestamp window, authoritative replay cache on the nonce
-    certificate chain + validity + CRL (cached per certificate)    (trust.ClientVerifier)
+    certificate well-formed, chain + validity + CRL (cached per certificate fingerprint; trust.py)
     signature, source address binding, authorization of every port
 
 State: two replay caches and a certificate cache, all bounded.  :meth:`KnockVerifier.set_trust` swaps
@@ -29,7 +29,7 @@ from .errors import CertificateError, KnockRefused, Reason
 from .ports import Protocol
 from .protocol import Action, OpenedKnock, Prechecked, fingerprint, open_knock, precheck, verify_signature
 from .replay import ReplayCache
-from .trust import ClientVerifier, VerifiedClient
+from .trust import ClientVerifier, VerifiedClient, parse_client_certificate
 
 __all__ = ["VerifierPolicy", "Grant", "KnockVerifier"]
 
@@ -170,9 +170,9 @@ class KnockVerifier:
         )
 
     def _verify_certificate(self, opened: OpenedKnock, now: float) -> VerifiedClient:
-        """Chain, dates, usage and CRL, cached per certificate fingerprint.  A success is reused while
-        the certificate is in date; a failure is re-examined after a minute (a clock or a CA file may
-        have been fixed); :meth:`set_trust` drops all of it."""
+        """Well-formedness, chain, dates, usage and CRL, cached per certificate fingerprint.  A success
+        is reused while the certificate is in date; a failure is re-examined after a minute (a clock or
+        a CA file may have been fixed); :meth:`set_trust` drops all of it."""
         key = fingerprint(opened.certificate)
         cached = self._certificates.get(key)
         if cached is not None and cached[1] <= now < cached[2]:
@@ -189,12 +189,9 @@ class KnockVerifier:
 
     def _verify_uncached(self, der: bytes, now: float) -> tuple[VerifiedClient | CertificateError, float, float]:
         try:
-            certificate = x509.load_der_x509_certificate(der)
-        except ValueError:
-            return CertificateError(Reason.CERT_INVALID, "client certificate is not valid DER"), now, now + 60
-        try:
+            certificate = parse_client_certificate(der)
             client = self._trust.verify(certificate, dt.datetime.fromtimestamp(now, dt.UTC))
         except CertificateError as exc:
-            return exc, now, now + 60
+            return CertificateError(exc.reason, str(exc)), now, now + 60  # cached: without its traceback
         return client, certificate.not_valid_before_utc.timestamp(), client.not_after.timestamp()
 

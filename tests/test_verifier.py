@@ -18,6 +18,7 @@ from sknock.ports import Protocol, parse_ports
 from sknock.protocol import Action, solve_work
 from sknock.trust import ClientVerifier, load_crl
 from sknock.verifier import KnockVerifier, VerifierPolicy
+from tests.forged import MALFORMED, seal
 from tests.pki import TestPKI
 
 SOURCE = ipaddress.ip_address("198.18.0.2")
@@ -211,3 +212,16 @@ def test_junk_is_counted_and_never_raises_anything_else(pki: TestPKI) -> None:
         refused(verifier, os.urandom(size), now)
     assert sum(verifier.counters.values()) == 6
     assert verifier.counters["granted"] == 0
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_sealed_knock_with_a_malformed_certificate_is_refused_cert_invalid(pki: TestPKI, kind: str) -> None:
+    """Anyone holding the server certificate can seal such a knock (issue 8): a typed refusal, counted,
+    and a valid knock right after it is granted."""
+    verifier = make_verifier(pki)
+    now = time.time()
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    knock = seal(MALFORMED[kind](attacker), attacker, pki.server.certificate, TCP22, now=now, work_bits=4)
+    assert refused(verifier, knock, now) is Reason.CERT_INVALID
+    assert verifier.counters == {"cert-invalid": 1}
+    assert verifier.check(client_for(pki, pki.alice).build_knock(TCP22, now=now), SOURCE, now).ports == tuple(TCP22)
