@@ -334,3 +334,46 @@ def test_refusal_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     refusals.refused(SOURCE, refusal, 1003.0)
     assert len(caplog.records) == 21
     assert not any("more refusals" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_exception_refuses_that_datagram_only(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last line of defence: the verifier promises KnockRefused only (the fuzz tests hold it to
+    that), but should a bug raise anything else, that one datagram is refused ``internal-error``,
+    counted and logged on one rate-limited line, and the worker goes on."""
+    worker = make_worker(pki, capture, channel)
+    client = alice(pki)
+    now = time.time()
+    worker.clock = lambda: now  # one second for the rate limit
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    trust = worker.verifier._trust
+
+    def broken(*_: object) -> object:
+        raise RuntimeError("a bug\nwith a newline")
+
+    monkeypatch.setattr(trust, "verify", broken)
+    for _ in range(30):
+        capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    assert worker.verifier.counters["internal-error"] == 30
+    assert received(channel[1]) == []
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == worker.refusals.per_second  # rate-limited like every refusal
+    assert errors[0].getMessage() == (
+        f"refused knock from {SOURCE}: internal-error: RuntimeError: a bug\\x0awith a newline"
+    )
+    # The cheap stage is guarded the same way.
+    monkeypatch.setattr(worker.verifier, "precheck", broken)
+    worker.accept(client.build_knock([(Protocol.TCP, 22)], now=now), OTHER, now + 2)
+    assert worker.verifier.counters["internal-error"] == 31 and not worker.queue
+    assert caplog.records[-1].getMessage().startswith(f"refused knock from {OTHER}: internal-error: RuntimeError")
+    # The same worker then grants a valid knock.
+    monkeypatch.undo()
+    capture.put(client.build_knock([(Protocol.TCP, 2005)], now=now))
+    worker.read_batch()
+    worker.work()
+    assert [r.opening for r in received(channel[1])] == [Opening(SOURCE, Protocol.TCP, 2005)]

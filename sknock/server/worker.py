@@ -54,7 +54,8 @@ class WorkerLimits:
 
 class RefusalLog:
     """Logs refusals with the source address and reason, at most ``per_second`` lines a second;
-    the rest are counted and summarized, so a flood cannot fill the disk."""
+    the rest are counted and summarized, so a flood cannot fill the disk.  What a refusal quotes from
+    the datagram is already escaped (:class:`~sknock.errors.KnockRefused` does it)."""
 
     def __init__(self, per_second: int = 20) -> None:
         self.per_second = per_second
@@ -71,14 +72,17 @@ class RefusalLog:
                 log.info("%d more refusals not logged in the last second", self._suppressed)
             self._second, self._lines, self._suppressed = second, 0, 0
 
-    def refused(self, source: IPAddress | bytes, refusal: KnockRefused | Reason, now: float) -> None:
+    def refused(
+        self, source: IPAddress | bytes, refusal: KnockRefused | Reason, now: float, level: int = logging.INFO
+    ) -> None:
         """``source`` may be packed (4 or 16 bytes): it is only made an address when it is logged."""
         self.flush(now)
         if self._lines < self.per_second:
             self._lines += 1
             if isinstance(source, bytes):
                 source = ipaddress.ip_address(source)
-            log.info("refused knock from %s: %s", source, refusal.value if isinstance(refusal, Reason) else refusal)
+            what = refusal.value if isinstance(refusal, Reason) else refusal
+            log.log(level, "refused knock from %s: %s", source, what)
         else:
             self._suppressed += 1
 
@@ -165,6 +169,9 @@ class Worker:
         except KnockRefused as refusal:
             self.refusals.refused(source, refusal, now)
             return
+        except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
+            self.internal_error(source, error, now)
+            return
         self.capture.remember(payload)  # exact copies now stop at the capture
         if len(self.queue) >= self.limits.queue_size:
             self.verifier.counters[Reason.OVERLOAD.value] += 1
@@ -181,22 +188,47 @@ class Worker:
             now = self.clock()
             try:
                 grant = self.verifier.complete(pre, source, now)
+                messages = grant_messages(grant)
             except KnockRefused as refusal:
                 self.refusals.refused(source, refusal, now)
+            except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
+                self.internal_error(source, error, now)
             else:
-                self.apply(grant)
+                self.send(grant, messages)
             done += 1
         return done
 
+    def internal_error(self, source: IPAddress, error: Exception, now: float) -> None:
+        """The last line of defence: the verifier raised something it should not have (it promises
+        :class:`KnockRefused` only, and the fuzz tests hold it to that).  That one datagram is refused
+        with ``internal-error``, counted, and logged on one rate-limited line; the worker goes on."""
+        self.verifier.counters[Reason.INTERNAL_ERROR.value] += 1
+        refusal = KnockRefused(Reason.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+        self.refusals.refused(source, refusal, now, logging.ERROR)
+
     def apply(self, grant: Grant) -> None:
-        op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
-        for protocol, port in grant.ports:
-            request = GrantRequest(
+        """Ask the firewall process to apply ``grant`` (one message per port)."""
+        self.send(grant, grant_messages(grant))
+
+    def send(self, grant: Grant, messages: list[bytes]) -> None:
+        for message in messages:
+            self.channel.send(message)
+        # The firewall process logs the grant once applied (it may still refuse a replay another worker saw).
+        if log.isEnabledFor(logging.DEBUG):
+            op = "open" if grant.action is Action.OPEN else "close"
+            ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
+            log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)
+
+
+def grant_messages(grant: Grant) -> list[bytes]:
+    """The firewall-process messages for ``grant``, one per port, all built before any is sent."""
+    op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
+    return [
+        encode_request(
+            GrantRequest(
                 op, Opening(grant.address, protocol, port), grant.duration, grant.client, grant.nonce,
                 grant.nonce_expires,
             )
-            self.channel.send(encode_request(request))
-        # The firewall process logs the grant once applied (it may still refuse a replay another worker saw).
-        if log.isEnabledFor(logging.DEBUG):
-            ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
-            log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)
+        )
+        for protocol, port in grant.ports
+    ]
