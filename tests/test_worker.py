@@ -39,12 +39,12 @@ class ListCapture:
     def __init__(self) -> None:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
-        self.remembered: list[bytes] = []
+        self.remembered: list[tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
         self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
 
-    def remember(self, payload: bytes) -> None:
-        self.remembered.append(payload)
+    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        self.remembered.append((payload, source))
 
     def take_copies(self) -> list[bytes]:
         return []
@@ -141,16 +141,25 @@ def test_accept_queues_only_what_passes_the_cheap_checks(
     worker.accept(os.urandom(1024), OTHER, now)  # junk: bad magic
     worker.accept(alice(pki).build_knock([(Protocol.TCP, 22)], now=now - 60), SOURCE, now)  # stale
     worker.accept(good, OTHER, now + 1)  # the same bytes again, from elsewhere: replay
-    assert [source for _, source in worker.queue] == [SOURCE]
+    worker.accept(good, SOURCE, now + 1)  # and from the first source again: replay, at once
+    # The copy from elsewhere waits too (the knock might be bound to OTHER: a copy sent first from
+    # SOURCE must not burn it), and is decided from the first one's verdict, without a public-key operation.
+    assert [source for _, source in worker.queue] == [SOURCE, OTHER]
+    assert capture.remembered == [(good, SOURCE), (good, OTHER)]
     assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 1}
+    assert received(channel[1]) == []  # nothing reaches the firewall process before work()
+    while worker.queue:
+        worker.work()
+    assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 2, "granted": 1}
     lines = [r.getMessage() for r in caplog.records if r.name == "sknock.worker"]
     assert lines == [
         f"refused knock from {OTHER}: bad-magic",
         f"refused knock from {SOURCE}: stale" + lines[1].removeprefix(f"refused knock from {SOURCE}: stale"),
+        f"refused knock from {SOURCE}: replay-seen",
         f"refused knock from {OTHER}: replay-seen",
     ]
     assert lines[1].startswith(f"refused knock from {SOURCE}: stale: clock differs by")
-    assert received(channel[1]) == []  # nothing reaches the firewall process before work()
+    assert [r.opening.address for r in received(channel[1])] == [SOURCE]  # the unbound knock went to SOURCE
 
 
 def test_read_batch_takes_at_most_read_batch_datagrams(

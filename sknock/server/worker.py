@@ -40,7 +40,7 @@ class Capture(TypingProtocol):
 
     def filenos(self) -> list[int]: ...
     def receive(self, max_count: int = 64) -> list[Datagram]: ...
-    def remember(self, payload: bytes) -> None: ...
+    def remember(self, payload: bytes, source: IPAddress) -> None: ...
     def take_copies(self) -> list[bytes]: ...
 
 
@@ -165,14 +165,14 @@ class Worker:
     def accept(self, payload: bytes, source: IPAddress, now: float) -> None:
         """The cheap stage for one datagram; what passes is queued for :meth:`work`."""
         try:
-            pre = self.verifier.precheck(payload, now)
+            pre = self.verifier.precheck(payload, now, source)
         except KnockRefused as refusal:
             self.refusals.refused(source, refusal, now)
             return
         except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
             self.internal_error(source, error, now)
             return
-        self.capture.remember(payload)  # exact copies now stop at the capture
+        self.capture.remember(payload, source)  # exact copies from this source now stop at the capture
         if len(self.queue) >= self.limits.queue_size:
             self.verifier.counters[Reason.OVERLOAD.value] += 1
             self.refusals.refused(source, KnockRefused(Reason.OVERLOAD, "verification queue full"), now)
