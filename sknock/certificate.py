@@ -30,6 +30,7 @@ __all__ = [
     "encode_utf8string",
     "decode_utf8string",
     "tolerate_zero_serial",
+    "quiet_certificate_warnings",
 ]
 
 PORTS_OID = x509.ObjectIdentifier("1.3.6.1.4.1.19518")
@@ -113,6 +114,21 @@ def tolerate_zero_serial() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_certificate_warnings() -> Iterator[None]:
+    """:func:`tolerate_zero_serial`, and silence cryptography's warning about a name attribute of a length
+    outside 1..64 too: for certificates from the wire.  Such a certificate may still be refused; the
+    warning is printed on stderr once per distinct length, so a stranger could otherwise fill it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Parsed a serial number which wasn't positive",
+            category=CryptographyDeprecationWarning,
+        )
+        warnings.filterwarnings("ignore", message=r"Attribute's length must be", category=UserWarning)
+        yield
+
+
 def authorized_ports(cert: x509.Certificate) -> PortSet:
     """The ports ``cert`` authorizes: the union of every ports otherName in its subjectAltName.
 
@@ -120,7 +136,7 @@ def authorized_ports(cert: x509.Certificate) -> PortSet:
     request from that client but the certificate itself is still usable.
     """
     try:
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return PortSet(())

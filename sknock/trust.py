@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from .certificate import authorized_ports, tolerate_zero_serial
+from .certificate import authorized_ports, quiet_certificate_warnings
 from .credentials import SERVER_CURVES, certificate_fingerprint
 from .errors import CertificateError, Reason
 from .logsafe import log_safe
@@ -81,7 +81,7 @@ def check_well_formed(cert: x509.Certificate, what: str = "client certificate") 
     exception is caught here: this is the one place that decides it, on the uncached path only.
     """
     try:
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
             if cert.version is not x509.Version.v3:
                 raise CertificateError(Reason.CERT_INVALID, f"{what}: version {cert.version.name}, not v3")
             # Each read parses (and so checks) one part; the values themselves are not needed here.
@@ -101,7 +101,7 @@ def parse_client_certificate(der: bytes) -> x509.Certificate:
     """The one way in for a client certificate from the wire: DER to a certificate whose every field
     reads (:func:`check_well_formed`), or ``CertificateError`` with reason ``cert-invalid``."""
     try:
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
             cert = x509.load_der_x509_certificate(der)
     except Exception as exc:  # noqa: BLE001 -- ValueError, InvalidVersion, ...: not a certificate we can read
         raise CertificateError(
@@ -213,7 +213,7 @@ class ClientVerifier:
         """Return the verified client, or raise CertificateError with reason ``cert-expired``,
         ``cert-untrusted``, ``cert-invalid``, ``cert-revoked`` or ``crl-unavailable``."""
         now = _aware(now)
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
             check_well_formed(leaf)
             return self._verify(leaf, now)
 
@@ -312,7 +312,7 @@ def verify_server_certificate(
     EC key on a NIST curve (the knock is encrypted to it), and if it has an EKU, that it includes
     serverAuth.  Returns the issuing CA; raises CertificateError otherwise."""
     now = _aware(now)
-    with tolerate_zero_serial():
+    with quiet_certificate_warnings():
         subject = _name(cert)
         if not _in_date(cert, now):
             raise CertificateError(Reason.CERT_EXPIRED, f"server certificate {subject}: not valid at {now.isoformat()}")
