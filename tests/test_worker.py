@@ -386,3 +386,31 @@ def test_an_unexpected_exception_refuses_that_datagram_only(
     worker.read_batch()
     worker.work()
     assert [r.opening for r in received(channel[1])] == [Opening(SOURCE, Protocol.TCP, 2005)]
+
+
+def test_a_subject_with_line_breaks_is_escaped_in_refusals_and_grants(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8, point 7, in memory: a CA-issued certificate whose subject forges a log line."""
+    from cryptography.hazmat.primitives import serialization
+
+    from sknock.ports import parse_ports
+    from tests import forged
+
+    worker = make_worker(pki, capture, channel)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    name = "eve\n2026-11-30 12:00:00,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6\r\x1b[0m\u2028"
+    key, certificate = forged.issue(pki.ca.key, pki.ca_cert, name, parse_ports("tcp/22"))  # type: ignore[arg-type]
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 23)], now=now, work_bits=4))
+    capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 22)], now=now, work_bits=4))
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    [refusal] = [r.getMessage() for r in caplog.records]
+    escaped = ("CN=eve\\x0a2026-11-30 12:00:00\\,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6"
+               "\\x0d\\x1b[0m\\u2028")
+    assert refusal == f"refused knock from {SOURCE}: not-authorized: {escaped} may not open tcp/23"
+    [grant] = received(channel[1])  # parse_request refuses a client name that is not printable
+    assert grant.client == escaped and grant.opening == Opening(SOURCE, Protocol.TCP, 22)
