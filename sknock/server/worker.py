@@ -211,6 +211,8 @@ class Worker:
         self.send(grant, grant_messages(grant))
 
     def send(self, grant: Grant, messages: list[bytes]) -> None:
+        """Send ``grant``'s messages (from :func:`grant_messages`) to the firewall process.  Channel
+        errors are not caught: a worker whose channel is broken has nothing left to do."""
         for message in messages:
             self.channel.send(message)
         # The firewall process logs the grant once applied (it may still refuse a replay another worker saw).
