@@ -8,7 +8,7 @@ writes it from the config line ``otherName.1=1.3.6.1.4.1.19518;UTF8:1.22,0.8000`
 ``cryptography`` unwraps the ``[0] EXPLICIT`` tag itself and hands us the DER of the inner
 value, so all this module must decode is one DER UTF8String.  It does so strictly, by hand,
 because the value comes from a certificate a stranger sent us: anything but exactly one
-minimal-length UTF8String with valid UTF-8 is refused with ``CertificateError("cert-invalid")``.
+minimal-length UTF8String with valid UTF-8 is refused with ``CertificateError(Reason.CERT_INVALID)``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from .errors import CertificateError, PortSpecError
+from .errors import CertificateError, PortSpecError, Reason
 from .ports import PortRange, PortSet, parse_certificate_ports
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "encode_utf8string",
     "decode_utf8string",
     "tolerate_zero_serial",
+    "quiet_certificate_warnings",
 ]
 
 PORTS_OID = x509.ObjectIdentifier("1.3.6.1.4.1.19518")
@@ -52,14 +53,14 @@ def encode_utf8string(text: str) -> bytes:
 
 
 def decode_utf8string(data: bytes) -> str:
-    """Decode exactly one DER UTF8String; raise ``CertificateError("cert-invalid")`` otherwise.
+    """Decode exactly one DER UTF8String; raise ``CertificateError(Reason.CERT_INVALID)`` otherwise.
 
     Refused: another tag, indefinite or non-minimal lengths, lengths past the end, trailing bytes,
     invalid UTF-8.
     """
 
     def bad(why: str) -> CertificateError:
-        return CertificateError("cert-invalid", f"authorization extension value is not a DER UTF8String: {why}")
+        return CertificateError(Reason.CERT_INVALID, f"authorization extension value is not a DER UTF8String: {why}")
 
     if len(data) < 2:
         raise bad("too short")
@@ -113,6 +114,21 @@ def tolerate_zero_serial() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_certificate_warnings() -> Iterator[None]:
+    """:func:`tolerate_zero_serial`, and silence cryptography's warning about a name attribute of a length
+    outside 1..64 too: for certificates from the wire.  Such a certificate may still be refused; the
+    warning is printed on stderr once per distinct length, so a stranger could otherwise fill it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Parsed a serial number which wasn't positive",
+            category=CryptographyDeprecationWarning,
+        )
+        warnings.filterwarnings("ignore", message=r"Attribute's length must be", category=UserWarning)
+        yield
+
+
 def authorized_ports(cert: x509.Certificate) -> PortSet:
     """The ports ``cert`` authorizes: the union of every ports otherName in its subjectAltName.
 
@@ -120,12 +136,12 @@ def authorized_ports(cert: x509.Certificate) -> PortSet:
     request from that client but the certificate itself is still usable.
     """
     try:
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return PortSet(())
     except ValueError as exc:
-        raise CertificateError("cert-invalid", f"certificate extensions are malformed: {exc}") from None
+        raise CertificateError(Reason.CERT_INVALID, f"certificate extensions are malformed: {exc}") from None
     ranges: list[PortRange] = []
     for other in san.get_values_for_type(x509.OtherName):
         if other.type_id != PORTS_OID:
@@ -134,7 +150,7 @@ def authorized_ports(cert: x509.Certificate) -> PortSet:
         try:
             ranges.extend(parse_certificate_ports(text).ranges)
         except PortSpecError as exc:
-            raise CertificateError("cert-invalid", f"authorization extension {text!r}: {exc}") from None
+            raise CertificateError(Reason.CERT_INVALID, f"authorization extension {text!r}: {exc}") from None
     return PortSet.of(ranges)
 
 

@@ -24,12 +24,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from .certificate import authorized_ports, tolerate_zero_serial
+from .certificate import authorized_ports, quiet_certificate_warnings
 from .credentials import SERVER_CURVES, certificate_fingerprint
-from .errors import CertificateError
+from .errors import CertificateError, Reason
+from .logsafe import log_safe
 from .ports import PortSet
 
-__all__ = ["VerifiedClient", "ClientVerifier", "load_crl", "verify_server_certificate"]
+__all__ = [
+    "VerifiedClient",
+    "ClientVerifier",
+    "parse_client_certificate",
+    "check_well_formed",
+    "load_crl",
+    "verify_server_certificate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +45,7 @@ class VerifiedClient:
     """A client certificate that chains to a trusted CA, is in date, unrevoked, and fit for knocking."""
 
     certificate: x509.Certificate
-    subject: str  # RFC 4514
+    subject: str  # RFC 4514, escaped with log_safe: it goes into logs and grant requests as it is
     fingerprint: bytes  # SHA-256 of the DER
     ports: PortSet
     not_after: dt.datetime
@@ -49,8 +57,58 @@ def _aware(now: dt.datetime) -> dt.datetime:
     return now.astimezone(dt.UTC)
 
 
+def _describe(name: x509.Name) -> str:
+    """A name for a message: RFC 4514, escaped for logs (a subject may hold a newline)."""
+    try:
+        return log_safe(name.rfc4514_string())
+    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
+        return "<undecodable name>"
+
+
 def _name(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    return _describe(cert.subject)
+
+
+def check_well_formed(cert: x509.Certificate, what: str = "client certificate") -> None:
+    """Read every field of ``cert`` that a verdict or a message may use, once, so that a malformed one
+    is refused here as ``cert-invalid`` instead of raising something else later.
+
+    cryptography parses most of a certificate lazily: a certificate that loads may still claim a version
+    it does not have, hold a subject or issuer that does not decode (a UTF8String with byte 0xFF, a
+    BIT STRING where a string belongs), extensions that do not parse, or a key of an unknown type, and
+    then raise ValueError, TypeError, InvalidVersion or UnsupportedAlgorithm at the first read.  Whatever
+    it raises while reading what a stranger sent us means the certificate is malformed, so every
+    exception is caught here: this is the one place that decides it, on the uncached path only.
+    """
+    try:
+        with quiet_certificate_warnings():
+            if cert.version is not x509.Version.v3:
+                raise CertificateError(Reason.CERT_INVALID, f"{what}: version {cert.version.name}, not v3")
+            # Each read parses (and so checks) one part; the values themselves are not needed here.
+            _ = cert.serial_number, cert.tbs_certificate_bytes, cert.signature_hash_algorithm, cert.public_key()
+            _ = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+            _ = [extension.value for extension in cert.extensions]
+            before, after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    except CertificateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- see above: any failure to read it means malformed
+        raise CertificateError(Reason.CERT_INVALID, f"{what} is malformed: {type(exc).__name__}: {exc}") from None
+    if before > after:
+        raise CertificateError(Reason.CERT_INVALID, f"{what}: validity ends before it begins")
+
+
+def parse_client_certificate(der: bytes) -> x509.Certificate:
+    """The one way in for a client certificate from the wire: DER to a certificate whose every field
+    reads (:func:`check_well_formed`), or ``CertificateError`` with reason ``cert-invalid``."""
+    try:
+        with quiet_certificate_warnings():
+            cert = x509.load_der_x509_certificate(der)
+    except Exception as exc:  # noqa: BLE001 -- ValueError, InvalidVersion, ...: not a certificate we can read
+        raise CertificateError(
+            Reason.CERT_INVALID, f"client certificate is not valid DER: {type(exc).__name__}: {exc}"
+        ) from None
+    check_well_formed(cert)
+    return cert
 
 
 def _issued_by(child_issuer: x509.Name, candidates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
@@ -73,19 +131,19 @@ def load_crl(data: bytes, issuers: Sequence[x509.Certificate], *, source: str) -
     try:
         crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
     except ValueError as exc:
-        raise CertificateError("crl-unavailable", f"CRL {source}: not a DER or PEM CRL ({exc})") from None
+        raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: not a DER or PEM CRL ({exc})") from None
     named = _issued_by(crl.issuer, issuers)
     if not named:
         raise CertificateError(
-            "crl-unavailable", f"CRL {source}: issued by {crl.issuer.rfc4514_string()}, which is not a known CA"
+            Reason.CRL_UNAVAILABLE, f"CRL {source}: issued by {_describe(crl.issuer)}, which is not a known CA"
         )
     for ca in named:
         if _crl_signed_by(crl, ca):
             if not _may_sign_crls(ca):
-                raise CertificateError("crl-unavailable", f"CRL {source}: issuer {_name(ca)} may not sign CRLs")
+                raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: issuer {_name(ca)} may not sign CRLs")
             return crl
     raise CertificateError(
-        "crl-unavailable", f"CRL {source}: signature does not verify against {crl.issuer.rfc4514_string()}"
+        Reason.CRL_UNAVAILABLE, f"CRL {source}: signature does not verify against {_describe(crl.issuer)}"
     )
 
 
@@ -143,7 +201,7 @@ class ClientVerifier:
             signers = [ca for ca in _issued_by(crl.issuer, cas) if _crl_signed_by(crl, ca)]
             if not signers:
                 raise CertificateError(
-                    "crl-unavailable", f"CRL from {crl.issuer.rfc4514_string()} is not signed by any configured CA"
+                    Reason.CRL_UNAVAILABLE, f"CRL from {_describe(crl.issuer)} is not signed by any configured CA"
                 )
             for ca in signers:
                 key = certificate_fingerprint(ca)
@@ -155,7 +213,8 @@ class ClientVerifier:
         """Return the verified client, or raise CertificateError with reason ``cert-expired``,
         ``cert-untrusted``, ``cert-invalid``, ``cert-revoked`` or ``crl-unavailable``."""
         now = _aware(now)
-        with tolerate_zero_serial():
+        with quiet_certificate_warnings():
+            check_well_formed(leaf)
             return self._verify(leaf, now)
 
     def _verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:
@@ -163,7 +222,7 @@ class ClientVerifier:
         if not _in_date(leaf, now):
             when = "not valid before" if now < leaf.not_valid_before_utc else "expired at"
             at = leaf.not_valid_before_utc if now < leaf.not_valid_before_utc else leaf.not_valid_after_utc
-            raise CertificateError("cert-expired", f"client certificate {subject}: {when} {at.isoformat()}")
+            raise CertificateError(Reason.CERT_EXPIRED, f"client certificate {subject}: {when} {at.isoformat()}")
         verifier = (
             PolicyBuilder()
             .store(self._store)
@@ -177,7 +236,7 @@ class ClientVerifier:
         except VerificationError as exc:
             raise self._chain_error(leaf, now, exc) from None
         except ValueError as exc:
-            raise CertificateError("cert-invalid", f"client certificate {subject}: malformed: {exc}") from None
+            raise CertificateError(Reason.CERT_INVALID, f"client certificate {subject}: malformed: {exc}") from None
         self._check_usage(leaf, subject)
         self._check_revocation(chain, now)
         return VerifiedClient(
@@ -199,30 +258,34 @@ class ClientVerifier:
                 break
             if all(not _in_date(i, now) for i in issuers):
                 return CertificateError(
-                    "cert-expired",
+                    Reason.CERT_EXPIRED,
                     f"client certificate {subject}: issuer {_name(issuers[0])} is not valid at {now.isoformat()}",
                 )
             cert = issuers[0]
             if cert.subject == cert.issuer:
                 break
-        return CertificateError("cert-untrusted", f"client certificate {subject}: no trusted chain: {exc}")
+        return CertificateError(Reason.CERT_UNTRUSTED, f"client certificate {subject}: no trusted chain: {exc}")
 
     @staticmethod
     def _check_usage(leaf: x509.Certificate, subject: str) -> None:
         try:
             eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
             if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-                raise CertificateError("cert-invalid", f"client certificate {subject}: EKU lacks clientAuth")
+                raise CertificateError(Reason.CERT_INVALID, f"client certificate {subject}: EKU lacks clientAuth")
         except x509.ExtensionNotFound:
-            raise CertificateError("cert-invalid", f"client certificate {subject}: no EKU (needs clientAuth)") from None
+            raise CertificateError(
+                Reason.CERT_INVALID, f"client certificate {subject}: no EKU (needs clientAuth)"
+            ) from None
         try:
             ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
         except x509.ExtensionNotFound:
             raise CertificateError(
-                "cert-invalid", f"client certificate {subject}: no keyUsage (needs digitalSignature)"
+                Reason.CERT_INVALID, f"client certificate {subject}: no keyUsage (needs digitalSignature)"
             ) from None
         if not ku.digital_signature:
-            raise CertificateError("cert-invalid", f"client certificate {subject}: keyUsage lacks digitalSignature")
+            raise CertificateError(
+                Reason.CERT_INVALID, f"client certificate {subject}: keyUsage lacks digitalSignature"
+            )
 
     def _check_revocation(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> None:
         # chain is leaf first, trust anchor last; the anchor is trusted by configuration, not by CRL.
@@ -233,12 +296,12 @@ class ClientVerifier:
             if crl is None or (stale and not self._accept_stale_crl):
                 if self._require_crl:
                     state = "no CRL loaded" if crl is None else f"its CRL expired at {crl.next_update_utc}"
-                    raise CertificateError("crl-unavailable", f"issuer {_name(issuer)} of {_name(cert)}: {state}")
+                    raise CertificateError(Reason.CRL_UNAVAILABLE, f"issuer {_name(issuer)} of {_name(cert)}: {state}")
                 if crl is None:
                     continue
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                 raise CertificateError(
-                    "cert-revoked", f"{what} {_name(cert)} (serial {cert.serial_number:x}) is revoked"
+                    Reason.CERT_REVOKED, f"{what} {_name(cert)} (serial {cert.serial_number:x}) is revoked"
                 )
 
 
@@ -249,10 +312,10 @@ def verify_server_certificate(
     EC key on a NIST curve (the knock is encrypted to it), and if it has an EKU, that it includes
     serverAuth.  Returns the issuing CA; raises CertificateError otherwise."""
     now = _aware(now)
-    with tolerate_zero_serial():
+    with quiet_certificate_warnings():
         subject = _name(cert)
         if not _in_date(cert, now):
-            raise CertificateError("cert-expired", f"server certificate {subject}: not valid at {now.isoformat()}")
+            raise CertificateError(Reason.CERT_EXPIRED, f"server certificate {subject}: not valid at {now.isoformat()}")
         issuer = None
         for ca in _issued_by(cert.issuer, cas):
             try:
@@ -262,18 +325,22 @@ def verify_server_certificate(
             issuer = ca
             break
         if issuer is None:
-            raise CertificateError("cert-untrusted", f"server certificate {subject}: not issued by a trusted CA")
+            raise CertificateError(Reason.CERT_UNTRUSTED, f"server certificate {subject}: not issued by a trusted CA")
         if not _in_date(issuer, now):
-            raise CertificateError("cert-expired", f"server certificate {subject}: issuer {_name(issuer)} not in date")
+            raise CertificateError(
+                Reason.CERT_EXPIRED, f"server certificate {subject}: issuer {_name(issuer)} not in date"
+            )
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
-            raise CertificateError("cert-invalid", f"server certificate {subject}: key is not EC P-256/P-384/P-521")
+            raise CertificateError(
+                Reason.CERT_INVALID, f"server certificate {subject}: key is not EC P-256/P-384/P-521"
+            )
         try:
             eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
             if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
-                raise CertificateError("cert-invalid", f"server certificate {subject}: EKU lacks serverAuth")
+                raise CertificateError(Reason.CERT_INVALID, f"server certificate {subject}: EKU lacks serverAuth")
         except x509.ExtensionNotFound:
             pass
         except ValueError as exc:
-            raise CertificateError("cert-invalid", f"server certificate {subject}: malformed: {exc}") from None
+            raise CertificateError(Reason.CERT_INVALID, f"server certificate {subject}: malformed: {exc}") from None
         return issuer

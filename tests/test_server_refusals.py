@@ -12,19 +12,24 @@ from __future__ import annotations
 import collections
 import math
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from sknock.ports import Protocol, parse_ports
+from tests import forged
 from tests.netns import TestNet, require_netns
 from tests.pki import TestPKI
 from tests.server_harness import PY, RunningServer, client_script, run_in_client
 
 pytestmark = pytest.mark.root
 
-SERVED = (22, 2001, 2003, 2004, 2005, 2007, 2011)
+SERVED = (22, 2001, 2003, 2004, 2005, 2006, 2007, 2008, 2009, 2011)
 
 
 @dataclass
@@ -221,6 +226,41 @@ def test_a_knock_bound_to_another_address(site: Site) -> None:
     assert not site.reachable(2005)
 
 
+def test_a_copy_sent_first_from_another_address_does_not_burn_a_bound_knock(site: Site) -> None:
+    """An attacker on the path copies a knock bound to the first address and sends it from the second,
+    before the genuine packet arrives (and again after): refused source-mismatch, and the genuine one is
+    granted once, to the first address only."""
+    mark = site.mark()
+    site.client("alice", (
+        "d = c.build_knock([(Protocol.TCP, 2006)], now=time.time(),\n"
+        f"                 source_address=ipaddress.ip_address({site.first!r}))\n"
+        "for _ in range(3):\n"
+        f"    send(d, source={site.second!r})\n"  # the copies first, in the same burst
+        "send(d)\n"  # then the genuine sender
+        f"send(d, source={site.second!r}); send(d)\n"  # and copies of both after
+    ))
+    text = site.wait_new(mark, f"granted tcp/2006 to {site.first}")
+    deadline = time.monotonic() + 10
+    while text.count("refused knock from") < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = site.server.log_text()[mark:]
+    assert text.count("granted tcp/2006") == 1
+    refusals = sorted(line.split("refused knock from ", 1)[1] for line in text.splitlines()
+                      if "refused knock from" in line)
+    # The first copy from the second address is refused source-mismatch; the other copies stop at the
+    # capture or at the verifier's copy memory (replay-seen), in whatever order they were read.
+    assert refusals == sorted([
+        f"{site.second}: source-mismatch: signed for {site.first}, came from {site.second}",
+        *[f"{site.second}: replay-seen"] * 3,
+        f"{site.first}: replay-seen",
+    ]), text
+    assert site.reachable(2006)
+    assert not site.reachable(2006, site.second)
+    assert [(g["address"], g["port"]) for g in site.server.status()["grants"] if g["port"] == 2006] == [
+        (site.first, 2006)
+    ]
+
+
 # Junk behind a knock-shaped header (version 1, suite 1, flags 0, coarse time 1970): it passes the
 # capture filter and the pre-check refuses it as stale, before any public-key operation.
 SHAPED_JUNK = "b'sK\\x01\\x01\\x00\\x00' + bytes(4) + os.urandom(1014)"
@@ -248,6 +288,69 @@ def test_junk_of_knock_size_is_refused_cheaply_and_the_server_keeps_running(site
     site.client("alice", "send(c.build_knock([(Protocol.TCP, 2007)], now=time.time()))\n")
     site.wait_new(mark, f"granted tcp/2007 to {site.first}")
     assert site.reachable(2007)
+
+
+def _worker_pids(site: Site) -> list[int]:
+    """The server's child processes (its workers), by the kernel's parent pid."""
+    out = subprocess.run(["pgrep", "-P", str(site.server.process.pid)], capture_output=True, text=True, check=False)
+    return sorted(int(pid) for pid in out.stdout.split())
+
+
+def test_knocks_carrying_malformed_certificates_end_no_process(site: Site) -> None:
+    """Issue 8: anyone holding the server certificate can seal a knock whose client certificate is
+    malformed; each kind that once ended the worker (tests/forged.py) is refused cert-invalid, the worker
+    is the same process afterwards, and it grants the next valid knock."""
+    workers = _worker_pids(site)
+    assert len(workers) == 1
+    mark = site.mark()
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    sends = "".join(
+        f"send(bytes.fromhex({forged.seal(build(attacker), attacker, site.pki.server.certificate, [(Protocol.TCP, 2008)], now=time.time(), work_bits=12).hex()!r}))\n"  # noqa: E501
+        for build in forged.MALFORMED.values()
+    )
+    site.client("alice", sends)
+    text = site.server.wait_log(f"refused knock from {site.first}: cert-invalid", count=len(forged.MALFORMED),
+                                since=mark)
+    assert site.server.process.poll() is None
+    assert _worker_pids(site) == workers
+    assert "Traceback" not in text and "internal-error" not in text
+    mark = site.mark()
+    site.client("alice", "send(c.build_knock([(Protocol.TCP, 2008)], now=time.time()))\n")
+    site.wait_new(mark, f"granted tcp/2008 to {site.first}")
+    assert site.reachable(2008)
+    assert _worker_pids(site) == workers
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ sknock\[\d+\] [A-Z]+ sknock[.\w]*: ")
+
+
+def test_a_subject_with_line_breaks_forges_no_log_line(site: Site) -> None:
+    """Issue 8, point 7: a client certificate (issued by the CA: every check passes) whose subject holds a
+    newline, a carriage return, a terminal escape and a forged log line.  Refused (a port it may not
+    open) and granted, the log keeps one line per record, with the subject escaped in it."""
+    forged_line = "2026-11-30 12:00:00,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6 (CN=root)"
+    name = f"mallet\n{forged_line}\r\x1b[2K\u2028"
+    key, certificate = forged.issue(site.pki.ca.key, site.pki.ca_cert, name, parse_ports("tcp/2009"))  # type: ignore[arg-type]
+    der = certificate.public_bytes(serialization.Encoding.DER)
+
+    def knock(port: int) -> str:
+        datagram = forged.seal(der, key, site.pki.server.certificate, [(Protocol.TCP, port)], now=time.time(),
+                               work_bits=12)
+        return f"send(bytes.fromhex({datagram.hex()!r}))\n"
+
+    mark = site.mark()
+    line = site.refused("alice", knock(2011), "not-authorized")
+    assert "CN=mallet\\x0a2026-11-30 12:00:00\\,000 sknock[1] INFO" in line  # RFC 4514 escapes the comma
+    assert "\\x1b[2K\\u2028 may not open tcp/2011" in line
+    site.client("alice", knock(2009))
+    site.wait_new(mark, f"granted tcp/2009 to {site.first}")
+    assert site.reachable(2009)
+    text = site.server.log_text()[mark:]
+    assert "6.6.6.6" in text  # the forged text is there, escaped, inside genuine records ...
+    for record in text.splitlines():  # ... and every line of the log is a record of its own
+        assert _LOG_LINE.match(record), record
+        assert "\r" not in record and "\x1b" not in record and "\u2028" not in record
+    assert not any(r.startswith(forged_line[:24]) for r in text.splitlines())
 
 
 # -- with requireSourceAddress = yes ---------------------------------------------------------------------------------

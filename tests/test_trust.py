@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sknock import ca as ca_lib
 from sknock.certificate import ports_general_name
 from sknock.credentials import certificate_fingerprint
-from sknock.errors import CertificateError
+from sknock.errors import CertificateError, Reason
 from sknock.ports import PortSet, parse_ports
-from sknock.trust import ClientVerifier, load_crl, verify_server_certificate
+from sknock.trust import ClientVerifier, load_crl, parse_client_certificate, verify_server_certificate
+from tests.forged import MALFORMED, CertificateParts
 from tests.pki import ALICE_PORTS, PASSWORD_BYTES, TestPKI
 
 DAY = dt.timedelta(days=1)
@@ -25,6 +26,7 @@ DAY = dt.timedelta(days=1)
 def _reason(verifier: ClientVerifier, cert: x509.Certificate, now: dt.datetime) -> str:
     with pytest.raises(CertificateError) as info:
         verifier.verify(cert, now)
+    assert isinstance(info.value.reason, Reason)  # one vocabulary: the refusal reason itself
     return info.value.reason
 
 
@@ -238,3 +240,38 @@ def test_client_certificate_is_not_a_server(pki: TestPKI) -> None:
         verify_server_certificate(pki.alice.certificate, [pki.ca_cert], pki.now())
     with pytest.raises(CertificateError, match="not EC"):
         verify_server_certificate(pki.ed25519.certificate, [pki.ca_cert], pki.now())
+
+
+# -- certificates from the wire are read whole before any field is used (issue 8) -------------------
+
+_ATTACKER = ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_certificate_from_the_wire_is_cert_invalid(kind: str) -> None:
+    with pytest.raises(CertificateError) as info:
+        parse_client_certificate(MALFORMED[kind](_ATTACKER))
+    assert info.value.reason is Reason.CERT_INVALID
+    assert str(info.value).isprintable()
+
+
+@pytest.mark.parametrize("kind", ["subject-not-utf8", "issuer-not-utf8", "subject-bitstring", "extension-twice"])
+def test_a_certificate_that_loads_but_does_not_read_is_cert_invalid_in_verify_too(pki: TestPKI, kind: str) -> None:
+    # cryptography loads these (it parses names and extensions lazily); verify() checks them first.
+    cert = x509.load_der_x509_certificate(MALFORMED[kind](_ATTACKER))
+    assert _reason(pki.verifier(), cert, pki.now()) == Reason.CERT_INVALID
+
+
+def test_a_well_formed_certificate_passes_the_parse(pki: TestPKI) -> None:
+    der = pki.alice.certificate.public_bytes(serialization.Encoding.DER)
+    assert parse_client_certificate(der) == pki.alice.certificate
+    with pytest.raises(CertificateError) as info:
+        parse_client_certificate(der[:-1])
+    assert info.value.reason is Reason.CERT_INVALID
+
+
+def test_a_v1_certificate_is_cert_invalid() -> None:
+    der = CertificateParts(version=b"").sign(_ATTACKER)  # no [0] version: v1
+    with pytest.raises(CertificateError, match="version v1, not v3") as info:
+        parse_client_certificate(der)
+    assert info.value.reason is Reason.CERT_INVALID

@@ -18,6 +18,7 @@ from sknock.ports import Protocol, parse_ports
 from sknock.protocol import Action, solve_work
 from sknock.trust import ClientVerifier, load_crl
 from sknock.verifier import KnockVerifier, VerifierPolicy
+from tests.forged import MALFORMED, seal
 from tests.pki import TestPKI
 
 SOURCE = ipaddress.ip_address("198.18.0.2")
@@ -211,3 +212,166 @@ def test_junk_is_counted_and_never_raises_anything_else(pki: TestPKI) -> None:
         refused(verifier, os.urandom(size), now)
     assert sum(verifier.counters.values()) == 6
     assert verifier.counters["granted"] == 0
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_sealed_knock_with_a_malformed_certificate_is_refused_cert_invalid(pki: TestPKI, kind: str) -> None:
+    """Anyone holding the server certificate can seal such a knock (issue 8): a typed refusal, counted,
+    and a valid knock right after it is granted."""
+    verifier = make_verifier(pki)
+    now = time.time()
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    knock = seal(MALFORMED[kind](attacker), attacker, pki.server.certificate, TCP22, now=now, work_bits=4)
+    assert refused(verifier, knock, now) is Reason.CERT_INVALID
+    assert verifier.counters == {"cert-invalid": 1}
+    assert verifier.check(client_for(pki, pki.alice).build_knock(TCP22, now=now), SOURCE, now).ports == tuple(TCP22)
+
+
+# -- copies of one knock from several sources (issue 8, point 5) ----------------------------------------
+
+A = ipaddress.ip_address("198.18.0.2")  # the address the knock is bound to
+B = ipaddress.ip_address("198.18.0.66")  # an attacker who captured it
+C = ipaddress.ip_address("fd00:5e::66")
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Counts the verifier's public-key work: each call of open_knock (one ECDH) is recorded."""
+    import sknock.verifier as module
+
+    calls: list[bytes] = []
+    real = module.open_knock
+
+    def counting(pre, **kw):  # type: ignore[no-untyped-def]
+        calls.append(pre.body_digest)
+        return real(pre, **kw)
+
+    monkeypatch.setattr(module, "open_knock", counting)
+    return calls
+
+
+def test_a_copy_of_a_bound_knock_sent_first_from_elsewhere_does_not_burn_it(pki: TestPKI, opened: list[bytes]) -> None:
+    verifier = make_verifier(pki)
+    now = 1_000.0 + time.time()  # every time below is this one or a fixed offset from it
+    bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
+    assert refused(verifier, bound, now + 0.01, B) is Reason.SOURCE_MISMATCH  # the attacker's copy, first
+    grant = verifier.check(bound, A, now + 0.02)  # the genuine sender's: granted
+    assert grant.address == A and grant.ports == tuple(TCP22)
+    assert refused(verifier, bound, now + 0.03, A) is Reason.REPLAY_SEEN  # granted once
+    assert refused(verifier, bound, now + 0.04, C) is Reason.REPLAY_SEEN  # and final for every source
+    assert len(opened) == 1  # one public-key operation for all four copies
+    assert verifier.counters == {"source-mismatch": 1, "granted": 1, "replay-seen": 2}
+
+
+def test_copies_waiting_together_are_decided_by_one_verdict(pki: TestPKI, opened: list[bytes]) -> None:
+    """As in the worker: every copy passes the cheap stage before the first reaches the expensive one."""
+    verifier = make_verifier(pki)
+    now = 1_000.0 + time.time()
+    bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
+    waiting = [(verifier.precheck(bound, now, source), source) for source in (B, C, A)]
+    with pytest.raises(KnockRefused) as info:
+        verifier.precheck(bound, now, B)  # the same source again: a plain replay
+    assert info.value.reason is Reason.REPLAY_SEEN
+    outcomes = []
+    for pre, source in waiting:
+        try:
+            outcomes.append(verifier.complete(pre, source, now + 0.01).address)
+        except KnockRefused as refusal:
+            outcomes.append(refusal.reason)
+    assert outcomes == [Reason.SOURCE_MISMATCH, Reason.SOURCE_MISMATCH, A]
+    assert len(opened) == 1
+
+
+def test_a_knock_replayed_from_many_spoofed_sources_costs_one_public_key_operation(
+    pki: TestPKI, opened: list[bytes]
+) -> None:
+    from sknock.verifier import MAX_SOURCES_PER_KNOCK
+
+    verifier = make_verifier(pki)
+    now = 1_000.0 + time.time()
+    bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
+    spoofed = [ipaddress.ip_address(f"203.0.113.{i}") for i in range(1, 201)]
+    waiting = []
+    for source in spoofed[:100]:  # while the first copy waits: a bounded number of sources is admitted
+        try:
+            waiting.append((verifier.precheck(bound, now, source), source))
+        except KnockRefused as refusal:
+            assert refusal.reason is Reason.REPLAY_SEEN
+    assert len(waiting) == MAX_SOURCES_PER_KNOCK
+    for pre, source in waiting:
+        with pytest.raises(KnockRefused) as info:
+            verifier.complete(pre, source, now)
+        assert info.value.reason is Reason.SOURCE_MISMATCH
+    for source in spoofed[100:]:  # once the verdict is known, every copy is decided at once
+        with pytest.raises(KnockRefused) as info:
+            verifier.precheck(bound, now + 0.5, source)
+        assert info.value.reason is Reason.SOURCE_MISMATCH
+    assert verifier.check(bound, A, now + 1).address == A  # the genuine sender is still granted
+    assert len(opened) == 1
+
+
+def test_a_granted_unbound_knock_is_final_for_every_source(pki: TestPKI, opened: list[bytes]) -> None:
+    verifier = make_verifier(pki)
+    now = 1_000.0 + time.time()
+    unbound = client_for(pki, pki.alice).build_knock(TCP22, now=now)
+    first, second = verifier.precheck(unbound, now, A), verifier.precheck(unbound, now, B)
+    assert verifier.complete(first, A, now).address == A
+    with pytest.raises(KnockRefused) as info:
+        verifier.complete(second, B, now)
+    assert info.value.reason is Reason.REPLAY_SEEN
+    for source in (A, B, C):
+        assert refused(verifier, unbound, now + 1, source) is Reason.REPLAY_SEEN
+    assert len(opened) == 1
+
+
+def test_a_refused_knock_is_refused_for_every_source_without_more_work(pki: TestPKI, opened: list[bytes]) -> None:
+    verifier = make_verifier(pki)
+    now = 1_000.0 + time.time()
+    mallory = KnockClient(credentials=pki.mallory.credentials, server_cert=pki.server.certificate, work_bits=4,
+                          check_server_cert=False)
+    revoked = mallory.build_knock(TCP22, now=now, source_address=A)
+    first, second = verifier.precheck(revoked, now, B), verifier.precheck(revoked, now, A)
+    for pre, source in ((first, B), (second, A)):  # the verdict does not depend on the source
+        with pytest.raises(KnockRefused) as info:
+            verifier.complete(pre, source, now)
+        assert info.value.reason is Reason.CERT_REVOKED
+    assert refused(verifier, revoked, now + 1, C) is Reason.REPLAY_SEEN
+    assert len(opened) == 1
+
+
+def test_a_kept_verdict_is_still_held_to_the_time_window(pki: TestPKI) -> None:
+    verifier = make_verifier(pki)
+    now = float(int(1_000 + time.time())) + 0.5
+    bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
+    assert refused(verifier, bound, now, B) is Reason.SOURCE_MISMATCH
+    # 7.4 s later the clear coarse time still passes the cheap check; the signed timestamp does not.
+    assert refused(verifier, bound, now + 7.4, A) is Reason.TIMESTAMP
+
+
+def test_a_nonce_granted_under_another_digest_is_not_granted_again_from_a_kept_verdict(pki: TestPKI) -> None:
+    verifier = make_verifier(pki, min_work_bits=0)
+    now = 1_000.0 + time.time()
+    bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
+    assert refused(verifier, bound, now, B) is Reason.SOURCE_MISMATCH
+    # The same knock reaches a verifier that has forgotten the digest and is granted there ...
+    other = make_verifier(pki, min_work_bits=0)
+    other._seen_nonces = verifier._seen_nonces
+    assert other.check(bound, A, now).address == A
+    # ... so the kept verdict here no longer grants it: the nonce is spent.
+    assert refused(verifier, bound, now + 0.1, A) is Reason.REPLAY
+
+
+def test_knock_memory_is_bounded_and_forgets_expired_digests() -> None:
+    from sknock.verifier import KnockMemory, _Knock
+
+    memory = KnockMemory(3)
+    for i in range(5):
+        memory.add(bytes([i]), _Knock(A, expiry=100.0 + i), now=0.0)
+    assert len(memory) == 3
+    assert memory.get(b"\x00", 0.0) is None and memory.get(b"\x01", 0.0) is None  # the earliest expiring went
+    assert memory.get(b"\x04", 0.0) is not None
+    assert memory.get(b"\x02", 102.5) is None  # expired
+    memory.add(b"\x09", _Knock(A, expiry=200.0), now=103.5)
+    assert len(memory) == 2  # the expired ones were dropped
+    with pytest.raises(ValueError, match="must evict"):
+        KnockMemory(3, evict_when_full=False)

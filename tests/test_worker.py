@@ -39,12 +39,12 @@ class ListCapture:
     def __init__(self) -> None:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
-        self.remembered: list[bytes] = []
+        self.remembered: list[tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
         self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
 
-    def remember(self, payload: bytes) -> None:
-        self.remembered.append(payload)
+    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        self.remembered.append((payload, source))
 
     def take_copies(self) -> list[bytes]:
         return []
@@ -141,16 +141,25 @@ def test_accept_queues_only_what_passes_the_cheap_checks(
     worker.accept(os.urandom(1024), OTHER, now)  # junk: bad magic
     worker.accept(alice(pki).build_knock([(Protocol.TCP, 22)], now=now - 60), SOURCE, now)  # stale
     worker.accept(good, OTHER, now + 1)  # the same bytes again, from elsewhere: replay
-    assert [source for _, source in worker.queue] == [SOURCE]
+    worker.accept(good, SOURCE, now + 1)  # and from the first source again: replay, at once
+    # The copy from elsewhere waits too (the knock might be bound to OTHER: a copy sent first from
+    # SOURCE must not burn it), and is decided from the first one's verdict, without a public-key operation.
+    assert [source for _, source in worker.queue] == [SOURCE, OTHER]
+    assert capture.remembered == [(good, SOURCE), (good, OTHER)]
     assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 1}
+    assert received(channel[1]) == []  # nothing reaches the monitor before work()
+    while worker.queue:
+        worker.work()
+    assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 2, "granted": 1}
     lines = [r.getMessage() for r in caplog.records if r.name == "sknock.worker"]
     assert lines == [
         f"refused knock from {OTHER}: bad-magic",
         f"refused knock from {SOURCE}: stale" + lines[1].removeprefix(f"refused knock from {SOURCE}: stale"),
+        f"refused knock from {SOURCE}: replay-seen",
         f"refused knock from {OTHER}: replay-seen",
     ]
     assert lines[1].startswith(f"refused knock from {SOURCE}: stale: clock differs by")
-    assert received(channel[1]) == []  # nothing reaches the monitor before work()
+    assert [r.opening.address for r in received(channel[1])] == [SOURCE]  # the unbound knock went to SOURCE
 
 
 def test_read_batch_takes_at_most_read_batch_datagrams(
@@ -337,3 +346,74 @@ def test_refusal_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     refusals.refused(SOURCE, refusal, 1003.0)
     assert len(caplog.records) == 21
     assert not any("more refusals" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_exception_refuses_that_datagram_only(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last line of defence: the verifier promises KnockRefused only (the fuzz tests hold it to
+    that), but should a bug raise anything else, that one datagram is refused ``internal-error``,
+    counted and logged on one rate-limited line, and the worker goes on."""
+    worker = make_worker(pki, capture, channel)
+    client = alice(pki)
+    now = time.time()
+    worker.clock = lambda: now  # one second for the rate limit
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    trust = worker.verifier._trust
+
+    def broken(*_: object) -> object:
+        raise RuntimeError("a bug\nwith a newline")
+
+    monkeypatch.setattr(trust, "verify", broken)
+    for _ in range(30):
+        capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    assert worker.verifier.counters["internal-error"] == 30
+    assert received(channel[1]) == []
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == worker.refusals.per_second  # rate-limited like every refusal
+    assert errors[0].getMessage() == (
+        f"refused knock from {SOURCE}: internal-error: RuntimeError: a bug\\x0awith a newline"
+    )
+    # The cheap stage is guarded the same way.
+    monkeypatch.setattr(worker.verifier, "precheck", broken)
+    worker.accept(client.build_knock([(Protocol.TCP, 22)], now=now), OTHER, now + 2)
+    assert worker.verifier.counters["internal-error"] == 31 and not worker.queue
+    assert caplog.records[-1].getMessage().startswith(f"refused knock from {OTHER}: internal-error: RuntimeError")
+    # The same worker then grants a valid knock.
+    monkeypatch.undo()
+    capture.put(client.build_knock([(Protocol.TCP, 2005)], now=now))
+    worker.read_batch()
+    worker.work()
+    assert [r.opening for r in received(channel[1])] == [Opening(SOURCE, Protocol.TCP, 2005)]
+
+
+def test_a_subject_with_line_breaks_is_escaped_in_refusals_and_grants(
+    pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8, point 7, in memory: a CA-issued certificate whose subject forges a log line."""
+    from cryptography.hazmat.primitives import serialization
+
+    from sknock.ports import parse_ports
+    from tests import forged
+
+    worker = make_worker(pki, capture, channel)
+    now = time.time()
+    caplog.set_level(logging.INFO, logger="sknock.worker")
+    name = "eve\n2026-11-30 12:00:00,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6\r\x1b[0m\u2028"
+    key, certificate = forged.issue(pki.ca.key, pki.ca_cert, name, parse_ports("tcp/22"))  # type: ignore[arg-type]
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 23)], now=now, work_bits=4))
+    capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 22)], now=now, work_bits=4))
+    worker.read_batch()
+    while worker.queue:
+        worker.work()
+    [refusal] = [r.getMessage() for r in caplog.records]
+    escaped = ("CN=eve\\x0a2026-11-30 12:00:00\\,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6"
+               "\\x0d\\x1b[0m\\u2028")
+    assert refusal == f"refused knock from {SOURCE}: not-authorized: {escaped} may not open tcp/23"
+    [grant] = received(channel[1])  # parse_request refuses a client name that is not printable
+    assert grant.client == escaped and grant.opening == Opening(SOURCE, Protocol.TCP, 22)

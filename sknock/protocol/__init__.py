@@ -16,6 +16,8 @@ from .seal import (
     max_certificate_size,
     open_knock,
     seal_knock,
+    seal_plaintext,
+    signed_message,
     suite_for_curve,
     verify_signature,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "max_certificate_size",
     "open_knock",
     "seal_knock",
+    "seal_plaintext",
+    "signed_message",
     "suite_for_curve",
     "verify_signature",
     "BUCKETS",

@@ -45,6 +45,8 @@ __all__ = [
     "fingerprint",
     "suite_for_curve",
     "seal_knock",
+    "seal_plaintext",
+    "signed_message",
     "open_knock",
     "verify_signature",
     "max_certificate_size",
@@ -170,9 +172,35 @@ def seal_knock(
             f"at most {max_certificate_size(client_key, len(request.ports), suite)} bytes fit"
         )
     plaintext = encode_plaintext(signed, signature, bucket - suite.overhead)
+    return seal_plaintext(
+        plaintext, header, ephemeral_key=ephemeral_key, server_public_key=server_public_key,
+        server_fingerprint=server_fingerprint,
+    )
+
+
+def signed_message(header: Header, ephemeral: bytes, server_fingerprint: bytes, signed: bytes) -> bytes:
+    """What the client signs: the domain, version, suite, ephemeral point, server fingerprint and
+    ``signed`` (the request and certificate, as :func:`~sknock.protocol.request.signed_part` encodes them)."""
+    return _signed_message(header, ephemeral, server_fingerprint, signed)
+
+
+def seal_plaintext(
+    plaintext: bytes,
+    header: Header,
+    *,
+    ephemeral_key: ec.EllipticCurvePrivateKey,
+    server_public_key: ec.EllipticCurvePublicKey,
+    server_fingerprint: bytes,
+) -> bytes:
+    """Encrypt ``plaintext`` (already padded to its bucket) under ``header`` to the server key and
+    solve the header's proof of work: the last step of :func:`seal_knock`, public so that tests can
+    seal any plaintext at all (the fuzz harness reaches the server's parser this way)."""
+    ephemeral = ephemeral_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
     key, nonce = _derive(ephemeral_key.exchange(ec.ECDH(), server_public_key), header, ephemeral, server_fingerprint)
     ciphertext = AESGCM(key).encrypt(nonce, plaintext, header.authenticated + ephemeral)
-    return solve_work(header.pack() + ephemeral + ciphertext, work_bits)
+    return solve_work(header.pack() + ephemeral + ciphertext, header.work_bits)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,16 @@ bound interface goes down) under ``"socket-error"``.  Python has no ``recvmmsg``
 with up to ``max_count`` non-blocking receive calls per :meth:`receive`, in rotating socket order
 so one busy interface cannot starve another.
 
-Exact copies: the worker calls :meth:`remember` for each datagram that passed its cheap checks, and
-from then on an exact copy of that UDP payload is dropped here, before the IP header is even parsed
-(counted as ``"duplicate"``).  A flood of replays of one captured knock then costs a receive and a
-hash per packet instead of the whole pre-check (measured: see bench/README.md).  Only datagrams with
-a valid proof of work are remembered, so junk cannot push a real knock out of the set cheaply, and a
-copy that is missed still meets the verifier's replay caches.
+Exact copies: the worker calls :meth:`remember` for each datagram that passed its cheap checks, with
+its source address, and from then on an exact copy of that UDP payload *from that source* is dropped
+here, before the IP header is even parsed (counted as ``"duplicate"``).  A flood of replays of one
+captured knock from one address then costs a receive and a hash per packet instead of the whole
+pre-check (measured: see bench/README.md).  A copy from another address goes on to the verifier, which
+decides it without a public-key operation: keying on the payload alone would let a copy sent first from
+elsewhere stop the genuine sender's knock here, before the verifier could see that the knock is bound
+to the genuine sender's address.  Only datagrams with a valid proof of work are remembered, so junk
+cannot push a real knock out of the set cheaply, and a copy that is missed still meets the verifier's
+replay caches.
 """
 
 from __future__ import annotations
@@ -122,9 +126,10 @@ class _Receiver:
         self._recent = RecentKeys(RECENT_PAYLOADS)
         self._copies: list[bytes] = []
 
-    def remember(self, payload: bytes) -> None:
-        """``payload`` passed the cheap checks: drop exact copies of it from now on."""
-        self._recent.add(hash(payload))
+    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """``payload`` from ``source`` passed the cheap checks: drop exact copies of it from that
+        source from now on."""
+        self._recent.add(hash((payload, source.packed)))
 
     def take_copies(self) -> list[bytes]:
         """The source addresses (packed, as the IP header says) of the copies dropped since the last
@@ -133,7 +138,8 @@ class _Receiver:
         return copies
 
     def _is_copy(self, payload: bytes, source: bytes) -> bool:
-        if hash(payload) in self._recent:
+        """``source`` is packed, as in the IP header (4 or 16 bytes, like ``IPv4Address.packed``)."""
+        if hash((payload, source)) in self._recent:
             self.stats["duplicate"] += 1
             if len(self._copies) < _MAX_COPIES_KEPT:
                 self._copies.append(source)

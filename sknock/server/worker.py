@@ -1,7 +1,7 @@
 """The unprivileged worker: reads captured datagrams, runs the verifier, asks for grants.
 
 One process, one thread, one loop (never a thread per packet): the selector wakes on the capture
-sockets, the firewall-process channel and the CRL schedule.  Each turn it first reads and pre-checks a
+sockets, the monitor channel and the CRL schedule.  Each turn it first reads and pre-checks a
 bounded batch of datagrams (two hashes each), queueing the ones that pass, then spends a bounded time
 slice on the expensive stage (ECDH, chain, signature) for the queue in arrival order.  Under a flood the
 kernel's socket buffer drops raw packets before this process does; packets that passed the cheap checks
@@ -40,7 +40,7 @@ class Capture(TypingProtocol):
 
     def filenos(self) -> list[int]: ...
     def receive(self, max_count: int = 64) -> list[Datagram]: ...
-    def remember(self, payload: bytes) -> None: ...
+    def remember(self, payload: bytes, source: IPAddress) -> None: ...
     def take_copies(self) -> list[bytes]: ...
 
 
@@ -54,7 +54,8 @@ class WorkerLimits:
 
 class RefusalLog:
     """Logs refusals with the source address and reason, at most ``per_second`` lines a second;
-    the rest are counted and summarized, so a flood cannot fill the disk."""
+    the rest are counted and summarized, so a flood cannot fill the disk.  What a refusal quotes from
+    the datagram is already escaped (:class:`~sknock.errors.KnockRefused` does it)."""
 
     def __init__(self, per_second: int = 20) -> None:
         self.per_second = per_second
@@ -71,14 +72,17 @@ class RefusalLog:
                 log.info("%d more refusals not logged in the last second", self._suppressed)
             self._second, self._lines, self._suppressed = second, 0, 0
 
-    def refused(self, source: IPAddress | bytes, refusal: KnockRefused | Reason, now: float) -> None:
+    def refused(
+        self, source: IPAddress | bytes, refusal: KnockRefused | Reason, now: float, level: int = logging.INFO
+    ) -> None:
         """``source`` may be packed (4 or 16 bytes): it is only made an address when it is logged."""
         self.flush(now)
         if self._lines < self.per_second:
             self._lines += 1
             if isinstance(source, bytes):
                 source = ipaddress.ip_address(source)
-            log.info("refused knock from %s: %s", source, refusal.value if isinstance(refusal, Reason) else refusal)
+            what = refusal.value if isinstance(refusal, Reason) else refusal
+            log.log(level, "refused knock from %s: %s", source, what)
         else:
             self._suppressed += 1
 
@@ -170,11 +174,14 @@ class Worker:
     def accept(self, payload: bytes, source: IPAddress, now: float) -> None:
         """The cheap stage for one datagram; what passes is queued for :meth:`work`."""
         try:
-            pre = self.verifier.precheck(payload, now)
+            pre = self.verifier.precheck(payload, now, source)
         except KnockRefused as refusal:
             self.refusals.refused(source, refusal, now)
             return
-        self.capture.remember(payload)  # exact copies now stop at the capture
+        except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
+            self.internal_error(source, error, now)
+            return
+        self.capture.remember(payload, source)  # exact copies from this source now stop at the capture
         if len(self.queue) >= self.limits.queue_size:
             self.verifier.counters[Reason.OVERLOAD.value] += 1
             self.refusals.refused(source, KnockRefused(Reason.OVERLOAD, "verification queue full"), now)
@@ -190,22 +197,49 @@ class Worker:
             now = self.clock()
             try:
                 grant = self.verifier.complete(pre, source, now)
+                messages = grant_messages(grant)
             except KnockRefused as refusal:
                 self.refusals.refused(source, refusal, now)
+            except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
+                self.internal_error(source, error, now)
             else:
-                self.apply(grant)
+                self.send(grant, messages)
             done += 1
         return done
 
+    def internal_error(self, source: IPAddress, error: Exception, now: float) -> None:
+        """The last line of defence: the verifier raised something it should not have (it promises
+        :class:`KnockRefused` only, and the fuzz tests hold it to that).  That one datagram is refused
+        with ``internal-error``, counted, and logged on one rate-limited line; the worker goes on."""
+        self.verifier.counters[Reason.INTERNAL_ERROR.value] += 1
+        refusal = KnockRefused(Reason.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+        self.refusals.refused(source, refusal, now, logging.ERROR)
+
     def apply(self, grant: Grant) -> None:
-        op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
-        for protocol, port in grant.ports:
-            request = GrantRequest(
+        """Ask the monitor to apply ``grant`` (one message per port)."""
+        self.send(grant, grant_messages(grant))
+
+    def send(self, grant: Grant, messages: list[bytes]) -> None:
+        """Send ``grant``'s messages (from :func:`grant_messages`) to the monitor.  Channel
+        errors are not caught: a worker whose channel is broken has nothing left to do."""
+        for message in messages:
+            self.channel.send(message)
+        # The monitor logs the grant once applied (it may still refuse a replay another worker saw).
+        if log.isEnabledFor(logging.DEBUG):
+            op = "open" if grant.action is Action.OPEN else "close"
+            ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
+            log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)
+
+
+def grant_messages(grant: Grant) -> list[bytes]:
+    """The monitor messages for ``grant``, one per port, all built before any is sent."""
+    op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
+    return [
+        encode_request(
+            GrantRequest(
                 op, Opening(grant.address, protocol, port), grant.duration, grant.client, grant.nonce,
                 grant.nonce_expires,
             )
-            self.channel.send(encode_request(request))
-        # The monitor logs the grant once applied (it may still refuse a replay another worker saw).
-        if log.isEnabledFor(logging.DEBUG):
-            ports = ",".join(f"{p.label}/{n}" for p, n in grant.ports)
-            log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)
+        )
+        for protocol, port in grant.ports
+    ]

@@ -1,0 +1,1 @@
+"""Fuzzing the worker's entry, ``KnockVerifier.check``: see docs/fuzzing.md."""
