@@ -214,6 +214,7 @@ class Server(ServerProcesses):
             # the run.  It changes no per-knock work (the replay cache holds each nonce longer).
             "TIMESTAMP_THRESHOLD_IN_SECONDS": "300",
             "PORT_OPEN_DURATION_IN_SECONDS": "600",
+            "maxOpenDuration": "600",
             "logFile": str(folder / "server.log"),
             **options,
         }

@@ -15,6 +15,7 @@ checked a CRL's signature; :func:`load_crl` always does.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,18 @@ __all__ = [
     "check_well_formed",
     "load_crl",
     "verify_server_certificate",
+    "RevocationId",
+    "revocation_id",
 ]
+
+#: What a CRL entry names: the SHA-256 of the issuer's name (DER) and the serial number.  A grant carries
+#: one per certificate of its chain below the trust anchor, so the monitor can close it when a CRL
+#: revokes the client or a CA above it, without parsing a certificate.
+RevocationId = tuple[bytes, int]
+
+
+def revocation_id(issuer: x509.Name, serial: int) -> RevocationId:
+    return hashlib.sha256(issuer.public_bytes()).digest(), serial
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,7 @@ class VerifiedClient:
     fingerprint: bytes  # SHA-256 of the DER
     ports: PortSet
     not_after: dt.datetime
+    revocation_ids: tuple[RevocationId, ...] = ()  # the leaf's first, then each intermediate's
 
 
 def _aware(now: dt.datetime) -> dt.datetime:
@@ -245,6 +258,7 @@ class ClientVerifier:
             fingerprint=certificate_fingerprint(leaf),
             ports=authorized_ports(leaf),
             not_after=leaf.not_valid_after_utc,
+            revocation_ids=tuple(revocation_id(c.issuer, c.serial_number) for c in chain[:-1]),
         )
 
     def _chain_error(self, leaf: x509.Certificate, now: dt.datetime, exc: VerificationError) -> CertificateError:

@@ -53,7 +53,7 @@ from .protocol import (
     verify_signature,
 )
 from .replay import ReplayCache
-from .trust import ClientVerifier, VerifiedClient, parse_client_certificate
+from .trust import ClientVerifier, RevocationId, VerifiedClient, parse_client_certificate
 
 __all__ = ["VerifierPolicy", "Grant", "KnockVerifier", "KnockMemory", "MAX_SOURCES_PER_KNOCK"]
 
@@ -88,6 +88,7 @@ class Grant:
     serial: int
     nonce: bytes
     nonce_expires: float = 0.0  # Unix time after which the nonce can no longer be replayed (out of the window)
+    revocation_ids: tuple[RevocationId, ...] = ()  # what a CRL would name to revoke this client (trust.py)
 
 
 def _unmap(address: IPAddress) -> IPAddress:
@@ -319,6 +320,7 @@ class KnockVerifier:
             serial=verdict.client.certificate.serial_number,
             nonce=request.nonce,
             nonce_expires=request.timestamp_ms / 1000 + self._window,
+            revocation_ids=verdict.client.revocation_ids,
         )
 
     def _verify_certificate(self, opened: OpenedKnock, now: float) -> VerifiedClient:

@@ -80,7 +80,7 @@ def test_minimal_config_gets_the_original_defaults(site: Path) -> None:
     assert cfg.ca_file is None and cfg.log_file is None
     assert cfg.log_level == "INFO"
     assert cfg.require_source_address is False
-    assert cfg.max_open_duration == 3600
+    assert cfg.max_open_duration == 300
     assert cfg.work_bits == 12
     assert cfg.user == "nobody"
     assert cfg.control_socket == Path("/run/sknock/control.sock")

@@ -500,3 +500,72 @@ def test_a_worker_channel_that_closes_does_not_stop_the_monitor(setup, caplog) -
     drain(monitor)
     assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)] and not firewall.torn_down
     assert any("worker 2 has gone" in r.getMessage() for r in caplog.records)
+
+
+# -- revocation ends access; the operator closes grants ----------------------------------------------------
+
+
+def test_a_new_crl_closes_the_grants_of_the_clients_it_revokes_at_once(tmp_path: Path, crl_ca, caplog) -> None:  # type: ignore[no-untyped-def]
+    from functools import partial
+
+    from cryptography.hazmat.primitives import serialization
+
+    from sknock.ports import parse_ports
+    from sknock.server.crl_refresh import CrlRefresher
+    from sknock.trust import load_crl, revocation_id
+    from tests.pki import PASSWORD_BYTES
+
+    caplog.set_level("INFO", logger="sknock.monitor")
+    carol = crl_ca.issue_client("carol", parse_ports("tcp/22"), PASSWORD_BYTES)
+    dave = crl_ca.issue_client("dave", parse_ports("tcp/22"), PASSWORD_BYTES)
+    ids = {name: (revocation_id(crl_ca.certificate.subject, cert.serial_number),)
+           for name, cert in (("carol", carol), ("dave", dave))}
+    der = serialization.Encoding.DER
+    first = crl_ca.write_crl().public_bytes(der)
+    crl_file = tmp_path / "crl.der"
+    crl_file.write_bytes(first)
+    keeper = CrlRefresher(str(crl_file), crl_file, partial(load_crl, issuers=[crl_ca.certificate], source="test"),
+                          store=lambda data: None)
+    keeper.seed(load_crl(first, [crl_ca.certificate], source="test"), first)
+    here, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    firewall = RecordingFirewall()
+    monitor = Monitor(firewall=firewall, channels=[here], max_duration=3600, crl=keeper)
+
+    def knock(name: str, address: object, nonce: bytes) -> None:
+        worker.send(encode_request(GrantRequest("open", Opening(address, Protocol.TCP, 22), 3000.0, f"CN={name}",  # type: ignore[arg-type]
+                                                nonce, 2_000_000_000.0, ids[name])))
+        drain(monitor)
+
+    knock("carol", A, b"\x81" * 16)
+    knock("dave", B, b"\x82" * 16)
+    assert len(firewall.open_now) == 2
+    crl_ca.revoke("carol")
+    crl_file.write_bytes((crl_ca.directory / "crl.der").read_bytes())
+    monitor.refresh_crl(now_requested=True)
+    assert list(firewall.open_now) == [Opening(B, Protocol.TCP, 22)]
+    assert [e.client for e in monitor.grants.entries()] == ["CN=dave"]
+    assert any(r.levelname == "WARNING" and "closed tcp/22 for 198.18.0.2 (CN=carol)" in r.getMessage()
+               and "revoked by the new CRL" in r.getMessage() for r in caplog.records)
+    # a knock a worker verified before it had the new CRL is refused by the monitor
+    knock("carol", A, b"\x83" * 16)
+    assert Opening(A, Protocol.TCP, 22) not in firewall.open_now
+    assert any("refused knock from 198.18.0.2: cert-revoked" in r.getMessage() for r in caplog.records)
+
+
+def test_the_operator_closes_grants_by_client_serial_or_address(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, _ = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    grants = [("CN=alice,O=x", A, 22, 0x1234), ("CN=bob", A, 23, 0x99), ("CN=bob", B, 22, 0x99)]
+    for i, (client, address, port, serial) in enumerate(grants):
+        workers[0].send(encode_request(GrantRequest("open", Opening(address, Protocol.TCP, port), 60.0, client,
+                                                    bytes([0x90 + i]) * 16, 2_000_000_000.0,
+                                                    ((b"\x05" * 32, serial),))))
+    drain(monitor)
+    assert monitor.close_command({"serial": 0x1234}) == {
+        "closed": ["tcp/22 for 198.18.0.2 (CN=alice,O=x)"], "failed": []}
+    assert monitor.close_command({"client": "bob", "address": "198.18.0.2"})["error"]  # type: ignore[index]
+    assert monitor.close_command({"address": "198.18.0.3"})["closed"] == ["tcp/22 for 198.18.0.3 (CN=bob)"]
+    assert "error" in monitor.close_command({"address": "not an address"})
+    assert monitor.close_command({"client": "bob"})["closed"] == ["tcp/23 for 198.18.0.2 (CN=bob)"]
+    assert firewall.open_now == {} and len(monitor.grants) == 0
+    assert sum("closed by the operator" in r.getMessage() for r in caplog.records) == 3

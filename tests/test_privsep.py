@@ -30,7 +30,8 @@ from sknock.server.privsep import (
 )
 
 MAX = 3600.0
-LAYOUT = struct.Struct("!BBBBHdd16s16s")  # written out again here, as the docstring of privsep.py states it
+LAYOUT = struct.Struct("!BBBBHdd16s16sB")  # written out again here, as the docstring of privsep.py states it
+ID = struct.Struct("!32s21s")
 GOOD: dict[str, Any] = {
     "op": 1,
     "family": 4,
@@ -41,6 +42,7 @@ GOOD: dict[str, Any] = {
     "expires": 1767225607.5,
     "address": bytes([198, 18, 0, 2]) + bytes(12),
     "nonce": bytes.fromhex("00112233445566778899aabbccddeeff"),
+    "ids": [],
     "client": b"CN=alice",
 }
 ALICE = GrantRequest(
@@ -52,8 +54,9 @@ ALICE = GrantRequest(
 def message(**changes: Any) -> bytes:
     f = {**GOOD, **changes}
     fixed = LAYOUT.pack(f["op"], f["family"], f["protocol"], f["reserved"], f["port"], f["duration"], f["expires"],
-                        f["address"], f["nonce"])
-    return fixed + f["client"]
+                        f["address"], f["nonce"], f.get("count", len(f["ids"])))
+    ids = b"".join(ID.pack(issuer, serial.to_bytes(21, "big", signed=True)) for issuer, serial in f["ids"])
+    return fixed + ids + f["client"]
 
 
 def v6(text: str) -> bytes:
@@ -73,6 +76,16 @@ def test_the_good_message_parses() -> None:
     assert isinstance(request.duration, float)
     close = parse_request(message(op=2, protocol=0, family=6, address=v6("fd00::2")), max_duration=MAX)
     assert (close.op, close.opening.protocol, str(close.opening.address)) == ("close", Protocol.UDP, "fd00::2")
+
+
+def test_revocation_ids_travel_with_the_request() -> None:
+    ids = ((b"\x01" * 32, 0x1234_5678_9ABC_DEF0_1234_5678_9ABC_DEF0_1234), (b"\x02" * 32, 0), (b"\x03" * 32, -5))
+    data = message(ids=list(ids))
+    assert data == encode_request(GrantRequest(ALICE.op, ALICE.opening, ALICE.duration, ALICE.client, ALICE.nonce,
+                                               ALICE.expires, ids))
+    assert parse_request(data, max_duration=MAX).revocation_ids == ids
+    assert "revocation id count 9" in refused(message(ids=[(b"\x01" * 32, 1)] * 9))
+    assert "shorter than its 2 revocation id(s)" in refused(message(count=2, ids=[(b"\x01" * 32, 1)], client=b""))
 
 
 # -- hostile input: anything is a GrantRequest or a PrivsepError ------------------------------------------------

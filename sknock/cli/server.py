@@ -3,6 +3,8 @@
     sknock-server [-c config.ini]                  run (as root)
     sknock-server [-c config.ini] --check-config   validate and exit (0 good, 2 bad)
     sknock-server [-c config.ini] status           the grants open now (root: the control socket is 0600)
+    sknock-server [-c config.ini] close --client SUBJECT | --serial N | --address ADDR
+                                                   close those open grants now (root)
     sknock-server [-c config.ini] teardown         remove sknock's firewall policy (the server must be stopped)
     sknock-server [-c config.ini] boot-ruleset     print sknock's policy as nft text, for the host's ruleset at boot
 
@@ -29,11 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument(
-        "command", nargs="?", choices=["run", "status", "teardown", "boot-ruleset"], default="run",
-        help="run the server (default); status: the grants open now; teardown: remove sknock's firewall "
+        "command", nargs="?", choices=["run", "status", "close", "teardown", "boot-ruleset"], default="run",
+        help="run the server (default); status: the grants open now; close: close the open grants of a "
+             "client or an address now (a revoked client's grants close by themselves on the CRL refresh); "
+             "teardown: remove sknock's firewall "
              "policy, which a stop leaves in place (refused while the server runs); boot-ruleset: print the "
              "policy as nft text to include in /etc/nftables.conf, so the ports are closed from boot",
     )
+    which = p.add_argument_group("close: which grants (exactly one)")
+    which.add_argument("--client", help="a client certificate's subject as status shows it, or its CN")
+    which.add_argument("--serial", help="a client certificate's serial number (decimal, or hex with 0x)")
+    which.add_argument("--address", help="a source address")
     return p
 
 
@@ -61,8 +69,38 @@ def status(config_path: Path) -> int:
         for g in grants:
             port = f"{g['protocol']}/{g['port']}"
             overdue = f"  OVERDUE: close failed {g['close_failures']} time(s), retrying" if g.get("overdue") else ""
-            print(f"{g['address']:<40} {port:<10} {g['expires_in']:>9.1f}s  {g['client']}{overdue}")
+            serial = f"  serial {g['serial']:#x}" if isinstance(g.get("serial"), int) else ""
+            print(f"{g['address']:<40} {port:<10} {g['expires_in']:>9.1f}s  {g['client']}{serial}{overdue}")
     return 0
+
+
+def close(config_path: Path, args: argparse.Namespace) -> int:
+    from ..server.config import load_config
+    from ..server.control import query
+
+    given = {k: getattr(args, k) for k in ("client", "serial", "address") if getattr(args, k) is not None}
+    if len(given) != 1:
+        print("sknock-server: close takes exactly one of --client, --serial, --address", file=sys.stderr)
+        return 2
+    if "serial" in given:
+        try:
+            given["serial"] = int(given["serial"], 0)
+        except ValueError:
+            print(f"sknock-server: close --serial: {given['serial']!r} is not a number", file=sys.stderr)
+            return 2
+    try:
+        config = load_config(config_path, check_files=False)
+        answer = query(config.control_socket, "close", given)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    closed = answer.get("closed", [])
+    failed = answer.get("failed", [])
+    assert isinstance(closed, list) and isinstance(failed, list)
+    print(f"closed {len(closed)} grant(s)" + "".join(f"\n  {c}" for c in closed))
+    for item in failed:
+        print(f"could not close {item} now: it stays listed and is retried (see the server's log)")
+    return 1 if failed else 0
 
 
 def boot_ruleset(config_path: Path) -> int:
@@ -88,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = _config_path(args.config)
     if args.command == "status":
         return status(path)
+    if args.command == "close":
+        return close(path, args)
     if args.command == "boot-ruleset":
         return boot_ruleset(path)
     if args.command == "teardown":

@@ -209,7 +209,7 @@ _DEFAULTS: dict[str, str | None] = {
     "logFile": None,
     "logLevel": "INFO",
     "requireSourceAddress": "no",
-    "maxOpenDuration": "3600",
+    "maxOpenDuration": "300",
     "workBits": "12",
     "workers": "auto",
     "user": "nobody",

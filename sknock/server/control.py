@@ -1,7 +1,9 @@
-"""The control socket: ``sknock-server status`` asks the running server which grants are open.
+"""The control socket: ``sknock-server status`` asks the running server which grants are open, and
+``sknock-server close`` closes some of them.
 
-A Unix stream socket in a root-only folder, mode 0600: only root can connect.  One JSON request
-line, one JSON answer; a client that sends nothing within a second is dropped.
+A Unix stream socket in a root-only folder, mode 0600: only root can connect.  One request line -- a
+command word, then optionally a JSON object of arguments (``close {"serial": 4660}``) -- and one JSON
+answer; a client that sends nothing within a second is dropped.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import SknockError
 
-__all__ = ["ControlServer", "query_status", "ControlError"]
+__all__ = ["ControlServer", "query", "query_status", "ControlError", "Handler"]
 
-MAX_REQUEST = 256
+MAX_REQUEST = 4096
+#: Answers one command: its arguments (a JSON object, empty when none were given) in, a JSON object out.
+Handler = Callable[[dict[str, Any]], dict[str, object]]
 
 
 class ControlError(SknockError):
@@ -43,7 +48,7 @@ class ControlServer:
         except OSError as exc:
             raise ControlError(f"control socket {path}: {exc}") from None
 
-    def serve_one(self, status: Callable[[], dict[str, object]]) -> None:
+    def serve_one(self, handlers: Mapping[str, Handler]) -> None:
         try:
             conn, _ = self.socket.accept()
         except BlockingIOError:
@@ -52,11 +57,7 @@ class ControlServer:
             conn.settimeout(1.0)
             try:
                 request = conn.recv(MAX_REQUEST).strip()
-                if request == b"status":
-                    answer: dict[str, object] = status()
-                else:
-                    answer = {"error": "unknown request; try 'status'"}
-                conn.sendall(json.dumps(answer).encode() + b"\n")
+                conn.sendall(json.dumps(_answer(request, handlers)).encode() + b"\n")
             except OSError:
                 return
 
@@ -66,12 +67,29 @@ class ControlServer:
             self.path.unlink()
 
 
-def query_status(path: Path, timeout: float = 5.0) -> dict[str, object]:
+def _answer(request: bytes, handlers: Mapping[str, Handler]) -> dict[str, object]:
+    word, _, rest = request.partition(b" ")
+    handler = handlers.get(word.decode("ascii", "replace"))
+    if handler is None:
+        return {"error": f"unknown request; try one of: {', '.join(sorted(handlers))}"}
+    try:
+        arguments = json.loads(rest) if rest.strip() else {}
+    except ValueError:
+        return {"error": "the arguments are not JSON"}
+    if not isinstance(arguments, dict):
+        return {"error": "the arguments must be a JSON object"}
+    return handler(arguments)
+
+
+def query(path: Path, command: str, arguments: Mapping[str, object] | None = None,
+          timeout: float = 5.0) -> dict[str, object]:
+    """Send one command to the running server at ``path`` and return its answer."""
+    line = command if arguments is None else f"{command} {json.dumps(dict(arguments))}"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
-            s.sendall(b"status\n")
+            s.sendall(line.encode() + b"\n")
             chunks = []
             while chunk := s.recv(65536):
                 chunks.append(chunk)
@@ -83,4 +101,10 @@ def query_status(path: Path, timeout: float = 5.0) -> dict[str, object]:
         raise ControlError(f"the server at {path} sent an unreadable answer") from None
     if not isinstance(answer, dict):
         raise ControlError(f"the server at {path} sent an unreadable answer")
+    if isinstance(answer.get("error"), str):
+        raise ControlError(f"the server at {path}: {answer['error']}")
     return answer
+
+
+def query_status(path: Path, timeout: float = 5.0) -> dict[str, object]:
+    return query(path, "status", timeout=timeout)

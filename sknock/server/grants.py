@@ -22,6 +22,7 @@ __all__ = ["GrantTable", "GrantEntry", "RETRY_FIRST", "RETRY_MAX"]
 
 RETRY_FIRST = 1.0  # seconds before the first retry of a failed close
 RETRY_MAX = 60.0  # the backoff doubles up to this
+MAX_REVOCATION_IDS = 32  # kept per grant, from every knock that extended it
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,12 @@ class GrantEntry:
     client: str
     close_failures: int = 0
     retry_at: float | None = None
+    revocation_ids: tuple[tuple[bytes, int], ...] = ()  # the client's chain as CRLs name it (trust.revocation_id)
+
+    @property
+    def serial(self) -> int | None:
+        """The client certificate's serial number, when known."""
+        return self.revocation_ids[0][1] if self.revocation_ids else None
 
     @property
     def due_at(self) -> float:
@@ -70,12 +77,20 @@ class GrantTable:
         self._entries[entry.opening] = entry
         heapq.heappush(self._heap, (entry.due_at, next(self._sequence), entry.opening))
 
-    def open(self, opening: Opening, duration: float, now: float, client: str = "") -> bool:
-        """Record a grant until ``now + duration``; True when it extends one already open."""
+    def open(
+        self, opening: Opening, duration: float, now: float, client: str = "",
+        revocation_ids: tuple[tuple[bytes, int], ...] = (),
+    ) -> bool:
+        """Record a grant until ``now + duration``; True when it extends one already open.  The newest
+        knock's client is the one listed; the revocation ids of every knock that kept the grant open
+        stay with it (a CRL that revokes any of them closes it: fail closed)."""
         existing = self._entries.get(opening)
         opened_at = existing.opened_at if existing else now
         client = client or (existing.client if existing else "")
-        self._schedule(GrantEntry(opening, opened_at, now + duration, client))
+        ids = revocation_ids
+        if existing is not None and existing.revocation_ids != revocation_ids:
+            ids = tuple(dict.fromkeys(revocation_ids + existing.revocation_ids))[:MAX_REVOCATION_IDS]
+        self._schedule(GrantEntry(opening, opened_at, now + duration, client, revocation_ids=ids))
         return existing is not None
 
     def close(self, opening: Opening) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import ipaddress
 import logging
 import math
 import os
@@ -33,13 +34,16 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from cryptography import x509
 
 from ..errors import SknockError
+from ..trust import RevocationId, revocation_id
 from .control import ControlServer
 from .crl_refresh import CrlRefresher, RefreshResult
 from .firewall.base import Firewall, Opening
-from .grants import GrantTable
+from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
 
@@ -180,6 +184,8 @@ class Monitor:
         self._next_watch = now
         self._next_crl = now + crl_interval
         self._selector: selectors.BaseSelector | None = None
+        self._revoked: frozenset[RevocationId] = frozenset()
+        self._note_revocations()
         self.exit_code = 0
 
     @property
@@ -255,7 +261,7 @@ class Monitor:
         for key, _ in self._selector.select(timeout):
             if key.data == "control":
                 if self.control is not None:
-                    self.control.serve_one(self.status)
+                    self.control.serve_one({"status": lambda _: self.status(), "close": self.close_command})
             elif key.data == "instance":
                 self._answer_instance_probe()
             else:
@@ -311,7 +317,13 @@ class Monitor:
         wall = self.wall_clock()
         journal = self.journal
         fresh: dict[bytes, GrantRequest] = {}
+        revoked = self._revoked
         for request in requests:
+            if revoked and not revoked.isdisjoint(request.revocation_ids):
+                # verified by a worker that did not have the newest CRL yet
+                log.info("refused knock from %s: cert-revoked (%s; the monitor's CRL)", request.opening.address,
+                         request.client)
+                continue
             key = request.replay_key
             if key in fresh or journal.seen(key, request.expires, wall):
                 log.info("refused knock from %s: replay (its nonce was granted by another worker or before a "
@@ -341,7 +353,7 @@ class Monitor:
             if opening in failed:
                 continue
             if request.op == "open":
-                grants.open(opening, request.duration, now, request.client)
+                grants.open(opening, request.duration, now, request.client, request.revocation_ids)
             else:
                 grants.close(opening)
             port = f"{opening.protocol.label}/{opening.port}"
@@ -452,6 +464,63 @@ class Monitor:
                  "caches are dropped", issued.isoformat() if issued else "?",
                  next_update.isoformat() if next_update else "none", len(workers))
         self._send_crl(workers)
+        self._note_revocations()
+        self._close_revoked()
+
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        """The CRLs in hand."""
+        current = self.crl.current if self.crl is not None else None
+        return [current] if isinstance(current, x509.CertificateRevocationList) else []
+
+    def _note_revocations(self) -> None:
+        """Every (issuer, serial) the CRLs in hand revoke, as a set: checked for each request and grant."""
+        revoked: set[RevocationId] = set()
+        for crl in self.crls():
+            for entry in crl:
+                revoked.add(revocation_id(crl.issuer, entry.serial_number))
+        self._revoked = frozenset(revoked)
+
+    def _close_revoked(self) -> None:
+        """Revocation ends access: close at once every grant made for a certificate (or under a CA) that
+        the CRLs in hand now revoke."""
+        revoked = self._revoked
+        doomed = [e for e in self.grants.entries() if not revoked.isdisjoint(e.revocation_ids)]
+        self._close_now(doomed, "its certificate, or a CA above it, is revoked by the new CRL")
+
+    def _close_now(self, entries: Sequence[GrantEntry], why: str) -> list[GrantEntry]:
+        """Close ``entries`` in the firewall now; a close that fails stays listed, overdue, and is retried."""
+        if not entries:
+            return []
+        failed = {opening for opening, _ in self._apply([], [e.opening for e in entries])}
+        now = self.clock()
+        closed = []
+        for entry in entries:
+            opening = entry.opening
+            what = f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
+            if opening in failed:
+                self.grants.open(opening, 0.0, now, entry.client, entry.revocation_ids)  # due at once: retried
+                log.error("could not close %s (%s); it stays listed and is retried", what, why)
+            else:
+                self.grants.close(opening)
+                closed.append(entry)
+                log.warning("closed %s: %s", what, why)
+        return closed
+
+    def close_command(self, arguments: dict[str, Any]) -> dict[str, object]:
+        """``sknock-server close``: close the open grants of a client (by subject or certificate serial
+        number) or of a source address, now."""
+        given = {k: v for k, v in arguments.items() if k in ("client", "serial", "address") and v is not None}
+        if len(given) != 1 or len(arguments) != 1:
+            return {"error": "close takes exactly one of: client, serial, address"}
+        (key, value), = given.items()
+        try:
+            match = _matcher(key, value)
+        except ValueError as exc:
+            return {"error": f"close --{key}: {exc}"}
+        entries = [e for e in self.grants.entries() if match(e)]
+        closed = self._close_now(entries, f"closed by the operator (close --{key} {value})")
+        return {"closed": [_describe(e) for e in closed],
+                "failed": [_describe(e) for e in entries if e not in closed]}
 
     def _crl_message(self) -> bytes:
         return CRL_PREFIX + ((self.crl.current_bytes or b"") if self.crl is not None else b"")
@@ -590,6 +659,7 @@ class Monitor:
                     "expires_in": round(e.expires_at - now, 3),
                     "overdue": e.overdue,
                     "close_failures": e.close_failures,
+                    "serial": e.serial,
                 }
                 for e in self.grants.entries()
             ],
@@ -623,6 +693,27 @@ class Monitor:
         self.journal.close()
         if self.instance is not None:
             self.instance.close()
+
+
+def _matcher(key: str, value: object) -> Callable[[GrantEntry], bool]:
+    """What ``close --KEY VALUE`` selects."""
+    if key == "serial":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a serial number")
+        return lambda e: e.serial == value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a {key}")
+    if key == "address":
+        address = ipaddress.ip_address(value)  # ValueError: not an address
+        return lambda e: e.opening.address == address
+    # a client: its whole subject as status shows it, or one of its parts (CN=alice), or a CN's value (alice)
+    wanted = {value, f"CN={value}"}
+    return lambda e: e.client in wanted or not wanted.isdisjoint(e.client.split(","))
+
+
+def _describe(entry: GrantEntry) -> str:
+    opening = entry.opening
+    return f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -8,12 +8,16 @@ re-checks every field (address, protocol, port, duration bound) before the firew
 compromised worker can at most open ports for the durations the configuration allows -- never run
 commands, never touch other tables.
 
-Layout (network byte order; 54 bytes, then the client name)::
+Layout (network byte order; 55 bytes, the revocation ids, then the client name)::
 
     op u8 (1 open, 2 close) | family u8 (4, 6) | protocol u8 (0 udp, 1 tcp) | reserved u8 (0)
     port u16 | duration f64 | nonce expiry f64 (Unix time)
     address 16 bytes (IPv4: 4 bytes, then 12 zero bytes) | nonce 16 bytes
+    id count u8 (at most 8), then each: issuer name SHA-256 32 bytes | serial 21 bytes, signed
     client: the certificate subject for the log, UTF-8, at most 200 printable characters
+
+The revocation ids name the client's certificate and each CA certificate above it as a CRL would
+(:func:`sknock.trust.revocation_id`): the monitor closes the grant when a new CRL lists one.
 
 The one other message is ``CRL_PREFIX`` + a CRL in DER: the monitor hands each worker the CRL in use
 (empty when there is none), and the CRL fetcher hands the monitor what it downloaded, which the
@@ -43,11 +47,13 @@ __all__ = [
     "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair",
 ]
 
-_LAYOUT = struct.Struct("!BBBBHdd16s16s")
+_LAYOUT = struct.Struct("!BBBBHdd16s16sB")
+_ID = struct.Struct("!32s21s")
+MAX_IDS = 8
 CRL_PREFIX = b"CRL\0"
 MAX_CRL_MESSAGE = 4 << 20
 MAX_CLIENT = 200  # characters
-MAX_MESSAGE = _LAYOUT.size + 4 * MAX_CLIENT
+MAX_MESSAGE = _LAYOUT.size + MAX_IDS * _ID.size + 4 * MAX_CLIENT
 _OPS: dict[int, Literal["open", "close"]] = {1: "open", 2: "close"}
 _OP_CODES = {name: code for code, name in _OPS.items()}
 _PROTOCOLS = {int(p): p for p in Protocol}
@@ -70,6 +76,7 @@ class GrantRequest:
     client: str
     nonce: bytes = bytes(16)
     expires: float = 0.0
+    revocation_ids: tuple[tuple[bytes, int], ...] = ()
 
     @property
     def replay_key(self) -> bytes:
@@ -100,6 +107,9 @@ def encode_request(request: GrantRequest) -> bytes:
         request.expires,
         address.packed.ljust(16, b"\0"),
         request.nonce,
+        len(request.revocation_ids),
+    ) + b"".join(
+        _ID.pack(issuer, serial.to_bytes(21, "big", signed=True)) for issuer, serial in request.revocation_ids
     ) + printable_client(request.client).encode()
 
 
@@ -109,7 +119,9 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
         raise PrivsepError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if len(data) < _LAYOUT.size:
         raise PrivsepError(f"message of {len(data)} bytes is shorter than the {_LAYOUT.size} of a request")
-    op_code, family, protocol_code, reserved, port, duration, expires, raw_address, nonce = _LAYOUT.unpack_from(data)
+    op_code, family, protocol_code, reserved, port, duration, expires, raw_address, nonce, count = (
+        _LAYOUT.unpack_from(data)
+    )
     op = _OPS.get(op_code)
     if op is None:
         raise PrivsepError(f"unknown op {op_code}")
@@ -136,13 +148,22 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
         raise PrivsepError(f"bad duration {duration!r} (at most {max_duration:g} s)")
     if not 0 <= expires < 2**40:
         raise PrivsepError(f"bad nonce expiry {expires!r}")
+    if count > MAX_IDS:
+        raise PrivsepError(f"bad revocation id count {count}")
+    end = _LAYOUT.size + count * _ID.size
+    if len(data) < end:
+        raise PrivsepError(f"message of {len(data)} bytes is shorter than its {count} revocation id(s)")
+    ids = tuple(
+        (issuer, int.from_bytes(serial, "big", signed=True))
+        for issuer, serial in _ID.iter_unpack(data[_LAYOUT.size : end])
+    )
     try:
-        client = data[_LAYOUT.size :].decode()
+        client = data[end:].decode()
     except UnicodeDecodeError:
         raise PrivsepError("bad client name: not UTF-8") from None
     if len(client) > MAX_CLIENT or not client.isprintable():
         raise PrivsepError("bad client name: too long or not printable")
-    return GrantRequest(op, Opening(address, protocol, port), duration, client, nonce, expires)
+    return GrantRequest(op, Opening(address, protocol, port), duration, client, nonce, expires, ids)
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:

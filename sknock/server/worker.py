@@ -238,7 +238,7 @@ def grant_messages(grant: Grant) -> list[bytes]:
         encode_request(
             GrantRequest(
                 op, Opening(grant.address, protocol, port), grant.duration, grant.client, grant.nonce,
-                grant.nonce_expires,
+                grant.nonce_expires, grant.revocation_ids,
             )
         )
         for protocol, port in grant.ports
