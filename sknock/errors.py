@@ -80,6 +80,7 @@ class Reason(enum.StrEnum):
     Listed in the order the verification pipeline checks them, cheapest first.
     """
 
+    WRONG_DESTINATION = "wrong-destination"  # sent to an address that is not this host's (knockDestinations)
     BAD_LENGTH = "bad-length"
     BAD_MAGIC = "bad-magic"
     UNSUPPORTED_VERSION = "unsupported-version"

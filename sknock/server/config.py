@@ -17,6 +17,7 @@ from __future__ import annotations
 import configparser
 import difflib
 import enum
+import ipaddress
 import os
 import pwd
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "FirewallPolicy",
     "FirewallBackend",
     "CaptureMode",
+    "KnockDestinations",
     "load_config",
     "MIN_RECV_BUFFER",
     "COMMAND_PLACEHOLDERS",
@@ -114,6 +116,7 @@ class ServerConfig:
     open_command: str | None
     close_command: str | None
     interfaces: tuple[str, ...] | None  # None: any interface
+    knock_destinations: KnockDestinations | None  # None: any destination address
     knock_ports: tuple[tuple[int, int], ...] | None  # inclusive (first, last) UDP ports; None: any
     capture_mode: CaptureMode
     protected_ports: PortSet | None  # None: all ports
@@ -160,6 +163,7 @@ class ServerConfig:
             ("closeCommand", opt(self.close_command)),
             ("interfaces", "any" if self.interfaces is None else ",".join(self.interfaces)),
             ("knockPorts", knock_ports),
+            ("knockDestinations", "any" if self.knock_destinations is None else str(self.knock_destinations)),
             ("captureMode", self.capture_mode.value),
             ("protectedPorts", "all" if self.protected_ports is None else str(self.protected_ports)),
             ("emergencySSH", "yes" if self.emergency_ssh else "no"),
@@ -202,6 +206,7 @@ _DEFAULTS: dict[str, str | None] = {
     "closeCommand": None,
     "interfaces": "any",
     "knockPorts": "any",
+    "knockDestinations": "local",
     "captureMode": "packet",
     "protectedPorts": "all",
     "emergencySSH": "yes",
@@ -398,6 +403,40 @@ def _crl_url(r: _Reader, check_files: bool) -> str | None:
     return str(local)
 
 
+@dataclass(frozen=True, slots=True)
+class KnockDestinations:
+    """The destination addresses a captured knock may have: the host's own (``local``) and ``extra``."""
+
+    local: bool
+    extra: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+
+    def __str__(self) -> str:
+        return ", ".join((["local"] if self.local else []) + [str(a) for a in self.extra])
+
+
+def _knock_destinations(r: _Reader) -> KnockDestinations | None:
+    text = r.required("knockDestinations")
+    items = [item.strip() for item in text.split(",")]
+    if any(not item for item in items):
+        raise r.fail("knockDestinations", f"{text!r} has an empty entry")
+    if "any" in items:
+        if len(items) > 1:
+            raise r.fail("knockDestinations", "'any' cannot be combined with other entries")
+        return None
+    extra = []
+    for item in items:
+        if item == "local":
+            continue
+        try:
+            address = ipaddress.ip_address(item)
+        except ValueError:
+            raise r.fail("knockDestinations", f"{item!r} is not 'local', 'any' or an IP address") from None
+        if address.is_multicast or address.is_unspecified:
+            raise r.fail("knockDestinations", f"{item!r} cannot be a knock's destination")
+        extra.append(address)
+    return KnockDestinations("local" in items, tuple(dict.fromkeys(extra)))
+
+
 def _interfaces(r: _Reader) -> tuple[str, ...] | None:
     text = r.required("interfaces")
     names = [n.strip() for n in text.split(",")]
@@ -572,6 +611,7 @@ def load_config(
         open_command=open_command,
         close_command=close_command,
         interfaces=_interfaces(r),
+        knock_destinations=_knock_destinations(r),
         knock_ports=knock_ports,
         capture_mode=capture_mode,
         protected_ports=_protected_ports(r),

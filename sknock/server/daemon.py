@@ -47,6 +47,7 @@ from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
+from .localaddr import DestinationFilter
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .worker import Capture, Worker
@@ -260,7 +261,10 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     adopt(first[len(CRL_PREFIX) :])
     channel.setblocking(False)
     log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, config.workers, config.user, uid, gid)
-    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt).run()
+    destinations = None
+    if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
+        destinations = DestinationFilter(config.knock_destinations.local, config.knock_destinations.extra)
+    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations).run()
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:

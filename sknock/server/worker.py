@@ -26,6 +26,7 @@ from ..errors import KnockRefused, Reason
 from ..protocol import Action, Prechecked
 from ..verifier import Grant, KnockVerifier
 from .firewall.base import Opening
+from .localaddr import DestinationFilter
 from .packet import Datagram
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, encode_request
 
@@ -95,6 +96,7 @@ class Worker:
         capture: Capture,
         channel: socket.socket,
         on_crl: Callable[[bytes], None] = lambda data: None,
+        destinations: DestinationFilter | None = None,
         limits: WorkerLimits = WorkerLimits(),  # noqa: B008 -- frozen
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -102,6 +104,7 @@ class Worker:
         self.capture = capture
         self.channel = channel
         self.on_crl = on_crl
+        self.destinations = destinations  # None: any destination address (the capture's own filter only)
         self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
         self.limits = limits
         self.clock = clock
@@ -167,7 +170,13 @@ class Worker:
         now = self.clock()
         for source in self.capture.take_copies():  # exact copies of remembered datagrams
             self.refusals.refused(source, Reason.REPLAY_SEEN, now)
+        destinations = self.destinations
         for datagram in datagrams:
+            if destinations is not None and not destinations.allows(datagram.destination, datagram.ifindex, now):
+                self.verifier.counters[Reason.WRONG_DESTINATION.value] += 1
+                refusal = KnockRefused(Reason.WRONG_DESTINATION, f"addressed to {datagram.destination}")
+                self.refusals.refused(datagram.source, refusal, now)
+                continue
             self.accept(datagram.payload, datagram.source, now)
         return len(datagrams)
 

@@ -1,0 +1,104 @@
+"""Which destination addresses a knock may be sent to: by default the host's own.
+
+On a host that routes, the packet capture (AF_PACKET) also sees datagrams passing through to other
+hosts.  A knock addressed to another host is not a knock for this one, so the worker refuses it
+(``wrong-destination``) unless the operator listed that address (``knockDestinations``).
+
+The host's addresses come from the kernel over rtnetlink (an ``RTM_GETADDR`` dump, which needs no
+privilege), read at start and again -- at most once a second -- when a datagram names an address not
+in the set, so an address added later (DHCP, a new interface) is found without a restart.  A loopback
+address counts only for a datagram that arrived on a loopback interface: from the wire, the kernel drops
+such packets as martians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+__all__ = ["DestinationFilter", "host_addresses"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NLMSG = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+_RTM_NEWADDR, _RTM_GETADDR = 20, 22
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_REFRESH = 1.0  # seconds between two reads of the host's addresses
+
+
+def host_addresses() -> dict[IPAddress, int]:
+    """Every address the kernel has on this host (this network namespace), with its interface index."""
+    found: dict[IPAddress, int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(2.0)
+        request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        sock.send(_NLMSG.pack(_NLMSG.size + len(request), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + request)
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
+                if length < _NLMSG.size or offset + length > len(data):
+                    raise OSError("malformed rtnetlink answer")
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + _NLMSG.size)
+                    if code:
+                        raise OSError(-code, os.strerror(-code))
+                elif kind == _RTM_NEWADDR:
+                    _parse_address(data[offset + _NLMSG.size : offset + length], found)
+                offset += (length + 3) & ~3
+
+
+def _parse_address(body: bytes, found: dict[IPAddress, int]) -> None:
+    family, _, _, _, index = _IFADDRMSG.unpack_from(body)
+    size = 4 if family == socket.AF_INET else 16 if family == socket.AF_INET6 else 0
+    attributes: dict[int, bytes] = {}
+    offset = _IFADDRMSG.size
+    while offset + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, offset)
+        if length < _RTATTR.size:
+            break
+        attributes[kind] = body[offset + _RTATTR.size : offset + length]
+        offset += (length + 3) & ~3
+    # IPv4: IFA_LOCAL is this host's address (IFA_ADDRESS is the peer's on a point-to-point link)
+    raw = attributes.get(_IFA_LOCAL) or attributes.get(_IFA_ADDRESS)
+    if size and raw is not None and len(raw) == size:
+        found[ipaddress.ip_address(raw)] = index
+
+
+@dataclass
+class DestinationFilter:
+    """Decides whether a datagram's destination is one a knock may be sent to.  ``local``: the host's
+    own addresses count; ``extra``: addresses the operator listed."""
+
+    local: bool = True
+    extra: Collection[IPAddress] = ()
+    _known: dict[IPAddress, int] = field(default_factory=dict)
+    _read_at: float = -1e18
+
+    def allows(self, destination: IPAddress, ifindex: int, now: float) -> bool:
+        if destination in self.extra:
+            return True
+        if not self.local:
+            return False
+        index = self._known.get(destination)
+        if index is None and now - self._read_at >= _REFRESH:
+            self._read_at = now
+            # on failure keep what was known: an address that cannot be confirmed is refused
+            with contextlib.suppress(OSError):
+                self._known = host_addresses()
+            index = self._known.get(destination)
+        if index is None:
+            return False
+        return not destination.is_loopback or ifindex == index
