@@ -414,14 +414,22 @@ class KnockDestinations:
         return ", ".join((["local"] if self.local else []) + [str(a) for a in self.extra])
 
 
-def _knock_destinations(r: _Reader) -> KnockDestinations | None:
-    text = r.required("knockDestinations")
+def _any_or_list(r: _Reader, key: str, others: str) -> list[str] | None:
+    """A comma list of non-empty entries, or None for ``any`` (which stands alone)."""
+    text = r.required(key)
     items = [item.strip() for item in text.split(",")]
     if any(not item for item in items):
-        raise r.fail("knockDestinations", f"{text!r} has an empty entry")
+        raise r.fail(key, f"{text!r} has an empty entry")
     if "any" in items:
         if len(items) > 1:
-            raise r.fail("knockDestinations", "'any' cannot be combined with other entries")
+            raise r.fail(key, f"'any' cannot be combined with {others}")
+        return None
+    return items
+
+
+def _knock_destinations(r: _Reader) -> KnockDestinations | None:
+    items = _any_or_list(r, "knockDestinations", "other entries")
+    if items is None:
         return None
     extra = []
     for item in items:
@@ -438,13 +446,8 @@ def _knock_destinations(r: _Reader) -> KnockDestinations | None:
 
 
 def _interfaces(r: _Reader) -> tuple[str, ...] | None:
-    text = r.required("interfaces")
-    names = [n.strip() for n in text.split(",")]
-    if any(not n for n in names):
-        raise r.fail("interfaces", f"{text!r} has an empty entry")
-    if "any" in names:
-        if len(names) > 1:
-            raise r.fail("interfaces", "'any' cannot be combined with interface names")
+    names = _any_or_list(r, "interfaces", "interface names")
+    if names is None:
         return None
     for name in names:
         if len(name) > 15 or name in (".", "..") or _IFNAME_BAD.search(name):

@@ -294,22 +294,29 @@ class Monitor:
         """Everything one worker has sent since the last turn (at most MAX_BATCH messages)."""
         requests = []
         for _ in range(MAX_BATCH):
-            try:
-                size = channel.recv_into(self._buffer)
-            except BlockingIOError:
+            data = self._receive(channel)
+            if data is None:
                 break
-            except OSError as exc:
-                log.error("worker channel failed: %s", exc)
-                size = 0
-            if size == 0:
-                self._child_gone(self._by_channel.get(channel), channel)
-                break
-            data = bytes(memoryview(self._buffer)[:size])
             try:
                 requests.append(parse_request(data, max_duration=self.max_duration))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests
+
+    def _receive(self, channel: socket.socket) -> bytes | None:
+        """One message from a child's channel, or None when none is waiting.  A channel that has closed
+        (or failed) means the child has gone: it is reaped and its replacement planned."""
+        try:
+            size = channel.recv_into(self._buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            log.error("channel failed: %s", exc)
+            size = 0
+        if size == 0:
+            self._child_gone(self._by_channel.get(channel), channel)
+            return None
+        return bytes(memoryview(self._buffer)[:size])
 
     def apply(self, requests: Sequence[GrantRequest]) -> None:
         """Refuse knocks applied before, record the rest in the journal, then apply the last word on
@@ -542,21 +549,13 @@ class Monitor:
 
     def _read_fetcher(self, child: Child) -> None:
         assert child.channel is not None
-        try:
-            size = child.channel.recv_into(self._buffer)
-        except BlockingIOError:
+        data = self._receive(child.channel)
+        if data is None:
             return
-        except OSError as exc:
-            log.error("CRL fetcher channel failed: %s", exc)
-            size = 0
-        if size == 0:
-            self._child_gone(child, child.channel)
-            return
-        data = bytes(memoryview(self._buffer)[:size])
         if data.startswith(CRL_PREFIX):
             self.offer_crl(data[len(CRL_PREFIX) :])
         else:
-            log.error("refused a malformed message from the CRL fetcher (%d bytes)", size)
+            log.error("refused a malformed message from the CRL fetcher (%d bytes)", len(data))
 
     # -- children ------------------------------------------------------------------------------------
 
