@@ -569,3 +569,49 @@ def test_the_operator_closes_grants_by_client_serial_or_address(setup, caplog) -
     assert monitor.close_command({"client": "bob"})["closed"] == ["tcp/23 for 198.18.0.2 (CN=bob)"]
     assert firewall.open_now == {} and len(monitor.grants) == 0
     assert sum("closed by the operator" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_grants_a_backend_cannot_end_are_recorded_and_ended_after_a_crash(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from sknock.server.ledger import GrantLedger
+
+    caplog.set_level("INFO", logger="sknock.monitor")
+    path = tmp_path / "state" / "grants.json"
+    clock = Clock()
+    wall = [1_900_000_000.0]
+    here, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    first = Monitor(firewall=RecordingFirewall(), channels=[here], max_duration=3600, ledger=GrantLedger(path),
+                    clock=clock, wall_clock=lambda: wall[0])
+    worker.send(request("open", A, 22, b"\xa1" * 16, duration=10))
+    worker.send(request("open", B, 22, b"\xa2" * 16, duration=100))
+    drain(first)
+    recorded = json.loads(path.read_text())["grants"]
+    assert sorted((g["address"], g["expires"]) for g in recorded) == [("198.18.0.2", wall[0] + 10),
+                                                                    ("198.18.0.3", wall[0] + 100)]
+    assert path.stat().st_mode & 0o777 == 0o600
+    # the monitor is killed (no stop); 20 s later a new one starts with a fresh firewall object
+    clock.now += 20
+    wall[0] += 20
+    firewall = RecordingFirewall()
+    firewall.open_now = {Opening(A, Protocol.TCP, 22): 10, Opening(B, Protocol.TCP, 22): 100}  # still in the firewall
+    second = Monitor(firewall=firewall, max_duration=3600, ledger=GrantLedger(path), clock=clock,
+                     wall_clock=lambda: wall[0])
+    second.expire()
+    assert list(firewall.open_now) == [Opening(B, Protocol.TCP, 22)]  # the one past its time: closed at once
+    assert [e["address"] for e in second.status()["grants"]] == ["198.18.0.3"]  # type: ignore[index]
+    clock.now += 80
+    second.expire()
+    assert firewall.open_now == {}
+    assert any("left open by a previous run" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unreadable_ledger_is_reported(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from sknock.server.ledger import GrantLedger
+
+    caplog.set_level("INFO", logger="sknock.monitor")
+    path = tmp_path / "grants.json"
+    path.write_text('{"grants": [{"address": "198.18.0.2", "protocol": "tcp", "port": 0, "expires": 1}]}')
+    Monitor(firewall=RecordingFirewall(), max_duration=3600, ledger=GrantLedger(path))
+    assert any(r.levelname == "ERROR" and "cannot read the grants a previous run left open" in r.getMessage()
+               and str(path) in r.getMessage() for r in caplog.records)

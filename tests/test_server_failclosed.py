@@ -256,6 +256,35 @@ def test_a_close_that_fails_is_retried_and_status_shows_it_overdue(pki: TestPKI,
         assert server.status()["grants"] == []
 
 
+def test_a_command_backend_grant_left_by_a_killed_server_is_closed_by_the_next_start(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The command backend cannot end grants by itself: the monitor records them in stateDir, so after a
+    kill -9 the next start runs the close command at the grant's time."""
+    require_netns()
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fw.sh"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(calls))}\n')
+    run = f"/bin/sh {shlex.quote(str(script))}"
+    options = {
+        "firewallBackend": "command", "firewallPolicy": "none", "protectedPorts": f"tcp/{PORT}",
+        "PORT_OPEN_DURATION_IN_SECONDS": "3", "stateDir": str(tmp_path / "state"),
+        "openCommand": f"{run} open %IP% %PROTO% %PORT%", "closeCommand": f"{run} close %IP% %PROTO% %PORT%",
+    }
+    with TestNet.create("skfk") as net:
+        with RunningServer.start(net, pki, **options) as server:
+            knock(net, pki, server)
+            opened = time.monotonic()
+            server.stop(signal.SIGKILL)
+        assert calls.read_text().splitlines() == [f"open {net.client.ipv4} tcp {PORT}"]  # nobody closed it
+        with RunningServer.start(net, pki, **options) as again:
+            again.wait_log("left open by a previous run")
+            again.wait_log(f"closed tcp/{PORT} for {net.client.ipv4}: window ended", timeout=10)
+            assert time.monotonic() - opened >= 3 - 0.5  # on time, not before
+            assert calls.read_text().splitlines()[-1] == f"close {net.client.ipv4} tcp {PORT}"
+            assert again.status()["grants"] == []
+
+
 # -- 5: no replay across restarts, and a copied bound knock --------------------------------------------
 
 

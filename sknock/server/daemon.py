@@ -47,6 +47,7 @@ from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
+from .ledger import GrantLedger
 from .localaddr import DestinationFilter
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
@@ -56,6 +57,7 @@ __all__ = ["Server", "prepare", "run", "teardown", "setup_logging", "make_server
 
 log = logging.getLogger("sknock.server")
 JOURNAL_NAME = "replay.journal"
+LEDGER_NAME = "grants.json"
 FIRST_CRL_TIMEOUT = 30.0  # seconds a new worker waits for the monitor's CRL
 
 
@@ -388,6 +390,7 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
         crl_interval=config.crl_update_interval_minutes * 60.0,
         instance=instance,
         carried=carried,
+        ledger=GrantLedger(config.state_dir / LEDGER_NAME),
     )
     log.info("monitor running (pid %d); starting %d worker(s)", os.getpid(), config.workers)
     code = monitor.run()

@@ -45,6 +45,7 @@ from .crl_refresh import CrlRefresher, RefreshResult
 from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
+from .ledger import GrantLedger, LedgerError
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
@@ -148,6 +149,7 @@ class Monitor:
         crl_interval: float = 1800.0,
         instance: socket.socket | None = None,
         carried: Iterable[tuple[Opening, float]] = (),
+        ledger: GrantLedger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -164,6 +166,11 @@ class Monitor:
         now = clock()
         for opening, remaining in carried:
             self.grants.open(opening, remaining, now, "(from before the restart)")
+        # A backend that cannot end grants by itself (command) has them recorded, so a restart ends them.
+        self.ledger = ledger if not firewall.kernel_expiry else None
+        self._ledger_dirty = False
+        if self.ledger is not None:
+            self._reopen_ledger(now, wall_clock())
         self.journal = journal or KnockJournal(None, capacity=NONCE_CAPACITY, now=wall_clock(), window=window)
         # Children: workers given as channels (tests, or forked by the caller) are never respawned.
         self.children: list[Child] = []
@@ -287,6 +294,40 @@ class Monitor:
         elif self.crl is not None and self._fetcher is None and now >= self._next_crl:
             self.refresh_crl()
         self._respawn_due(now)
+        if self._ledger_dirty and self.ledger is not None:
+            self._ledger_dirty = False
+            try:
+                self._save_ledger()
+            except OSError as exc:
+                log.error("cannot update %s: %s", self.ledger.path, exc)
+
+    # -- the ledger of grants a backend cannot end by itself ------------------------------------------
+
+    def _save_ledger(self, extra: Sequence[tuple[Opening, float, str]] = ()) -> None:
+        assert self.ledger is not None
+        offset = self.wall_clock() - self.clock()
+        entries = {e.opening: (e.opening, e.expires_at + offset, e.client) for e in self.grants.entries()}
+        for opening, expires, client in extra:
+            held = entries.get(opening)
+            entries[opening] = (opening, max(expires, held[1]) if held else expires, client)
+        self.ledger.save(entries.values())
+
+    def _reopen_ledger(self, now: float, wall: float) -> None:
+        """Take over what a previous run left open: close now what is past its time, the rest on time."""
+        assert self.ledger is not None
+        try:
+            left = self.ledger.load()
+        except LedgerError as exc:
+            log.error("cannot read the grants a previous run left open (%s): sknock cannot close them; check "
+                      "the firewall (%s) by hand", exc, self.firewall.name)
+            return
+        self.firewall.take_over([opening for opening, _, _ in left])
+        for opening, expires, client in left:
+            if opening not in self.grants:
+                self.grants.open(opening, expires - wall, now, client)
+        if left:
+            log.warning("%d grant(s) left open by a previous run (%s cannot end them by itself): those past "
+                        "their time are closed now, the rest on time", len(left), self.firewall.name)
 
     # -- requests from workers -----------------------------------------------------------------------
 
@@ -352,6 +393,13 @@ class Monitor:
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
         closes = [o for o, r in final.items() if r.op == "close"]
         grants = self.grants
+        if self.ledger is not None and opens:
+            try:  # before the grants exist: a crash after this point leaves them recorded, to be closed
+                self._save_ledger(extra=[(o, wall + d, final[o].client) for o, d in opens])
+            except OSError as exc:
+                log.error("refused %d knock request(s): cannot record them in %s (%s); a grant that is not "
+                          "recorded would stay open if the server were killed", len(opens), self.ledger.path, exc)
+                return
         known = {o for o, _ in opens if o in grants}
         failed = {opening for opening, _ in self._apply(opens, closes, known)} if final else set()
         now = self.clock()
@@ -370,6 +418,7 @@ class Monitor:
             else:
                 entry[1].append(port)
         self._log_applied(knocks.values(), known)
+        self._ledger_dirty = True
 
     @staticmethod
     def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:
@@ -410,6 +459,7 @@ class Monitor:
         if not due:
             return
         failed = {opening for opening, _ in self._apply([], due)}
+        self._ledger_dirty = True
         for opening in due:
             if opening in failed:
                 delay = self.grants.close_failed(opening, now)
@@ -499,6 +549,7 @@ class Monitor:
         if not entries:
             return []
         failed = {opening for opening, _ in self._apply([], [e.opening for e in entries])}
+        self._ledger_dirty = True
         now = self.clock()
         closed = []
         for entry in entries:
@@ -680,11 +731,13 @@ class Monitor:
                 child.channel.close()
                 child.channel = None
         if not self.firewall.kernel_expiry:
-            openings = [e.opening for e in self.grants.entries()]
-            if openings:
-                failed = self._apply([], openings)
-                log.info("closed %d grant(s) at the stop (backend %s cannot end them on time by itself)",
-                         len(openings) - len(failed), self.firewall.name)
+            self._close_now(self.grants.entries(),
+                            f"the server stops, and {self.firewall.name} cannot end a grant on time by itself")
+            if self.ledger is not None:
+                try:
+                    self._save_ledger()  # what could not be closed stays recorded for the next start
+                except OSError as exc:
+                    log.error("cannot update %s: %s", self.ledger.path, exc)
         log.info("the firewall policy stays in place: protected ports stay closed while the server is "
                  "stopped (sknock-server -c CONFIG teardown removes it)")
         if self.control is not None:

@@ -162,6 +162,12 @@ class Firewall(abc.ABC):
                 failures.append((opening, exc))
         return failures
 
+    def take_over(self, openings: Sequence[Opening]) -> None:
+        """Grants a previous run of the server left open (from its ledger), which this object did not open
+        itself: from now on :meth:`close` must act on them.  Nothing to do for a backend that reads its
+        grants from the kernel."""
+        return None
+
     @abc.abstractmethod
     def openings(self) -> list[Opening]:
         """The grants in force now, as the kernel (or the backend's memory) holds them."""

@@ -125,6 +125,10 @@ class CommandFirewall(Firewall):
             raise FirewallError(NAME, f"restore left {len(errors)} grant(s) closed; first: {errors[0]}")
         return restored
 
+    def take_over(self, openings: Sequence[Opening]) -> None:
+        """A previous process opened these (its ledger says so): close() runs the close command for them."""
+        self._open.update(openings)
+
     def open(self, opening: Opening, duration: float) -> None:
         seconds = max(1, math.ceil(check_duration(NAME, duration)))
         self._run(self._open_argv, opening, seconds, "opening")
