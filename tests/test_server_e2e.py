@@ -268,6 +268,7 @@ def test_command_backend_runs_the_templates(pki: TestPKI, tmp_path: Path) -> Non
     config = options(
         "command",
         "none",
+        protectedPorts="all",  # the command backend applies no policy: a list would be refused as meaningless
         openCommand=f"{record} open %IP% %PROTO% %PORT% %DURATION%",
         closeCommand=f"{record} close %IP% %PROTO% %PORT% %DURATION%",
     )
