@@ -83,3 +83,38 @@ def write_pfx(
 def write_cer(path: Path, cert: x509.Certificate) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     return path
+
+
+def signed_crl(
+    key: object, issuer: x509.Certificate, *, last_update: dt.datetime, next_update: dt.datetime
+) -> bytes:
+    """A CRL (DER) with no entries signed by ``key`` for ``issuer``, with the dates given."""
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(last_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+def self_signed_ca(
+    name: str, *, not_before: dt.datetime, not_after: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(key_usage(key_agreement=False, cert_sign=True), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert

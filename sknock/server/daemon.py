@@ -48,6 +48,7 @@ from .firewall.base import Opening
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
+from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .worker import Capture, Worker
 
@@ -129,6 +130,7 @@ def _knock_port_set(config: ServerConfig) -> PortSet:
 def prepare(config: ServerConfig) -> Server:
     """Load and check everything; change nothing.  Raises SknockError subclasses with clear messages."""
     credentials = load_server_pfx(config.server_pfx_file, config.pfx_password)
+    check_credentials(config, credentials)
     cas = list(credentials.ca_certificates)
     if config.ca_file is not None:
         cas += load_certificates(config.ca_file)
