@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 from tests.netns import TestNet, netns_available  # noqa: E402  (the same test hosts the tests use)
 
 PKI = ROOT / "certificates" / "devpki"
-PASSWORD = "sknock-demo"  # noqa: S105 -- the dev PKI's, for this demo only
+PASSWORD = "sknock-demo"  # noqa: S105 -- the dev PKI's .pfx files', for this demo only
+CA_PASSWORD = "sknock-demo-ca"  # noqa: S105 -- its CA key's: a .pfx never shares the CA's password
 PY = sys.executable
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "SKNOCK_PFX_PASSWORD": PASSWORD, "SKNOCK_NEW_PFX_PASSWORD": PASSWORD}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "SKNOCK_PFX_PASSWORD": CA_PASSWORD, "SKNOCK_NEW_PFX_PASSWORD": PASSWORD}
 PORT = 8080
 WINDOW = 5
 
@@ -47,7 +48,7 @@ def ca(*args: str) -> None:
 
 
 def make_pki(server_ip: str) -> None:
-    say("1. A dev PKI, made with sknock-ca (password 'sknock-demo', for this demo only)")
+    say("1. A dev PKI, made with sknock-ca (.pfx password 'sknock-demo', CA password 'sknock-demo-ca'; demo only)")
     if PKI.exists():
         shutil.rmtree(PKI)
     ca("init", "--name", "sknock demo CA")

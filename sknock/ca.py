@@ -43,6 +43,7 @@ from .ports import PortSet
 __all__ = [
     "CAError",
     "KEY_TYPES",
+    "SERVER_KEY_TYPES",
     "Entry",
     "CertificateAuthority",
     "init_ca",
@@ -55,6 +56,8 @@ Kind = Literal["server", "client", "intermediate"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+#: A server's key: knocks are encrypted to it with ECDH on a curve of the protocol's suites (P-256, P-384).
+SERVER_KEY_TYPES = ("ec-p256", "ec-p384")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between the CA and servers
 _INDEX_VERSION = 1
@@ -258,10 +261,19 @@ class CertificateAuthority:
         days: int = 825,
         key_type: str = "ec-p256",
     ) -> x509.Certificate:
-        """Issue a server certificate (keyAgreement, serverAuth) to ``server/NAME.pfx`` and ``.cer``."""
+        """Issue a server certificate (keyAgreement, serverAuth) to ``server/NAME.pfx`` and ``.cer``.
+
+        One per server: two servers sharing a certificate accept each other's knocks (docs/pki.md), so a
+        name already issued, or whose files are already in ``server/``, is refused rather than replaced."""
         self._ensure_new(name)
-        if not key_type.startswith("ec-"):
-            raise CAError(f"server keys must be EC (the server decrypts knocks with ECDH), not {key_type!r}")
+        if key_type not in SERVER_KEY_TYPES:
+            raise CAError(
+                f"server keys must be EC P-256 or P-384 (knocks are encrypted to them with ECDH), not {key_type!r}"
+            )
+        for existing in (self.directory / "server" / f"{name}.pfx", self.directory / "server" / f"{name}.cer"):
+            if existing.exists():
+                raise CAError(f"{existing} already exists: a server named {name!r} was issued before; "
+                              "give this server a name of its own")
         key = _new_key(key_type)
         sans: list[x509.GeneralName] = []
         for ip in ips:

@@ -7,9 +7,11 @@
 :class:`KnockClient` loads the credentials once for repeated knocks; :class:`AsyncKnockClient` does the
 same for asyncio applications.  Every failure the caller can act on is a typed exception from
 :mod:`sknock.errors` with a message naming the file, host or port: CredentialError (missing file, wrong
-password), NotAuthorizedError (the certificate does not name the port: checked before sending),
-KnockBuildError (certificate too large for one datagram), ResolveError (host does not resolve),
-ClientError (anything else about where or how to send: a bad source address, no route, a failed send).
+password; its subclass ServerCertificateError when the certificate given as the server's is a CA's, a
+client's or otherwise not a server's: checked before anything is sent), NotAuthorizedError (the
+certificate does not name the port: checked before sending), KnockBuildError (certificate too large
+for one datagram), ResolveError (host does not resolve), ClientError (anything else about where or
+how to send: a bad source address, no route, a failed send).
 Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueError.
 """
 
@@ -30,13 +32,29 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certificate import authorized_ports
-from .credentials import ClientCredentials, load_certificate, load_client_pfx
-from .errors import CertificateError, ClientError, CredentialError, NotAuthorizedError, ResolveError
+from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
+from .errors import (
+    CertificateError,
+    ClientError,
+    CredentialError,
+    NotAuthorizedError,
+    ResolveError,
+    ServerCertificateError,
+)
+from .logsafe import log_safe
 from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
 from .trust import verify_server_certificate
 
-__all__ = ["knock", "KnockClient", "AsyncKnockClient", "DEFAULT_WORK_BITS", "Target"]
+__all__ = [
+    "knock",
+    "KnockClient",
+    "AsyncKnockClient",
+    "DEFAULT_WORK_BITS",
+    "Target",
+    "check_server_certificate",
+    "load_server_certificate",
+]
 
 DEFAULT_WORK_BITS = 12  # the server's default workBits
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -83,6 +101,30 @@ def local_address_towards(address: IPAddress) -> IPAddress:
             return ipaddress.ip_address(str(s.getsockname()[0]).split("%")[0])
     except OSError as exc:
         raise ClientError(f"no local address towards {address}: {exc.strerror or exc}") from None
+
+
+def check_server_certificate(cert: x509.Certificate, where: str = "server certificate") -> None:
+    """Raise :class:`~sknock.errors.ServerCertificateError` unless ``cert`` has a server's profile (an EC
+    P-256/P-384 key, not a CA, keyAgreement and serverAuth where those extensions are present), so that a
+    CA's or a client's certificate given in its place is reported at once instead of knocks that no
+    server can read.  ``where`` names it in the message (a path)."""
+    problem = server_certificate_problem(cert)
+    if problem is not None:
+        try:
+            subject = log_safe(cert.subject.rfc4514_string())
+        except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
+            subject = "<undecodable subject>"
+        raise ServerCertificateError(
+            f"{where}: {subject} is not a server certificate: {problem}; give the knock server's own "
+            "certificate (sknock-ca: DIR/server/NAME.cer)"
+        )
+
+
+def load_server_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
+    """Load a server certificate (DER or PEM) and check it is one (:func:`check_server_certificate`)."""
+    cert = load_certificate(path)
+    check_server_certificate(cert, f"server certificate {Path(path)}")
+    return cert
 
 
 def _check_port(port: object, what: str = "port") -> int:
@@ -142,9 +184,10 @@ class KnockClient:
         else:
             self.server_certificate = load_certificate(server_cert)
             where = f"server certificate {Path(server_cert)}"
+        # Whatever check_server_cert says: a CA's or a client's certificate can receive no knock.
+        check_server_certificate(self.server_certificate, where)
         key = self.server_certificate.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise CredentialError(f"{where}: its key is not an EC key, so knocks cannot be encrypted to it")
+        assert isinstance(key, ec.EllipticCurvePublicKey)  # check_server_certificate made sure
         self._server_key = key
         self._server_fingerprint = fingerprint(self.server_certificate.public_bytes(serialization.Encoding.DER))
         self._certificate_der = credentials.certificate.public_bytes(serialization.Encoding.DER)

@@ -3,8 +3,10 @@
 Everything read here may have been swapped, truncated or mistyped by someone: every failure is a
 :class:`CredentialError` naming the path and the problem, never a bare traceback.  Policy about
 key types lives here too, because it is a property of what a file may hold: a server decrypts
-knocks with ECDH, so its key must be an EC key on a NIST curve; a client only signs, so EC, Ed25519
-and RSA (2048 bits or more) all work.
+knocks with ECDH, so its key must be an EC key on a curve of the protocol's suites (P-256, P-384); a
+client only signs, so EC, Ed25519 and RSA (2048 bits or more) all work.  So does the profile of a
+server's certificate (:func:`server_certificate_problem`), which the server checks on its own and the
+client on the one it is given.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .certificate import tolerate_zero_serial
-from .errors import CredentialError
+from .errors import CredentialError, ServerCertificateError
+from .logsafe import log_safe
+from .protocol.seal import SUITES
 
 __all__ = [
     "ClientKey",
@@ -33,12 +39,18 @@ __all__ = [
     "certificate_fingerprint",
     "resolve_password",
     "SERVER_CURVES",
+    "CLIENT_CURVES",
+    "server_certificate_problem",
 ]
 
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
-# The NIST curves sknock uses for ECDH (servers) and accepts for EC signatures (clients).
-SERVER_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+#: The curves a server key may be on: those of the protocol's suites, since every knock is encrypted to
+#: the server certificate's key with ECDH on its curve (P-256 and P-384; a P-521 server could be knocked
+#: by no client).
+SERVER_CURVES: tuple[str, ...] = tuple(suite.curve.name for suite in SUITES.values())
+#: The NIST curves sknock accepts for a client's EC signatures.
+CLIENT_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 _MIN_RSA_BITS = 2048
 # Bound what we read: a PKCS#12 or certificate bundle bigger than this is not one.
 _MAX_FILE_SIZE = 1 << 20
@@ -118,10 +130,16 @@ def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     key, cert, cas = _load_pkcs12(path, password, "server PKCS#12")
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SERVER_CURVES:
         raise CredentialError(
-            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256, P-384 or P-521"
+            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256 or P-384 "
+            "(the curves knocks are encrypted with)"
         )
     if not _key_matches(key, cert):
         raise CredentialError(f"server PKCS#12 {path}: the private key does not match the certificate")
+    problem = server_certificate_problem(cert)
+    if problem is not None:
+        raise ServerCertificateError(
+            f"server PKCS#12 {path}: {_subject(cert)} is not a server certificate: {problem}"
+        )
     return ServerCredentials(key, cert, cas)
 
 
@@ -130,7 +148,7 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     certificate, and CA certificates."""
     key, cert, cas = _load_pkcs12(path, password, "client PKCS#12")
     ok = (
-        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in SERVER_CURVES)
+        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in CLIENT_CURVES)
         or isinstance(key, ed25519.Ed25519PrivateKey)
         or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= _MIN_RSA_BITS)
     )
@@ -146,11 +164,66 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
 
 
 def _describe(key: object) -> str:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return f"EC {key.curve.name}"
-    if isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
         return f"RSA {key.key_size}"
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "Ed25519"
     return type(key).__name__
+
+
+def _subject(cert: x509.Certificate) -> str:
+    """The certificate's subject for a message: RFC 4514, escaped (a subject may hold a line break)."""
+    try:
+        return log_safe(cert.subject.rfc4514_string())
+    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
+        return "<undecodable subject>"
+
+
+def server_certificate_problem(cert: x509.Certificate) -> str | None:
+    """What keeps ``cert`` from being a sknock server's certificate, in a few words; None when nothing does.
+
+    The server profile (docs/pki.md): an EC key on a curve of the protocol's suites (P-256 or P-384: every
+    knock is encrypted to it with ECDH); not a CA (basicConstraints CA:TRUE or keyUsage keyCertSign);
+    keyUsage, where present, with keyAgreement; EKU, where present, with serverAuth.  Dates and the issuer
+    are the caller's business (the server checks its own, a client the one it is given).
+    """
+    try:
+        key = cert.public_key()
+    except Exception as exc:  # noqa: BLE001 -- an unknown or malformed key: say so
+        return f"its key cannot be read ({type(exc).__name__})"
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
+        return f"its key is {_describe(key)}, not EC P-256 or P-384 (knocks are encrypted to it with ECDH)"
+    try:
+        with tolerate_zero_serial():  # the original sKnock's server names its CA's serial 0 in its AKI
+            extensions = cert.extensions
+        basic = _extension(extensions, x509.BasicConstraints)
+        usage = _extension(extensions, x509.KeyUsage)
+        eku = _extension(extensions, x509.ExtendedKeyUsage)
+    except Exception as exc:  # noqa: BLE001 -- duplicate or undecodable extensions
+        return f"its extensions are malformed ({type(exc).__name__})"
+    if basic is not None and basic.ca:
+        return "it is a CA certificate (basicConstraints CA:TRUE)"
+    if usage is not None and usage.key_cert_sign:
+        return "it is a CA certificate (keyUsage keyCertSign)"
+    if usage is not None and not usage.key_agreement:
+        return "its keyUsage lacks keyAgreement (knocks are encrypted to its key with ECDH)"
+    if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        if ExtendedKeyUsageOID.CLIENT_AUTH in eku:
+            return "its EKU has clientAuth but not serverAuth: it is a client's certificate"
+        return "its EKU lacks serverAuth"
+    return None
+
+
+_X = TypeVar("_X", bound=x509.ExtensionType)
+
+
+def _extension(extensions: x509.Extensions, kind: type[_X]) -> _X | None:
+    try:
+        return extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:

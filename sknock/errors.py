@@ -15,6 +15,7 @@ __all__ = [
     "SknockError",
     "PortSpecError",
     "CredentialError",
+    "ServerCertificateError",
     "CertificateError",
     "KnockRefused",
     "Reason",
@@ -37,6 +38,11 @@ class PortSpecError(SknockError, ValueError):
 class CredentialError(SknockError):
     """A key, certificate or PKCS#12 file could not be loaded: missing, unreadable, wrong password,
     or holding something sknock cannot use."""
+
+
+class ServerCertificateError(CredentialError):
+    """A certificate given as a server's is not fit to be one: a CA's, a client's, or one whose key knocks
+    cannot be encrypted to.  Raised before anything is sent (client) or started (server)."""
 
 
 #: Characters at most of a refusal's detail or a certificate error's message (see :func:`log_safe`).

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from .certificate import authorized_ports, quiet_certificate_warnings
-from .credentials import SERVER_CURVES, certificate_fingerprint
+from .credentials import certificate_fingerprint, server_certificate_problem
 from .errors import CertificateError, Reason
 from .logsafe import log_safe
 from .ports import PortSet
@@ -322,9 +321,10 @@ class ClientVerifier:
 def verify_server_certificate(
     cert: x509.Certificate, cas: Sequence[x509.Certificate], now: dt.datetime
 ) -> x509.Certificate:
-    """Check a server certificate was issued directly by one of ``cas``, is in date, carries an
-    EC key on a NIST curve (the knock is encrypted to it), and if it has an EKU, that it includes
-    serverAuth.  Returns the issuing CA; raises CertificateError otherwise."""
+    """Check a server certificate was issued directly by one of ``cas``, is in date, and has the server
+    profile (:func:`~sknock.credentials.server_certificate_problem`: an EC P-256/P-384 key, not a CA,
+    keyAgreement where keyUsage is present, serverAuth where EKU is present).  Returns the issuing CA;
+    raises CertificateError otherwise."""
     now = _aware(now)
     with quiet_certificate_warnings():
         subject = _name(cert)
@@ -344,17 +344,7 @@ def verify_server_certificate(
             raise CertificateError(
                 Reason.CERT_EXPIRED, f"server certificate {subject}: issuer {_name(issuer)} not in date"
             )
-        key = cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
-            raise CertificateError(
-                Reason.CERT_INVALID, f"server certificate {subject}: key is not EC P-256/P-384/P-521"
-            )
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-            if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
-                raise CertificateError(Reason.CERT_INVALID, f"server certificate {subject}: EKU lacks serverAuth")
-        except x509.ExtensionNotFound:
-            pass
-        except ValueError as exc:
-            raise CertificateError(Reason.CERT_INVALID, f"server certificate {subject}: malformed: {exc}") from None
+        problem = server_certificate_problem(cert)
+        if problem is not None:
+            raise CertificateError(Reason.CERT_INVALID, f"server certificate {subject}: {problem}")
         return issuer

@@ -8,8 +8,10 @@
         server.wait_log("granted tcp/8080")
         assert server.reachable(8080)
 
-Everything the server needs lives in a world-readable temp folder (the worker runs as nobody).  The
-server process is stopped (SIGTERM, then SIGKILL) and the namespaces removed even when a test fails.
+Everything the server needs lives in a world-readable temp folder, or with ``private=True`` in a folder
+only root may enter (0700, every file 0600, the PFX password in a 0600 ``PFXPasswdFile``), as operators
+keep /etc/sknock: the workers (nobody) need none of it.  The server process is stopped (SIGTERM, then
+SIGKILL) and the namespaces removed even when a test fails.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def _world_readable_dir() -> Path:
     return path
 
 
+def _root_only_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="sknock-e2e-private-"))
+    path.chmod(0o700)
+    return path
+
+
 @dataclass
 class RunningServer:
     net: TestNet
@@ -53,17 +61,24 @@ class RunningServer:
     helpers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, net: TestNet, pki: TestPKI, *, wait: bool = True, **options: str) -> RunningServer:
+    def start(
+        cls, net: TestNet, pki: TestPKI, *, wait: bool = True, private: bool = False, **options: str
+    ) -> RunningServer:
         """Write a config (pki's server1 credentials and CRL, plus ``options``) and start the server
-        in ``net.server``.  Waits for 'worker ready' unless ``wait`` is False."""
-        folder = _world_readable_dir()
+        in ``net.server``.  Waits for 'worker ready' unless ``wait`` is False.  ``private``: a root-only
+        folder and files, and the password in a file (see the module docstring)."""
+        folder = _root_only_dir() if private else _world_readable_dir()
         shutil.copy(pki.server.pfx, folder / "server.pfx")
         shutil.copy(pki.ca_dir / "crl.der", folder / "crl.der")
-        for name in ("server.pfx", "crl.der"):
-            (folder / name).chmod(0o644)
+        password: dict[str, str] = {"PFXPasswd": PASSWORD}
+        if private:
+            (folder / "pfx.pass").write_text(PASSWORD + "\n")
+            password = {"PFXPasswdFile": "pfx.pass"}
+        for name in ("server.pfx", "crl.der", *(("pfx.pass",) if private else ())):
+            (folder / name).chmod(0o600 if private else 0o644)
         values = {
             "serverPFXFile": "server.pfx",
-            "PFXPasswd": PASSWORD,
+            **password,
             "crlFile": "crl.der",
             "controlSocket": str(folder / "control" / "control.sock"),
             "stateDir": str(folder / "state"),
@@ -73,6 +88,8 @@ class RunningServer:
         }
         config = folder / "config.ini"
         config.write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+        if private:
+            config.chmod(0o600)
         log = folder / "server.log"
         with log.open("wb") as out:
             process = net.server.popen(

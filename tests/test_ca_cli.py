@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from sknock.credentials import load_certificate, load_client_pfx, load_server_pfx
+from sknock.credentials import load_certificate, load_client_pfx, load_server_pfx, resolve_password
 from sknock.ports import parse_ports
 from sknock.trust import ClientVerifier, load_crl
 
@@ -200,14 +200,95 @@ def test_password_from_environment(cli: CLI) -> None:
     load_client_pfx(cli.dir / "client/envuser.pfx", "env-pfx-pw")
 
 
-def test_the_ca_password_alone_is_enough(cli: CLI) -> None:
-    """The documented way: SKNOCK_PFX_PASSWORD only. The new file then shares the CA password, and the
-    tool says so (on stderr, without the password)."""
+def test_without_a_pfx_password_a_random_one_is_written_beside_the_pfx(cli: CLI) -> None:
+    """SKNOCK_PFX_PASSWORD (the CA's) only, no terminal: the new .pfx used to share the CA password, so
+    handing a client its file and password handed it the CA's secret.  Now it gets a random password of its
+    own, in NAME.pfx.pass (0600), and the tool says where (on stderr, one line, without the password)."""
     proc = cli("client", "sameuser", "--allow", "tcp/22", pw=False, env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD})
     assert proc.returncode == 0, proc.stderr
-    assert "protected with the CA password" in proc.stderr
+    pfx = cli.dir / "client/sameuser.pfx"
+    pass_file = cli.dir / "client/sameuser.pfx.pass"
+    [line] = proc.stderr.strip().splitlines()
+    assert f"written to {pass_file} (mode 0600)" in line
+    assert _mode(pass_file) == 0o600
+    password = pass_file.read_text()
+    assert password.endswith("\n") and len(password.strip()) >= 32
+    assert password.strip() not in proc.stdout + proc.stderr
     assert CA_PASSWORD not in proc.stdout + proc.stderr
-    load_client_pfx(cli.dir / "client/sameuser.pfx", CA_PASSWORD)
+    with pytest.raises(ValueError):
+        pkcs12.load_pkcs12(pfx.read_bytes(), CA_PASSWORD.encode())
+    # the password file follows the first-line rule of every sknock password file
+    assert load_client_pfx(pfx, resolve_password(pass_file)).certificate.subject.rfc4514_string() == "CN=sameuser"
+
+
+def test_each_new_pfx_gets_its_own_random_password(cli: CLI) -> None:
+    env = {"SKNOCK_PFX_PASSWORD": CA_PASSWORD}
+    for name in ("rand1", "rand2"):
+        assert cli("client", name, "--allow", "tcp/22", pw=False, env=env).returncode == 0
+    one, two = ((cli.dir / f"client/{n}.pfx.pass").read_text() for n in ("rand1", "rand2"))
+    assert one != two
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_a_pfx_password_equal_to_the_cas_is_refused(cli: CLI, tmp_path: Path, how: str) -> None:
+    name = f"same-{how}"
+    if how == "env":
+        env = {"SKNOCK_PFX_PASSWORD": CA_PASSWORD, "SKNOCK_NEW_PFX_PASSWORD": CA_PASSWORD}
+        line = cli.fails("client", name, "--allow", "tcp/22", pw=False, env=env, match="is the CA's")
+    else:
+        same = tmp_path / "same.pw"
+        same.write_text(CA_PASSWORD + "\n")
+        line = cli.fails("client", name, "--allow", "tcp/22", "--password-file", str(cli.ca_pw),
+                         "--pfx-password-file", str(same), pw=False, match="is the CA's")
+    assert f"{name}.pfx" in line and "never shares the CA's secret" in line
+    assert not (cli.dir / f"client/{name}.pfx").exists()
+    assert not (cli.dir / f"client/{name}.pfx.pass").exists()
+    assert name not in (cli.dir / "index.json").read_text()
+
+
+def test_server_gets_a_random_password_and_the_next_step(cli: CLI) -> None:
+    proc = cli("server", "gw2", "--ip", "198.18.0.2", pw=False, env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD})
+    assert proc.returncode == 0, proc.stderr
+    pfx, cer, pass_file = (cli.dir / f"server/gw2{ext}" for ext in (".pfx", ".cer", ".pfx.pass"))
+    assert f"written to {pass_file}" in proc.stderr and _mode(pass_file) == 0o600
+    server = load_server_pfx(pfx, resolve_password(pass_file))
+    assert load_certificate(cer) == server.certificate
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3, proc.stdout
+    assert lines[2].startswith("next: copy gw2.pfx to the server gw2 alone")
+    assert "serverPFXFile" in lines[2] and "gw2.cer to its clients" in lines[2]
+    assert f"sknock-ca --dir {cli.dir} server OTHER-NAME" in lines[2]
+
+
+def test_a_server_name_is_never_issued_twice(cli: CLI) -> None:
+    """One certificate per server (docs/pki.md): a name issued before is refused, whether the index or only
+    its files remember it, and nothing of the first is touched."""
+    before = {p.name: p.read_bytes() for p in (cli.dir / "server").iterdir()}
+    cli.fails("server", "knockd", match="a certificate named 'knockd' already exists")
+    cli.fails("server", "knockd", pw=False, env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD}, match="already exists")
+    (cli.dir / "server/orphan.pfx").write_bytes(b"an earlier server's file")
+    line = cli.fails("server", "orphan", match="orphan.pfx already exists")
+    assert "name of its own" in line
+    (cli.dir / "server/orphan.pfx").unlink()
+    after = {p.name: p.read_bytes() for p in (cli.dir / "server").iterdir()}
+    assert after == before
+    assert "orphan" not in (cli.dir / "index.json").read_text()
+
+
+def test_a_failed_issue_leaves_no_password_file(cli: CLI) -> None:
+    cli.fails("server", "badip", "--ip", "not-an-ip", pw=False, env={"SKNOCK_PFX_PASSWORD": CA_PASSWORD},
+              match="bad --ip")
+    assert not (cli.dir / "server/badip.pfx.pass").exists()
+    assert not (cli.dir / "server/badip.pfx").exists()
+
+
+def test_server_keys_are_on_the_protocols_curves(cli: CLI) -> None:
+    """Knocks are encrypted to the server's key on P-256 or P-384 only: a P-521 server could be knocked by
+    no client, so sknock-ca does not make one."""
+    cli.fails("server", "big", "--key-type", "ec-p521", match="invalid choice")
+    cli.ok("server", "p384", "--key-type", "ec-p384")
+    server = load_server_pfx(cli.dir / "server/p384.pfx", PFX_PASSWORD)
+    assert server.key.curve.name == "secp384r1"
 
 
 @pytest.mark.parametrize(

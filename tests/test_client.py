@@ -36,12 +36,14 @@ from sknock.errors import (
     NotAuthorizedError,
     Reason,
     ResolveError,
+    ServerCertificateError,
 )
 from sknock.ports import Protocol, parse_ports
 from sknock.protocol import MAX_DATAGRAM, Action
 from sknock.trust import ClientVerifier
 from sknock.verifier import Grant, KnockVerifier
 from tests.pki import PASSWORD, PASSWORD_BYTES, TestPKI
+from tests.servercerts import odd_server, write_cer
 
 WAIT = 5.0  # seconds a test waits at most for a datagram that should come
 QUIET = 0.3  # seconds a test listens for a datagram that must not come
@@ -447,6 +449,36 @@ def test_server_certificate_file_that_is_not_one(pki: TestPKI, tmp_path: Path) -
     junk.write_bytes(b"\x30\x03\x02\x01\x00 not DER")
     with pytest.raises(CredentialError, match="not a PEM or DER certificate"):
         KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=junk)
+
+
+@pytest.mark.parametrize(
+    ("which", "words"),
+    [("ca", "it is a CA certificate"), ("client", "it is a client's certificate"), ("p521", "EC secp521r1")],
+)
+def test_a_certificate_that_is_not_a_servers_is_refused_before_anything_is_sent(
+    pki: TestPKI, tmp_path: Path, which: str, words: str
+) -> None:
+    """A CA's or a client's certificate given as the server's used to be knocked to, and knock() waited for
+    its timeout and returned False with no hint.  Now: a typed error naming the file, whatever
+    check_server_cert says, and no datagram."""
+    cert = {"ca": pki.ca_cert, "client": pki.alice.certificate}.get(which) or odd_server(pki, curve=ec.SECP521R1())[1]
+    path = write_cer(tmp_path / f"{which}.cer", cert)
+    for check in (True, False):
+        with pytest.raises(ServerCertificateError) as info:
+            KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=path, check_server_cert=check)
+        message = str(info.value)
+        assert message.startswith(f"server certificate {path}: ") and words in message, message
+        assert "is not a server certificate" in message and "\n" not in message
+        assert isinstance(info.value, CredentialError)
+    with pytest.raises(ServerCertificateError):
+        KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=cert)
+    with pytest.raises(ServerCertificateError):
+        AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=path)
+    with udp_listener() as sock:
+        with pytest.raises(ServerCertificateError):
+            knock("127.0.0.1", 22, client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=path,
+                  knock_port=port_of(sock), verify=False)
+        assert_nothing_arrives(sock)
 
 
 def test_bad_source_addresses(pki: TestPKI) -> None:

@@ -20,6 +20,7 @@ from sknock.cli import knock as knock_cli
 from sknock.ports import Protocol
 from sknock.protocol import Action
 from tests.pki import PASSWORD, TestPKI
+from tests.servercerts import write_cer
 from tests.test_client import (
     HAS_IPV6,
     OwnPKI,
@@ -217,6 +218,20 @@ def test_no_password_without_a_terminal(pki: TestPKI, tmp_path: Path) -> None:
 def test_missing_password_file(pki: TestPKI, tmp_path: Path) -> None:
     result = run(alice_args(pki, "--password-file", str(tmp_path / "nope"), "-p", "22", "127.0.0.1"), cwd=tmp_path)
     one_error_line(result, "password file", "nope: no such file")
+
+
+@pytest.mark.parametrize(("which", "words"), [("ca", "it is a CA certificate"), ("client", "a client's certificate")])
+def test_a_ca_or_client_certificate_as_the_servers_is_one_line_before_the_password(
+    pki: TestPKI, tmp_path: Path, which: str, words: str
+) -> None:
+    cert = pki.ca_cert if which == "ca" else pki.alice.certificate
+    path = write_cer(tmp_path / f"{which}.cer", cert)
+    with udp_listener() as sock:
+        # no password is given: the certificate is judged before one is asked for, and nothing is sent
+        args = ["--pfx", str(pki.alice.pfx), "--server-cert", str(path), "-u", "-p", "8000"]
+        result = run([*args, "--knock-port", str(port_of(sock)), "127.0.0.1"], cwd=tmp_path)
+        assert_nothing_arrives(sock)
+    one_error_line(result, f"server certificate {path}: ", "is not a server certificate", words)
 
 
 def test_port_not_in_certificate_sends_nothing(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:

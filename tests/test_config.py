@@ -99,10 +99,7 @@ RECV_BUFFER = 2048
 SIGNATURE_SIZE = 72
 crlUrl = https://ca.example.org/crl.der
 firewallPolicy = DROP
-firewallBackend = command
-openCommand = /sbin/open %IP% %PROTO% %PORT% %DURATION%
-closeCommand = /sbin/close '%IP%' %PROTO% %PORT%
-interfaces = eth0, wg0
+firewallBackend = nftables
 knockPorts = 10000-10100, 53
 captureMode = udp
 protectedPorts = tcp/22,tcp/3389,udp/1194
@@ -125,10 +122,7 @@ controlSocket = run/ctl.sock
     assert cfg.notices[0] == "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
     assert cfg.crl_url == "https://ca.example.org/crl.der"
     assert cfg.firewall_policy is FirewallPolicy.DROP
-    assert cfg.firewall_backend is FirewallBackend.COMMAND
-    assert cfg.open_command == "/sbin/open %IP% %PROTO% %PORT% %DURATION%"
-    assert cfg.close_command == "/sbin/close '%IP%' %PROTO% %PORT%"
-    assert cfg.interfaces == ("eth0", "wg0")
+    assert cfg.firewall_backend is FirewallBackend.NFTABLES
     assert cfg.knock_ports == ((53, 53), (10000, 10100))
     assert cfg.capture_mode is CaptureMode.UDP
     assert cfg.protected_ports is not None
@@ -143,6 +137,29 @@ controlSocket = run/ctl.sock
     assert cfg.work_bits == 20
     assert cfg.user == "root"
     assert cfg.control_socket == site / "run" / "ctl.sock"
+
+
+def test_every_option_of_the_command_backend_and_packet_capture_set(site: Path) -> None:
+    """The options test_every_option_set cannot hold beside its own: the command backend applies no
+    policy (so firewallPolicy = none and protectedPorts = all), and interfaces need packet capture."""
+    cfg = load(
+        site,
+        """firewallPolicy = none
+firewallBackend = command
+openCommand = /sbin/open %IP% %PROTO% %PORT% %DURATION%
+closeCommand = /sbin/close '%IP%' %PROTO% %PORT%
+interfaces = eth0, wg0
+captureMode = packet
+protectedPorts = all
+""",
+    )
+    assert cfg.firewall_policy is FirewallPolicy.NONE
+    assert cfg.firewall_backend is FirewallBackend.COMMAND
+    assert cfg.open_command == "/sbin/open %IP% %PROTO% %PORT% %DURATION%"
+    assert cfg.close_command == "/sbin/close '%IP%' %PROTO% %PORT%"
+    assert cfg.interfaces == ("eth0", "wg0")
+    assert cfg.capture_mode is CaptureMode.PACKET
+    assert cfg.protected_ports is None
 
 
 @pytest.mark.parametrize(

@@ -268,6 +268,7 @@ def test_command_backend_runs_the_templates(pki: TestPKI, tmp_path: Path) -> Non
     config = options(
         "command",
         "none",
+        protectedPorts="all",  # the command backend applies no policy: a list would be refused as meaningless
         openCommand=f"{record} open %IP% %PROTO% %PORT% %DURATION%",
         closeCommand=f"{record} close %IP% %PROTO% %PORT% %DURATION%",
     )
@@ -352,6 +353,7 @@ def write_config(folder: Path, pki: TestPKI, **values: str) -> Path:
 BAD_CONFIGS: list[tuple[dict[str, str], str]] = [
     ({"firewalPolicy": "drop"}, "firewalPolicy"),  # an unknown key (a typo)
     ({"firewallPolicy": "maybe"}, "firewallPolicy"),  # a bad value
+    ({"protectedPorts": "tcp/22"}, "emergencySSH"),  # a contradiction: emergency SSH would keep tcp/22 open
 ]
 
 
@@ -392,7 +394,7 @@ def test_check_config_changes_nothing(pki: TestPKI) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.parametrize(("values", "key"), BAD_CONFIGS, ids=["unknown-key", "bad-policy"])
+@pytest.mark.parametrize(("values", "key"), BAD_CONFIGS, ids=["unknown-key", "bad-policy", "contradiction"])
 def test_server_with_a_bad_config_exits_2_and_touches_nothing(pki: TestPKI, values: dict[str, str], key: str) -> None:
     require_netns()
     with TestNet.create("skeb") as net:

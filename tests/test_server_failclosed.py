@@ -195,7 +195,8 @@ def test_a_second_server_refuses_to_start_and_leaves_the_first_alone(pki: TestPK
         knock(net, pki, first)
         table = table_handle(net)
         before = net.server.run("nft", "-j", "list", "chain", "inet", "sknock", "input").stdout
-        with RunningServer.start(net, pki, wait=False, firewallPolicy="reject", protectedPorts="tcp/22") as again:
+        with RunningServer.start(net, pki, wait=False, firewallPolicy="reject", protectedPorts="tcp/22",
+                                 emergencySSH="no") as again:
             assert again.process.wait(30) == 2
             lines = again.log_text().strip().splitlines()
             assert len(lines) == 1 and f"pid {first.process.pid}" in lines[0], lines
@@ -239,7 +240,7 @@ def test_a_close_that_fails_is_retried_and_status_shows_it_overdue(pki: TestPKI,
     )
     run = f"/bin/sh {shlex.quote(str(script))}"
     with TestNet.create("skfc") as net, RunningServer.start(
-        net, pki, firewallBackend="command", firewallPolicy="none", protectedPorts=f"tcp/{PORT}",
+        net, pki, firewallBackend="command", firewallPolicy="none",
         PORT_OPEN_DURATION_IN_SECONDS="2",
         openCommand=f"{run} open %IP% %PROTO% %PORT%", closeCommand=f"{run} close %IP% %PROTO% %PORT%",
     ) as server:

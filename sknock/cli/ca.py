@@ -3,18 +3,25 @@
 Passwords never appear on the command line (they would show in ``ps`` and shell history): the
 CA password comes from ``--password-file``, ``$SKNOCK_PFX_PASSWORD`` or a prompt; the password
 protecting a newly issued PKCS#12 from ``--pfx-password-file``, ``$SKNOCK_NEW_PFX_PASSWORD`` or a
-prompt, so the CA password need not be shared with the people who receive the files.
+prompt.  A new .pfx never shares the CA's password: one equal to it is refused, and with none given
+(and no terminal to ask on) a random one is made and written, mode 0600, beside the .pfx as
+``NAME.pfx.pass``, so that handing someone a .pfx and its password never hands them the CA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import hmac
 import os
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from cryptography import x509
 
 from .. import ca as ca_lib
 from ..credentials import resolve_password
@@ -23,6 +30,7 @@ from ..ports import parse_ports
 
 PROG = "sknock-ca"
 NEW_PFX_ENV = "SKNOCK_NEW_PFX_PASSWORD"
+_Issuer = Callable[[bytes], None]
 
 
 class _Usage(Exception):
@@ -39,6 +47,9 @@ def _interactive() -> bool:
 
 
 def _ca_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    cached = getattr(args, "_ca_password", None)
+    if isinstance(cached, bytes):  # asked once per run: _pfx_password compares against it
+        return cached
     password = resolve_password(
         getattr(args, "password_file", None),
         prompt="CA password: ",
@@ -48,6 +59,7 @@ def _ca_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
         again = getpass.getpass("CA password again: ").encode("utf-8")
         if again != password:
             raise CredentialError("the two passwords differ")
+    args._ca_password = password
     return password
 
 
@@ -55,25 +67,70 @@ def _from_env() -> bool:
     return bool(os.environ.get("SKNOCK_PFX_PASSWORD"))
 
 
-def _pfx_password(args: argparse.Namespace, name: str) -> bytes:
+def _pfx_password(args: argparse.Namespace, name: str) -> bytes | None:
+    """The password given for the new ``NAME.pfx`` (file, environment, or a prompt on a terminal), or None
+    when none is: then the caller makes a random one (:func:`_issue`).  Refused when it is the CA's."""
     path = getattr(args, "pfx_password_file", None)
-    if path is None and not os.environ.get(NEW_PFX_ENV) and _interactive():
+    if path is None and not os.environ.get(NEW_PFX_ENV):
+        if not _interactive():
+            return None
         first = getpass.getpass(f"Password for {name}.pfx: ").encode("utf-8")
         if first != getpass.getpass(f"Password for {name}.pfx again: ").encode("utf-8"):
             raise CredentialError("the two passwords differ")
         if not first:
             raise CredentialError("empty password entered")
-        return first
-    if path is None and not os.environ.get(NEW_PFX_ENV):
-        # As documented: the password comes from --password-file, $SKNOCK_PFX_PASSWORD or a prompt.
-        # Without a separate one for the new file, it shares the CA's -- say so, and how to avoid it.
-        print(
-            f"{PROG}: note: {name}.pfx is protected with the CA password; give it its own with "
-            f"--pfx-password-file or ${NEW_PFX_ENV}",
-            file=sys.stderr,
+        password = first
+    else:
+        password = resolve_password(path, env_var=NEW_PFX_ENV, interactive=False)
+    if hmac.compare_digest(password, _ca_password(args)):
+        raise CredentialError(
+            f"the password given for {name}.pfx is the CA's: a .pfx never shares the CA's secret; give it its own "
+            f"(--pfx-password-file or ${NEW_PFX_ENV}), or none for a random one"
         )
-        return _ca_password(args)
-    return resolve_password(path, env_var=NEW_PFX_ENV, interactive=False)
+    return password
+
+
+def _new_password_file(path: Path) -> bytes:
+    """A random password for a new .pfx, written to ``path`` (mode 0600, created: never replacing a file)."""
+    password = secrets.token_urlsafe(24).encode("ascii")  # 192 bits, no character a shell or a file mangles
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        raise CredentialError(f"{path} already exists: it is another .pfx's password; nothing was issued") from None
+    try:
+        os.write(fd, password + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return password
+
+
+def _issue(args: argparse.Namespace, authority: ca_lib.CertificateAuthority, kind: str, issue: _Issuer) -> Path:
+    """Run ``issue(password)`` for ``DIR/KIND/NAME.pfx`` with the password given for it, or with a new random
+    one written beside it as ``NAME.pfx.pass`` (removed again if issuing fails).  Returns the .pfx path."""
+    name: str = args.name
+    authority._ensure_new(name)  # a bad or taken name is refused before any password is asked for or made
+    pfx = authority.directory / kind / f"{name}.pfx"
+    pass_file = pfx.with_name(pfx.name + ".pass")
+    for existing in (pfx, pass_file):
+        if existing.exists():
+            raise ca_lib.CAError(f"{existing} already exists: a {kind} named {name!r} was issued before; "
+                                 "give this one a name of its own")
+    password = _pfx_password(args, name)
+    if password is not None:
+        issue(password)
+        return pfx
+    password = _new_password_file(pass_file)
+    try:
+        issue(password)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            pass_file.unlink()
+        raise
+    print(f"{PROG}: {pfx.name} is protected by a new random password, written to {pass_file} (mode 0600): "
+          "hand it over with the .pfx, by another channel if you can", file=sys.stderr)
+    return pfx
 
 
 def _directory(args: argparse.Namespace) -> Path:
@@ -109,23 +166,34 @@ def _open(args: argparse.Namespace) -> ca_lib.CertificateAuthority:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     authority = _open(args)
-    cert = authority.issue_server(
-        args.name, _pfx_password(args, args.name), ips=args.ip, dns=args.dns, days=args.days, key_type=args.key_type
-    )
-    print(f"issued server {args.name} (serial {cert.serial_number:x})")
-    folder = authority.directory / "server"
-    print(f"  {folder / (args.name + '.pfx')}, {folder / (args.name + '.cer')}")
+    issued: list[x509.Certificate] = []
+
+    def issue(password: bytes) -> None:
+        issued.append(authority.issue_server(
+            args.name, password, ips=args.ip, dns=args.dns, days=args.days, key_type=args.key_type
+        ))
+
+    pfx = _issue(args, authority, "server", issue)
+    cer = pfx.with_suffix(".cer")
+    print(f"issued server {args.name} (serial {issued[0].serial_number:x})")
+    print(f"  {pfx}, {cer}")
+    print(f"next: copy {pfx.name} to the server {args.name} alone and name it in serverPFXFile (its password in "
+          f"PFXPasswdFile); give {cer.name} to its clients; another server gets its own certificate: "
+          f"sknock-ca --dir {authority.directory} server OTHER-NAME")
     return 0
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
     ports = parse_ports(args.allow)
     authority = _open(args)
-    cert = authority.issue_client(
-        args.name, ports, _pfx_password(args, args.name), days=args.days, key_type=args.key_type
-    )
-    print(f"issued client {args.name} for {ports} (serial {cert.serial_number:x})")
-    print(f"  {authority.directory / 'client' / (args.name + '.pfx')}")
+    issued: list[x509.Certificate] = []
+
+    def issue(password: bytes) -> None:
+        issued.append(authority.issue_client(args.name, ports, password, days=args.days, key_type=args.key_type))
+
+    pfx = _issue(args, authority, "client", issue)
+    print(f"issued client {args.name} for {ports} (serial {issued[0].serial_number:x})")
+    print(f"  {pfx}")
     return 0
 
 
@@ -173,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--pfx-password-file",
         default=argparse.SUPPRESS,
-        help=f"file whose first line protects a newly issued .pfx (else ${NEW_PFX_ENV} or a prompt)",
+        help=f"file whose first line protects a newly issued .pfx (else ${NEW_PFX_ENV}, a prompt on a terminal, "
+        "or a random one written to NAME.pfx.pass)",
     )
     parser = _Parser(prog=PROG, description="Run the sknock certificate authority.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -188,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", action="append", default=[], help="server address for subjectAltName (repeatable)")
     p.add_argument("--dns", action="append", default=[], help="server DNS name for subjectAltName (repeatable)")
     p.add_argument("--days", type=_positive, default=825)
-    p.add_argument("--key-type", choices=[k for k in ca_lib.KEY_TYPES if k.startswith("ec-")], default="ec-p256")
+    p.add_argument("--key-type", choices=ca_lib.SERVER_KEY_TYPES, default="ec-p256")
     p.set_defaults(func=_cmd_server)
 
     p = sub.add_parser("client", parents=[common], help="issue a client certificate")

@@ -5,8 +5,9 @@
     sknock-knock --close -p 22 server.example      # close tcp/22 for this host now
 
 Exit status: 0 the port opened (or, with ``-u``, ``--no-verify`` or ``--close``, the knock was sent);
-1 it did not open within the timeout; 2 bad input (usage, files, password, a port the certificate does
-not name, a host that does not resolve, a knock that cannot be sent), reported as one line on stderr.
+1 it did not open within the timeout; 2 bad input (usage, files, password, a server certificate that is
+not a server's, a port the certificate does not name, a host that does not resolve, a knock that cannot be
+sent), reported as one line on stderr.
 The PKCS#12 password never comes from the command line: ``--password-file``, ``$SKNOCK_PFX_PASSWORD``,
 or a prompt when stdin is a terminal.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ..client import DEFAULT_WORK_BITS, KnockClient, resolve
+from ..client import DEFAULT_WORK_BITS, KnockClient, load_server_certificate, resolve
 from ..credentials import resolve_password
 from ..errors import CredentialError, SknockError
 from ..ports import Protocol
@@ -165,6 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     # Missing files are reported before a password is asked for.
     _must_exist(pfx, "client PKCS#12", "--pfx")
     _must_exist(server_cert, "server certificate", "--server-cert")
+    # A CA's or a client's certificate given as the server's is reported before a password is asked for.
+    load_server_certificate(server_cert)
     password = resolve_password(
         args.password_file, env_var=PASSWORD_ENV, prompt=f"Password for {pfx}: ", interactive=sys.stdin.isatty()
     )

@@ -10,11 +10,16 @@
 
 Stopping the server (SIGTERM, Ctrl-C, a crash) leaves its firewall policy in place, so the protected
 ports stay closed; ``teardown`` is the one way to remove it.
+
+``--check-config`` checks everything a start checks, and what a running server would only report and
+live with (:mod:`sknock.server.preflight`): one line and exit 2 for the first problem found.  Installed
+without its ``server`` extra, the command says in one line what to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,9 +126,55 @@ def boot_ruleset(config_path: Path) -> int:
     return 0
 
 
+def check_config(config_path: Path) -> int:
+    """``--check-config``: load and check everything a start would, plus :func:`check_deployment`; change
+    nothing.  Exit 0 with ``configuration OK``, or 2 with one line naming the file and the reason."""
+    from ..server.config import load_config
+    from ..server.daemon import prepare, setup_logging
+    from ..server.preflight import check_deployment
+
+    try:
+        config = load_config(config_path)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    try:
+        server = prepare(config)
+        check_deployment(server)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
+    for notice in config.notices:
+        logging.getLogger("sknock.server").warning("%s", notice)
+    print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name})")
+    return 0
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """The one line for a module of the server's dependencies that is not installed (``pip install sknock``
+    without the ``server`` extra), or None when the missing module is sknock's own (a broken install)."""
+    name = (exc.name or "").partition(".")[0]
+    if not name or name == "sknock":
+        return None
+    return (f"sknock-server: the server's Python dependencies are not installed (no module named {name!r}): "
+            "pip install 'sknock[server]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
+    try:
+        return _command(args, path)
+    except ModuleNotFoundError as exc:
+        message = _missing_dependency(exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, path: Path) -> int:
     if args.command == "status":
         return status(path)
     if args.command == "close":
@@ -134,10 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..server.daemon import teardown
 
         return teardown(path)
+    if args.check_config:
+        return check_config(path)
     from ..server.daemon import run
 
     try:
-        return run(path, check_only=args.check_config)
+        return run(path)
     except KeyboardInterrupt:
         return 130
 

@@ -597,7 +597,7 @@ def load_config(
         for key, file, check in checks:
             check(key, file)
 
-    return ServerConfig(
+    config = ServerConfig(
         source=config_path,
         knockpacket_min_length=min_length,
         port_open_duration=open_duration,
@@ -631,3 +631,94 @@ def load_config(
         state_dir=state_dir,
         notices=tuple(notices),
     )
+    _check_what_is_meant(r, config)
+    return config
+
+
+# -- options that contradict each other -----------------------------------------------------------------
+# Each option may be fine alone and the combination still not do what the file says: the server would run,
+# say "configuration OK", and leave open what the operator meant closed, or refuse every knock.  Each check
+# raises naming both options.
+
+
+def _check_what_is_meant(r: _Reader, config: ServerConfig) -> None:
+    """Refuse combinations of options that would silently not do what the file says (docs/configuration.md,
+    "Options that contradict each other")."""
+    _check_knock_size(r, config)
+    _check_policy_backend(r, config)
+    _check_protected_ports_policy(r, config)
+    _check_emergency_ssh(r, config)
+    _check_udp_capture(r, config)
+
+
+def _check_knock_size(r: _Reader, config: ServerConfig) -> None:
+    from ..protocol.wire import MAX_DATAGRAM
+
+    if config.knockpacket_min_length > MAX_DATAGRAM:
+        raise r.fail(
+            "KNOCKPACKET_MIN_LENGTH",
+            f"{config.knockpacket_min_length} is larger than the largest knock ({MAX_DATAGRAM} bytes): every knock "
+            f"would be dropped; use at most {MAX_DATAGRAM}",
+        )
+
+
+def _check_policy_backend(r: _Reader, config: ServerConfig) -> None:
+    if config.firewall_backend is FirewallBackend.COMMAND and config.firewall_policy is not FirewallPolicy.NONE:
+        raise r.fail(
+            "firewallPolicy",
+            f"{config.firewall_policy.value} is not applied with firewallBackend = command, which only runs "
+            "openCommand and closeCommand: the ports would stay as the firewall behind them has them; close them "
+            "there and set firewallPolicy = none, or use firewallBackend = nftables or iptables",
+        )
+
+
+def _check_protected_ports_policy(r: _Reader, config: ServerConfig) -> None:
+    if config.firewall_policy is FirewallPolicy.NONE and config.protected_ports is not None:
+        raise r.fail(
+            "protectedPorts",
+            f"{config.protected_ports} would not be protected: firewallPolicy = none closes nothing; "
+            "set firewallPolicy = drop or reject to close them, or protectedPorts = all",
+        )
+
+
+def _check_emergency_ssh(r: _Reader, config: ServerConfig) -> None:
+    from ..ports import Protocol
+
+    protected = config.protected_ports
+    if (
+        config.emergency_ssh
+        and config.firewall_policy is not FirewallPolicy.NONE
+        and protected is not None
+        and (Protocol.TCP, 22) in protected
+    ):
+        raise r.fail(
+            "emergencySSH",
+            f"yes keeps tcp/22 open to everyone, but protectedPorts ({protected}) names tcp/22 "
+            f"under firewallPolicy = {config.firewall_policy.value}: set emergencySSH = no to protect it (once "
+            "knocking works), or take tcp/22 out of protectedPorts",
+        )
+
+
+def _check_udp_capture(r: _Reader, config: ServerConfig) -> None:
+    if config.capture_mode is not CaptureMode.UDP:
+        return
+    if config.interfaces is not None:
+        raise r.fail(
+            "interfaces",
+            f"{','.join(config.interfaces)} would not limit where knocks are taken: captureMode = udp binds its "
+            "sockets on every interface; use captureMode = packet, or interfaces = any",
+        )
+    from ..ports import Protocol
+
+    protected = config.protected_ports
+    if config.firewall_policy is FirewallPolicy.NONE or protected is None or config.knock_ports is None:
+        return  # with protectedPorts = all the knock ports are the documented exception
+    knock_ports = (port for first, last in config.knock_ports for port in range(first, last + 1))
+    inside = [port for port in knock_ports if (Protocol.UDP, port) in protected]
+    if inside:
+        raise r.fail(
+            "knockPorts",
+            f"udp/{inside[0]} is in protectedPorts ({protected}), but captureMode = udp keeps the knock "
+            "ports open to everyone so that knocks reach its sockets: take it out of protectedPorts, or use "
+            "captureMode = packet (which needs no open port)",
+        )

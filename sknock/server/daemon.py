@@ -50,6 +50,7 @@ from .journal import KnockJournal
 from .ledger import GrantLedger
 from .localaddr import DestinationFilter
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
+from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .worker import Capture, Worker
 
@@ -132,6 +133,7 @@ def _knock_port_set(config: ServerConfig) -> PortSet:
 def prepare(config: ServerConfig) -> Server:
     """Load and check everything; change nothing.  Raises SknockError subclasses with clear messages."""
     credentials = load_server_pfx(config.server_pfx_file, config.pfx_password)
+    check_credentials(config, credentials)
     cas = list(credentials.ca_certificates)
     if config.ca_file is not None:
         cas += load_certificates(config.ca_file)
