@@ -316,7 +316,9 @@ def _firewall_checked(server: Server) -> list[tuple[Opening, float]]:
     return list(carried) if carried else []
 
 
-def run(config_path: str | Path, *, check_only: bool = False) -> int:
+def run(config_path: str | Path) -> int:
+    """Run the server until it is stopped; the exit code (2: it could not start, one line on stderr).
+    ``--check-config`` is :func:`sknock.cli.server.check_config`."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -328,11 +330,6 @@ def run(config_path: str | Path, *, check_only: bool = False) -> int:
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
-    if check_only:
-        for notice in config.notices:
-            log.warning("%s", notice)
-        print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name})")
-        return 0
     if os.geteuid() != 0:
         print("sknock-server: must run as root (it captures packets and changes the firewall); "
               "--check-config works as any user", file=sys.stderr)
