@@ -268,7 +268,7 @@ def test_a_command_backend_grant_left_by_a_killed_server_is_closed_by_the_next_s
     script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(calls))}\n')
     run = f"/bin/sh {shlex.quote(str(script))}"
     options = {
-        "firewallBackend": "command", "firewallPolicy": "none", "protectedPorts": f"tcp/{PORT}",
+        "firewallBackend": "command", "firewallPolicy": "none", "protectedPorts": "all",
         "PORT_OPEN_DURATION_IN_SECONDS": "3", "stateDir": str(tmp_path / "state"),
         "openCommand": f"{run} open %IP% %PROTO% %PORT%", "closeCommand": f"{run} close %IP% %PROTO% %PORT%",
     }
