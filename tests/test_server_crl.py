@@ -303,6 +303,9 @@ def test_a_revoked_intermediate_refuses_every_client_under_it(pki: TestPKI, two_
             with _server(net, pki, own, crlFile=f"{root_file}, {issuing_file}",  # type: ignore[arg-type]
                          crlUrl=f", {web.url}") as server:
                 k = Knocker(net, server, own)  # type: ignore[arg-type]
+                # at the start only the root's CRL is in hand: said, and the intermediate's clients wait
+                server.wait_log(f"no CRL yet from {web.url}: every client whose chain passes through a CA without "
+                                "a CRL (now: CN=issuing) is refused until a valid CRL arrives")
                 server.wait_log(f"CRL updated from {web.url} into {issuing_file}", timeout=20)
                 server.wait_log("using the new CRL of CN=issuing")
                 status = server.status()
