@@ -7,9 +7,13 @@ One CA lives in one directory::
     DIR/private/ca.key             the CA key, PKCS#8 encrypted with the CA password (0600)
     DIR/server/NAME.pfx, NAME.cer  a server's PKCS#12 (0600) and its certificate alone (DER)
     DIR/client/NAME.pfx            a client's PKCS#12 (0600)
-    DIR/intermediate/NAME/         an intermediate CA, laid out the same way
+    DIR/intermediate/NAME/         an intermediate CA, laid out the same way (or anywhere else: ``out=``)
     DIR/crl.der, DIR/crl.pem       the signed CRL, with nextUpdate
     DIR/index.json                 what was issued: names, serials, kinds, ports, revocation
+
+A two-level hierarchy is a root CA kept offline and an issuing intermediate: the root's key is needed
+only to create (and revoke) the intermediate and to sign the root's CRL; the intermediate's directory,
+with its own key and password, issues the clients and servers, revokes them and signs its own CRL.
 
 Certificates follow the original sKnock's profile so its servers and clients accept ours, with the
 criticality RFC 5280 asks for.  Files are written atomically (temporary file, fsync, rename), so a
@@ -204,6 +208,10 @@ class CertificateAuthority:
             raise CAError(f"a certificate named {entry.name!r} already exists in {self.directory}")
         self._save_index([*entries, entry], int(index.get("crl_number", 0)))
 
+    def ensure_new(self, name: str) -> None:
+        """CAError unless ``name`` is a good name that this CA has not used yet."""
+        self._ensure_new(name)
+
     def _ensure_new(self, name: str) -> None:
         _check_name(name)
         if any(e.name == name for e in self.entries()):
@@ -334,18 +342,30 @@ class CertificateAuthority:
         self._record(Entry(name, "client", cert.serial_number, cert.not_valid_after_utc, str(ports or ""), None))
         return cert
 
-    def issue_intermediate(self, name: str, ca_password: bytes, *, days: int = 1825) -> CertificateAuthority:
-        """Create an intermediate CA in ``intermediate/NAME/`` (pathLen 0: it issues only end
-        entities) and return it, opened.  Its key is encrypted with ``ca_password``."""
+    def issue_intermediate(
+        self, name: str, ca_password: bytes, *, days: int = 1825, out: str | os.PathLike[str] | None = None
+    ) -> CertificateAuthority:
+        """Create an issuing intermediate CA and return it, opened: its directory is ``out`` (anywhere, for
+        instance on the machine that will run it) or ``intermediate/NAME/`` here.  pathLen 0: it issues
+        only clients and servers.  Its key is encrypted with ``ca_password``, its own.  It never outlives
+        this CA (its end is cut to this CA's).  It is recorded here, so ``revoke NAME`` revokes it (and
+        with it every certificate it issued) in this CA's CRL."""
         self._ensure_new(name)
+        limit = _path_length(self.certificate)
+        if limit is not None and limit < 1:
+            raise CAError(f"{self.directory}: this CA (pathLen {limit}) may not have intermediate CAs under it")
+        directory = Path(out) if out is not None else self.directory / "intermediate" / name
+        if directory.resolve() == self.directory.resolve():
+            raise CAError(f"{directory} is this CA's own directory; give the intermediate another one")
+        end = min(_now() + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            self._builder(name, key.public_key(), None, None, days)
+            self._builder(name, key.public_key(), None, end, days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
         )
-        sub = _write_ca(self.directory / "intermediate" / name, key, cert, [self.certificate, *self.chain], ca_password)
+        sub = _write_ca(directory, key, cert, [self.certificate, *self.chain], ca_password)
         self._record(Entry(name, "intermediate", cert.serial_number, cert.not_valid_after_utc, "", None))
         return sub
 
@@ -398,6 +418,14 @@ class CertificateAuthority:
         write_atomic(self.directory / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
         self._save_index(entries, number)
         return crl
+
+
+def _path_length(cert: x509.Certificate) -> int | None:
+    """The pathLen constraint of a CA certificate (None: no limit)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _key_usage(

@@ -36,6 +36,8 @@ __all__ = [
     "parse_client_certificate",
     "check_well_formed",
     "load_crl",
+    "crl_signer",
+    "cas_without_crl",
     "verify_server_certificate",
     "RevocationId",
     "revocation_id",
@@ -144,7 +146,10 @@ def load_crl(data: bytes, issuers: Sequence[x509.Certificate], *, source: str) -
         crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
     except ValueError as exc:
         raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: not a DER or PEM CRL ({exc})") from None
-    named = _issued_by(crl.issuer, issuers)
+    try:
+        named = _issued_by(crl.issuer, issuers)
+    except ValueError as exc:  # an issuer name that does not decode
+        raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: malformed issuer ({exc})") from None
     if not named:
         raise CertificateError(
             Reason.CRL_UNAVAILABLE, f"CRL {source}: issued by {_describe(crl.issuer)}, which is not a known CA"
@@ -153,10 +158,64 @@ def load_crl(data: bytes, issuers: Sequence[x509.Certificate], *, source: str) -
         if _crl_signed_by(crl, ca):
             if not _may_sign_crls(ca):
                 raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: issuer {_name(ca)} may not sign CRLs")
+            problem = _partial_crl(crl)
+            if problem:
+                raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source} of {_describe(crl.issuer)}: {problem}")
             return crl
     raise CertificateError(
         Reason.CRL_UNAVAILABLE, f"CRL {source}: signature does not verify against {_describe(crl.issuer)}"
     )
+
+
+def _partial_crl(crl: x509.CertificateRevocationList) -> str | None:
+    """Why ``crl`` cannot stand for every certificate of its CA, or None.  The verifier looks a serial up
+    in the one CRL it holds for the issuer and takes absence as "not revoked": a delta CRL, a CRL limited
+    to some certificates or reasons, an indirect CRL, or one with a critical extension we do not
+    understand could leave out a revoked serial, so it is refused (RFC 5280 6.3.3 asks as much)."""
+    try:
+        for extension in crl.extensions:
+            value = extension.value
+            if isinstance(value, x509.DeltaCRLIndicator):
+                return "it is a delta CRL (only the changes since a base CRL); publish the complete CRL"
+            if isinstance(value, x509.IssuingDistributionPoint):
+                if (
+                    value.only_contains_user_certs
+                    or value.only_contains_ca_certs
+                    or value.only_contains_attribute_certs
+                    or value.only_some_reasons
+                    or value.indirect_crl
+                ):
+                    return ("its issuingDistributionPoint limits it to some certificates or reasons; publish a CRL "
+                            "that covers every certificate of the CA")
+            elif extension.critical and isinstance(value, x509.UnrecognizedExtension):
+                return f"critical extension {extension.oid.dotted_string} is not understood"
+        for entry in crl:
+            for extension in entry.extensions:
+                if extension.critical:  # certificateIssuer (an indirect CRL) or something unknown
+                    return f"an entry carries critical extension {extension.oid.dotted_string}"
+    except ValueError as exc:
+        return f"malformed extension ({exc})"
+    return None
+
+
+def crl_signer(
+    crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    """The CA among ``cas`` that signed ``crl``, or None."""
+    for ca in _issued_by(crl.issuer, cas):
+        if _crl_signed_by(crl, ca):
+            return ca
+    return None
+
+
+def cas_without_crl(
+    cas: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList]
+) -> list[x509.Certificate]:
+    """The CAs of ``cas`` that signed none of ``crls``.  With ``require_crl`` every client whose chain
+    passes through one of them is refused (``crl-unavailable``): a root's CRL is what says whether the
+    intermediates under it are revoked, the intermediate's what says it of the clients."""
+    signers = {certificate_fingerprint(ca) for crl in crls if (ca := crl_signer(crl, cas)) is not None}
+    return [ca for ca in cas if certificate_fingerprint(ca) not in signers]
 
 
 def _may_sign_crls(ca: x509.Certificate) -> bool:

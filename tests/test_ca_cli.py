@@ -72,7 +72,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> CLI:
     c.ok("client", "eve", "--allow", "tcp/22", "--key-type", "ed25519", "--days", "10")
     c.ok("client", "mallory", "--allow", "tcp/22")
     c.ok("revoke", "mallory")
-    c.ok("intermediate", "branch")
+    c.ok("intermediate", "branch", "--new-ca-password-file", str(c.pfx_pw))
     return c
 
 

@@ -116,7 +116,8 @@ def test_root_only_files_check_ok(site: Site) -> None:
     assert site.folder.stat().st_mode & 0o777 == 0o700
     result = check_config(config)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"sknock-server: {config}: configuration OK (firewall backend nftables)"
+    assert result.stdout.strip().startswith(
+        f"sknock-server: {config}: configuration OK (firewall backend nftables; revocation crl: 1 CRL(s): ")
 
 
 @pytest.mark.skipif(not DEVPKI.is_dir(), reason=f"no sKnock v1 dev PKI at {DEVPKI} (../shared absent)")
@@ -189,9 +190,11 @@ def _minimal(folder: Path) -> Path:
 
 
 def test_an_expired_ca_in_ca_file(site: Site) -> None:
-    _, old = self_signed_ca("Old knock CA", not_before=NOW - 400 * DAY, not_after=NOW - 10 * DAY)
+    old_key, old = self_signed_ca("Old knock CA", not_before=NOW - 400 * DAY, not_after=NOW - 10 * DAY)
     site.put("old-ca.pem", old.public_bytes(Encoding.PEM))
-    message = site.problem(caFile="old-ca.pem")
+    # with its CRL beside the root's, so that the CA itself is the only problem
+    site.put("old-crl.der", signed_crl(old_key, old, last_update=NOW - DAY, next_update=NOW + 30 * DAY))
+    message = site.problem(caFile="old-ca.pem", crlFile="crl.der, old-crl.der")
     assert message.startswith(f"{site.folder / 'config1.ini'}: caFile: the CA certificate CN=Old knock CA in "
                                f"{site.folder / 'old-ca.pem'} expired at ")
     assert "every client it issued would be refused" in message
@@ -209,7 +212,7 @@ def test_a_crl_past_its_next_update(site: Site) -> None:
                     "send the server SIGHUP")
     next_update = (NOW - 10 * DAY).replace(microsecond=0).isoformat()
     assert next_update in line
-    assert prepare(load_config(config)).crl is not None  # a start goes on
+    assert prepare(load_config(config)).crls[0] is not None  # a start goes on
 
 
 def test_a_stale_crl_with_a_crl_url_names_the_url(site: Site) -> None:

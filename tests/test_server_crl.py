@@ -246,3 +246,108 @@ def test_without_crl_url_crl_file_is_reread_on_sighup(pki: TestPKI, own_ca: OwnC
         assert f"refused CRL from {crl_file}" in text
         k.revoked("carol", 2009)
         assert server.process.poll() is None
+
+
+@dataclass
+class TwoLevelCA:
+    """A root kept offline and an issuing intermediate, as ``sknock-ca intermediate --out`` makes them;
+    the server's .pfx is issued by the intermediate and carries it and the root."""
+
+    root: ca_lib.CertificateAuthority
+    issuing: ca_lib.CertificateAuthority
+    folder: Path
+    server_pfx: Path
+    server_cer: Path
+
+    def client(self, name: str) -> SimpleNamespace:
+        for authority in (self.issuing, self.root):
+            pfx = authority.directory / "client" / f"{name}.pfx"
+            if pfx.exists():
+                return SimpleNamespace(pfx=pfx)
+        raise KeyError(name)
+
+
+@pytest.fixture
+def two_level() -> Iterator[TwoLevelCA]:
+    folder = Path(tempfile.mkdtemp(prefix="sknock-crl2-"))
+    folder.chmod(0o755)
+    try:
+        root = ca_lib.init_ca(folder / "root", PASSWORD_BYTES, name="sknock E2E Root")
+        issuing = root.issue_intermediate("issuing", b"issuing password", out=folder / "issuing")
+        issuing.issue_server("gw", PASSWORD_BYTES)
+        for name in ("carol", "dave"):
+            issuing.issue_client(name, parse_ports("tcp/2005-2009"), PASSWORD_BYTES)
+        root.issue_client("erin", parse_ports("tcp/2005-2009"), PASSWORD_BYTES)  # issued by the root itself
+        pfx = folder / "server.pfx"
+        shutil.copy(issuing.directory / "server" / "gw.pfx", pfx)
+        pfx.chmod(0o644)
+        (folder / "state").mkdir(mode=0o755)
+        yield TwoLevelCA(root, issuing, folder, pfx, issuing.directory / "server" / "gw.cer")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_revoked_intermediate_refuses_every_client_under_it(pki: TestPKI, two_level: TwoLevelCA) -> None:
+    """crlFile lists the root's CRL (a file the admin copies, re-read on SIGHUP) and the intermediate's
+    (fetched from a URL); each is verified against its own CA, and the workers get both."""
+    require_netns()
+    own = two_level
+    root_file = own.folder / "state" / "root.crl"
+    issuing_file = own.folder / "state" / "issuing.crl"  # absent: the first fetch writes it
+    write_atomic(root_file, (own.root.directory / "crl.der").read_bytes())
+    with TestNet.create("ski") as net:
+        web = CrlSite(net, own.folder / "www")
+        try:
+            web.publish((own.issuing.directory / "crl.der").read_bytes())
+            web.start()
+            with _server(net, pki, own, crlFile=f"{root_file}, {issuing_file}",  # type: ignore[arg-type]
+                         crlUrl=f", {web.url}") as server:
+                k = Knocker(net, server, own)  # type: ignore[arg-type]
+                # at the start only the root's CRL is in hand: said, and the intermediate's clients wait
+                server.wait_log(f"no CRL yet from {web.url}: every client whose chain passes through a CA without "
+                                "a CRL (now: CN=issuing) is refused until a valid CRL arrives")
+                server.wait_log(f"CRL updated from {web.url} into {issuing_file}", timeout=20)
+                server.wait_log("using the new CRL of CN=issuing")
+                status = server.status()
+                assert [c["issuer"] for c in status["crls"]] == ["CN=sknock E2E Root", "CN=issuing"]
+                assert status["revocation"] == "crl"
+
+                k.granted("carol", 2005)
+                k.granted("erin", 2006)
+
+                # The intermediate revokes dave and publishes its CRL: the fetcher brings it.
+                own.issuing.revoke("dave")
+                web.publish((own.issuing.directory / "crl.der").read_bytes())
+                k.sighup("using the new CRL of CN=issuing")
+                k.revoked("dave", 2007)
+                k.granted("carol", 2007)
+
+                # The root's CRL from the intermediate's URL is another CA's CRL: refused, the last good kept.
+                web.publish((own.root.directory / "crl.der").read_bytes())
+                text = k.sighup("keeping the last good CRL")
+                assert "this source serves the CRL of CN=issuing" in text
+                k.revoked("dave", 2008)
+
+                # The root's key revokes the intermediate; the admin copies the root's CRL and sends SIGHUP.
+                own.root.revoke("issuing")
+                write_atomic(root_file, (own.root.directory / "crl.der").read_bytes())
+                text = k.sighup("using the new CRL of CN=sknock E2E Root")
+                # revocation ends access: carol's open grants (issued under the intermediate) close at once
+                for port in (2005, 2007):
+                    assert f"closed tcp/{port} for {net.client.ipv4} (CN=carol)" in server.wait_log(
+                        f"closed tcp/{port} for {net.client.ipv4} (CN=carol)")
+                    assert not server.reachable(port)
+                assert server.reachable(2006)  # erin's, from the root itself, stays
+                refused = f"refused knock from {net.client.ipv4}: cert-revoked: intermediate CA CN=issuing"
+                for name, port in (("carol", 2008), ("dave", 2009), ("carol", 2009)):
+                    mark = k.mark()
+                    k.knock(name, port)
+                    needle = refused if name == "carol" else f"{net.client.ipv4}: cert-revoked"
+                    text = k.wait_new(mark, needle)
+                    assert "granted" not in text, text
+                    assert not server.reachable(port)
+                # a client the root issued itself is not under the intermediate: still let in
+                k.granted("erin", 2009)
+                assert server.stop() == 0
+        finally:
+            web.stop()

@@ -234,6 +234,7 @@ def test_knock_opens_for_the_window_and_established_sessions_survive(
             line = next(line for line in listing.splitlines() if address in line.split())
             assert f"tcp/{PORT}" in line.split() and "alice" in line, listing
             assert "1 open grant(s)" in listing and f"backend {backend}" in listing
+            assert "revocation crl" in listing and "CRL of CN=sknock Test Root CA: issued " in listing
             # the other address family holds no grant
             assert_closed(net, policy, family=other)
 

@@ -6,6 +6,9 @@ protecting a newly issued PKCS#12 from ``--pfx-password-file``, ``$SKNOCK_NEW_PF
 prompt.  A new .pfx never shares the CA's password: one equal to it is refused, and with none given
 (and no terminal to ask on) a random one is made and written, mode 0600, beside the .pfx as
 ``NAME.pfx.pass``, so that handing someone a .pfx and its password never hands them the CA.
+A new intermediate CA's key gets its own password (``--new-ca-password-file``,
+``$SKNOCK_NEW_CA_PASSWORD`` or a prompt), never its parent's: whoever runs the intermediate does not
+learn the root's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..ports import parse_ports
 PROG = "sknock-ca"
 NEW_PFX_ENV = "SKNOCK_NEW_PFX_PASSWORD"
 _Issuer = Callable[[bytes], None]
+NEW_CA_ENV = "SKNOCK_NEW_CA_PASSWORD"
 
 
 class _Usage(Exception):
@@ -133,6 +137,31 @@ def _issue(args: argparse.Namespace, authority: ca_lib.CertificateAuthority, kin
     return pfx
 
 
+def _new_ca_password(args: argparse.Namespace, name: str, parent: bytes) -> bytes:
+    """The password of a new intermediate CA's key: its own, never its parent's."""
+    path = getattr(args, "new_ca_password_file", None)
+    if path is None and not os.environ.get(NEW_CA_ENV):
+        if not _interactive():
+            raise CredentialError(
+                f"the intermediate CA {name} needs its own password: give --new-ca-password-file FILE or "
+                f"set ${NEW_CA_ENV}"
+            )
+        first = getpass.getpass(f"Password for the intermediate CA {name}: ").encode("utf-8")
+        if first != getpass.getpass(f"Password for the intermediate CA {name} again: ").encode("utf-8"):
+            raise CredentialError("the two passwords differ")
+        password = first
+    else:
+        password = resolve_password(path, env_var=NEW_CA_ENV, interactive=False)
+    if not password:
+        raise CredentialError("empty password entered")
+    if password == parent:
+        raise CredentialError(
+            f"the intermediate CA {name} needs a password of its own, not its parent's (whoever runs the "
+            "intermediate would know the parent's)"
+        )
+    return password
+
+
 def _directory(args: argparse.Namespace) -> Path:
     d = getattr(args, "dir", None)
     if not d:
@@ -198,9 +227,21 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_intermediate(args: argparse.Namespace) -> int:
-    authority = _open(args)
-    sub = authority.issue_intermediate(args.name, _ca_password(args), days=args.days)
-    print(f"created intermediate CA {args.name} in {sub.directory} (same password as its parent)")
+    directory = ca_lib.require_ca(_directory(args))
+    parent_password = _ca_password(args)
+    authority = ca_lib.open_ca(directory, parent_password)
+    authority.ensure_new(args.name)  # before asking for another password
+    sub = authority.issue_intermediate(
+        args.name, _new_ca_password(args, args.name, parent_password), days=args.days, out=args.out
+    )
+    d = sub.directory
+    print(f"created intermediate CA {args.name} (serial {sub.certificate.serial_number:x}, until "
+          f"{sub.certificate.not_valid_after_utc:%Y-%m-%d}) in {d}, under "
+          f"{authority.certificate.subject.rfc4514_string()}")
+    print(f"  certificate: {d / 'ca.cer'}, {d / 'ca.pem'}; the CAs above it: {d / 'ca-chain.pem'}")
+    print(f"  its CRL:     {d / 'crl.der'}; servers need it and this CA's, {authority.directory / 'crl.der'}")
+    print(f"  issue with:  {PROG} --dir {d} client|server NAME ...   (its own password)")
+    print(f"  revoke it:   {PROG} --dir {authority.directory} revoke {args.name}")
     return 0
 
 
@@ -270,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("intermediate", parents=[common], help="create an intermediate CA under this one")
     p.add_argument("name")
     p.add_argument("--days", type=_positive, default=1825)
+    p.add_argument("--out", type=Path, default=None,
+                   help="the new CA's directory (default: DIR/intermediate/NAME); use it as --dir afterwards")
+    p.add_argument("--new-ca-password-file", default=None,
+                   help=f"file whose first line protects the new CA's key (else ${NEW_CA_ENV} or a prompt); "
+                        "never the parent's password")
     p.set_defaults(func=_cmd_intermediate)
 
     p = sub.add_parser("revoke", parents=[common], help="revoke a certificate and publish a new CRL")

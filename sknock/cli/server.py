@@ -68,7 +68,15 @@ def status(config_path: Path) -> int:
         return 2
     grants = answer.get("grants", [])
     assert isinstance(grants, list)
-    print(f"backend {answer.get('backend')}, {len(grants)} open grant(s)")
+    print(f"backend {answer.get('backend')}, {len(grants)} open grant(s), revocation {answer.get('revocation')}")
+    crls = answer.get("crls", [])
+    for c in crls if isinstance(crls, list) else []:
+        if c.get("issuer") is None:
+            print(f"CRL from {c['source']}: none yet (clients under its CA are refused)")
+        else:
+            stale = "  STALE: past its next update" if c.get("stale") else ""
+            print(f"CRL of {c['issuer']}: issued {c['issued']}, next update {c['next_update']}, "
+                  f"{c['revoked']} revoked, from {c['source']}{stale}")
     if grants:
         print(f"{'ADDRESS':<40} {'PORT':<10} {'EXPIRES IN':>10}  CLIENT")
         for g in grants:
@@ -130,7 +138,7 @@ def check_config(config_path: Path) -> int:
     """``--check-config``: load and check everything a start would, plus :func:`check_deployment`; change
     nothing.  Exit 0 with ``configuration OK``, or 2 with one line naming the file and the reason."""
     from ..server.config import load_config
-    from ..server.daemon import prepare, setup_logging
+    from ..server.daemon import prepare, revocation_summary, setup_logging
     from ..server.preflight import check_deployment
 
     try:
@@ -147,7 +155,8 @@ def check_config(config_path: Path) -> int:
         return 2
     for notice in config.notices:
         logging.getLogger("sknock.server").warning("%s", notice)
-    print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name})")
+    print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name}; "
+          f"{revocation_summary(server)})")
     return 0
 
 

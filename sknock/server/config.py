@@ -38,6 +38,9 @@ __all__ = [
     "FirewallBackend",
     "CaptureMode",
     "KnockDestinations",
+    "Revocation",
+    "CrlSource",
+    "MAX_CRL_SOURCES",
     "load_config",
     "MIN_RECV_BUFFER",
     "COMMAND_PLACEHOLDERS",
@@ -57,9 +60,16 @@ COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 #: In ``captureMode = udp`` the server binds one socket per knock port; more than this is a mistake.
 MAX_UDP_KNOCK_PORTS = 256
 
+#: At most this many CRL sources (crlFile entries): one per CA in the chains the server accepts.
+MAX_CRL_SOURCES = 16
+
 _MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; refuse to slurp anything huge
 _SIGNATURE_SIZE_NOTICE = "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
 _PLAINTEXT_IN_CONFIG_NOTICE = "PFXPasswd puts the PFX password in the config file; use PFXPasswdFile in production"
+_NO_REVOCATION_NOTICE = (
+    "revocation = none: no CRL is checked, so a revoked or stolen client certificate opens ports until it "
+    "expires; use it only with short-lived certificates or a PKI that never publishes CRLs"
+)
 
 
 class FirewallPolicy(enum.StrEnum):
@@ -77,6 +87,22 @@ class FirewallBackend(enum.StrEnum):
     NFTABLES = "nftables"
     IPTABLES = "iptables"
     COMMAND = "command"  # run openCommand / closeCommand templates
+
+
+class Revocation(enum.StrEnum):
+    """Whether client certificates are checked against CRLs."""
+
+    CRL = "crl"  # every CA in a client's chain must have a CRL in hand (crlFile, crlUrl)
+    NONE = "none"  # no CRL at all: short-lived certificates, or a PKI that never published one
+
+
+@dataclass(frozen=True, slots=True)
+class CrlSource:
+    """One CRL the server keeps: ``file`` on disk, refreshed from ``url`` (an http(s) URL or a local
+    path) when that is set, else re-read as it is."""
+
+    file: Path
+    url: str | None
 
 
 class CaptureMode(enum.StrEnum):
@@ -105,8 +131,8 @@ class ServerConfig:
     timestamp_threshold: int
     crl_update_interval_minutes: int
     recv_buffer: int
-    crl_file: Path
-    crl_url: str | None
+    crl_file: Path | None  # the first CRL source's (None only with revocation = none)
+    crl_url: str | None  # the first CRL source's
     server_pfx_file: Path
     pfx_password: bytes | None = field(repr=False)
     pfx_password_source: str  # e.g. "PFXPasswdFile /etc/sknock/pfx.pass": safe to log
@@ -131,6 +157,8 @@ class ServerConfig:
     user: str
     control_socket: Path
     state_dir: Path  # root-only folder for what must survive a restart (the applied-knock journal)
+    revocation: Revocation = Revocation.CRL
+    crl_sources: tuple[CrlSource, ...] = ()  # every CRL source, in the file's order (empty: revocation = none)
     notices: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -153,8 +181,10 @@ class ServerConfig:
             ("TIMESTAMP_THRESHOLD_IN_SECONDS", str(self.timestamp_threshold)),
             ("CRL_UPDATE_INTERVAL_IN_MINUTES", str(self.crl_update_interval_minutes)),
             ("RECV_BUFFER", str(self.recv_buffer)),
-            ("crlFile", str(self.crl_file)),
-            ("crlUrl", opt(self.crl_url)),
+            ("revocation", self.revocation.value),
+            ("crlFile", ", ".join(str(s.file) for s in self.crl_sources) or "(not set)"),
+            ("crlUrl", ", ".join(s.url or "" for s in self.crl_sources)
+             if any(s.url for s in self.crl_sources) else "(not set)"),
             ("serverPFXFile", str(self.server_pfx_file)),
             ("password", f"(hidden, from {self.pfx_password_source})"),
             ("firewallPolicy", self.firewall_policy.value),
@@ -211,6 +241,7 @@ _DEFAULTS: dict[str, str | None] = {
     "protectedPorts": "all",
     "emergencySSH": "yes",
     "caFile": None,
+    "revocation": "crl",
     "logFile": None,
     "logLevel": "INFO",
     "requireSourceAddress": "no",
@@ -386,10 +417,8 @@ def _password(r: _Reader, environ: Mapping[str, str], check_files: bool) -> tupl
         raise r.fail(key, str(exc)) from None
 
 
-def _crl_url(r: _Reader, check_files: bool) -> str | None:
-    text = r.raw("crlUrl")
-    if text is None:
-        return None
+def _crl_url(r: _Reader, text: str, check_files: bool) -> str:
+    """One crlUrl entry: an http(s) URL as it is, or a local path made absolute."""
     parts = urlsplit(text)
     if parts.scheme.lower() in ("http", "https"):
         if not parts.hostname:
@@ -443,6 +472,57 @@ def _knock_destinations(r: _Reader) -> KnockDestinations | None:
             raise r.fail("knockDestinations", f"{item!r} cannot be a knock's destination")
         extra.append(address)
     return KnockDestinations("local" in items, tuple(dict.fromkeys(extra)))
+
+
+def _crl_sources(r: _Reader, revocation: Revocation, check_files: bool) -> tuple[CrlSource, ...]:
+    """crlFile and crlUrl: one entry each (the original's meaning), or comma lists paired by position,
+    one CRL per CA.  An empty crlUrl entry leaves its crlFile to be re-read as it is."""
+    files_text, urls_text = r.raw("crlFile"), r.raw("crlUrl")
+    if revocation is Revocation.NONE:
+        for key, value in (("crlFile", files_text), ("crlUrl", urls_text)):
+            if value is not None:
+                raise r.fail(key, "is set, but revocation = none says no CRL is checked: remove one of the two")
+        return ()
+    if files_text is None:
+        raise r.fail(
+            "crlFile",
+            "is required: the CRL of each CA (or revocation = none, for certificates that are never revoked)",
+        )
+    files = [entry.strip() for entry in files_text.split(",")]
+    if any(not entry for entry in files):
+        raise r.fail("crlFile", f"{files_text!r} has an empty entry")
+    if len(files) > MAX_CRL_SOURCES:
+        raise r.fail("crlFile", f"{len(files)} CRLs is too many (at most {MAX_CRL_SOURCES}: one for each CA)")
+    paths = [r.path("crlFile", entry) for entry in files]
+    duplicate = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if duplicate is not None:
+        raise r.fail("crlFile", f"{duplicate} is named twice; give each CA's CRL once")
+    urls: list[str | None] = [None] * len(paths)
+    if urls_text is not None:
+        entries = [entry.strip() for entry in urls_text.split(",")]
+        if len(entries) != len(paths):
+            raise r.fail(
+                "crlUrl",
+                f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} but crlFile has {len(paths)}: give one "
+                "per crlFile, in the same order (leave an entry empty for a crlFile that is read as it is)",
+            )
+        if all(not entry for entry in entries):
+            raise r.fail("crlUrl", f"{urls_text!r} has only empty entries")
+        urls = [_crl_url(r, entry, check_files) if entry else None for entry in entries]
+    # A local crlUrl that is its own crlFile means: read crlFile as it is (never rewrite the admin's file).
+    return tuple(
+        CrlSource(path, None if url is not None and _same_path(url, path) else url)
+        for path, url in zip(paths, urls, strict=True)
+    )
+
+
+def _same_path(url: str, path: Path) -> bool:
+    if urlsplit(url).scheme:
+        return False
+    try:
+        return Path(url).resolve() == path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not the same file as far as we can tell
+        return False
 
 
 def _interfaces(r: _Reader) -> tuple[str, ...] | None:
@@ -546,8 +626,10 @@ def load_config(
     auto_workers = r.raw("workers") == "auto"
     workers = min(os.cpu_count() or 1, MAX_WORKERS) if auto_workers else r.integer("workers", 1, MAX_WORKERS)
 
-    crl_url = _crl_url(r, check_files)
-    crl_file = r.path("crlFile", r.required("crlFile"))
+    revocation = r.choice("revocation", Revocation)
+    if revocation is Revocation.NONE:
+        notices.append(_NO_REVOCATION_NOTICE)
+    crl_sources = _crl_sources(r, revocation, check_files)
     pfx_file = r.path("serverPFXFile", r.required("serverPFXFile"))
     ca_file = r.optional_path("caFile")
     log_file = r.optional_path("logFile")
@@ -584,12 +666,12 @@ def load_config(
         raise r.fail("logLevel", f"{r.required('logLevel')!r} is not one of {'|'.join(_LOG_LEVELS)}")
 
     if check_files:
-        checks: list[tuple[str, Path, Callable[[str, Path], None]]] = [
-            ("serverPFXFile", pfx_file, r.check_readable),
-            ("crlFile", crl_file, r.check_readable if crl_url is None else r.check_folder),
-        ]
-        if crl_url is not None and crl_file.exists():
-            checks.append(("crlFile", crl_file, r.check_readable))
+        checks: list[tuple[str, Path, Callable[[str, Path], None]]] = [("serverPFXFile", pfx_file, r.check_readable)]
+        for crl_source in crl_sources:
+            crl_file = crl_source.file
+            checks.append(("crlFile", crl_file, r.check_readable if crl_source.url is None else r.check_folder))
+            if crl_source.url is not None and crl_file.exists():
+                checks.append(("crlFile", crl_file, r.check_readable))
         if ca_file is not None:
             checks.append(("caFile", ca_file, r.check_readable))
         if log_file is not None:
@@ -604,8 +686,8 @@ def load_config(
         timestamp_threshold=threshold,
         crl_update_interval_minutes=crl_interval,
         recv_buffer=recv_buffer,
-        crl_file=crl_file,
-        crl_url=crl_url,
+        crl_file=crl_sources[0].file if crl_sources else None,
+        crl_url=crl_sources[0].url if crl_sources else None,
         server_pfx_file=pfx_file,
         pfx_password=password,
         pfx_password_source=password_source,
@@ -629,6 +711,8 @@ def load_config(
         user=_user(r, check_files),
         control_socket=control_socket,
         state_dir=state_dir,
+        revocation=revocation,
+        crl_sources=crl_sources,
         notices=tuple(notices),
     )
     _check_what_is_meant(r, config)

@@ -15,13 +15,20 @@ failure modes that pull in opposite directions:
 HTTP uses a conditional GET (If-None-Match / If-Modified-Since from the last good response) so a
 30-minute poll costs the CA a 304.  Time is passed in (``refresh(now)``); nothing here reads a clock
 except to bound a download's duration.
+
+A server may be given several CRL sources, one per CA in its chains (a root kept offline and the
+intermediate that issues the clients).  Each source is one :class:`CrlRefresher`, kept to the CA whose
+CRL it first brought (a source that starts serving another CA's CRL is refused, so that the rollback
+check always compares CRLs of one issuer); :class:`CrlSet` holds them together for the monitor and
+encodes the whole set as one message for the workers (:func:`encode_crl_set`, :func:`split_crl_set`).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,13 +38,22 @@ from urllib.parse import urlsplit
 import requests
 import schedule
 import urllib3
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ..fileio import write_atomic
+from ..logsafe import log_safe
 
-__all__ = ["CrlRefresher", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES"]
+__all__ = [
+    "CrlRefresher", "CrlSet", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES", "encode_crl_set", "split_crl_set",
+    "FETCHED_HEADER",
+]
 
 #: A CRL larger than this is refused: even big CAs' CRLs are a few MiB, and the daemon holds it in memory.
 MAX_CRL_BYTES = 16 * 1024 * 1024
+
+#: What the CRL fetcher puts before the bytes it downloaded: the index of their source (u16, big-endian).
+FETCHED_HEADER = struct.Struct("!H")
 
 _log = logging.getLogger("sknock.crl")
 _CHUNK = 64 * 1024
@@ -94,6 +110,7 @@ class CrlRefresher:
         max_bytes: int = MAX_CRL_BYTES,
         store: Callable[[bytes], None] | None = None,
         announce: bool = True,
+        read_existing: bool = True,
     ) -> None:
         # Where a verified new CRL goes: by default written atomically to crl_file; the daemon's
         # unprivileged worker instead hands the bytes to the monitor, which may write there.
@@ -118,7 +135,8 @@ class CrlRefresher:
         self._current_bytes: bytes | None = None
         self._etag: str | None = None
         self._last_modified: str | None = None
-        self._adopted_file = False
+        # False in the CRL fetcher, which never reads the operator's files (the monitor does, as root).
+        self._adopted_file = not read_existing
         # False in the CRL fetcher, which only hands bytes on: the monitor announces what it adopts,
         # so that each CRL event is logged once.
         self._announce = announce
@@ -167,6 +185,9 @@ class CrlRefresher:
             crl = self._verify(body)
         except Exception as exc:  # verify is the caller's; anything it raises means "refuse"
             return self._result("failed", f"refused CRL from {self.source}: {exc}", now)
+        other = _other_issuer(crl, self._current)
+        if other:
+            return self._result("failed", f"refused CRL from {self.source}: {other}", now)
         older = _older_than(crl, self._current)
         if older:
             return self._result("failed", f"refused CRL from {self.source}: {older}", now)
@@ -325,6 +346,27 @@ def _utc_attr(crl: object | None, name: str) -> datetime | None:
     return value if isinstance(value, datetime) and value.tzinfo is not None else None
 
 
+def _issuer_text(crl: object | None) -> str | None:
+    issuer = getattr(crl, "issuer", None) if crl is not None else None
+    if not isinstance(issuer, x509.Name):
+        return None
+    try:
+        return issuer.rfc4514_string()
+    except Exception:  # noqa: BLE001 -- a name that does not decode: compare nothing, refuse nothing here
+        return None
+
+
+def _other_issuer(new: object, current: object | None) -> str | None:
+    """A reason to refuse ``new`` because it is another CA's CRL than the one this source brought."""
+    new_issuer, current_issuer = _issuer_text(new), _issuer_text(current)
+    if new_issuer is not None and current_issuer is not None and new_issuer != current_issuer:
+        return (
+            f"it is the CRL of {log_safe(new_issuer)}, but this source serves the CRL of {log_safe(current_issuer)} "
+            "(each CRL source keeps one CA's CRL)"
+        )
+    return None
+
+
 def _older_than(new: object, current: object | None) -> str | None:
     """A reason to refuse ``new`` because it was issued before ``current``, else None."""
     new_issued = _utc_attr(new, "last_update_utc")
@@ -361,3 +403,94 @@ def schedule_refresh(
             _log.exception("CRL refresh from %s crashed; keeping the last good CRL", refresher.source)
 
     return scheduler.every(minutes).minutes.do(job)
+
+
+# -- several sources ------------------------------------------------------------------------------
+
+
+def encode_crl_set(crls: Iterable[x509.CertificateRevocationList]) -> bytes:
+    """The CRLs as one byte string: their DER encodings one after the other (DER says its own length,
+    so nothing else is needed).  One CRL encodes as exactly its DER, and none as ``b""``."""
+    return b"".join(crl.public_bytes(serialization.Encoding.DER) for crl in crls)
+
+
+def split_crl_set(data: bytes) -> list[bytes]:
+    """The DER CRLs in ``data`` (made by :func:`encode_crl_set`), each still to be parsed and verified.
+    Raises ValueError unless ``data`` is a whole number of DER SEQUENCEs."""
+    parts: list[bytes] = []
+    pos, size = 0, len(data)
+    while pos < size:
+        if size - pos < 2 or data[pos] != 0x30:
+            raise ValueError(f"byte {pos}: not the start of a DER CRL")
+        first = data[pos + 1]
+        if first < 0x80:
+            length, head = first, 2
+        else:
+            count = first & 0x7F
+            if not 1 <= count <= 4 or size - pos < 2 + count:
+                raise ValueError(f"byte {pos}: bad DER length")
+            length, head = int.from_bytes(data[pos + 2 : pos + 2 + count], "big"), 2 + count
+        end = pos + head + length
+        if end > size:
+            raise ValueError(f"byte {pos}: a CRL of {length} bytes, but only {size - pos - head} follow")
+        parts.append(data[pos:end])
+        pos = end
+    return parts
+
+
+class CrlSet:
+    """The server's CRLs: one :class:`CrlRefresher` per configured source, in the configuration's order.
+
+    The monitor keeps one; it reads the sources that are local paths itself (:meth:`local`) and is handed
+    the bytes of the http(s) sources (:meth:`fetched`) by the unprivileged CRL fetcher.  Every source is
+    verified against its own issuer (the refresher's ``verify``), refused when older than the CRL in hand
+    from it, and kept to one CA.  :meth:`crls` is what the workers get: the newest CRL of each issuer.
+    """
+
+    def __init__(self, refreshers: Sequence[CrlRefresher]) -> None:
+        self.refreshers = tuple(refreshers)
+
+    def __len__(self) -> int:
+        return len(self.refreshers)
+
+    @property
+    def sources(self) -> list[str]:
+        return [r.source for r in self.refreshers]
+
+    def fetched(self) -> list[int]:
+        """The sources the CRL fetcher downloads (http and https URLs), by index."""
+        return [i for i, r in enumerate(self.refreshers) if _is_url(r.source)]
+
+    def local(self) -> list[int]:
+        """The sources the monitor reads itself (local paths), by index."""
+        return [i for i, r in enumerate(self.refreshers) if not _is_url(r.source)]
+
+    def refresh(self, now: datetime, indexes: Iterable[int]) -> list[RefreshResult]:
+        """Refresh the sources ``indexes`` once each (see :meth:`CrlRefresher.refresh`)."""
+        return [self.refreshers[i].refresh(now) for i in indexes]
+
+    def accept(self, index: int, body: bytes, now: datetime) -> RefreshResult:
+        """Bytes for source ``index`` (see :meth:`CrlRefresher.accept`)."""
+        return self.refreshers[index].accept(body, now)
+
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        """The CRLs in hand: for each issuer the newest one (when two sources serve one CA, the older
+        CRL must not hide a revocation the newer lists), in the order of the sources."""
+        newest: dict[bytes, x509.CertificateRevocationList] = {}
+        for refresher in self.refreshers:
+            crl = refresher.current
+            if not isinstance(crl, x509.CertificateRevocationList):
+                continue
+            key = crl.issuer.public_bytes()
+            held = newest.get(key)
+            if held is None or crl.last_update_utc > held.last_update_utc:
+                newest[key] = crl
+        return list(newest.values())
+
+    def encoded(self) -> bytes:
+        """:meth:`crls` as one message body (:func:`encode_crl_set`)."""
+        return encode_crl_set(self.crls())
+
+    def missing(self) -> list[str]:
+        """The sources that have not brought a good CRL yet."""
+        return [r.source for r in self.refreshers if r.current is None]

@@ -8,10 +8,10 @@ open the capture sockets and the control socket; then hand over to the monitor, 
 
 * the workers, which drop to the unprivileged ``user`` and run :class:`~sknock.server.worker.Worker`:
   they read packets, run the parser and the crypto, and ask for grants;
-* with an http(s) ``crlUrl``, the CRL fetcher, unprivileged too: it downloads the CRL and hands the
+* with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged too: it downloads the CRLs and hands the
   bytes to the monitor, so that no worker ever waits on the network;
 * the monitor itself (:class:`~sknock.server.monitor.Monitor`) keeps root: it re-checks and applies
-  the workers' requests, closes grants on time, keeps the CRL, answers the control socket, replaces a
+  the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
   child that dies, and on a stop leaves the firewall policy in place.
 """
 
@@ -35,14 +35,15 @@ from pathlib import Path
 import schedule
 from cryptography import x509
 
-from ..credentials import ServerCredentials, load_certificates, load_server_pfx
-from ..errors import CertificateError, ConfigError, SknockError
+from ..credentials import ServerCredentials, certificate_fingerprint, load_certificates, load_server_pfx
+from ..errors import CertificateError, ConfigError, Reason, SknockError
+from ..logsafe import log_safe
 from ..ports import PortRange, PortSet, Protocol
-from ..trust import ClientVerifier, load_crl
+from ..trust import ClientVerifier, cas_without_crl, crl_signer, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
-from .config import CaptureMode, ServerConfig, load_config
+from .config import CaptureMode, CrlSource, Revocation, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import CrlRefresher, schedule_refresh
+from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, schedule_refresh, split_crl_set
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
 from .instance import AlreadyRunning, claim, running_pid
@@ -59,7 +60,15 @@ __all__ = ["Server", "prepare", "run", "teardown", "setup_logging", "make_server
 log = logging.getLogger("sknock.server")
 JOURNAL_NAME = "replay.journal"
 LEDGER_NAME = "grants.json"
-FIRST_CRL_TIMEOUT = 30.0  # seconds a new worker waits for the monitor's CRL
+FIRST_CRL_TIMEOUT = 30.0  # seconds a new worker waits for the monitor's CRLs
+
+
+@dataclass(frozen=True)
+class HeldCrl:
+    """A CRL in hand: verified, and the bytes it came as."""
+
+    crl: x509.CertificateRevocationList
+    data: bytes
 
 
 @dataclass
@@ -70,23 +79,26 @@ class Server:
     credentials: ServerCredentials
     roots: list[x509.Certificate]
     intermediates: list[x509.Certificate]
-    crl: x509.CertificateRevocationList | None
-    crl_bytes: bytes | None
+    crls: list[HeldCrl | None]  # the CRL in hand at the start for each of config.crl_sources
     firewall: Firewall
 
-    def trust(self, crl: x509.CertificateRevocationList | None) -> ClientVerifier:
-        # The CRL is required (fail closed: no CRL, no knock); one past nextUpdate is still used,
-        # and reported loudly, so an unreachable CRL URL does not lock every client out at once.
-        return ClientVerifier(
-            self.roots, self.intermediates, [crl] if crl is not None else [], require_crl=True, accept_stale_crl=True
-        )
+    def trust(self, crls: Sequence[x509.CertificateRevocationList]) -> ClientVerifier:
+        """The client verifier for ``crls``.  With ``revocation = crl`` a CRL is required of every CA in a
+        chain (fail closed: no CRL, no knock); one past nextUpdate is still used, and reported loudly, so
+        an unreachable CRL URL does not lock every client out at once.  ``revocation = none`` checks none."""
+        if self.config.revocation is Revocation.NONE:
+            return ClientVerifier(self.roots, self.intermediates, require_crl=False)
+        return ClientVerifier(self.roots, self.intermediates, crls, require_crl=True, accept_stale_crl=True)
+
+    def crls_in_hand(self) -> list[x509.CertificateRevocationList]:
+        return [held.crl for held in self.crls if held is not None]
 
     def verifier(self) -> KnockVerifier:
         c = self.config
         return KnockVerifier(
             server_key=self.credentials.key,
             server_certificate=self.credentials.certificate,
-            trust=self.trust(self.crl),
+            trust=self.trust(self.crls_in_hand()),
             policy=VerifierPolicy(
                 timestamp_threshold=float(c.timestamp_threshold),
                 min_work_bits=c.work_bits,
@@ -142,19 +154,62 @@ def prepare(config: ServerConfig) -> Server:
         raise ConfigError(
             f"{config.source}: no CA certificate: {config.server_pfx_file} carries none and caFile is not set"
         )
-    crl = crl_bytes = None
-    if config.crl_file.exists():
-        try:
-            crl_bytes = config.crl_file.read_bytes()
-            crl = load_crl(crl_bytes, cas, source=str(config.crl_file))
-        except (OSError, CertificateError) as exc:
-            crl_bytes = None
-            if config.crl_url is None:
-                raise ConfigError(f"{config.source}: crlFile: {exc}") from None
-            log.warning("crlFile %s not usable (%s); waiting for %s", config.crl_file, exc, config.crl_url)
-    elif config.crl_url is None:
-        raise ConfigError(f"{config.source}: crlFile: {config.crl_file} does not exist and crlUrl is not set")
-    return Server(config, credentials, roots, intermediates, crl, crl_bytes, make_server_firewall(config))
+    held = [_load_crl_source(config, source, cas) for source in config.crl_sources]
+    if config.revocation is Revocation.CRL:
+        _check_crl_issuers(config, held, [*roots, *intermediates])
+    return Server(config, credentials, roots, intermediates, held, make_server_firewall(config))
+
+
+def _load_crl_source(config: ServerConfig, source: CrlSource, cas: Sequence[x509.Certificate]) -> HeldCrl | None:
+    """The CRL in ``source.file`` now, verified against the CAs.  Without a crlUrl the file must be good;
+    with one, a missing or bad file waits for the first fetch."""
+    path = source.file
+    if not path.exists():
+        if source.url is None:
+            raise ConfigError(f"{config.source}: crlFile: {path} does not exist and crlUrl is not set")
+        return None
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_crl_cap(config) + 1)
+        if len(data) > _crl_cap(config):
+            raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {path} is more than {_crl_cap(config)} bytes")
+        return HeldCrl(load_crl(data, cas, source=str(path)), data)
+    except (OSError, CertificateError) as exc:
+        if source.url is None:
+            raise ConfigError(f"{config.source}: crlFile: {exc}") from None
+        log.warning("crlFile %s not usable (%s); waiting for %s", path, exc, source.url)
+        return None
+
+
+def _check_crl_issuers(config: ServerConfig, held: Sequence[HeldCrl | None], cas: Sequence[x509.Certificate]) -> None:
+    """Each CRL source serves its own CA's CRL, and every CA has one: a CA without a CRL would have every
+    client under it refused (crl-unavailable), which is what the admin should hear before the start."""
+    by_signer: dict[bytes, CrlSource] = {}
+    for source, crl in zip(config.crl_sources, held, strict=True):
+        signer = crl_signer(crl.crl, cas) if crl is not None else None
+        if signer is None:
+            continue
+        other = by_signer.setdefault(certificate_fingerprint(signer), source)
+        if other is not source:
+            raise ConfigError(
+                f"{config.source}: crlFile: {other.file} and {source.file} are both CRLs of "
+                f"{log_safe(signer.subject.rfc4514_string())}: give each CA's CRL once"
+            )
+    if any(crl is None for crl in held):
+        return  # a source still to be fetched may bring the missing CRL; run() says which CAs wait for one
+    missing = cas_without_crl(cas, [crl.crl for crl in held if crl is not None])
+    if missing:
+        names = "; ".join(log_safe(ca.subject.rfc4514_string()) for ca in missing)
+        raise ConfigError(
+            f"{config.source}: crlFile: no CRL of {names}: every client whose chain passes through it would be "
+            "refused (crl-unavailable); add its CRL to crlFile (a comma list, one CRL per CA)"
+        )
+
+
+def _crl_cap(config: ServerConfig) -> int:
+    """The largest CRL one source may bring: all of them together (with the fetcher's header) fit in one
+    channel message, so a worker gets the whole set at once or not at all."""
+    return (MAX_CRL_MESSAGE - FETCHED_HEADER.size) // max(1, len(config.crl_sources))
 
 
 def make_server_firewall(config: ServerConfig) -> Firewall:
@@ -248,16 +303,18 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     issuers = [*server.roots, *server.intermediates]
 
     def adopt(data: bytes) -> None:
-        """The CRL in use, from the monitor, which has verified it (it is checked again here all the same)."""
+        """The CRLs in use, from the monitor, which has verified them (they are checked again here all the
+        same): the whole set, DER after DER, in one message.  All of it is taken, or none: a set that does
+        not load leaves no CRL, and every knock is refused until a good set comes."""
         try:
-            crl = load_crl(data, issuers, source="the monitor") if data else None
-        except CertificateError as exc:
-            log.error("worker %d: the monitor's CRL does not load (%s); knocks are refused until one does",
+            trust = server.trust([load_crl(der, issuers, source="the monitor") for der in split_crl_set(data)])
+        except (ValueError, CertificateError) as exc:
+            log.error("worker %d: the monitor's CRLs do not load (%s); knocks are refused until they do",
                       index + 1, exc)
-            crl = None
-        verifier.set_trust(server.trust(crl))
+            trust = server.trust([])
+        verifier.set_trust(trust)
 
-    # The first message is the CRL in use: no knock is verified before the worker has it.
+    # The first message is the CRLs in use: no knock is verified before the worker has them.
     channel.settimeout(FIRST_CRL_TIMEOUT)
     first = channel.recv(MAX_CRL_MESSAGE + len(CRL_PREFIX))
     if not first.startswith(CRL_PREFIX):
@@ -272,38 +329,47 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
-    """Download crlUrl every CRL_UPDATE_INTERVAL_IN_MINUTES (and at once on SIGHUP, which the monitor
-    forwards) and hand what verifies to the monitor, which checks it again before it is used or written.
-    A slow or dead CRL server delays only this process."""
+    """Download every http(s) crlUrl every CRL_UPDATE_INTERVAL_IN_MINUTES (and at once on SIGHUP, which the
+    monitor forwards) and hand what verifies to the monitor, each with the index of its source; the monitor
+    checks it again before it is used or written.  A slow or dead CRL server delays only this process."""
     config = server.config
-    assert config.crl_url is not None
     drop_privileges(config.user)
     issuers = [*server.roots, *server.intermediates]
+    clock = partial(dt.datetime.now, dt.UTC)
+    scheduler = schedule.Scheduler()
+    jobs = []
+    urls = []
+    for index, source in enumerate(config.crl_sources):
+        if source.url is None or not _is_url(source.url):
+            continue  # the monitor reads local sources itself, as root
 
-    def send(data: bytes) -> None:
-        channel.send(CRL_PREFIX + data)
+        def send(data: bytes, header: bytes = FETCHED_HEADER.pack(index)) -> None:
+            channel.send(CRL_PREFIX + header + data)
 
-    refresher = CrlRefresher(
-        config.crl_url, config.crl_file, partial(load_crl, issuers=issuers, source=config.crl_url),
-        store=send, announce=False, max_bytes=MAX_CRL_MESSAGE,
-    )
-    if server.crl is not None and server.crl_bytes is not None:
-        refresher.seed(server.crl, server.crl_bytes)
+        refresher = CrlRefresher(
+            source.url, source.file, partial(load_crl, issuers=issuers, source=source.url),
+            store=send, announce=False, max_bytes=_crl_cap(config), read_existing=False,
+        )
+        held = server.crls[index]
+        if held is not None:
+            refresher.seed(held.crl, held.data)
+        jobs.append(schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, clock))
+        urls.append(source.url)
     state = {"running": True, "now": False}
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda *_: state.update(now=True))
-    scheduler = schedule.Scheduler()
-    job = schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, lambda: dt.datetime.now(dt.UTC))
-    log.info("CRL fetcher running as %s: %s every %d min", config.user, config.crl_url,
+    log.info("CRL fetcher running as %s: %s every %d min", config.user, ", ".join(urls),
              config.crl_update_interval_minutes)
-    job.run()  # at start, and again on SIGHUP (which also restarts the interval)
+    for job in jobs:
+        job.run()  # at start, and again on SIGHUP (which also restarts the interval)
     with selectors.DefaultSelector() as selector:
         selector.register(channel, selectors.EVENT_READ)
         while state["running"]:
             if state["now"]:
                 state["now"] = False
-                job.run()
+                for job in jobs:
+                    job.run()
             scheduler.run_pending()
             idle = scheduler.idle_seconds
             if selector.select(max(0.0, min(1.0, idle if idle is not None else 1.0))) and not channel.recv(16):
@@ -369,8 +435,7 @@ def run(config_path: str | Path) -> int:
     if carried:
         log.info("kept %d live grant(s) from before this start", len(carried))
     crl = _monitor_crl(server)
-    if server.crl is None:
-        log.error("no CRL: every knock is refused until a valid CRL is available from %s", crl.source)
+    _report_missing_crls(server, crl)
     # Everything made so far (modules, keys, the verifier's trust) lives as long as the server: keep
     # the garbage collector from walking it, which would write to every page of it in each forked
     # process and turn shared pages into private copies.  Measured, distinct resident pages of all
@@ -381,7 +446,7 @@ def run(config_path: str | Path) -> int:
         max_duration=float(config.max_open_duration),
         spawn=_spawner(server, captures),
         workers=config.workers,
-        fetcher=config.crl_url is not None and _is_url(config.crl_url),
+        fetcher=bool(crl.fetched()),
         window=float(config.timestamp_threshold),
         journal=journal,
         control=control,
@@ -402,20 +467,53 @@ def _is_url(source: str) -> bool:
     return source.split(":", 1)[0].lower() in ("http", "https")
 
 
-def _monitor_crl(server: Server) -> CrlRefresher:
-    """The monitor's keeper of the CRL: it reads a file source itself (as root) and verifies whatever
-    the CRL fetcher brings, against the CA and the CRL in hand, before writing crlFile."""
+def _monitor_crl(server: Server) -> CrlSet:
+    """The monitor's keeper of the CRLs, one refresher per source: it reads file sources itself (as root)
+    and verifies whatever the CRL fetcher brings, against the CAs and the CRL in hand from that source,
+    before writing its crlFile.  Empty with ``revocation = none``."""
     config = server.config
-    source = config.crl_url or str(config.crl_file)
-    store = None if config.crl_url is not None else (lambda data: None)  # crlFile itself is the source
-    keeper = CrlRefresher(
-        source, config.crl_file,
-        partial(load_crl, issuers=[*server.roots, *server.intermediates], source=source),
-        store=store, max_bytes=MAX_CRL_MESSAGE,
-    )
-    if server.crl is not None and server.crl_bytes is not None:
-        keeper.seed(server.crl, server.crl_bytes)
-    return keeper
+    issuers = [*server.roots, *server.intermediates]
+    keepers = []
+    for source, held in zip(config.crl_sources, server.crls, strict=True):
+        name = source.url or str(source.file)
+        store = None if source.url is not None else (lambda data: None)  # crlFile itself is the source
+        keeper = CrlRefresher(
+            name, source.file, partial(load_crl, issuers=issuers, source=name), store=store, max_bytes=_crl_cap(config)
+        )
+        if held is not None:
+            keeper.seed(held.crl, held.data)
+        keepers.append(keeper)
+    return CrlSet(keepers)
+
+
+def revocation_summary(server: Server) -> str:
+    """What --check-config says about revocation: the choice, and the CRL of each CA in hand."""
+    config = server.config
+    if config.revocation is Revocation.NONE:
+        return "revocation none: no CRL is checked"
+    cas = [*server.roots, *server.intermediates]
+    parts = []
+    for source, held in zip(config.crl_sources, server.crls, strict=True):
+        if held is None:
+            parts.append(f"{source.url}: no CRL yet")
+            continue
+        signer = crl_signer(held.crl, cas)
+        name = log_safe(signer.subject.rfc4514_string()) if signer is not None else "?"
+        parts.append(f"{name} from {source.url or source.file}")
+    return f"revocation crl: {len(parts)} CRL(s): " + "; ".join(parts)
+
+
+def _report_missing_crls(server: Server, crls: CrlSet) -> None:
+    """At the start: which CAs have no CRL yet (their clients are refused until one comes)."""
+    if server.config.revocation is Revocation.NONE:
+        return
+    missing = crls.missing()
+    if not missing:
+        return
+    waiting = cas_without_crl([*server.roots, *server.intermediates], crls.crls())
+    names = "; ".join(log_safe(ca.subject.rfc4514_string()) for ca in waiting) or "none"
+    log.error("no CRL yet from %s: every client whose chain passes through a CA without a CRL (now: %s) is "
+              "refused until a valid CRL arrives", ", ".join(missing), names)
 
 
 def teardown(config_path: str | Path) -> int:

@@ -5,8 +5,8 @@ re-checks each request (:func:`privsep.parse_request`), refuses a knock it has a
 that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`),
 and applies everything the workers asked for since its last turn as one batch (one nftables
 transaction).  It closes grants when their time is up and retries a close that fails, answers
-``status`` on the root-only control socket, keeps the CRL (verifying every CRL before it is used or
-written) and hands it to the workers.
+``status`` on the root-only control socket, keeps the CRLs (verifying every CRL before it is used or
+written) and hands them to the workers, the whole set in one message.
 
 Failing closed is arranged so that nothing the monitor or its children do can open a port:
 
@@ -39,9 +39,10 @@ from typing import Any, Literal
 from cryptography import x509
 
 from ..errors import SknockError
+from ..logsafe import log_safe
 from ..trust import RevocationId, revocation_id
 from .control import ControlServer
-from .crl_refresh import CrlRefresher, RefreshResult
+from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, RefreshResult
 from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
@@ -145,7 +146,7 @@ class Monitor:
         window: float = 7.0,
         journal: KnockJournal | None = None,
         control: ControlServer | None = None,
-        crl: CrlRefresher | None = None,
+        crl: CrlSet | CrlRefresher | None = None,
         crl_interval: float = 1800.0,
         instance: socket.socket | None = None,
         carried: Iterable[tuple[Opening, float]] = (),
@@ -157,7 +158,8 @@ class Monitor:
         self.max_duration = max_duration
         self.spawn = spawn
         self.control = control
-        self.crl = crl
+        # The CRLs, one refresher per source (a single refresher is a set of one).
+        self.crl = CrlSet([crl]) if isinstance(crl, CrlRefresher) else crl
         self.crl_interval = crl_interval
         self.instance = instance
         self.clock = clock
@@ -257,7 +259,7 @@ class Monitor:
             wake.append(deadline)
         if self._pending:
             wake.append(now + self._batch.hold(now))
-        if self.crl is not None and self._fetcher is None:
+        if self.crl is not None and self.crl.local():
             wake.append(self._next_crl)
         wake.extend(c.respawn_at for c in self._all_children() if c.respawn_at is not None)
         return max(0.0, min(wake) - now)
@@ -291,7 +293,7 @@ class Monitor:
         if self._hangup:
             self._hangup = False
             self.refresh_crl(now_requested=True)
-        elif self.crl is not None and self._fetcher is None and now >= self._next_crl:
+        elif self.crl is not None and self.crl.local() and now >= self._next_crl:
             self.refresh_crl()
         self._respawn_due(now)
         if self._ledger_dirty and self.ledger is not None:
@@ -489,45 +491,51 @@ class Monitor:
     def _now_utc(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.wall_clock(), dt.UTC)
 
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        """The CRLs in hand, the ones every worker verifies with: the newest of each CA's (empty with
+        ``revocation = none``, or before any source brought a good CRL)."""
+        return self.crl.crls() if self.crl is not None else []
+
     def refresh_crl(self, *, now_requested: bool = False) -> None:
-        """Re-read the CRL source (a file: the monitor reads it itself, as root), or ask the CRL fetcher
-        to fetch the URL now."""
+        """Re-read the CRL sources that are files (the monitor reads them itself, as root), and on SIGHUP
+        ask the CRL fetcher to fetch the URLs now."""
         if self.crl is None:
             return
-        if self._fetcher is not None:
-            if now_requested and self._fetcher.pid:
-                log.info("SIGHUP: asking the CRL fetcher to fetch %s now", self.crl.source)
-                _signal(self._fetcher.pid, signal.SIGHUP)
+        fetched = self.crl.fetched()
+        if now_requested and fetched and self._fetcher is not None and self._fetcher.pid:
+            log.info("SIGHUP: asking the CRL fetcher to fetch %s now", ", ".join(self.crl.sources[i] for i in fetched))
+            _signal(self._fetcher.pid, signal.SIGHUP)
+        local = self.crl.local()
+        if not local:
             return
         if now_requested:
-            log.info("SIGHUP: reading the CRL from %s now", self.crl.source)
+            log.info("SIGHUP: reading the CRL from %s now", ", ".join(self.crl.sources[i] for i in local))
         self._next_crl = self.clock() + self.crl_interval
-        self._adopt(self.crl.refresh(self._now_utc()))
+        self._adopt(self.crl.refresh(self._now_utc(), local))
 
-    def offer_crl(self, data: bytes) -> None:
-        """CRL bytes from the CRL fetcher (unprivileged: trusted for nothing): verified against the CA
-        and refused if older than the CRL in hand, before they are written or used."""
-        if self.crl is not None:
-            self._adopt(self.crl.accept(data, self._now_utc()))
-
-    def _adopt(self, result: RefreshResult) -> None:
-        if result.status != "updated":
+    def offer_crl(self, data: bytes, source: int = 0) -> None:
+        """CRL bytes from the CRL fetcher for URL source number ``source`` (unprivileged: trusted for
+        nothing): verified against the CAs and refused if older than the CRL in hand from that source, or
+        another CA's, before they are written or used."""
+        if self.crl is None:
             return
-        crl = result.crl
-        issued = getattr(crl, "last_update_utc", None)
-        next_update = getattr(crl, "next_update_utc", None)
+        if source not in self.crl.fetched():
+            log.error("refused a CRL from the CRL fetcher for source %d, which is not a URL it fetches", source)
+            return
+        self._adopt([self.crl.accept(source, data, self._now_utc())])
+
+    def _adopt(self, results: Sequence[RefreshResult]) -> None:
+        """Hand the set to the workers when a refresh brought a new CRL."""
+        updated = [r.crl for r in results if r.status == "updated"]
+        if not updated:
+            return
         workers = [c for c in self.children if c.channel is not None]
-        log.info("using the new CRL (issued %s, next update %s): handed to %d worker(s), whose certificate "
-                 "caches are dropped", issued.isoformat() if issued else "?",
-                 next_update.isoformat() if next_update else "none", len(workers))
+        log.info("using the new CRL%s %s: handed to %d worker(s) with %d CRL(s) in all, whose certificate caches "
+                 "are dropped", "s" if len(updated) > 1 else "", "; ".join(_describe_crl(c) for c in updated),
+                 len(workers), len(self.crls()))
         self._send_crl(workers)
         self._note_revocations()
         self._close_revoked()
-
-    def crls(self) -> list[x509.CertificateRevocationList]:
-        """The CRLs in hand."""
-        current = self.crl.current if self.crl is not None else None
-        return [current] if isinstance(current, x509.CertificateRevocationList) else []
 
     def _note_revocations(self) -> None:
         """Every (issuer, serial) the CRLs in hand revoke, as a set: checked for each request and grant."""
@@ -581,11 +589,13 @@ class Monitor:
                 "failed": [_describe(e) for e in entries if e not in closed]}
 
     def _crl_message(self) -> bytes:
-        return CRL_PREFIX + ((self.crl.current_bytes or b"") if self.crl is not None else b"")
+        """``CRL_PREFIX`` and the DER of every CRL in hand, one after the other (one CRL: its DER alone; none:
+        nothing).  One message, so that a worker never runs with half a set."""
+        return CRL_PREFIX + (self.crl.encoded() if self.crl is not None else b"")
 
     def _send_crl(self, children: Iterable[Child]) -> None:
-        """Hand the CRL in hand to workers.  A worker that cannot take it is replaced (it would go on
-        with the old CRL, and a revoked client with it); its successor starts with the new one."""
+        """Hand the CRLs in hand to workers.  A worker that cannot take them is replaced (it would go on
+        with the old CRLs, and a revoked client with them); its successor starts with the new ones."""
         if self.crl is None:
             return
         message = self._crl_message()
@@ -595,7 +605,7 @@ class Monitor:
             try:
                 child.channel.send(message)
             except OSError as exc:
-                log.error("%s (pid %d) cannot take the new CRL (%s): replacing it", child.name, child.pid, exc)
+                log.error("%s (pid %d) cannot take the new CRLs (%s): replacing it", child.name, child.pid, exc)
                 _signal(child.pid, signal.SIGKILL)
 
     def _read_fetcher(self, child: Child) -> None:
@@ -603,8 +613,10 @@ class Monitor:
         data = self._receive(child.channel)
         if data is None:
             return
-        if data.startswith(CRL_PREFIX):
-            self.offer_crl(data[len(CRL_PREFIX) :])
+        start = len(CRL_PREFIX) + FETCHED_HEADER.size
+        if data.startswith(CRL_PREFIX) and len(data) >= start:
+            (source,) = FETCHED_HEADER.unpack_from(data, len(CRL_PREFIX))
+            self.offer_crl(data[start:], source)
         else:
             log.error("refused a malformed message from the CRL fetcher (%d bytes)", len(data))
 
@@ -691,14 +703,16 @@ class Monitor:
 
     def status(self) -> dict[str, object]:
         now = self.clock()
-        crl = self.crl.current if self.crl is not None else None
-        next_update = getattr(crl, "next_update_utc", None)
+        crls = self.crls()
+        updates = [c.next_update_utc for c in crls if c.next_update_utc is not None]
         return {
             "backend": self.firewall.name,
             "kernel_expiry": self.firewall.kernel_expiry,
             "workers": len(self.children),
             "worker_pids": self.worker_pids,
-            "crl_next_update": next_update.isoformat() if next_update is not None else None,
+            "revocation": "crl" if self.crl is not None and len(self.crl) else "none",
+            "crl_next_update": min(updates).isoformat() if updates else None,  # the earliest of the set
+            "crls": self._crl_status(),
             "grants": [
                 {
                     "address": str(e.opening.address),
@@ -714,6 +728,29 @@ class Monitor:
                 for e in self.grants.entries()
             ],
         }
+
+    def _crl_status(self) -> list[dict[str, object]]:
+        """Each CRL source and what it holds now."""
+        out: list[dict[str, object]] = []
+        if self.crl is None:
+            return out
+        wall = self._now_utc()
+        for refresher in self.crl.refreshers:
+            crl = refresher.current
+            entry: dict[str, object] = {"source": refresher.source, "file": str(refresher.crl_file)}
+            if isinstance(crl, x509.CertificateRevocationList):
+                next_update = crl.next_update_utc
+                entry.update(
+                    issuer=log_safe(crl.issuer.rfc4514_string()),
+                    issued=crl.last_update_utc.isoformat(),
+                    next_update=next_update.isoformat() if next_update is not None else None,
+                    stale=next_update is not None and next_update < wall,
+                    revoked=len(crl),
+                )
+            else:
+                entry["issuer"] = None  # no good CRL from this source yet
+            out.append(entry)
+        return out
 
     def shutdown(self) -> None:
         """Stop the children and the control socket.  The firewall policy stays: a stop must not open
@@ -766,6 +803,19 @@ def _matcher(key: str, value: object) -> Callable[[GrantEntry], bool]:
 def _describe(entry: GrantEntry) -> str:
     opening = entry.opening
     return f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
+
+
+def _describe_crl(crl: object) -> str:
+    """``of CN=X (issued …, next update …)`` for the log."""
+    issuer = getattr(crl, "issuer", None)
+    issued = getattr(crl, "last_update_utc", None)
+    next_update = getattr(crl, "next_update_utc", None)
+    try:
+        name = log_safe(issuer.rfc4514_string()) if isinstance(issuer, x509.Name) else "?"
+    except ValueError:
+        name = "<undecodable name>"
+    return (f"of {name} (issued {issued.isoformat() if issued else '?'}, next update "
+            f"{next_update.isoformat() if next_update else 'none'})")
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -33,7 +33,7 @@ from ..credentials import ServerCredentials
 from ..errors import CertificateError, ConfigError
 from ..logsafe import log_safe
 from ..trust import load_crl
-from .config import ServerConfig
+from .config import CrlSource, ServerConfig
 
 if TYPE_CHECKING:
     from .daemon import Server
@@ -81,8 +81,7 @@ def check_deployment(server: Server, *, now: dt.datetime | None = None) -> None:
     """``--check-config``: the problems a running server would only report (see the module docstring)."""
     moment = _now(now)
     _check_cas(server, moment)
-    crl_url_crl = _check_crl_url_file(server)
-    _check_crl_fresh(server, crl_url_crl, moment)
+    _check_crls(server, moment)
     config = server.config
     _check_folder(config, "stateDir", config.state_dir)
     _check_folder(config, "controlSocket", config.control_socket.parent)
@@ -102,17 +101,17 @@ def _check_cas(server: Server, now: dt.datetime) -> None:
         )
 
 
-def _local_crl_url(config: ServerConfig) -> Path | None:
-    if config.crl_url is None or config.crl_url.split(":", 1)[0].lower() in ("http", "https"):
+def _local_crl_url(source: CrlSource) -> Path | None:
+    if source.url is None or source.url.split(":", 1)[0].lower() in ("http", "https"):
         return None
-    return Path(config.crl_url)
+    return Path(source.url)
 
 
-def _check_crl_url_file(server: Server) -> x509.CertificateRevocationList | None:
+def _check_crl_url_file(server: Server, source: CrlSource) -> x509.CertificateRevocationList | None:
     """A local ``crlUrl`` must hold a CRL signed by a configured CA: the server reads it at once and on every
     refresh, and refuses it (keeping what it has, or nothing) otherwise.  Returns it."""
     config = server.config
-    path = _local_crl_url(config)
+    path = _local_crl_url(source)
     if path is None:
         return None
     try:
@@ -128,36 +127,36 @@ def _check_crl_url_file(server: Server) -> x509.CertificateRevocationList | None
         raise ConfigError(f"{config.source}: crlUrl: {exc}") from None
 
 
-def _check_crl_fresh(
-    server: Server, from_url: x509.CertificateRevocationList | None, now: dt.datetime
-) -> None:
-    """The CRL the server starts with must not be past its nextUpdate: revocations published since then
-    would be missed.  With a local crlUrl the newer of it and crlFile is the one used, and the crlUrl file
-    itself must be fresh too (it is where revocations are meant to come from)."""
-    config = server.config
-    candidates = [(crl, key) for crl, key in ((server.crl, "crlFile"), (from_url, "crlUrl")) if crl is not None]
-    if not candidates:
-        return  # no CRL yet: the server waits for crlUrl's first fetch (and refuses every knock until then)
-    if from_url is not None:
-        _check_next_update(config, from_url, "crlUrl", now)
-    crl, key = max(candidates, key=lambda item: item[0].last_update_utc)  # the server uses the newer one
-    _check_next_update(config, crl, key, now)
+def _check_crls(server: Server, now: dt.datetime) -> None:
+    """Each CRL source: a local crlUrl loads, and the CRL the server starts with is not past its nextUpdate
+    (revocations published since then would be missed).  With a local crlUrl the newer of it and crlFile is
+    the one used, and the crlUrl file itself must be fresh too (it is where revocations come from)."""
+    for source, held in zip(server.config.crl_sources, server.crls, strict=False):
+        from_url = _check_crl_url_file(server, source)
+        from_file = held.crl if held is not None else None
+        candidates = [(crl, key) for crl, key in ((from_file, "crlFile"), (from_url, "crlUrl")) if crl is not None]
+        if not candidates:
+            continue  # no CRL yet: the server waits for crlUrl's first fetch (and refuses that CA's clients)
+        if from_url is not None:
+            _check_next_update(server.config, source, from_url, "crlUrl", now)
+        crl, key = max(candidates, key=lambda item: item[0].last_update_utc)  # the server uses the newer one
+        _check_next_update(server.config, source, crl, key, now)
 
 
 def _check_next_update(
-    config: ServerConfig, crl: x509.CertificateRevocationList, key: str, now: dt.datetime
+    config: ServerConfig, source: CrlSource, crl: x509.CertificateRevocationList, key: str, now: dt.datetime
 ) -> None:
     next_update = crl.next_update_utc
     if next_update is None or next_update >= now:
         return
-    where = config.crl_file if key == "crlFile" else config.crl_url
-    if config.crl_url is None:
-        fix = f"{_CRL_FIX}; publish it to {config.crl_file} and send the server SIGHUP"
+    where = source.file if key == "crlFile" else source.url
+    if source.url is None:
+        fix = f"{_CRL_FIX}; publish it to {source.file} and send the server SIGHUP"
     elif key == "crlFile":
-        fix = (f"the server fetches it from crlUrl {config.crl_url}: fix that source, or publish a fresh one "
+        fix = (f"the server fetches it from crlUrl {source.url}: fix that source, or publish a fresh one "
                f"there ({_CRL_FIX})")
     else:
-        fix = f"{_CRL_FIX}; publish it to {config.crl_url}"
+        fix = f"{_CRL_FIX}; publish it to {source.url}"
     raise ConfigError(
         f"{config.source}: {key}: the CRL in {where} is past its nextUpdate ({next_update.isoformat()}): "
         f"revocations since then may be missing; {fix}"
