@@ -71,7 +71,7 @@ class RefreshResult:
 
     status: Status
     message: str
-    crl: object | None
+    crl: x509.CertificateRevocationList | None
     stale: bool
 
 
@@ -103,7 +103,7 @@ class CrlRefresher:
         self,
         source: str,
         crl_file: Path,
-        verify: Callable[[bytes], object],
+        verify: Callable[[bytes], x509.CertificateRevocationList],
         session: requests.Session | None = None,
         timeout: float = 10.0,
         *,
@@ -131,7 +131,7 @@ class CrlRefresher:
         self._own_session: requests.Session | None = None
         self._timeout = float(timeout)
         self._max_bytes = max_bytes
-        self._current: object | None = None
+        self._current: x509.CertificateRevocationList | None = None
         self._current_bytes: bytes | None = None
         self._etag: str | None = None
         self._last_modified: str | None = None
@@ -142,7 +142,7 @@ class CrlRefresher:
         self._announce = announce
 
     @property
-    def current(self) -> object | None:
+    def current(self) -> x509.CertificateRevocationList | None:
         """The last good CRL, or ``None`` if there has not been one."""
         return self._current
 
@@ -205,7 +205,7 @@ class CrlRefresher:
         where = f"into {self.crl_file}" if self._announce else "(handed on)"
         return self._result("updated", f"CRL updated from {self.source} {where}", now)
 
-    def seed(self, crl: object, body: bytes) -> None:
+    def seed(self, crl: x509.CertificateRevocationList, body: bytes) -> None:
         """Start from a CRL already verified elsewhere (the CRL fetcher starts from the monitor's), so
         that nothing older is taken and the file need not be read."""
         self._current = crl
@@ -219,7 +219,7 @@ class CrlRefresher:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _adopt(self, crl: object, body: bytes, fetched: _Fetched) -> None:
+    def _adopt(self, crl: x509.CertificateRevocationList, body: bytes, fetched: _Fetched) -> None:
         self._current = crl
         self._current_bytes = body
         self._remember(fetched)
