@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ def _f(value: Any, fmt: str = "{:.0f}") -> str:
 
 
 def _phase(results: dict[str, Any], server: str, name: str) -> dict[str, Any]:
-    return results.get("servers", {}).get(server, {}).get("phases", {}).get(name, {})
+    phase: dict[str, Any] = results.get("servers", {}).get(server, {}).get("phases", {}).get(name, {})
+    return phase
 
 
-def _cell(results: dict[str, Any], server: str, name: str, getter: Any) -> str:
+def _cell(results: dict[str, Any], server: str, name: str, getter: Callable[[dict[str, Any]], str]) -> str:
     srv = results.get("servers", {}).get(server)
     if srv is None:
         return "not run"
@@ -39,7 +41,7 @@ def _cell(results: dict[str, Any], server: str, name: str, getter: Any) -> str:
     if "error" in ph:
         return "error"
     try:
-        return getter(ph)
+        return str(getter(ph))
     except (KeyError, TypeError, IndexError, ZeroDivisionError):
         return "–"
 
@@ -159,7 +161,7 @@ def markdown(results: dict[str, Any]) -> str:
     best = nft.get("burst-20000", {}).get("grants_per_s")
     fw_phases = results.get("servers", {}).get("fwknopd-iptables", {}).get("phases", {})
     # fwknopd's best grants/s over its load phases (the most favourable to it)
-    fw = max((ph for name, ph in fw_phases.items() if name.startswith(("burst", "rate-1", "rate-5"))
+    fw: dict[str, Any] = max((ph for name, ph in fw_phases.items() if name.startswith(("burst", "rate-1", "rate-5"))
               and isinstance(ph.get("grants_per_s"), float | int)), key=lambda ph: ph["grants_per_s"], default={})
     checks = [
         (">= 8,000 grants/s (sknock nftables, burst 20,000)", None if best is None else best >= 8000, _f(best)),
@@ -233,7 +235,7 @@ FWKNOPD_NOTES = [
     "* Expiry: fwknopd stamps rules `_exp_<epoch seconds>` and removes them at a check with time(NULL) >= "
     "the stamp (one `iptables -D` each), so a close can also come up to 1 s early. Expiry knocks go to "
     "sknock at 1,000/s, to fwknopd at 25/s, below its capacity (the first fwknopd run, 2026-11-22-0445, sent "
-    "them at 100/s, above it: a third were never granted).",
+    "them at 100/s, above it: a third were never granted; that run is in git history).",
 ]
 
 
