@@ -1,4 +1,4 @@
-"""The benchmark's lab: a PKI, prebuilt knocks, the two hosts, the real server, its processes' memory.
+"""The benchmark's lab: a PKI, prebuilt knocks, the two hosts, the real server, what its processes use.
 
 Everything here is bounded in count and time, and everything it starts it stops by pid.  The hosts are
 tests/netns.py's TestNet (198.18.N.0/24 on a veth pair) plus one route in the client namespace,
@@ -155,10 +155,55 @@ def _proc_kib(pids: list[int], file: str, field: str) -> dict[int, int]:
     return out
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """One process's CPU time so far, in seconds (/proc/PID/stat): its own, and that of the children it
+    has waited for (fwknopd's ``iptables`` processes, for instance)."""
+
+    user: float
+    system: float
+    children_user: float
+    children_system: float
+
+
+def cpu_times(pids: list[int]) -> dict[int, CpuTimes]:
+    """:class:`CpuTimes` of each process that still exists (all its threads together)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text.rpartition(")")[2].split()  # after "pid (comm)": field 3, state, is fields[0]
+        utime, stime, cutime, cstime = (int(f) / tick for f in fields[11:15])  # fields 14 to 17
+        out[pid] = CpuTimes(utime, stime, cutime, cstime)
+    return out
+
+
+def cpu_spent(before: dict[int, CpuTimes], after: dict[int, CpuTimes], main: int) -> dict[str, Any]:
+    """The CPU time a server's processes spent between two readings of :func:`cpu_times`, in seconds:
+    each one's own user and system time, plus that of children they waited for in between.  A process
+    that started in between counts whole; one that ended in between is lost (``ended`` says how many)."""
+    zero = CpuTimes(0, 0, 0, 0)
+    processes: list[dict[str, Any]] = []
+    user = system = reaped = 0.0
+    for pid, end in after.items():
+        start = before.get(pid, zero)
+        u, s = end.user - start.user, end.system - start.system
+        # (+ 0.0: no "-0.0" from subtracting equal tick counts)
+        c = round(end.children_user + end.children_system - start.children_user - start.children_system, 6) + 0.0
+        processes.append({"pid": pid, "role": "main" if pid == main else "child", "user_s": u, "system_s": s,
+                          "reaped_children_s": c})
+        user, system, reaped = user + u, system + s, reaped + c
+    return {"user_s": user, "system_s": system, "reaped_children_s": reaped, "total_s": user + system + reaped,
+            "processes": processes, "ended": len(set(before) - set(after))}
+
+
 class ServerProcesses:
     """What the benchmark reads of a server under test, sknock's or fwknopd's: its log and the memory
-    of its processes.  Subclasses set ``log`` and say which ``pids()`` are theirs, the main process
-    first."""
+    and CPU time of its processes.  Subclasses set ``log`` and say which ``pids()`` are theirs, the
+    main process first."""
 
     log: Path
 
@@ -180,6 +225,13 @@ class ServerProcesses:
 
     def resident_kib(self) -> int:
         return resident_kib(self.pids())
+
+    def cpu_times(self) -> dict[int, CpuTimes]:
+        return cpu_times(self.pids())
+
+    def cpu_since(self, before: dict[int, CpuTimes]) -> dict[str, Any]:
+        """:func:`cpu_spent` from ``before`` (a :meth:`cpu_times`) to now."""
+        return cpu_spent(before, self.cpu_times(), self.pids()[0])
 
     def stop(self) -> None:
         raise NotImplementedError

@@ -80,7 +80,8 @@ class Phases:
 
     def run_load(self, count: int, rate: float, *, label: str, scale: bool = False) -> dict[str, Any]:
         """``count`` knocks at ``rate`` a second (0: as fast as the sender can) to a fresh server: grants
-        a second and latency; with ``scale``, its memory and the per-packet cost before and after."""
+        a second, latency, and the server's CPU time from the first knock until the grants stopped
+        (``server_cpu``); with ``scale``, its memory and the per-packet cost before and after."""
         limit = self.wait_extra + (count / rate if rate else 0)
         with self.server() as server:
             out: dict[str, Any] = {"label": label, "knocks": count, "rate": rate or "max"}
@@ -94,9 +95,12 @@ class Phases:
             profilers = ([self.start_profiler(pid, label) for pid in server.pids()[:2]]
                          if label == "profile" else [])
             try:
+                cpu_start, cpu_wall = server.cpu_times(), time.monotonic()
                 summary, times = lab.send_knocks(self.net, self.knocks, rate=rate, count=count,
                                                  port=self.knock_port)
                 out["wait_end"] = watcher.wait_quiet(count, limit=limit)
+                cpu = server.cpu_since(cpu_start)
+                cpu["wall_s"] = time.monotonic() - cpu_wall
             finally:
                 watcher.stop()
                 if profilers:
@@ -108,6 +112,8 @@ class Phases:
             out["send_seconds"] = times[-1] - times[0] if times else math.nan
             out["granted"] = len(seen)
             out["grants_per_s"] = len(seen) / (max(seen) - times[0]) if seen else 0.0
+            cpu["us_per_grant"] = 1e6 * cpu["total_s"] / len(seen) if seen else None
+            out["server_cpu"] = cpu
             lat = [g - t for g, t in zip(granted, times, strict=True) if g is not None]
             if isinstance(watcher, LegacyCounter) and len(seen) != len(times):
                 out["latency_note"] = "rule count polled: latency only when every knock was granted"
@@ -130,12 +136,14 @@ class Phases:
     @staticmethod
     def repeated(times: int, run: Phase) -> dict[str, Any]:
         """The run with the median grants/s of ``times`` runs (each on a fresh server), with every
-        run's figure in ``repeats``: on 2 cores shared with the load generator one burst varies by
-        +-15 %, so a single one would say more about scheduling luck than about the server."""
+        run's figure in ``repeats`` (and its CPU time per grant in ``repeats_cpu_us_per_grant``): on 2
+        cores shared with the load generator one burst varies by +-15 %, so a single one would say more
+        about scheduling luck than about the server."""
         runs = [run() for _ in range(times)]
         ordered = sorted(runs, key=lambda r: r["grants_per_s"])
         middle = dict(ordered[len(ordered) // 2])
         middle["repeats"] = [r["grants_per_s"] for r in runs]
+        middle["repeats_cpu_us_per_grant"] = [r.get("server_cpu", {}).get("us_per_grant") for r in runs]
         return middle
 
     def probe(self) -> dict[str, Any]:

@@ -64,6 +64,29 @@ def _lat(ph: dict[str, Any]) -> str:
            f"{_f(lat['max_ms'], '{:.1f}')}"
 
 
+def _cpu(cpu: dict[str, Any]) -> str:
+    """CPU µs a grant, and how the server's CPU time divides (its main process: sknock's monitor)."""
+    total = cpu["total_s"]
+    main = sum(p["user_s"] + p["system_s"] + p["reaped_children_s"] for p in cpu["processes"] if p["role"] == "main")
+    reaped = (f" + reaped children {_f(cpu['reaped_children_s'], '{:.2f}')}"
+              if cpu.get("reaped_children_s", 0) > 0 else "")
+    share = _f(100 * main / total if total else None)
+    return (f"{_f(cpu['us_per_grant'])} µs ({_f(total, '{:.2f}')} s: user {_f(cpu['user_s'], '{:.2f}')} + "
+            f"system {_f(cpu['system_s'], '{:.2f}')}{reaped}; main process {share} %, "
+            f"{len(cpu['processes'])} processes)")
+
+
+def _ratio(ph: dict[str, Any], crypto_us: float | None) -> str:
+    us = ph["server_cpu"]["us_per_grant"]
+    if not us or not crypto_us:
+        return "–"
+    text = f"{us / crypto_us:.2f}×"
+    repeats = [r for r in ph.get("repeats_cpu_us_per_grant") or [] if r]
+    if len(repeats) > 1:
+        text += f" (bursts: {', '.join(f'{r / crypto_us:.2f}' for r in sorted(repeats))})"
+    return text
+
+
 def _verdict(ok: bool | None) -> str:
     return "–" if ok is None else ("met" if ok else "**missed**")
 
@@ -105,6 +128,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "| what | figure |", "| --- | --- |",
                   f"| crypto bound: ECDH + ECDSA P-256 verify per s, one core | {_f(cb.get('per_second_one_core'))} |",
                   f"| crypto bound, all {cb.get('cores')} cores at once | {_f(cb.get('per_second_all_cores'))} |",
+                  f"| public-key work of one knock (1 / the one-core bound) | "
+                  f"{_f(1e6 / cb['per_second_one_core'] if cb.get('per_second_one_core') else None, '{:.0f}')} µs |",
                   f"| sknock verifier (KnockVerifier.precheck+complete, no I/O), one core | "
                   f"{_f(ver.get('per_second'))}/s (precheck {_f(ver.get('precheck_us'), '{:.1f}')} µs, "
                   f"complete {_f(ver.get('complete_us'), '{:.0f}')} µs) |", ""]
@@ -122,6 +147,12 @@ def markdown(results: dict[str, Any]) -> str:
     row("1. 2,000 at 5,000/s", "", "rate-5000", _grants)
     row("1. best grants/s as % of crypto bound (all cores)", "~70 %", "burst-20000",
         lambda ph: _f(100 * ph["grants_per_s"] / crypto, "{:.0f} %") if crypto else "–")
+    per_grant = results.get("cpu_per_grant", {})
+    row("1. server CPU per grant, burst 20,000: user + system of all its processes / grants", "", "burst-20000",
+        lambda ph: _cpu(ph["server_cpu"]))
+    row(f"1. ... as a multiple of one knock's public-key work "
+        f"({_f(per_grant.get('crypto_us_per_knock'), '{:.0f}')} µs, one core)", "", "burst-20000",
+        lambda ph: _ratio(ph, per_grant.get("crypto_us_per_knock")))
     if any("rate-10" in results["servers"][s].get("phases", {}) for s in servers):
         row("2. latency ms p50/p90/p99/max at 10/s (100 knocks)", "", "rate-10", _lat)
     row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
@@ -208,7 +239,11 @@ def markdown(results: dict[str, Any]) -> str:
               "set to 300 s so they stay fresh). Grants/s = grants seen in the kernel / (last grant - first "
               "send). Latency = kernel event time - send time, both CLOCK_MONOTONIC. Burst = one Python "
               "sender as fast as it can (about 50,000/s); knocks the server's socket buffer could not hold "
-              "are lost, which is why a burst can grant fewer than were sent.", ""]
+              "are lost, which is why a burst can grant fewer than were sent. Server CPU per grant = the user + "
+              "system time (/proc/PID/stat) of all the server's processes (sknock: the monitor and its workers; "
+              "fwknopd: with the iptables processes it ran) from just before the first knock is sent until the "
+              "grants stop (the wait ends 3 s after the last grant when not every knock was granted), divided by "
+              "the grants; the public-key work of one knock is 1 / the one-core crypto bound of the same run.", ""]
     return "\n".join(lines)
 
 
@@ -293,6 +328,7 @@ def summarize_profile(path: Path) -> dict[str, Any]:
         for key, needle in (("ecdh+decrypt (open_knock)", "open_knock"), ("signature", "verify_signature"),
                             ("certificate cache", "_verify_certificate"), ("precheck", "precheck"),
                             ("capture/receive", "receive"), ("logging", "logging"), ("channel send", "encode_request"),
+                            ("journal", "journal.py"), ("table watch", "intact"),
                             ("nft (libnftables)", "json_cmd"), ("grant table", "grants.py"),
                             ("idle (select)", "select")):
             if needle in joined:
