@@ -51,35 +51,6 @@ def run_sknock(backend: str, pki: lab.Pki, net: TestNet, folder: Path, args: arg
     run_plan(key, sknock_plan(ph, quick=args.quick, profile=args.profile), res["phases"], started, args.phases)
 
 
-def cpu_per_grant(results: dict[str, Any]) -> dict[str, Any]:
-    """Each server's CPU time per grant over the 20,000 burst (all its processes, user + system), beside
-    the public-key work of one knock measured in the same run (ECDH + ECDSA P-256 verification, one
-    core), as a ratio: how many knocks' worth of public-key work the server spends per grant.  Above 1 by
-    whatever the server does besides that work, so a machine's cores grant at most their crypto bound
-    divided by the ratio."""
-    bound = results.get("crypto_bound", {})
-    crypto_us = 1e6 / bound["per_second_one_core"] if bound.get("per_second_one_core") else None
-    out: dict[str, Any] = {"crypto_us_per_knock": crypto_us, "crypto_from_run": bound.get("from_run")}
-    for key, server in results["servers"].items():
-        ph = server.get("phases", {}).get("burst-20000", {})
-        cpu = ph.get("server_cpu")
-        if not cpu:
-            continue
-        us = cpu.get("us_per_grant")
-        main = sum(p["user_s"] + p["system_s"] + p["reaped_children_s"] for p in cpu["processes"]
-                   if p["role"] == "main")
-        out[key] = {
-            "us_per_grant": us,
-            "user_s": cpu["user_s"], "system_s": cpu["system_s"], "reaped_children_s": cpu["reaped_children_s"],
-            "main_process_share": main / cpu["total_s"] if cpu["total_s"] else None,
-            "grants": ph.get("granted"),
-            "ratio_to_crypto": us / crypto_us if us and crypto_us else None,
-            "repeats_us_per_grant": ph.get("repeats_cpu_us_per_grant"),
-            **({"from_run": server["from_run"]} if server.get("from_run") else {}),
-        }
-    return out
-
-
 def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:
     """Servers and in-process figures of an earlier run that this one lacks, each marked ``from_run``."""
     for key, server in earlier.get("servers", {}).items():
@@ -88,16 +59,6 @@ def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:
     for key in ("crypto_bound", "verifier", "client"):
         if key not in results and key in earlier:
             results[key] = {**earlier[key], "from_run": name}
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 5)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_rounded(v) for v in value]
-    return value
 
 
 def main() -> int:
@@ -157,10 +118,10 @@ def main() -> int:
     results["run_seconds"] = time.monotonic() - started
     for earlier in args.merge:
         merge(results, json.loads(Path(earlier).read_text()), Path(earlier).stem)
-    results["cpu_per_grant"] = cpu_per_grant(results)
+    results["cpu_per_grant"] = report.cpu_per_grant(results)
     RESULTS.mkdir(exist_ok=True)
     base = RESULTS / stamp
-    base.with_suffix(".json").write_text(json.dumps(_rounded(results), separators=(",", ":"), default=str))
+    base.with_suffix(".json").write_text(report.to_json(results))
     table = report.markdown(results)
     base.with_suffix(".md").write_text(table)
     try:
