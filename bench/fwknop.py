@@ -20,12 +20,12 @@ packets built beforehand with Debian's fwknop client, measured by the same phase
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import time
@@ -33,38 +33,36 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import lab
-
-import bench
+from bench import lab
+from bench.phases import FLOOD_FIRST, Phases, Plan, run_plan
+from bench.sender import frame
+from bench.watch import Watcher
+from tests.netns import TestNet
 
 SPA_PORT = 62201
 OPEN_PORT = 22
 LOAD_TIMEOUT = 600  # FW_ACCESS_TIMEOUT for the load phases
-EXPIRY_TIMEOUT = 2  # ... for the expiry phase (bench.Phases.expiry's duration)
+EXPIRY_TIMEOUT = 2  # ... for the expiry phase (Phases.expiry's duration)
 KEY = "fwknopd-iptables"
 
 
 class Keys:
+    """One random Rijndael key and HMAC key, base64, shared by the packets and fwknopd's access.conf."""
+
     def __init__(self) -> None:
         self.rijndael = base64.b64encode(os.urandom(32)).decode()
         self.hmac = base64.b64encode(os.urandom(64)).decode()
 
 
 def _build_chunk(server_ip: str, keys: Keys, first: int, count: int, out: Path) -> None:
-    # One shell loop per chunk (fwknop takes ~2 ms a packet; a Python subprocess per packet costs more).
-    script = (
-        'for i in $(seq "$2" "$3"); do '
-        'a=$((SRC + i)); ip="$((a >> 24 & 255)).$((a >> 16 & 255)).$((a >> 8 & 255)).$((a & 255))"; '
-        'fwknop --no-rc-file --no-save-args -A tcp/$PORT -a "$ip" -D "$SERVER" --use-hmac '
-        '--key-base64-rijndael "$K" --key-base64-hmac "$H" -T -B "$1" -b >/dev/null || exit 1; done'
-    )
-    import ipaddress
-
-    src = int(ipaddress.IPv4Address(lab.source_text(0)))
-    env = {**os.environ, "SRC": str(src), "PORT": str(OPEN_PORT), "SERVER": server_ip, "K": keys.rijndael,
-           "H": keys.hmac}
-    subprocess.run(["bash", "-c", script, "build", str(out), str(first), str(first + count - 1)], env=env,
-                   check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """Packets for sources ``first`` to ``first + count - 1``, one ``fwknop`` process each (about 1 ms),
+    appended to ``out`` one a line."""
+    for i in range(first, first + count):
+        subprocess.run(["fwknop", "--no-rc-file", "--no-save-args", "-A", f"tcp/{OPEN_PORT}",
+                        "-a", lab.source_text(i), "-D", server_ip, "--use-hmac",
+                        "--key-base64-rijndael", keys.rijndael, "--key-base64-hmac", keys.hmac,
+                        "-T", "-B", str(out), "-b"],
+                       check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def build_packets(server_ip: str, keys: Keys, path: Path, count: int, first: int = 0, workers: int = 2) -> float:
@@ -77,8 +75,8 @@ def build_packets(server_ip: str, keys: Keys, path: Path, count: int, first: int
     try:
         parts = [folder / f"{n}.txt" for n in range(len(chunks))]
         with ThreadPoolExecutor(workers) as ex:
-            for f in [ex.submit(_build_chunk, server_ip, keys, first, n, part)
-                      for (first, n), part in zip(chunks, parts, strict=True)]:
+            for f in [ex.submit(_build_chunk, server_ip, keys, start, n, part)
+                      for (start, n), part in zip(chunks, parts, strict=True)]:
                 f.result()
         with path.open("wb") as out:
             total = 0
@@ -86,7 +84,7 @@ def build_packets(server_ip: str, keys: Keys, path: Path, count: int, first: int
                 for line in part.read_bytes().split(b"\n"):
                     line = line.strip()
                     if line:
-                        out.write(struct.pack("!H", len(line)) + line)
+                        out.write(frame(line))
                         total += 1
         if total != count:
             raise RuntimeError(f"fwknop built {total} packets, {count} wanted")
@@ -98,7 +96,7 @@ def build_packets(server_ip: str, keys: Keys, path: Path, count: int, first: int
 class Fwknopd(lab.ServerProcesses):
     """fwknopd in the foreground in the server namespace, with its own config dir; stopped by pid."""
 
-    def __init__(self, net: Any, keys: Keys, timeout: int) -> None:
+    def __init__(self, net: TestNet, keys: Keys, timeout: int) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="fwknop-bench-"))
         conf = self.folder / "fwknopd.conf"
         conf.write_text("".join(f"{k} {v};\n" for k, v in {
@@ -149,12 +147,6 @@ class Fwknopd(lab.ServerProcesses):
         self.summary = _log_summary(self.log_text())
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> Fwknopd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _log_summary(text: str) -> dict[str, int]:
     """Counts of fwknopd's own log lines (what it accepted, refused, and why)."""
@@ -170,7 +162,7 @@ def _log_summary(text: str) -> dict[str, int]:
     return counts
 
 
-class FwknopPhases(bench.Phases):
+class FwknopPhases(Phases):
     knock_port = SPA_PORT
     # fwknopd's measured rate is a few dozen grants/s (and falls as its chain grows): each load phase
     # waits at most 30 s after its last knock is due, so that the whole run stays < 20 min.  A phase cut
@@ -181,8 +173,8 @@ class FwknopPhases(bench.Phases):
     expiry_rate = 25.0
     expiry_wait = 40.0
 
-    def __init__(self, net: Any, keys: Keys, knocks: Path, flood_knocks: Path, started: float, quick: bool) -> None:
-        super().__init__(net, None, "fwknopd", knocks, knocks, started, quick, False)  # type: ignore[arg-type]
+    def __init__(self, net: TestNet, keys: Keys, knocks: Path, flood_knocks: Path) -> None:
+        super().__init__(net, None, "fwknopd", knocks, knocks)
         self.keys = keys
         self.flood_knocks = flood_knocks
         self.last: Fwknopd | None = None
@@ -201,11 +193,12 @@ class FwknopPhases(bench.Phases):
         self.last = Fwknopd(self.net, self.keys, EXPIRY_TIMEOUT if expiry else LOAD_TIMEOUT)
         return self.last
 
-    def watch(self, limit: float) -> Any:
-        return lab.Watcher(self.net, handles=True).start()
+    def watch(self, limit: float) -> Watcher:
+        return Watcher(self.net, handles=True).start()
 
 
-def run(net: Any, folder: Path, args: Any, started: float, results: dict[str, Any]) -> None:
+def run(net: TestNet, folder: Path, args: argparse.Namespace, started: float, results: dict[str, Any]) -> None:
+    """fwknopd's phases into ``results["servers"]["fwknopd-iptables"]``."""
     if not shutil.which("fwknopd") or not shutil.which("fwknop"):
         results["servers"][KEY] = {"error": "fwknop-server / fwknop-client not installed (bench/run.sh installs them)"}
         return
@@ -216,10 +209,10 @@ def run(net: Any, folder: Path, args: Any, started: float, results: dict[str, An
     knocks = folder / "fwknop-packets.bin"
     flood_knocks = folder / "fwknop-flood-packets.bin"
     res["build_seconds"] = build_packets(net.server.ipv4, keys, knocks, big)
-    build_packets(net.server.ipv4, keys, flood_knocks, 600, first=20000)  # the floods' sources (bench.Phases)
-    ph = FwknopPhases(net, keys, knocks, flood_knocks, started, args.quick)
+    build_packets(net.server.ipv4, keys, flood_knocks, 600, first=FLOOD_FIRST)  # the floods' sources
+    ph = FwknopPhases(net, keys, knocks, flood_knocks)
     scale = min(big, 10000)
-    plan: list[tuple[str, Any]] = [
+    plan: Plan = [
         ("burst-2000", lambda: ph.run_load(2000, 0, label="burst-2000")),
         # below fwknopd's capacity: its own knock-to-open latency, without queueing
         ("rate-10", lambda: ph.run_load(100, 10, label="rate-10")),
@@ -237,7 +230,7 @@ def run(net: Any, folder: Path, args: Any, started: float, results: dict[str, An
         if ph.last is not None and getattr(ph.last, "summary", None):
             result["fwknopd_log"] = ph.last.summary
 
-    bench.run_plan(KEY, plan, res["phases"], started, args.phases, after=log_summary)
+    run_plan(KEY, plan, res["phases"], started, args.phases, after=log_summary)
     if "expiry" in res["phases"]:
         res["phases"]["expiry"]["note"] = (
             "fwknopd stamps each rule _exp_<epoch seconds> (time(NULL) + 2) and deletes it at the first check "

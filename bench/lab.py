@@ -1,49 +1,45 @@
-"""The benchmark's lab: a PKI, prebuilt knocks, the two hosts, the real server, and kernel watchers.
+"""The benchmark's lab: a PKI, prebuilt knocks, the two hosts, the real server, what its processes use.
 
 Everything here is bounded in count and time, and everything it starts it stops by pid.  The hosts are
 tests/netns.py's TestNet (198.18.N.0/24 on a veth pair) plus one route in the client namespace,
 ``local 198.19.0.0/16 dev lo``, so that the sender can use thousands of distinct source addresses.
+Programs run in a namespace are this package's modules (``python -m bench.sender``): they find it as
+this process did, from the working directory (the repository's root) or PYTHONPATH, both inherited.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import json
 import os
-import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
+
+from bench.sender import frame
+from bench.sender import source_text as source_text  # the one definition of "source i"
+from sknock import ca as ca_lib
+from sknock.client import KnockClient
+from sknock.ports import Protocol, parse_ports
+from tests.netns import TestNet
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.netns import TestNet  # noqa: E402
-
 PY = sys.executable
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # for the server, started from its script
 PASSWORD = "sknock-bench"  # noqa: S105 -- a throwaway PKI made for one run
 PROTECTED_TCP = 8080
 PROBE_UDP = 9999  # protected too: the per-packet cost probe sends here from a non-granted address
-SENDER = Path(__file__).with_name("sender.py")
 SOURCE_ROUTE = "198.19.0.0/16"
-
-
-def source_text(index: int) -> str:
-    sys.path.insert(0, str(SENDER.parent))
-    from sender import source_text as st  # the one definition of "source i"
-
-    return st(index)
 
 
 # -- PKI and knocks ----------------------------------------------------------------------------------
@@ -60,9 +56,8 @@ class Pki:
 
 
 def make_pki(folder: Path, server_ip: str) -> Pki:
-    from sknock import ca as ca_lib
-    from sknock.ports import parse_ports
-
+    """A CA, a server certificate for ``server_ip``, one client allowed tcp/8080, and the CRL, in
+    ``folder``; readable by the server (it drops root)."""
     pw = PASSWORD.encode()
     authority = ca_lib.init_ca(folder / "ca", pw, name="sknock bench CA")
     authority.issue_server("server", pw, ips=[server_ip])
@@ -76,24 +71,20 @@ def make_pki(folder: Path, server_ip: str) -> Pki:
                d / "crl.der", d / "ca.cer")
 
 
-_builder: object = None
+_builder: KnockClient | None = None  # one per process of build_knocks' pool
 
 
 def _init_builder(pfx: str, cer: str) -> None:
     global _builder
-    from sknock.client import KnockClient
-
     _builder = KnockClient(client_pfx=pfx, pfx_password=PASSWORD, server_cert=cer, check_server_cert=False)
 
 
 def _build_chunk(args: tuple[int, float, int | None]) -> bytes:
-    from sknock.ports import Protocol
-
     count, stamp, duration = args
+    assert _builder is not None
     out = bytearray()
     for _ in range(count):
-        d = _builder.build_knock([(Protocol.TCP, PROTECTED_TCP)], now=stamp, duration=duration)  # type: ignore[attr-defined]
-        out += struct.pack("!H", len(d)) + d
+        out += frame(_builder.build_knock([(Protocol.TCP, PROTECTED_TCP)], now=stamp, duration=duration))
     return bytes(out)
 
 
@@ -164,9 +155,55 @@ def _proc_kib(pids: list[int], file: str, field: str) -> dict[int, int]:
     return out
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """One process's CPU time so far, in seconds (/proc/PID/stat): its own, and that of the children it
+    has waited for (fwknopd's ``iptables`` processes, for instance)."""
+
+    user: float
+    system: float
+    children_user: float
+    children_system: float
+
+
+def cpu_times(pids: list[int]) -> dict[int, CpuTimes]:
+    """:class:`CpuTimes` of each process that still exists (all its threads together)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text.rpartition(")")[2].split()  # after "pid (comm)": field 3, state, is fields[0]
+        utime, stime, cutime, cstime = (int(f) / tick for f in fields[11:15])  # fields 14 to 17
+        out[pid] = CpuTimes(utime, stime, cutime, cstime)
+    return out
+
+
+def cpu_spent(before: dict[int, CpuTimes], after: dict[int, CpuTimes], main: int) -> dict[str, Any]:
+    """The CPU time a server's processes spent between two readings of :func:`cpu_times`, in seconds:
+    each one's own user and system time, plus that of children they waited for in between.  A process
+    that started in between counts whole; one that ended in between is lost (``ended`` says how many)."""
+    zero = CpuTimes(0, 0, 0, 0)
+    processes: list[dict[str, Any]] = []
+    user = system = reaped = 0.0
+    for pid, end in after.items():
+        start = before.get(pid, zero)
+        u, s = end.user - start.user, end.system - start.system
+        # (+ 0.0: no "-0.0" from subtracting equal tick counts)
+        c = round(end.children_user + end.children_system - start.children_user - start.children_system, 6) + 0.0
+        processes.append({"pid": pid, "role": "main" if pid == main else "child", "user_s": u, "system_s": s,
+                          "reaped_children_s": c})
+        user, system, reaped = user + u, system + s, reaped + c
+    return {"user_s": user, "system_s": system, "reaped_children_s": reaped, "total_s": user + system + reaped,
+            "processes": processes, "ended": len(set(before) - set(after))}
+
+
 class ServerProcesses:
     """What the benchmark reads of a server under test, sknock's or fwknopd's: its log and the memory
-    of its processes.  Subclasses set ``log`` and say which ``pids()`` are theirs."""
+    and CPU time of its processes.  Subclasses set ``log`` and say which ``pids()`` are theirs, the
+    main process first."""
 
     log: Path
 
@@ -189,9 +226,28 @@ class ServerProcesses:
     def resident_kib(self) -> int:
         return resident_kib(self.pids())
 
+    def cpu_times(self) -> dict[int, CpuTimes]:
+        return cpu_times(self.pids())
+
+    def cpu_since(self, before: dict[int, CpuTimes]) -> dict[str, Any]:
+        """:func:`cpu_spent` from ``before`` (a :meth:`cpu_times`) to now."""
+        return cpu_spent(before, self.cpu_times(), self.pids()[0])
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @dataclass
 class Server(ServerProcesses):
+    """sknock's server (server/knock-server.py) in the server namespace, with its own folder; its
+    processes are the monitor (``process``, the main one) and the workers it forked."""
+
     net: TestNet
     folder: Path
     process: subprocess.Popen[bytes]
@@ -199,6 +255,7 @@ class Server(ServerProcesses):
 
     @classmethod
     def start(cls, net: TestNet, pki: Pki, backend: str, **options: str) -> Server:
+        """Started with ``backend`` and ready (its log says a worker is), or RuntimeError."""
         folder = Path(tempfile.mkdtemp(prefix="sknock-bench-"))
         folder.chmod(0o755)
         values = {
@@ -221,9 +278,9 @@ class Server(ServerProcesses):
         config = folder / "config.ini"
         config.write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
         log = folder / "server.log"
-        out = (folder / "stdout.log").open("wb")
-        process = net.server.popen(PY, str(ROOT / "server" / "knock-server.py"), "-c", str(config),
-                                   stdout=out, stderr=subprocess.STDOUT, env=ENV)
+        with (folder / "stdout.log").open("wb") as out:
+            process = net.server.popen(PY, str(ROOT / "server" / "knock-server.py"), "-c", str(config),
+                                       stdout=out, stderr=subprocess.STDOUT, env=ENV)
         server = cls(net, folder, process, log)
         deadline = time.monotonic() + 30
         while "worker ready" not in server.log_text():
@@ -241,10 +298,6 @@ class Server(ServerProcesses):
             pids += [int(c) for c in children]
         return pids
 
-    def worker_pid(self) -> int | None:
-        pids = self.pids()
-        return pids[1] if len(pids) > 1 else None
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -259,292 +312,20 @@ class Server(ServerProcesses):
         self.net.server.run(PY, script, "-c", str(self.folder / "config.ini"), "teardown", check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# -- watching the kernel -----------------------------------------------------------------------------
-
-_NFT_ELEM = re.compile(r"^(add|delete) element inet sknock grants4 \{ (198\.19\.[0-9.]+) \. ")
-_NFT_RULE_ADD = re.compile(r"^add rule ip filter (\S+) .*?saddr (198\.19\.[0-9.]+).*# handle (\d+)")
-_NFT_RULE_DEL = re.compile(r"^delete rule ip filter (\S+) handle (\d+)")
-
-
-@dataclass
-class Watcher:
-    """Time (CLOCK_MONOTONIC, the sender's clock too) at which each source's grant appeared in the
-    kernel and was last removed.  nftables: ``nft monitor`` events (sknock's set elements, and, with
-    ``handles``, the rules iptables-nft makes for fwknopd -- ``nft monitor`` prints a rule's handle, which
-    its delete names, only with ``-a``), stamped when read.  legacy iptables: polls the number of
-    rules in x_tables' filter table (cheap getsockopt) -- see :class:`LegacyCounter`."""
-
-    net: TestNet
-    handles: bool = False  # ``nft -a monitor``: rules with their handles (iptables-nft rules: fwknopd's)
-    opened: dict[str, float] = field(default_factory=dict)
-    closed: dict[str, float] = field(default_factory=dict)
-    events: int = 0
-    _handles: dict[str, str] = field(default_factory=dict)
-    _proc: subprocess.Popen[bytes] | None = None
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Watcher:
-        flags = ["-a"] if self.handles else []
-        self._proc = self.net.server.popen("stdbuf", "-oL", "nft", *flags, "monitor", stdout=subprocess.PIPE,
-                                           stderr=subprocess.DEVNULL)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        time.sleep(0.3)  # subscribed before anything is sent
-        return self
-
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            t = time.monotonic()
-            line = raw.decode(errors="replace")
-            self.events += 1
-            m = _NFT_ELEM.match(line)
-            if m:
-                # An open is one batch "add, delete, add" (restarts the timeout); a close is "add, delete".
-                # So a delete counts as the close only if no add follows it.
-                if m.group(1) == "add":
-                    self.opened.setdefault(m.group(2), t)
-                    self.closed.pop(m.group(2), None)
-                else:
-                    self.closed[m.group(2)] = t
-                continue
-            m = _NFT_RULE_ADD.match(line)
-            if m:
-                self.opened.setdefault(m.group(2), t)
-                self._handles[m.group(3)] = m.group(2)
-                continue
-            m = _NFT_RULE_DEL.match(line)
-            if m and m.group(2) in self._handles:
-                self.closed[self._handles[m.group(2)]] = t
-
-    def wait_quiet(self, expected: int, *, quiet: float = 3.0, limit: float = 120.0) -> str:
-        """Until ``expected`` grants are seen, or none came for ``quiet`` s, or ``limit`` s passed;
-        returns which ("all", "quiet" or "limit": still granting when the time ran out)."""
-        start = time.monotonic()
-        last_count, last_change = -1, time.monotonic()
-        while time.monotonic() - start < limit:
-            n = len(self.opened)
-            if n >= expected:
-                return "all"
-            if n != last_count:
-                last_count, last_change = n, time.monotonic()
-            elif time.monotonic() - last_change > quiet:
-                return "quiet"
-            time.sleep(0.05)
-        return "limit"
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        if self._thread is not None:
-            self._thread.join(5)
-
-
-# nf_tables over netlink (linux/netfilter/nfnetlink.h, nf_tables.h)
-_NETLINK_NETFILTER = 12
-_SOL_NETLINK = 270
-_NETLINK_ADD_MEMBERSHIP = 1
-_NFNLGRP_NFTABLES = 7
-_NFT_NEWSETELEM = (10 << 8) | 12
-_NFT_DELSETELEM = (10 << 8) | 14
-_CLONE_NEWNET = 0x40000000
-_SO_RCVBUFFORCE = 33
-
-
-def _attributes(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, value start, value end) of the netlink attributes in data[start:end]."""
-    while start + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, start)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, start + 4, start + length
-        start += (length + 3) & ~3
-
-
-@dataclass
-class SetWatcher:
-    """Like :class:`Watcher`, for sknock's nftables set ``grants4``, but listening to nf_tables' netlink
-    events itself (a thread that enters the server namespace) rather than through ``nft monitor``:
-    nft formatting every event as text and this process parsing it cost the 2-core machine about 35 us
-    of CPU a grant, taken from the server it measures; this costs a few.  Stamped when read."""
-
-    net: TestNet
-    opened: dict[str, float] = field(default_factory=dict)
-    closed: dict[str, float] = field(default_factory=dict)
-    events: int = 0
-    overflows: int = 0
-    _sock: socket.socket | None = None
-    _thread: threading.Thread | None = None
-    _stop: bool = False
-
-    def start(self) -> SetWatcher:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or self._sock is None:
-            raise RuntimeError("the netlink set watcher did not start")
-        return self
-
-    def _run(self, ready: threading.Event) -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(f"/run/netns/{self.net.server.ns}") as ns:
-            if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:  # this thread only
-                ready.set()
-                return
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
-        sock.bind((0, 0))
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
-        sock.settimeout(0.2)
-        self._sock = sock
-        ready.set()
-        while not self._stop:
-            try:
-                data = sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:  # ENOBUFS: the kernel dropped events
-                self.overflows += 1
-                continue
-            t = time.monotonic()
-            self._parse(data, t)
-        sock.close()
-
-    def _parse(self, data: bytes, t: float) -> None:
-        pos = 0
-        while pos + 16 <= len(data):
-            length, kind = struct.unpack_from("=IH", data, pos)
-            if length < 16:
-                return
-            end = pos + length
-            if kind in (_NFT_NEWSETELEM, _NFT_DELSETELEM):
-                self._elements(data, pos + 20, end, kind == _NFT_NEWSETELEM, t)
-            pos += (length + 3) & ~3
-
-    def _elements(self, data: bytes, start: int, end: int, add: bool, t: float) -> None:
-        names = {}
-        lists = []
-        for kind, a, b in _attributes(data, start, end):
-            if kind in (1, 2):  # table, set
-                names[kind] = data[a:b].rstrip(b"\0")
-            elif kind == 3:  # the elements
-                lists.append((a, b))
-        if names.get(1) != b"sknock" or names.get(2) != b"grants4":
-            return
-        for a, b in lists:
-            for _, ea, eb in _attributes(data, a, b):  # one element
-                for kind, ka, kb in _attributes(data, ea, eb):
-                    if kind != 1:  # its key
-                        continue
-                    for vkind, va, _vb in _attributes(data, ka, kb):
-                        if vkind == 1:  # the value: address . protocol . port, the address first
-                            source = socket.inet_ntoa(data[va : va + 4])
-                            self.events += 1
-                            # An open is one add (or "add, delete, add" for an extension); a close is
-                            # "add, delete". So a delete counts as the close only if no add follows it.
-                            if add:
-                                self.opened.setdefault(source, t)
-                                self.closed.pop(source, None)
-                            else:
-                                self.closed[source] = t
-
-    def wait_quiet(self, expected: int, *, quiet: float = 3.0, limit: float = 120.0) -> str:
-        return Watcher.wait_quiet(self, expected, quiet=quiet, limit=limit)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self._stop = True
-        if self._thread is not None:
-            self._thread.join(5)
-
-
-class LegacyCounter:
-    """Polls how many rules legacy iptables' filter table holds (IPT_SO_GET_INFO, one getsockopt) every
-    millisecond in the server namespace, and turns each increase into that many grant times.  Grants
-    are applied in the order the knocks were sent (one worker queue in arrival order, one firewall
-    process), so the k-th new rule is credited to the k-th knock sent."""
-
-    POLLER = r"""
-import ctypes, socket, struct, sys, time, array
-libc = ctypes.CDLL(None, use_errno=True)
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-buf = ctypes.create_string_buffer(84); buf.raw = b"filter".ljust(84, b"\0")
-size = ctypes.c_uint(84)
-end = time.monotonic() + float(sys.argv[1]); out = sys.stdout.buffer; last = -1
-while time.monotonic() < end:
-    size.value = 84
-    if libc.getsockopt(s.fileno(), 0, 64, buf, ctypes.byref(size)) == 0:
-        n = struct.unpack_from("I", buf.raw, 76)[0]
-        if n != last:
-            out.write(struct.pack("dI", time.monotonic(), n)); out.flush(); last = n
-    time.sleep(0.0005)
-"""
-
-    def __init__(self, net: TestNet, limit: float) -> None:
-        self.net = net
-        self.changes: list[tuple[float, int]] = []
-        self._proc = net.server.popen(PY, "-c", self.POLLER, str(limit), stdout=subprocess.PIPE)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        time.sleep(0.3)
-
-    def _read(self) -> None:
-        assert self._proc.stdout is not None
-        while True:
-            chunk = self._proc.stdout.read(12)
-            if len(chunk) < 12:
-                return
-            self.changes.append(struct.unpack("dI", chunk))
-
-    def baseline(self) -> int:
-        return self.changes[0][1] if self.changes else 0
-
-    def grant_times(self) -> list[float]:
-        """One time per rule added beyond the first reading, in order."""
-        times: list[float] = []
-        if not self.changes:
-            return times
-        prev = self.changes[0][1]
-        for t, n in self.changes[1:]:
-            times += [t] * max(0, n - prev)
-            prev = max(prev, n)
-        return times
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(5)
-        self._thread.join(5)
-
 
 def send_knocks(net: TestNet, knocks: Path, *, rate: float = 0, count: int = 0, first: int = 0,
-                timeout: float = 180, port: int = 0) -> tuple[dict[str, object], list[float]]:
+                timeout: float = 180, port: int = 0) -> tuple[dict[str, Any], list[float]]:
     """Run the sender in the client namespace; returns its summary and the send time of each knock."""
-    import array
-    import json
-
     out = Path(tempfile.mkstemp(prefix="sknock-bench-times-")[1])
     try:
-        result = net.client.run(PY, str(SENDER), "--server", net.server.ipv4, "--knocks", str(knocks),
+        result = net.client.run(PY, "-m", "bench.sender", "--server", net.server.ipv4, "--knocks", str(knocks),
                                 "--rate", str(rate), "--count", str(count), "--first", str(first),
                                 "--dest-port", str(port), "--out", str(out), timeout=timeout, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"sender failed: {result.stderr[-2000:]}")
         times = array.array("d")
         times.frombytes(out.read_bytes())
-        return json.loads(result.stdout.strip().splitlines()[-1]), list(times)
+        summary: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        return summary, list(times)
     finally:
         out.unlink(missing_ok=True)

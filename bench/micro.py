@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import statistics
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-from lab import ENV, PASSWORD, PROTECTED_TCP, PY, Pki
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench.lab import ENV, PASSWORD, PROTECTED_TCP, PY, Pki
+from sknock.credentials import load_server_pfx
+from sknock.trust import ClientVerifier, load_crl
+from sknock.verifier import KnockVerifier, VerifierPolicy
+from tests.netns import TestNet
 
 
 def _crypto_loop(seconds: float) -> tuple[int, float]:
     """ECDH (point decoding + exchange) and one ECDSA P-256 verification per iteration: the
     public-key work one knock needs on the server (HKDF, AES-GCM and hashes are not counted)."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     curve = ec.SECP256R1()
     server = ec.generate_private_key(curve)
     client = ec.generate_private_key(curve)
@@ -42,6 +47,7 @@ def _crypto_loop(seconds: float) -> tuple[int, float]:
 
 
 def crypto_bound(seconds: float = 3.0) -> dict[str, float]:
+    """Knocks' worth of public-key work a second, on one core and on all cores at once."""
     n, t = _crypto_loop(seconds)
     one = n / t
     cores = os.cpu_count() or 1
@@ -52,13 +58,8 @@ def crypto_bound(seconds: float = 3.0) -> dict[str, float]:
 
 
 def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
-    """KnockVerifier.check on prebuilt knocks, no I/O: what the worker's Python pipeline can do."""
-    import ipaddress
-
-    from sknock.credentials import load_server_pfx
-    from sknock.trust import ClientVerifier, load_crl
-    from sknock.verifier import KnockVerifier, VerifierPolicy
-
+    """KnockVerifier.precheck and complete on prebuilt knocks, no I/O: what the worker's Python pipeline
+    can do."""
     creds = load_server_pfx(pki.server_pfx, PASSWORD)
     cas = list(creds.ca_certificates)
     crl = load_crl(pki.crl.read_bytes(), cas, source=str(pki.crl))
@@ -85,41 +86,17 @@ def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
             "complete_us": 1e6 * stages["complete"] / ok}
 
 
-CLIENT_CODE = r"""
-import json, statistics, sys, time
-t = time.perf_counter()
-from sknock.client import KnockClient, knock
-imported = time.perf_counter() - t
-pfx, cer, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-t = time.perf_counter()
-c = KnockClient(client_pfx=pfx, pfx_password=%r, server_cert=cer, check_server_cert=False)
-load = time.perf_counter() - t
-calls = []
-for _ in range(40):
-    t = time.perf_counter(); c.knock(host, port, verify=False); calls.append(time.perf_counter() - t)
-whole = []
-for _ in range(5):
-    t = time.perf_counter()
-    knock(host, port, "tcp", client_pfx=pfx, pfx_password=%r, server_cert=cer, verify=False)
-    whole.append(time.perf_counter() - t)
-print(json.dumps({"import_s": imported, "client_load_s": load, "knock_calls": calls, "knock_function": whole}))
-""".replace("%r", repr(PASSWORD))
-
-
-def client_figures(net: object, pki: Pki) -> dict[str, float]:
-    """In the client namespace (the knocks go to the server namespace): import time of sknock.client
-    (fresh interpreter each time, median of 5), KnockClient.knock(verify=False) and the module-level
-    knock() (loads the PKCS#12 each call)."""
-    import json
-
+def client_figures(net: TestNet, pki: Pki) -> dict[str, float]:
+    """Import time of sknock.client (fresh interpreter each time, median of 5), and in the client
+    namespace (the knocks go to the server namespace) KnockClient.knock(verify=False) and the
+    module-level knock() (loads the PKCS#12 each call): :mod:`bench.clientcost`."""
     imports = []
     for _ in range(5):
-        r = subprocess.run([PY, "-c", "import time; t=time.perf_counter(); import sknock.client; "
-                                      "print(time.perf_counter()-t)"], capture_output=True, text=True, env=ENV,
+        r = subprocess.run([PY, "-m", "bench.clientcost", "import"], capture_output=True, text=True, env=ENV,
                            check=True, timeout=60)
         imports.append(float(r.stdout.strip()))
-    r = net.client.run(PY, "-c", CLIENT_CODE, str(pki.client_pfx), str(pki.server_cer), net.server.ipv4,  # type: ignore[attr-defined]
-                       str(PROTECTED_TCP), timeout=120)
+    r = net.client.run(PY, "-m", "bench.clientcost", "knock", str(pki.client_pfx), PASSWORD, str(pki.server_cer),
+                       net.server.ipv4, str(PROTECTED_TCP), timeout=120)
     data = json.loads(r.stdout.strip().splitlines()[-1])
     calls = data["knock_calls"]
     return {
@@ -129,20 +106,3 @@ def client_figures(net: object, pki: Pki) -> dict[str, float]:
         "knock_function_ms_p50": 1000 * statistics.median(data["knock_function"]),
         "client_load_ms": 1000 * data["client_load_s"],
     }
-
-
-def read_knock_file(path: Path, limit: int) -> list[bytes]:
-    import struct
-
-    data = path.read_bytes()
-    out: list[bytes] = []
-    pos = 0
-    while pos < len(data) and len(out) < limit:
-        (n,) = struct.unpack_from("!H", data, pos)
-        out.append(data[pos + 2 : pos + 2 + n])
-        pos += 2 + n
-    return out
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")

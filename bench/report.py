@@ -1,9 +1,15 @@
-"""Turn a run's results into the markdown table and the plot; summarize a py-spy profile."""
+"""Turn a run's results into the markdown table and the plot; summarize a py-spy profile.
+
+    python -m bench.report bench/results/RUN.json   # the .md and .png of a run again (after a change here)
+"""
 
 from __future__ import annotations
 
 import collections
+import json
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +28,11 @@ def _f(value: Any, fmt: str = "{:.0f}") -> str:
 
 
 def _phase(results: dict[str, Any], server: str, name: str) -> dict[str, Any]:
-    return results.get("servers", {}).get(server, {}).get("phases", {}).get(name, {})
+    phase: dict[str, Any] = results.get("servers", {}).get(server, {}).get("phases", {}).get(name, {})
+    return phase
 
 
-def _cell(results: dict[str, Any], server: str, name: str, getter: Any) -> str:
+def _cell(results: dict[str, Any], server: str, name: str, getter: Callable[[dict[str, Any]], str]) -> str:
     srv = results.get("servers", {}).get(server)
     if srv is None:
         return "not run"
@@ -39,7 +46,7 @@ def _cell(results: dict[str, Any], server: str, name: str, getter: Any) -> str:
     if "error" in ph:
         return "error"
     try:
-        return getter(ph)
+        return str(getter(ph))
     except (KeyError, TypeError, IndexError, ZeroDivisionError):
         return "–"
 
@@ -60,6 +67,67 @@ def _lat(ph: dict[str, Any]) -> str:
     lat = ph["latency"]
     return f"{_f(lat['p50_ms'], '{:.1f}')} / {_f(lat['p90_ms'], '{:.1f}')} / {_f(lat['p99_ms'], '{:.1f}')} / " \
            f"{_f(lat['max_ms'], '{:.1f}')}"
+
+
+def _cpu(cpu: dict[str, Any]) -> str:
+    """CPU µs a grant, and how the server's CPU time divides (its main process: sknock's monitor)."""
+    total = cpu["total_s"]
+    main = sum(p["user_s"] + p["system_s"] + p["reaped_children_s"] for p in cpu["processes"] if p["role"] == "main")
+    reaped = (f" + reaped children {_f(cpu['reaped_children_s'], '{:.2f}')}"
+              if cpu.get("reaped_children_s", 0) > 0 else "")
+    share = _f(100 * main / total if total else None)
+    return (f"{_f(cpu['us_per_grant'])} µs ({_f(total, '{:.2f}')} s: user {_f(cpu['user_s'], '{:.2f}')} + "
+            f"system {_f(cpu['system_s'], '{:.2f}')}{reaped}; main process {share} %, "
+            f"{len(cpu['processes'])} processes)")
+
+
+def _ratio(ph: dict[str, Any], crypto_us: float | None) -> str:
+    us = ph["server_cpu"]["us_per_grant"]
+    if not us or not crypto_us:
+        return "–"
+    text = f"{us / crypto_us:.2f}×"
+    repeats = [r for r in ph.get("repeats_cpu_us_per_grant") or [] if r]
+    if len(repeats) > 1:
+        text += f" (bursts: {', '.join(f'{r / crypto_us:.2f}' for r in sorted(repeats))})"
+    return text
+
+
+def cpu_per_grant(results: dict[str, Any]) -> dict[str, Any]:
+    """Each server's CPU time per grant over the 20,000 burst (all its processes, user + system), beside
+    the public-key work of one knock measured in the same run (ECDH + ECDSA P-256 verification), as a
+    ratio: how many knocks' worth of public-key work the server spends per grant.  It is above 1 by
+    whatever the server does besides that work, so the machine's cores grant at most their crypto bound
+    divided by it.  Two denominators: the work on one core with the other idle (``crypto_us_per_knock``),
+    and per core with every core busy (``..._all_cores_busy``: cores / the all-cores bound), as the
+    server's processes run in a burst; on a quiet machine they differ by a few per cent, on a host that
+    does not give the machine all its cores, by much more."""
+    bound = results.get("crypto_bound", {})
+    one, every, cores = bound.get("per_second_one_core"), bound.get("per_second_all_cores"), bound.get("cores")
+    crypto_us = 1e6 / one if one else None
+    busy_us = 1e6 * cores / every if every and cores else None
+    out: dict[str, Any] = {"crypto_us_per_knock": crypto_us, "crypto_us_per_knock_all_cores_busy": busy_us,
+                           "crypto_from_run": bound.get("from_run")}
+    for key, server in results.get("servers", {}).items():
+        ph = server.get("phases", {}).get("burst-20000", {})
+        cpu = ph.get("server_cpu")
+        if not cpu:
+            continue
+        us = cpu.get("us_per_grant")
+        main = sum(p["user_s"] + p["system_s"] + p["reaped_children_s"] for p in cpu["processes"]
+                   if p["role"] == "main")
+        repeats = [r for r in ph.get("repeats_cpu_us_per_grant") or [] if r]
+        out[key] = {
+            "us_per_grant": us,
+            "user_s": cpu["user_s"], "system_s": cpu["system_s"], "reaped_children_s": cpu["reaped_children_s"],
+            "main_process_share": main / cpu["total_s"] if cpu["total_s"] else None,
+            "grants": ph.get("granted"),
+            "ratio_to_crypto": us / crypto_us if us and crypto_us else None,
+            "ratio_to_crypto_all_cores_busy": us / busy_us if us and busy_us else None,
+            "repeats_us_per_grant": repeats or None,
+            "repeats_ratio_to_crypto": [r / crypto_us for r in repeats] if repeats and crypto_us else None,
+            **({"from_run": server["from_run"]} if server.get("from_run") else {}),
+        }
+    return out
 
 
 def _verdict(ok: bool | None) -> str:
@@ -103,6 +171,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "| what | figure |", "| --- | --- |",
                   f"| crypto bound: ECDH + ECDSA P-256 verify per s, one core | {_f(cb.get('per_second_one_core'))} |",
                   f"| crypto bound, all {cb.get('cores')} cores at once | {_f(cb.get('per_second_all_cores'))} |",
+                  f"| public-key work of one knock (1 / the one-core bound) | "
+                  f"{_f(1e6 / cb['per_second_one_core'] if cb.get('per_second_one_core') else None, '{:.0f}')} µs |",
                   f"| sknock verifier (KnockVerifier.precheck+complete, no I/O), one core | "
                   f"{_f(ver.get('per_second'))}/s (precheck {_f(ver.get('precheck_us'), '{:.1f}')} µs, "
                   f"complete {_f(ver.get('complete_us'), '{:.0f}')} µs) |", ""]
@@ -120,6 +190,14 @@ def markdown(results: dict[str, Any]) -> str:
     row("1. 2,000 at 5,000/s", "", "rate-5000", _grants)
     row("1. best grants/s as % of crypto bound (all cores)", "~70 %", "burst-20000",
         lambda ph: _f(100 * ph["grants_per_s"] / crypto, "{:.0f} %") if crypto else "–")
+    per_grant = cpu_per_grant(results)
+    crypto_us, busy_us = per_grant["crypto_us_per_knock"], per_grant["crypto_us_per_knock_all_cores_busy"]
+    row("1. server CPU per grant, burst 20,000: user + system of all its processes / grants", "", "burst-20000",
+        lambda ph: _cpu(ph["server_cpu"]))
+    row(f"1. ... as a multiple of one knock's public-key work on one core ({_f(crypto_us)} µs)", "",
+        "burst-20000", lambda ph: _ratio(ph, crypto_us))
+    row(f"1. ... as a multiple of one knock's public-key work with every core busy ({_f(busy_us)} µs a core)", "",
+        "burst-20000", lambda ph: _ratio(ph, busy_us))
     if any("rate-10" in results["servers"][s].get("phases", {}) for s in servers):
         row("2. latency ms p50/p90/p99/max at 10/s (100 knocks)", "", "rate-10", _lat)
     row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
@@ -159,7 +237,7 @@ def markdown(results: dict[str, Any]) -> str:
     best = nft.get("burst-20000", {}).get("grants_per_s")
     fw_phases = results.get("servers", {}).get("fwknopd-iptables", {}).get("phases", {})
     # fwknopd's best grants/s over its load phases (the most favourable to it)
-    fw = max((ph for name, ph in fw_phases.items() if name.startswith(("burst", "rate-1", "rate-5"))
+    fw: dict[str, Any] = max((ph for name, ph in fw_phases.items() if name.startswith(("burst", "rate-1", "rate-5"))
               and isinstance(ph.get("grants_per_s"), float | int)), key=lambda ph: ph["grants_per_s"], default={})
     checks = [
         (">= 8,000 grants/s (sknock nftables, burst 20,000)", None if best is None else best >= 8000, _f(best)),
@@ -206,7 +284,11 @@ def markdown(results: dict[str, Any]) -> str:
               "set to 300 s so they stay fresh). Grants/s = grants seen in the kernel / (last grant - first "
               "send). Latency = kernel event time - send time, both CLOCK_MONOTONIC. Burst = one Python "
               "sender as fast as it can (about 50,000/s); knocks the server's socket buffer could not hold "
-              "are lost, which is why a burst can grant fewer than were sent.", ""]
+              "are lost, which is why a burst can grant fewer than were sent. Server CPU per grant = the user + "
+              "system time (/proc/PID/stat) of all the server's processes (sknock: the monitor and its workers; "
+              "fwknopd: with the iptables processes it ran) from just before the first knock is sent until the "
+              "grants stop (the wait ends 3 s after the last grant when not every knock was granted), divided by "
+              "the grants; the public-key work of one knock is 1 / the one-core crypto bound of the same run.", ""]
     return "\n".join(lines)
 
 
@@ -233,8 +315,24 @@ FWKNOPD_NOTES = [
     "* Expiry: fwknopd stamps rules `_exp_<epoch seconds>` and removes them at a check with time(NULL) >= "
     "the stamp (one `iptables -D` each), so a close can also come up to 1 s early. Expiry knocks go to "
     "sknock at 1,000/s, to fwknopd at 25/s, below its capacity (the first fwknopd run, 2026-11-22-0445, sent "
-    "them at 100/s, above it: a third were never granted).",
+    "them at 100/s, above it: a third were never granted; that run is in git history).",
 ]
+
+
+def rounded(value: Any) -> Any:
+    """``value`` with every float rounded to 5 decimals (the JSON's precision)."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return value
+
+
+def to_json(results: dict[str, Any]) -> str:
+    """A run's results as they are written to bench/results/<run>.json."""
+    return json.dumps(rounded(results), separators=(",", ":"), default=str)
 
 
 def _ok(ph: dict[str, Any], test: Any) -> bool | None:
@@ -291,6 +389,7 @@ def summarize_profile(path: Path) -> dict[str, Any]:
         for key, needle in (("ecdh+decrypt (open_knock)", "open_knock"), ("signature", "verify_signature"),
                             ("certificate cache", "_verify_certificate"), ("precheck", "precheck"),
                             ("capture/receive", "receive"), ("logging", "logging"), ("channel send", "encode_request"),
+                            ("journal", "journal.py"), ("table watch", "intact"),
                             ("nft (libnftables)", "json_cmd"), ("grant table", "grants.py"),
                             ("idle (select)", "select")):
             if needle in joined:
@@ -303,3 +402,23 @@ def summarize_profile(path: Path) -> dict[str, Any]:
     return {"samples": total,
             "top_self": [(k, 100 * v / total) for k, v in leaf.most_common(15)],
             "stages": {k: 100 * v / total for k, v in stage.most_common()}}
+
+
+def main() -> int:
+    """The .md and .png of a run again from its .json, whose derived ``cpu_per_grant`` is refreshed too
+    (the figures it derives from are left as measured)."""
+    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    path = Path(sys.argv[1])
+    results = json.loads(path.read_text())
+    results["cpu_per_grant"] = cpu_per_grant(results)
+    path.write_text(to_json(results))
+    path.with_suffix(".md").write_text(markdown(results))
+    plot(results, path.with_suffix(".png"))
+    print(f"bench: wrote {path}, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

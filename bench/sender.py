@@ -1,10 +1,12 @@
 """The load generator, run inside the client namespace (stdlib only, so it starts fast).
 
-    python bench/sender.py --server 198.18.7.1 --knocks FILE --out TIMES [--rate R] [--first N]
-    python bench/sender.py --server 198.18.7.1 --junk SIZE --seconds S --out STATS   (flood)
-    python bench/sender.py --server 198.18.7.1 --replay FILE --seconds S --out STATS (flood of replays)
+    python -m bench.sender --server 198.18.7.1 --knocks FILE --out TIMES [--rate R] [--first N]
+    python -m bench.sender --server 198.18.7.1 --junk SIZE --seconds S --out STATS   (flood)
+    python -m bench.sender --server 198.18.7.1 --replay FILE --seconds S --out STATS (flood of replays)
+    python -m bench.sender --server 198.18.7.1 --probe N --out /dev/null              (per-packet cost)
 
-Knocks: FILE holds length-prefixed datagrams built beforehand; datagram i is sent from its own source
+Knocks: FILE holds datagrams built beforehand, each framed by :func:`frame` (the one definition of the
+knock file format, used by every writer and reader of these files); datagram i is sent from its own source
 address (198.19.0.0 + 256 + N + i; the client namespace has ``local 198.19.0.0/16 dev lo``), chosen
 per packet with IP_PKTINFO on one socket, to UDP port 40000 + i % 1000 of the server (or
 ``--dest-port``).  ``--rate 0`` sends as fast as possible, otherwise each datagram is due at
@@ -41,10 +43,18 @@ def source_text(index: int) -> str:
     return str(ipaddress.IPv4Address(SOURCE_NET + 256 + index))
 
 
-def read_knocks(path: str) -> list[bytes]:
-    data = open(path, "rb").read()  # noqa: SIM115
-    out, pos = [], 0
-    while pos < len(data):
+def frame(datagram: bytes) -> bytes:
+    """One datagram as it is stored in a knock file: its length (2 bytes, big-endian), then itself."""
+    return struct.pack("!H", len(datagram)) + datagram
+
+
+def read_knocks(path: str | os.PathLike[str], limit: int | None = None) -> list[bytes]:
+    """The datagrams of a knock file (the first ``limit`` of them, if given)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(data) and (limit is None or len(out) < limit):
         (n,) = struct.unpack_from("!H", data, pos)
         out.append(data[pos + 2 : pos + 2 + n])
         pos += 2 + n
