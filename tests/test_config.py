@@ -374,6 +374,8 @@ def test_not_utf8(site: Path) -> None:
         ("user = sknock-no-such-user", "user", "does not exist"),
         ("openCommand = /bin/true %IP% %PORT%", "openCommand", "only used with firewallBackend = command"),
         ("workBits = 1\n  2", "workBits", "several lines"),
+        # an indented line after the ignored SIGNATURE_SIZE would be its value, and firewallPolicy silently unset
+        ("SIGNATURE_SIZE = 72\n  firewallPolicy = drop", "SIGNATURE_SIZE", "several lines"),
     ],
 )
 def test_bad_values(site: Path, line: str, key: str, words: str) -> None:

@@ -606,7 +606,7 @@ def load_config(
     r = _Reader(config_path, values)
     notices: list[str] = []
 
-    if values.get("SIGNATURE_SIZE", "").strip():
+    if r.raw("SIGNATURE_SIZE") is not None:  # ignored, but read like any value: a continuation line is refused
         notices.append(_SIGNATURE_SIZE_NOTICE)
 
     recv_buffer = r.integer("RECV_BUFFER", MIN_RECV_BUFFER, 65535)
