@@ -376,6 +376,8 @@ def test_not_utf8(site: Path) -> None:
         ("workBits = 1\n  2", "workBits", "several lines"),
         # an indented line after the ignored SIGNATURE_SIZE would be its value, and firewallPolicy silently unset
         ("SIGNATURE_SIZE = 72\n  firewallPolicy = drop", "SIGNATURE_SIZE", "several lines"),
+        # and so would one under an empty value: logFile was the file "firewallPolicy = drop"
+        ("logFile =\n  firewallPolicy = drop", "logFile", "several lines"),
     ],
 )
 def test_bad_values(site: Path, line: str, key: str, words: str) -> None:

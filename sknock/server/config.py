@@ -275,9 +275,10 @@ class _Reader:
         """The stripped value, or the default; an empty value counts as not set."""
         value = self.values.get(key)
         if value is not None:
-            value = value.strip()
+            # before stripping: "key =" with an indented line under it is that line, not an empty value
             if "\n" in value or "\r" in value:
                 raise self.fail(key, "value spans several lines; put it on one line")
+            value = value.strip()
             if value:
                 return value
         return _DEFAULTS[key]
