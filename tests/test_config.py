@@ -12,7 +12,7 @@ from sknock.ports import Protocol
 from sknock.server.config import (
     CaptureMode,
     FirewallBackend,
-    FirewallPolicy,
+    PolicyMode,
     ServerConfig,
     load_config,
 )
@@ -66,7 +66,7 @@ def test_minimal_config_gets_the_original_defaults(site: Path) -> None:
     assert cfg.timestamp_threshold == 7
     assert cfg.crl_update_interval_minutes == 30
     assert cfg.recv_buffer == 1600
-    assert cfg.firewall_policy is FirewallPolicy.NONE
+    assert cfg.firewall_policy is PolicyMode.NONE
     assert cfg.crl_url is None
     assert cfg.pfx_password == SECRET.encode()
     # sknock's defaults
@@ -121,7 +121,7 @@ controlSocket = run/ctl.sock
     assert cfg.recv_buffer == 2048
     assert cfg.notices[0] == "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
     assert cfg.crl_url == "https://ca.example.org/crl.der"
-    assert cfg.firewall_policy is FirewallPolicy.DROP
+    assert cfg.firewall_policy is PolicyMode.DROP
     assert cfg.firewall_backend is FirewallBackend.NFTABLES
     assert cfg.knock_ports == ((53, 53), (10000, 10100))
     assert cfg.capture_mode is CaptureMode.UDP
@@ -153,7 +153,7 @@ captureMode = packet
 protectedPorts = all
 """,
     )
-    assert cfg.firewall_policy is FirewallPolicy.NONE
+    assert cfg.firewall_policy is PolicyMode.NONE
     assert cfg.firewall_backend is FirewallBackend.COMMAND
     assert cfg.open_command == "/sbin/open %IP% %PROTO% %PORT% %DURATION%"
     assert cfg.close_command == "/sbin/close '%IP%' %PROTO% %PORT%"
@@ -447,7 +447,7 @@ def test_config_is_frozen(site: Path) -> None:
 
 def test_shipped_config_ini_loads() -> None:
     cfg = load_config(REPO / "config.ini", check_files=False, environ={})
-    assert cfg.firewall_policy is FirewallPolicy.NONE, "a first run must lock nobody out"
+    assert cfg.firewall_policy is PolicyMode.NONE, "a first run must lock nobody out"
     assert cfg.server_pfx_file == REPO / "certificates" / "devpki" / "server" / "server.pfx"
     assert cfg.crl_file == REPO / "certificates" / "devpki" / "crl.der"
     assert cfg.pfx_password == b"sknock-demo"

@@ -31,10 +31,12 @@ from urllib.parse import urlsplit
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, parse_ports
+from .firewall.base import PolicyMode
+from .firewall.detect import FirewallBackend
 
 __all__ = [
     "ServerConfig",
-    "FirewallPolicy",
+    "PolicyMode",
     "FirewallBackend",
     "CaptureMode",
     "KnockDestinations",
@@ -70,23 +72,6 @@ _NO_REVOCATION_NOTICE = (
     "revocation = none: no CRL is checked, so a revoked or stolen client certificate opens ports until it "
     "expires; use it only with short-lived certificates or a PKI that never publishes CRLs"
 )
-
-
-class FirewallPolicy(enum.StrEnum):
-    """What the firewall does with traffic to protected ports that no knock opened (original option)."""
-
-    NONE = "none"  # leave the firewall's policy alone: a first run locks nobody out
-    REJECT = "reject"
-    DROP = "drop"
-
-
-class FirewallBackend(enum.StrEnum):
-    """Which mechanism inserts and removes the per-client rules."""
-
-    AUTO = "auto"
-    NFTABLES = "nftables"
-    IPTABLES = "iptables"
-    COMMAND = "command"  # run openCommand / closeCommand templates
 
 
 class Revocation(enum.StrEnum):
@@ -136,7 +121,7 @@ class ServerConfig:
     server_pfx_file: Path
     pfx_password: bytes | None = field(repr=False)
     pfx_password_source: str  # e.g. "PFXPasswdFile /etc/sknock/pfx.pass": safe to log
-    firewall_policy: FirewallPolicy
+    firewall_policy: PolicyMode
     # -- sknock's options --
     firewall_backend: FirewallBackend
     open_command: str | None
@@ -692,7 +677,7 @@ def load_config(
         server_pfx_file=pfx_file,
         pfx_password=password,
         pfx_password_source=password_source,
-        firewall_policy=r.choice("firewallPolicy", FirewallPolicy),
+        firewall_policy=r.choice("firewallPolicy", PolicyMode),
         firewall_backend=backend,
         open_command=open_command,
         close_command=close_command,
@@ -748,7 +733,7 @@ def _check_knock_size(r: _Reader, config: ServerConfig) -> None:
 
 
 def _check_policy_backend(r: _Reader, config: ServerConfig) -> None:
-    if config.firewall_backend is FirewallBackend.COMMAND and config.firewall_policy is not FirewallPolicy.NONE:
+    if config.firewall_backend is FirewallBackend.COMMAND and config.firewall_policy is not PolicyMode.NONE:
         raise r.fail(
             "firewallPolicy",
             f"{config.firewall_policy.value} is not applied with firewallBackend = command, which only runs "
@@ -758,7 +743,7 @@ def _check_policy_backend(r: _Reader, config: ServerConfig) -> None:
 
 
 def _check_protected_ports_policy(r: _Reader, config: ServerConfig) -> None:
-    if config.firewall_policy is FirewallPolicy.NONE and config.protected_ports is not None:
+    if config.firewall_policy is PolicyMode.NONE and config.protected_ports is not None:
         raise r.fail(
             "protectedPorts",
             f"{config.protected_ports} would not be protected: firewallPolicy = none closes nothing; "
@@ -772,7 +757,7 @@ def _check_emergency_ssh(r: _Reader, config: ServerConfig) -> None:
     protected = config.protected_ports
     if (
         config.emergency_ssh
-        and config.firewall_policy is not FirewallPolicy.NONE
+        and config.firewall_policy is not PolicyMode.NONE
         and protected is not None
         and (Protocol.TCP, 22) in protected
     ):
@@ -796,7 +781,7 @@ def _check_udp_capture(r: _Reader, config: ServerConfig) -> None:
     from ..ports import Protocol
 
     protected = config.protected_ports
-    if config.firewall_policy is FirewallPolicy.NONE or protected is None or config.knock_ports is None:
+    if config.firewall_policy is PolicyMode.NONE or protected is None or config.knock_ports is None:
         return  # with protectedPorts = all the knock ports are the documented exception
     knock_ports = (port for first, last in config.knock_ports for port in range(first, last + 1))
     inside = [port for port in knock_ports if (Protocol.UDP, port) in protected]
