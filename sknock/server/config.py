@@ -21,7 +21,6 @@ import ipaddress
 import os
 import pwd
 import re
-import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, parse_ports
 from .firewall.base import PolicyMode
+from .firewall.command import TemplateError, split_template
 from .firewall.detect import FirewallBackend
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "MAX_CRL_SOURCES",
     "load_config",
     "MIN_RECV_BUFFER",
-    "COMMAND_PLACEHOLDERS",
     "MAX_UDP_KNOCK_PORTS",
 ]
 
@@ -55,9 +54,6 @@ MIN_RECV_BUFFER = 1400
 
 #: At most this many worker processes verify knocks in parallel.
 MAX_WORKERS = 8
-
-#: Placeholders the firewall ``command`` backend substitutes in openCommand / closeCommand.
-COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 
 #: In ``captureMode = udp`` the server binds one socket per knock port; more than this is a mistake.
 MAX_UDP_KNOCK_PORTS = 256
@@ -242,7 +238,6 @@ _INT_RE = re.compile(r"^[0-9]{1,9}$")
 _BOOLS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 _IFNAME_BAD = re.compile(r"[\s/:]")
 _USER_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10})$")
-_PLACEHOLDER_RE = re.compile(r"%[A-Za-z_]+%")
 
 
 class _Reader:
@@ -549,13 +544,10 @@ def _command(r: _Reader, key: str) -> str | None:
     text = r.raw(key)
     if text is None:
         return None
-    unknown = sorted(set(_PLACEHOLDER_RE.findall(text)) - set(COMMAND_PLACEHOLDERS))
-    if unknown:
-        raise r.fail(key, f"unknown placeholder {unknown[0]}; known: {' '.join(COMMAND_PLACEHOLDERS)}")
-    if "%IP%" not in text:  # the same rule as the command firewall backend: a grant names its client
-        raise r.fail(key, "template must contain %IP%")
-    try:
-        shlex.split(text)
+    try:  # the command backend's own rule
+        split_template(text)
+    except TemplateError as exc:
+        raise r.fail(key, str(exc)) from None
     except ValueError as exc:
         raise r.fail(key, f"cannot split into words: {exc}") from None
     return text

@@ -163,5 +163,6 @@ def make_firewall(backend: FirewallBackend, policy: FirewallPolicy, **options: A
 
     for required in ("open_command", "close_command"):
         if required not in options:
-            raise FirewallError(backend, f"option {required} is required (a command template using %IP%)")
+            raise FirewallError(backend, f"option {required} is required: the command this backend runs for "
+                                         "each grant (see sknock.server.firewall.command)")
     return CommandFirewall(policy, **options)
