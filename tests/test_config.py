@@ -12,7 +12,7 @@ from sknock.ports import Protocol
 from sknock.server.config import (
     CaptureMode,
     FirewallBackend,
-    FirewallPolicy,
+    PolicyMode,
     ServerConfig,
     load_config,
 )
@@ -66,7 +66,7 @@ def test_minimal_config_gets_the_original_defaults(site: Path) -> None:
     assert cfg.timestamp_threshold == 7
     assert cfg.crl_update_interval_minutes == 30
     assert cfg.recv_buffer == 1600
-    assert cfg.firewall_policy is FirewallPolicy.NONE
+    assert cfg.firewall_policy is PolicyMode.NONE
     assert cfg.crl_url is None
     assert cfg.pfx_password == SECRET.encode()
     # sknock's defaults
@@ -121,7 +121,7 @@ controlSocket = run/ctl.sock
     assert cfg.recv_buffer == 2048
     assert cfg.notices[0] == "SIGNATURE_SIZE is ignored: sknock's protocol carries the signature length"
     assert cfg.crl_url == "https://ca.example.org/crl.der"
-    assert cfg.firewall_policy is FirewallPolicy.DROP
+    assert cfg.firewall_policy is PolicyMode.DROP
     assert cfg.firewall_backend is FirewallBackend.NFTABLES
     assert cfg.knock_ports == ((53, 53), (10000, 10100))
     assert cfg.capture_mode is CaptureMode.UDP
@@ -153,7 +153,7 @@ captureMode = packet
 protectedPorts = all
 """,
     )
-    assert cfg.firewall_policy is FirewallPolicy.NONE
+    assert cfg.firewall_policy is PolicyMode.NONE
     assert cfg.firewall_backend is FirewallBackend.COMMAND
     assert cfg.open_command == "/sbin/open %IP% %PROTO% %PORT% %DURATION%"
     assert cfg.close_command == "/sbin/close '%IP%' %PROTO% %PORT%"
@@ -374,6 +374,10 @@ def test_not_utf8(site: Path) -> None:
         ("user = sknock-no-such-user", "user", "does not exist"),
         ("openCommand = /bin/true %IP% %PORT%", "openCommand", "only used with firewallBackend = command"),
         ("workBits = 1\n  2", "workBits", "several lines"),
+        # an indented line after the ignored SIGNATURE_SIZE would be its value, and firewallPolicy silently unset
+        ("SIGNATURE_SIZE = 72\n  firewallPolicy = drop", "SIGNATURE_SIZE", "several lines"),
+        # and so would one under an empty value: logFile was the file "firewallPolicy = drop"
+        ("logFile =\n  firewallPolicy = drop", "logFile", "several lines"),
     ],
 )
 def test_bad_values(site: Path, line: str, key: str, words: str) -> None:
@@ -443,7 +447,7 @@ def test_config_is_frozen(site: Path) -> None:
 
 def test_shipped_config_ini_loads() -> None:
     cfg = load_config(REPO / "config.ini", check_files=False, environ={})
-    assert cfg.firewall_policy is FirewallPolicy.NONE, "a first run must lock nobody out"
+    assert cfg.firewall_policy is PolicyMode.NONE, "a first run must lock nobody out"
     assert cfg.server_pfx_file == REPO / "certificates" / "devpki" / "server" / "server.pfx"
     assert cfg.crl_file == REPO / "certificates" / "devpki" / "crl.der"
     assert cfg.pfx_password == b"sknock-demo"
@@ -455,5 +459,5 @@ def test_shipped_config_ini_mentions_every_option() -> None:
     from sknock.server import config as module
 
     text = (REPO / "config.ini").read_text()
-    for key in module._DEFAULTS:
+    for key in (option.key for option in module.OPTIONS):
         assert key in text, f"config.ini does not mention {key}"

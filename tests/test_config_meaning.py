@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sknock.server.config import CaptureMode, FirewallPolicy, load_config
+from sknock.server.config import CaptureMode, PolicyMode, load_config
 from tests.test_config import MINIMAL, error_of, load, site, write
 
 __all__ = ["site"]  # the fixture, shared with test_config.py
@@ -72,7 +72,7 @@ def test_what_is_not_a_contradiction_still_loads(site: Path, extra: str) -> None
 def test_the_documented_escape_hatch(site: Path) -> None:
     cfg = load(site, "firewallPolicy = drop\nemergencySSH = yes\ncaptureMode = udp\nknockPorts = 62201\n")
     assert cfg.protected_ports is None and cfg.emergency_ssh is True
-    assert cfg.firewall_policy is FirewallPolicy.DROP and cfg.capture_mode is CaptureMode.UDP
+    assert cfg.firewall_policy is PolicyMode.DROP and cfg.capture_mode is CaptureMode.UDP
 
 
 def test_contradictions_are_found_without_the_files(tmp_path: Path) -> None:

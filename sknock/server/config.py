@@ -9,11 +9,19 @@ refuses to start -- ``firewalPolicy = drop`` ignored means a host that the admin
 open.  So unknown keys, other sections, duplicate keys, values out of range and missing files all
 raise :class:`~sknock.errors.ConfigError` with one message naming the file, the key and the problem.
 
+Every option is one row of :data:`OPTIONS` -- its name, the :class:`ServerConfig` attribute it fills,
+its default, its parser and its line of documentation -- and loading, :meth:`ServerConfig.describe`
+and the options tables of docs/configuration.md (``python -m sknock.server.config --doc-table``) all
+come from that table.  Loading goes in four steps: each option alone is parsed into its typed value;
+the options read together (the CRL sources, the PFX password) are put together; the rules between
+options run on the built :class:`ServerConfig`; and last, what the options name on disk is checked.
+
 This module only parses and checks; it never opens sockets, touches the firewall or loads keys.
 """
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import difflib
 import enum
@@ -21,29 +29,36 @@ import ipaddress
 import os
 import pwd
 import re
-import shlex
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
-from ..ports import PortSet, parse_ports
+from ..ports import PortSet, Protocol, parse_ports
+from .firewall.base import PolicyMode
+from .firewall.command import TemplateError, split_template
+from .firewall.detect import FirewallBackend
 
 __all__ = [
     "ServerConfig",
-    "FirewallPolicy",
+    "PolicyMode",
     "FirewallBackend",
     "CaptureMode",
     "KnockDestinations",
     "Revocation",
     "CrlSource",
+    "Option",
+    "OPTIONS",
+    "SECTIONS",
     "MAX_CRL_SOURCES",
     "load_config",
+    "doc_tables",
+    "update_doc",
     "MIN_RECV_BUFFER",
-    "COMMAND_PLACEHOLDERS",
     "MAX_UDP_KNOCK_PORTS",
 ]
 
@@ -53,9 +68,6 @@ MIN_RECV_BUFFER = 1400
 
 #: At most this many worker processes verify knocks in parallel.
 MAX_WORKERS = 8
-
-#: Placeholders the firewall ``command`` backend substitutes in openCommand / closeCommand.
-COMMAND_PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 
 #: In ``captureMode = udp`` the server binds one socket per knock port; more than this is a mistake.
 MAX_UDP_KNOCK_PORTS = 256
@@ -70,23 +82,7 @@ _NO_REVOCATION_NOTICE = (
     "revocation = none: no CRL is checked, so a revoked or stolen client certificate opens ports until it "
     "expires; use it only with short-lived certificates or a PKI that never publishes CRLs"
 )
-
-
-class FirewallPolicy(enum.StrEnum):
-    """What the firewall does with traffic to protected ports that no knock opened (original option)."""
-
-    NONE = "none"  # leave the firewall's policy alone: a first run locks nobody out
-    REJECT = "reject"
-    DROP = "drop"
-
-
-class FirewallBackend(enum.StrEnum):
-    """Which mechanism inserts and removes the per-client rules."""
-
-    AUTO = "auto"
-    NFTABLES = "nftables"
-    IPTABLES = "iptables"
-    COMMAND = "command"  # run openCommand / closeCommand templates
+_PASSWORD_KEYS = ("PFXPasswd", "PFXPasswdFile", "PFXPasswdEnv")
 
 
 class Revocation(enum.StrEnum):
@@ -110,6 +106,17 @@ class CaptureMode(enum.StrEnum):
 
     PACKET = "packet"
     UDP = "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class KnockDestinations:
+    """The destination addresses a captured knock may have: the host's own (``local``) and ``extra``."""
+
+    local: bool
+    extra: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+
+    def __str__(self) -> str:
+        return ", ".join((["local"] if self.local else []) + [str(a) for a in self.extra])
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -136,7 +143,7 @@ class ServerConfig:
     server_pfx_file: Path
     pfx_password: bytes | None = field(repr=False)
     pfx_password_source: str  # e.g. "PFXPasswdFile /etc/sknock/pfx.pass": safe to log
-    firewall_policy: FirewallPolicy
+    firewall_policy: PolicyMode
     # -- sknock's options --
     firewall_backend: FirewallBackend
     open_command: str | None
@@ -162,181 +169,543 @@ class ServerConfig:
     notices: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        """One ``key = value`` line per option, in the file's spelling, for the startup log.
-
-        The password itself never appears, only where it came from."""
-
-        def opt(value: object, absent: str = "(not set)") -> str:
-            return absent if value is None else str(value)
-
-        knock_ports = (
-            "any"
-            if self.knock_ports is None
-            else ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.knock_ports)
-        )
-        rows: list[tuple[str, str]] = [
-            ("config", str(self.source)),
-            ("KNOCKPACKET_MIN_LENGTH", str(self.knockpacket_min_length)),
-            ("PORT_OPEN_DURATION_IN_SECONDS", str(self.port_open_duration)),
-            ("TIMESTAMP_THRESHOLD_IN_SECONDS", str(self.timestamp_threshold)),
-            ("CRL_UPDATE_INTERVAL_IN_MINUTES", str(self.crl_update_interval_minutes)),
-            ("RECV_BUFFER", str(self.recv_buffer)),
-            ("revocation", self.revocation.value),
-            ("crlFile", ", ".join(str(s.file) for s in self.crl_sources) or "(not set)"),
-            ("crlUrl", ", ".join(s.url or "" for s in self.crl_sources)
-             if any(s.url for s in self.crl_sources) else "(not set)"),
-            ("serverPFXFile", str(self.server_pfx_file)),
-            ("password", f"(hidden, from {self.pfx_password_source})"),
-            ("firewallPolicy", self.firewall_policy.value),
-            ("firewallBackend", self.firewall_backend.value),
-            ("openCommand", opt(self.open_command)),
-            ("closeCommand", opt(self.close_command)),
-            ("interfaces", "any" if self.interfaces is None else ",".join(self.interfaces)),
-            ("knockPorts", knock_ports),
-            ("knockDestinations", "any" if self.knock_destinations is None else str(self.knock_destinations)),
-            ("captureMode", self.capture_mode.value),
-            ("protectedPorts", "all" if self.protected_ports is None else str(self.protected_ports)),
-            ("emergencySSH", "yes" if self.emergency_ssh else "no"),
-            ("caFile", opt(self.ca_file)),
-            ("logFile", opt(self.log_file, "(stderr)")),
-            ("logLevel", self.log_level),
-            ("requireSourceAddress", "yes" if self.require_source_address else "no"),
-            ("maxOpenDuration", str(self.max_open_duration)),
-            ("workBits", str(self.work_bits)),
-            ("workers", str(self.workers)),
-            ("user", self.user),
-            ("controlSocket", str(self.control_socket)),
-            ("stateDir", str(self.state_dir)),
-        ]
-        lines = [f"{key} = {value}" for key, value in rows]
+        """One ``key = value`` line per option, in the file's spelling and the order of :data:`OPTIONS`,
+        for the startup log.  The password itself never appears, only where it came from."""
+        lines = [f"config = {self.source}"]
+        for option in OPTIONS:
+            value = option.shown(self)
+            if value is not None:
+                lines.append(f"{option.label or option.key} = {value}")
         lines.extend(f"notice: {n}" for n in self.notices)
         return "\n".join(lines)
 
 
-# Every key the file may hold, with its default as written in the file (None: no default, optional
-# unless checked otherwise).  Order is the order of the shipped config.ini and of error hints.
-_DEFAULTS: dict[str, str | None] = {
-    # the original sKnock's names
-    "KNOCKPACKET_MIN_LENGTH": "800",
-    "PORT_OPEN_DURATION_IN_SECONDS": "15",
-    "TIMESTAMP_THRESHOLD_IN_SECONDS": "7",
-    "CRL_UPDATE_INTERVAL_IN_MINUTES": "30",
-    "RECV_BUFFER": "1600",
-    "SIGNATURE_SIZE": None,
-    "crlFile": None,
-    "crlUrl": None,
-    "serverPFXFile": None,
-    "PFXPasswd": None,
-    "firewallPolicy": "none",
-    # sknock's names
-    "PFXPasswdFile": None,
-    "PFXPasswdEnv": None,
-    "firewallBackend": "auto",
-    "openCommand": None,
-    "closeCommand": None,
-    "interfaces": "any",
-    "knockPorts": "any",
-    "knockDestinations": "local",
-    "captureMode": "packet",
-    "protectedPorts": "all",
-    "emergencySSH": "yes",
-    "caFile": None,
-    "revocation": "crl",
-    "logFile": None,
-    "logLevel": "INFO",
-    "requireSourceAddress": "no",
-    "maxOpenDuration": "300",
-    "workBits": "12",
-    "workers": "auto",
-    "user": "nobody",
-    "controlSocket": "/run/sknock/control.sock",
-    "stateDir": "/var/lib/sknock",
-}
+# -- reading one option ----------------------------------------------------------------------------------
+
+
+def _error(file: Path, key: str, problem: str) -> ConfigError:
+    """The one line every configuration problem is: the file, the key, the problem."""
+    return ConfigError(f"{file}: {key}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """The option being parsed: its problems name the file and its key."""
+
+    file: Path
+    key: str
+
+    def fail(self, problem: str) -> ConfigError:
+        return _error(self.file, self.key, problem)
+
+    def path(self, text: str) -> Path:
+        """Resolve ``text`` against the config file's folder (absolute paths stay as they are)."""
+        if "\x00" in text:
+            raise self.fail("path contains a NUL byte")
+        return self.file.parent / Path(text).expanduser()
+
 
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
 _BOOLS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 _IFNAME_BAD = re.compile(r"[\s/:]")
 _USER_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10})$")
-_PLACEHOLDER_RE = re.compile(r"%[A-Za-z_]+%")
 
 
-class _Reader:
-    """Reads values for one file and turns every problem into a ConfigError naming file and key."""
+@dataclass(frozen=True, slots=True)
+class _Integer:
+    """A whole number in ``low..high`` (no sign, no ``_``); with ``auto``, the word auto means ``auto()``."""
 
-    def __init__(self, path: Path, values: Mapping[str, str]) -> None:
-        self.file = path
-        self.folder = path.parent
-        self.values = values
+    low: int
+    high: int
+    auto: Callable[[], int] | None = None
 
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.file}: {key}: {problem}")
-
-    def raw(self, key: str) -> str | None:
-        """The stripped value, or the default; an empty value counts as not set."""
-        value = self.values.get(key)
-        if value is not None:
-            value = value.strip()
-            if "\n" in value or "\r" in value:
-                raise self.fail(key, "value spans several lines; put it on one line")
-            if value:
-                return value
-        return _DEFAULTS[key]
-
-    def required(self, key: str) -> str:
-        value = self.raw(key)
-        if value is None:
-            raise self.fail(key, "is required but not set")
-        return value
-
-    def integer(self, key: str, low: int, high: int) -> int:
-        text = self.required(key)
+    def __call__(self, f: _Field, text: str) -> int:
+        if self.auto is not None and text == "auto":
+            return self.auto()
         if not _INT_RE.match(text):
-            raise self.fail(key, f"{text!r} is not a whole number")
+            raise f.fail(f"{text!r} is not a whole number")
         number = int(text)
-        if not low <= number <= high:
-            raise self.fail(key, f"{number} is out of range: must be {low}..{high}")
+        if not self.low <= number <= self.high:
+            raise f.fail(f"{number} is out of range: must be {self.low}..{self.high}")
         return number
 
-    def boolean(self, key: str) -> bool:
-        text = self.required(key)
-        try:
-            return _BOOLS[text.lower()]
-        except KeyError:
-            raise self.fail(key, f"{text!r} is not yes/no (also accepted: true/false, on/off, 1/0)") from None
 
-    def choice(self, key: str, kind: type[_E]) -> _E:
-        text = self.required(key)
-        for member in kind:
+@dataclass(frozen=True, slots=True)
+class _Choice(Generic[_E]):
+    """One of an enum's values, in any case."""
+
+    kind: type[_E]
+
+    def __call__(self, f: _Field, text: str) -> _E:
+        for member in self.kind:
             if member.value == text.lower():
                 return member
-        allowed = "|".join(str(m.value) for m in kind)
-        raise self.fail(key, f"{text!r} is not one of {allowed}")
+        allowed = "|".join(str(m.value) for m in self.kind)
+        raise f.fail(f"{text!r} is not one of {allowed}")
 
-    def path(self, key: str, text: str) -> Path:
-        """Resolve ``text`` against the config file's folder (absolute paths stay as they are)."""
-        if "\x00" in text:
-            raise self.fail(key, "path contains a NUL byte")
-        return self.folder / Path(text).expanduser()
 
-    def optional_path(self, key: str) -> Path | None:
-        text = self.raw(key)
-        return None if text is None else self.path(key, text)
+def _text(f: _Field, text: str) -> str:
+    return text
 
-    def check_readable(self, key: str, path: Path) -> None:
-        """Open the file for reading: the only honest test (``os.access`` lies to root)."""
-        if not path.exists():
-            raise self.fail(key, f"file {path} does not exist")
-        if not path.is_file():
-            raise self.fail(key, f"{path} is not a regular file")
+
+def _path(f: _Field, text: str) -> Path:
+    return f.path(text)
+
+
+def _boolean(f: _Field, text: str) -> bool:
+    try:
+        return _BOOLS[text.lower()]
+    except KeyError:
+        raise f.fail(f"{text!r} is not yes/no (also accepted: true/false, on/off, 1/0)") from None
+
+
+def _cpus() -> int:
+    return min(os.cpu_count() or 1, MAX_WORKERS)
+
+
+def _any_or_list(f: _Field, text: str, others: str) -> list[str] | None:
+    """A comma list of non-empty entries, or None for ``any`` (which stands alone)."""
+    items = [item.strip() for item in text.split(",")]
+    if any(not item for item in items):
+        raise f.fail(f"{text!r} has an empty entry")
+    if "any" in items:
+        if len(items) > 1:
+            raise f.fail(f"'any' cannot be combined with {others}")
+        return None
+    return items
+
+
+def _interfaces(f: _Field, text: str) -> tuple[str, ...] | None:
+    names = _any_or_list(f, text, "interface names")
+    if names is None:
+        return None
+    for name in names:
+        if len(name) > 15 or name in (".", "..") or _IFNAME_BAD.search(name):
+            raise f.fail(f"{name!r} is not a valid interface name")
+    return tuple(dict.fromkeys(names))
+
+
+def _knock_destinations(f: _Field, text: str) -> KnockDestinations | None:
+    items = _any_or_list(f, text, "other entries")
+    if items is None:
+        return None
+    extra = []
+    for item in items:
+        if item == "local":
+            continue
         try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            raise self.fail(key, f"cannot read {path}: {exc.strerror or exc}") from None
+            address = ipaddress.ip_address(item)
+        except ValueError:
+            raise f.fail(f"{item!r} is not 'local', 'any' or an IP address") from None
+        if address.is_multicast or address.is_unspecified:
+            raise f.fail(f"{item!r} cannot be a knock's destination")
+        extra.append(address)
+    return KnockDestinations("local" in items, tuple(dict.fromkeys(extra)))
 
-    def check_folder(self, key: str, path: Path) -> None:
-        if not path.parent.is_dir():
-            raise self.fail(key, f"folder {path.parent} (for {path.name}) does not exist")
+
+def _knock_ports(f: _Field, text: str) -> tuple[tuple[int, int], ...] | None:
+    if text.lower() == "any":
+        return None
+    if "/" in text:
+        raise f.fail(f"bad entry in {text!r}: knock ports are UDP, write 62201, not udp/62201")
+    try:  # knock ports are UDP ports: reuse the admin port-list parser with the protocol filled in
+        entries = (entry.strip() for entry in text.split(","))
+        ports = parse_ports(",".join(f"udp/{entry}" if entry else "" for entry in entries))
+    except PortSpecError as exc:
+        raise f.fail(f"{exc} (write any, a port, a range like 10000-10100, or a comma list)") from None
+    return tuple((span.first, span.last) for span in ports.ranges)
+
+
+def _protected_ports(f: _Field, text: str) -> PortSet | None:
+    if text.lower() == "all":
+        return None
+    try:
+        return parse_ports(text)
+    except PortSpecError as exc:
+        raise f.fail(f"{exc} (write 'all' or a list like tcp/22,tcp/3389)") from None
+
+
+def _command(f: _Field, text: str) -> str:
+    """An openCommand / closeCommand template, by the command backend's own rule."""
+    try:
+        split_template(text)
+    except TemplateError as exc:
+        raise f.fail(str(exc)) from None
+    except ValueError as exc:
+        raise f.fail(f"cannot split into words: {exc}") from None
+    return text
+
+
+def _crl_files(f: _Field, text: str) -> tuple[Path, ...]:
+    """crlFile: one path (the original's meaning), or a comma list, one CRL per CA."""
+    files = [entry.strip() for entry in text.split(",")]
+    if any(not entry for entry in files):
+        raise f.fail(f"{text!r} has an empty entry")
+    if len(files) > MAX_CRL_SOURCES:
+        raise f.fail(f"{len(files)} CRLs is too many (at most {MAX_CRL_SOURCES}: one for each CA)")
+    paths = [f.path(entry) for entry in files]
+    duplicate = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if duplicate is not None:
+        raise f.fail(f"{duplicate} is named twice; give each CA's CRL once")
+    return tuple(paths)
+
+
+def _crl_urls(f: _Field, text: str) -> tuple[str | None, ...]:
+    """crlUrl: one entry per crlFile entry, each an http(s) URL, a local path (made absolute), or empty
+    (None: that crlFile is read as it is)."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if all(not entry for entry in entries):
+        raise f.fail(f"{text!r} has only empty entries")
+    return tuple(_crl_url(f, entry) if entry else None for entry in entries)
+
+
+def _crl_url(f: _Field, text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme.lower() in ("http", "https"):
+        if not parts.hostname:
+            raise f.fail(f"{text!r} has no host name")
+        return text
+    if parts.scheme:
+        raise f.fail(f"{text!r}: only http://, https:// or a local path are supported")
+    return str(f.path(text))
+
+
+def _is_local(url: str) -> bool:
+    return not urlsplit(url).scheme
+
+
+def _log_level(f: _Field, text: str) -> str:
+    level = text.upper()
+    if level not in _LOG_LEVELS:
+        raise f.fail(f"{text!r} is not one of {'|'.join(_LOG_LEVELS)}")
+    return level
+
+
+def _user(f: _Field, text: str) -> str:
+    if not _USER_RE.match(text):
+        raise f.fail(f"{text!r} is not a valid user name")
+    return text  # whether it exists on this system is checked with the files
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _crl_files_shown(config: ServerConfig) -> str:
+    return ", ".join(str(s.file) for s in config.crl_sources) or "(not set)"
+
+
+def _crl_urls_shown(config: ServerConfig) -> str:
+    if not any(s.url for s in config.crl_sources):
+        return "(not set)"
+    return ", ".join(s.url or "" for s in config.crl_sources)
+
+
+def _password_shown(config: ServerConfig) -> str:
+    return f"(hidden, from {config.pfx_password_source})"
+
+
+# -- the table of options ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option of the file, said once: what loading, :meth:`ServerConfig.describe` and the options
+    tables of docs/configuration.md know of it."""
+
+    key: str  # as written in the file (case-sensitive)
+    attr: str | None  # the ServerConfig attribute its value fills; None: read with other options
+    default: str | None  # as written in the file; None: not set unless given
+    parse: Callable[[_Field, str], Any]  # the (stripped, non-empty) text -> its typed value
+    doc: str  # one line: the Meaning column of its docs table
+    section: str  # which docs table
+    original: bool = False  # the original sKnock's option: same name, meaning and default
+    required: bool = False  # must be set (options required only with others are checked with them)
+    fmt: Callable[[Any], str] = str  # its value in describe()
+    absent: str = "(not set)"  # describe() when the value is None
+    show: Callable[[ServerConfig], str] | None = None  # describe() when not from ``attr`` alone
+    label: str | None = None  # describe()'s key when not ``key``
+    doc_default: str | None = None  # the docs' Default cell when ``default`` alone does not say it
+
+    def shown(self, config: ServerConfig) -> str | None:
+        """Its value in ``config`` as :meth:`ServerConfig.describe` writes it; None: it has no line."""
+        if self.show is not None:
+            return self.show(config)
+        if self.attr is None:
+            return None
+        value = getattr(config, self.attr)
+        return self.absent if value is None else self.fmt(value)
+
+
+_RECEPTION, _FIREWALL, _CREDENTIALS, _DAEMON = "Knock reception", "Firewall", "Credentials and revocation", "Daemon"
+SECTIONS = (_RECEPTION, _FIREWALL, _CREDENTIALS, _DAEMON)  # the docs tables, in this order
+
+#: Every option, in the order of the shipped config.ini and of docs/configuration.md.
+OPTIONS: tuple[Option, ...] = (
+    # -- Knock reception --
+    Option(
+        "KNOCKPACKET_MIN_LENGTH", "knockpacket_min_length", "800", _Integer(1, 65535),
+        doc=(
+            "Datagrams shorter than this (bytes) are dropped before any crypto. 1..65535, and at most "
+            "`RECV_BUFFER`. With packet capture the kernel filter already passes only datagrams of exactly a "
+            "knock's sizes (1024 or 1232 bytes) that start like a knock, so this matters only when set above "
+            "1024 (then only 1232-byte knocks pass)."
+        ),
+        section=_RECEPTION, original=True,
+    ),
+    Option(
+        "RECV_BUFFER", "recv_buffer", "1600", _Integer(MIN_RECV_BUFFER, 65535),
+        doc=(
+            "Bytes read per captured packet, IP and UDP headers included; longer packets are dropped in the "
+            "kernel. 1400..65535: a sknock knock is at most 1232 bytes of UDP payload (what survives the IPv6 "
+            "minimum MTU), plus 48 bytes of IPv6 and UDP headers and room for extension headers."
+        ),
+        section=_RECEPTION, original=True,
+    ),
+    Option(
+        "SIGNATURE_SIZE", None, None, _text,
+        doc=(
+            "Accepted and ignored; `ServerConfig.notices` says so. sknock's protocol carries the signature "
+            "length."
+        ),
+        section=_RECEPTION, original=True,
+    ),
+    Option(
+        "TIMESTAMP_THRESHOLD_IN_SECONDS", "timestamp_threshold", "7", _Integer(1, 300),
+        doc="How far a knock's timestamp may be from the server's clock. 1..300.",
+        section=_RECEPTION, original=True,
+    ),
+    Option(
+        "workBits", "work_bits", "12", _Integer(0, 24),
+        doc="Proof of work demanded of every knock, in bits. 0..24.",
+        section=_RECEPTION,
+    ),
+    Option(
+        "workers", "workers", "auto", _Integer(1, MAX_WORKERS, auto=_cpus),
+        doc=(
+            "Unprivileged processes that verify knocks in parallel, each with its own capture socket (AF_PACKET "
+            "fanout): `auto` (one per CPU, at most 8) or 1..8. A replayed knock that reaches another worker is "
+            "refused by the monitor, which checks every nonce."
+        ),
+        section=_RECEPTION,
+    ),
+    Option(
+        "interfaces", "interfaces", "any", _interfaces,
+        doc="Comma list of interface names (`eth0,wg0`), or `any`.",
+        section=_RECEPTION, fmt=",".join, absent="any",
+    ),
+    Option(
+        "knockPorts", "knock_ports", "any", _knock_ports,
+        doc=(
+            "UDP destination ports that may carry knocks: `any`, a port, a range `10000-10100`, or a comma list "
+            "of those. Stored as `((first, last), ...)` or `None` for any."
+        ),
+        section=_RECEPTION, fmt=_ranges, absent="any",
+    ),
+    Option(
+        "knockDestinations", "knock_destinations", "local", _knock_destinations,
+        doc=(
+            "Destination addresses a knock may be sent to: `local` (this host's own addresses, read from the "
+            "kernel and re-read when a new one appears), a comma list that adds addresses (`local, "
+            "203.0.113.5`) or names only those, or `any`. On a host that routes, the packet capture also sees "
+            "datagrams passing through to other hosts; with `local` a knock addressed to another host is "
+            "refused (`wrong-destination`). Not used with `captureMode = udp`, whose sockets only receive this "
+            "host's traffic."
+        ),
+        section=_RECEPTION, absent="any",
+    ),
+    Option(
+        "captureMode", "capture_mode", "packet", _Choice(CaptureMode),
+        doc=(
+            "`packet`: capture knocks with no port open. `udp`: bind real UDP sockets on `knockPorts`, which "
+            "must then name ports (not `any`), at most 256 of them."
+        ),
+        section=_RECEPTION,
+    ),
+    Option(
+        "requireSourceAddress", "require_source_address", "no", _boolean,
+        doc=(
+            "`yes`: a knock must carry a signed source address equal to the packet's source (defeats a knock "
+            "being replayed from elsewhere; breaks clients behind NAT that cannot know their public address)."
+        ),
+        section=_RECEPTION, fmt=_yes_no,
+    ),
+    # -- Firewall --
+    Option(
+        "PORT_OPEN_DURATION_IN_SECONDS", "port_open_duration", "15", _Integer(1, 86400),
+        doc="How long an opened port stays open. 1..86400, at most `maxOpenDuration`.",
+        section=_FIREWALL, original=True,
+    ),
+    Option(
+        "maxOpenDuration", "max_open_duration", "300", _Integer(1, 86400),
+        doc=(
+            "The longest duration (seconds) a client may ask for. 1..86400. Why 300 (it was 3600): a grant is "
+            "for *starting* connections, which outlive it (`ct state established`), so a few minutes cover a "
+            "session that opens several (ssh, then scp); the longer a grant, the longer an address the client "
+            "has left (a NAT, a café's Wi-Fi, a reassigned DHCP lease) stays open to whoever has it next. A "
+            "revoked client's grants close when the CRL is refreshed, and `sknock-server close` closes any "
+            "grant by hand."
+        ),
+        section=_FIREWALL,
+    ),
+    Option(
+        "firewallPolicy", "firewall_policy", "none", _Choice(PolicyMode),
+        doc=(
+            "`none`, `reject` or `drop`: what happens to unknocked traffic to the protected ports. The shipped "
+            "config says `none` so a first run locks nobody out."
+        ),
+        section=_FIREWALL, original=True,
+    ),
+    Option(
+        "protectedPorts", "protected_ports", "all", _protected_ports,
+        doc=(
+            "`all`, or a list like `tcp/22,tcp/3389,udp/1194`. A list needs `firewallPolicy` `reject` or `drop` "
+            "(see [Options that contradict each other](#options-that-contradict-each-other))."
+        ),
+        section=_FIREWALL, absent="all",
+    ),
+    Option(
+        "emergencySSH", "emergency_ssh", "yes", _boolean,
+        doc=(
+            "Keep tcp/22 reachable under a `reject`/`drop` policy, so a broken knock setup cannot lock the "
+            "administrator out. Must be `no` when a `protectedPorts` list names tcp/22."
+        ),
+        section=_FIREWALL, fmt=_yes_no,
+    ),
+    Option(
+        "firewallBackend", "firewall_backend", "auto", _Choice(FirewallBackend),
+        doc="`auto`, `nftables`, `iptables` or `command`.",
+        section=_FIREWALL,
+    ),
+    Option(
+        "openCommand", "open_command", None, _command,
+        doc=(
+            "Only with `firewallBackend = command`, and then required. A command template; placeholders `%IP%` "
+            "`%PROTO%` `%PORT%` `%DURATION%`; must contain `%IP%`; split into words like a shell would (no "
+            "shell runs it); the program itself cannot be a placeholder. Unknown `%NAME%` placeholders are errors. "
+            "The command backend checks a template by the same rule."
+        ),
+        section=_FIREWALL,
+    ),
+    Option(
+        "closeCommand", "close_command", None, _command,
+        doc="As `openCommand`, to remove the rule.",
+        section=_FIREWALL,
+    ),
+    # -- Credentials and revocation --
+    Option(
+        "serverPFXFile", "server_pfx_file", None, _path,
+        doc="The server's certificate and private key (PKCS#12).",
+        section=_CREDENTIALS, original=True, required=True,
+    ),
+    Option(
+        "PFXPasswd", None, None, _text,
+        doc=(
+            "The PFX password, in the clear in the config file. Fine for the demo; adds a notice suggesting "
+            "`PFXPasswdFile`."
+        ),
+        section=_CREDENTIALS, original=True, show=_password_shown, label="password",
+    ),
+    Option(
+        "PFXPasswdFile", None, None, _path,
+        doc=(
+            "A file whose first line (without its newline) is the PFX password: the same rule as every sknock "
+            "password file. Use this in production, readable by root only."
+        ),
+        section=_CREDENTIALS,
+    ),
+    Option(
+        "PFXPasswdEnv", None, None, _text,
+        doc="The name of an environment variable holding the PFX password.",
+        section=_CREDENTIALS,
+    ),
+    Option(
+        "caFile", "ca_file", None, _path,
+        doc=(
+            "Extra trusted CA / intermediate certificates beside the CA inside the PFX. A self-signed "
+            "certificate is a trust anchor (a root); any other is an intermediate that a client's chain may "
+            "pass through."
+        ),
+        section=_CREDENTIALS,
+    ),
+    Option(
+        "revocation", "revocation", "crl", _Choice(Revocation),
+        doc=(
+            "`crl`: every CA in a client's chain must have a CRL in hand, and a client (or a CA above it) that "
+            "a CRL lists is refused. `none`: no CRL is checked at all, and a WARNING says so at every start and "
+            "in `--check-config`; then `crlFile` and `crlUrl` must not be set. See [Revocation](#revocation)."
+        ),
+        section=_CREDENTIALS,
+    ),
+    Option(
+        "crlFile", None, None, _crl_files,
+        doc=(
+            "Where the CRL lives on disk; with several CAs, a comma list, one CRL per CA (see "
+            "[Revocation](#revocation)). Each must exist unless its `crlUrl` entry is set (then its folder must "
+            "exist; the first fetch writes it)."
+        ),
+        section=_CREDENTIALS, original=True, show=_crl_files_shown,
+        doc_default="— (required with `revocation = crl`)",
+    ),
+    Option(
+        "crlUrl", None, None, _crl_urls,
+        doc=(
+            "Where fresh CRLs come from: an `http://` or `https://` URL, or a local path (relative to the "
+            "config's folder). Other schemes are errors. Not set: each `crlFile` is used as it is. With several "
+            "`crlFile` entries, exactly as many entries, paired by position; an empty entry leaves its "
+            "`crlFile` to be read as it is."
+        ),
+        section=_CREDENTIALS, original=True, show=_crl_urls_shown,
+    ),
+    Option(
+        "CRL_UPDATE_INTERVAL_IN_MINUTES", "crl_update_interval_minutes", "30", _Integer(1, 7 * 24 * 60),
+        doc=(
+            "How often every `crlUrl` entry is fetched (and every `crlFile` without one re-read). 1..10080 (a "
+            "week)."
+        ),
+        section=_CREDENTIALS, original=True,
+    ),
+    # -- Daemon --
+    Option(
+        "logFile", "log_file", None, _path,
+        doc="Log file; its folder must exist.",
+        section=_DAEMON, absent="(stderr)", doc_default="— (stderr)",
+    ),
+    Option(
+        "logLevel", "log_level", "INFO", _log_level,
+        doc="`DEBUG`, `INFO`, `WARNING` or `ERROR` (any case).",
+        section=_DAEMON,
+    ),
+    Option(
+        "user", "user", "nobody", _user,
+        doc="The unprivileged user the daemon drops to after setup; must exist (or be a numeric uid).",
+        section=_DAEMON,
+    ),
+    Option(
+        "controlSocket", "control_socket", "/run/sknock/control.sock", _path,
+        doc="Path of the monitor's control socket (`sknock-server status`, `close`); its folder is made 0700.",
+        section=_DAEMON,
+    ),
+    Option(
+        "stateDir", "state_dir", "/var/lib/sknock", _path,
+        doc=(
+            "Root-only folder (made 0700) for what must outlive a restart: `replay.journal`, the knocks the "
+            "monitor applied while they can still be replayed (a knock captured before a restart is refused "
+            "after it, however short the restart); and with `firewallBackend = command`, `grants.json`, the "
+            "grants open now, so that a start after a crash closes what the dead server left open."
+        ),
+        section=_DAEMON,
+    ),
+)
+
+_KEYS = tuple(option.key for option in OPTIONS)
+
+
+# -- the file ----------------------------------------------------------------------------------------------
 
 
 def _read_text(path: Path) -> str:
@@ -380,144 +749,69 @@ def _parse_ini(path: Path, text: str) -> dict[str, str]:
 
 def _check_keys(path: Path, values: Mapping[str, str]) -> None:
     for key in values:
-        if key in _DEFAULTS:
+        if key in _KEYS:
             continue
-        by_case = [k for k in _DEFAULTS if k.lower() == key.lower()]
-        close = by_case or difflib.get_close_matches(key, list(_DEFAULTS), n=1, cutoff=0.75)
+        by_case = [k for k in _KEYS if k.lower() == key.lower()]
+        close = by_case or difflib.get_close_matches(key, list(_KEYS), n=1, cutoff=0.75)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"{path}: {key}: unknown option{hint}")
 
 
-def _password(r: _Reader, environ: Mapping[str, str], check_files: bool) -> tuple[bytes | None, str, list[str]]:
-    """Exactly one of PFXPasswd, PFXPasswdFile, PFXPasswdEnv.  Returns (password, source, notices)."""
-    given = [k for k in ("PFXPasswd", "PFXPasswdFile", "PFXPasswdEnv") if r.raw(k) is not None]
-    if not given:
-        raise r.fail("PFXPasswd", "no PFX password given: set one of PFXPasswd, PFXPasswdFile or PFXPasswdEnv")
-    if len(given) > 1:
-        raise r.fail(given[1], f"both {given[0]} and {given[1]} are set; give the PFX password exactly one way")
-    key = given[0]
-    value = r.required(key)
-    if key == "PFXPasswd":
-        return value.encode("utf-8"), "PFXPasswd in the config file", [_PLAINTEXT_IN_CONFIG_NOTICE]
-    if key == "PFXPasswdEnv":
-        if value not in environ:
-            raise r.fail(key, f"environment variable {value} is not set")
-        secret = environ[value]
-        if not secret:
-            raise r.fail(key, f"environment variable {value} is empty")
-        return secret.encode("utf-8"), f"PFXPasswdEnv {value}", []
-    file = r.path(key, value)
-    source = f"PFXPasswdFile {file}"
-    if not check_files:
-        return None, source, []
-    r.check_readable(key, file)
-    try:  # the same rule as every sknock password file: its first line, without the newline
-        return resolve_password(file), source, []
-    except CredentialError as exc:
-        raise r.fail(key, str(exc)) from None
+def _parse_options(path: Path, values: Mapping[str, str]) -> dict[str, Any]:
+    """Step 1: every option alone, in the table's order: its typed value, or None when it is not set and
+    has no default.  An empty value counts as not set."""
+    parsed: dict[str, Any] = {}
+    for option in OPTIONS:
+        f = _Field(path, option.key)
+        text = values.get(option.key)
+        if text is not None:
+            # before stripping: "key =" with an indented line under it is that line, not an empty value
+            if "\n" in text or "\r" in text:
+                raise f.fail("value spans several lines; put it on one line")
+            text = text.strip() or None
+        if text is None:
+            text = option.default
+        if text is None and option.required:
+            raise f.fail("is required but not set")
+        parsed[option.key] = None if text is None else option.parse(f, text)
+    return parsed
 
 
-def _crl_url(r: _Reader, text: str, check_files: bool) -> str:
-    """One crlUrl entry: an http(s) URL as it is, or a local path made absolute."""
-    parts = urlsplit(text)
-    if parts.scheme.lower() in ("http", "https"):
-        if not parts.hostname:
-            raise r.fail("crlUrl", f"{text!r} has no host name")
-        return text
-    if parts.scheme:
-        raise r.fail("crlUrl", f"{text!r}: only http://, https:// or a local path are supported")
-    local = r.path("crlUrl", text)
-    if check_files:
-        r.check_readable("crlUrl", local)
-    return str(local)
+# -- the options read together -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class KnockDestinations:
-    """The destination addresses a captured knock may have: the host's own (``local``) and ``extra``."""
-
-    local: bool
-    extra: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
-
-    def __str__(self) -> str:
-        return ", ".join((["local"] if self.local else []) + [str(a) for a in self.extra])
-
-
-def _any_or_list(r: _Reader, key: str, others: str) -> list[str] | None:
-    """A comma list of non-empty entries, or None for ``any`` (which stands alone)."""
-    text = r.required(key)
-    items = [item.strip() for item in text.split(",")]
-    if any(not item for item in items):
-        raise r.fail(key, f"{text!r} has an empty entry")
-    if "any" in items:
-        if len(items) > 1:
-            raise r.fail(key, f"'any' cannot be combined with {others}")
-        return None
-    return items
-
-
-def _knock_destinations(r: _Reader) -> KnockDestinations | None:
-    items = _any_or_list(r, "knockDestinations", "other entries")
-    if items is None:
-        return None
-    extra = []
-    for item in items:
-        if item == "local":
-            continue
-        try:
-            address = ipaddress.ip_address(item)
-        except ValueError:
-            raise r.fail("knockDestinations", f"{item!r} is not 'local', 'any' or an IP address") from None
-        if address.is_multicast or address.is_unspecified:
-            raise r.fail("knockDestinations", f"{item!r} cannot be a knock's destination")
-        extra.append(address)
-    return KnockDestinations("local" in items, tuple(dict.fromkeys(extra)))
-
-
-def _crl_sources(r: _Reader, revocation: Revocation, check_files: bool) -> tuple[CrlSource, ...]:
-    """crlFile and crlUrl: one entry each (the original's meaning), or comma lists paired by position,
-    one CRL per CA.  An empty crlUrl entry leaves its crlFile to be re-read as it is."""
-    files_text, urls_text = r.raw("crlFile"), r.raw("crlUrl")
-    if revocation is Revocation.NONE:
-        for key, value in (("crlFile", files_text), ("crlUrl", urls_text)):
-            if value is not None:
-                raise r.fail(key, "is set, but revocation = none says no CRL is checked: remove one of the two")
+def _crl_sources(path: Path, parsed: Mapping[str, Any]) -> tuple[CrlSource, ...]:
+    """crlFile and crlUrl paired by position (an empty crlUrl entry leaves its crlFile to be re-read as it
+    is), as revocation asks."""
+    files: tuple[Path, ...] | None = parsed["crlFile"]
+    urls: tuple[str | None, ...] | None = parsed["crlUrl"]
+    if parsed["revocation"] is Revocation.NONE:
+        for key in ("crlFile", "crlUrl"):
+            if parsed[key] is not None:
+                raise _error(path, key, "is set, but revocation = none says no CRL is checked: remove one of the two")
         return ()
-    if files_text is None:
-        raise r.fail(
-            "crlFile",
+    if files is None:
+        raise _error(
+            path, "crlFile",
             "is required: the CRL of each CA (or revocation = none, for certificates that are never revoked)",
         )
-    files = [entry.strip() for entry in files_text.split(",")]
-    if any(not entry for entry in files):
-        raise r.fail("crlFile", f"{files_text!r} has an empty entry")
-    if len(files) > MAX_CRL_SOURCES:
-        raise r.fail("crlFile", f"{len(files)} CRLs is too many (at most {MAX_CRL_SOURCES}: one for each CA)")
-    paths = [r.path("crlFile", entry) for entry in files]
-    duplicate = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
-    if duplicate is not None:
-        raise r.fail("crlFile", f"{duplicate} is named twice; give each CA's CRL once")
-    urls: list[str | None] = [None] * len(paths)
-    if urls_text is not None:
-        entries = [entry.strip() for entry in urls_text.split(",")]
-        if len(entries) != len(paths):
-            raise r.fail(
-                "crlUrl",
-                f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} but crlFile has {len(paths)}: give one "
-                "per crlFile, in the same order (leave an entry empty for a crlFile that is read as it is)",
-            )
-        if all(not entry for entry in entries):
-            raise r.fail("crlUrl", f"{urls_text!r} has only empty entries")
-        urls = [_crl_url(r, entry, check_files) if entry else None for entry in entries]
+    if urls is None:
+        urls = (None,) * len(files)
+    elif len(urls) != len(files):
+        raise _error(
+            path, "crlUrl",
+            f"{len(urls)} entr{'y' if len(urls) == 1 else 'ies'} but crlFile has {len(files)}: give one "
+            "per crlFile, in the same order (leave an entry empty for a crlFile that is read as it is)",
+        )
     # A local crlUrl that is its own crlFile means: read crlFile as it is (never rewrite the admin's file).
     return tuple(
-        CrlSource(path, None if url is not None and _same_path(url, path) else url)
-        for path, url in zip(paths, urls, strict=True)
+        CrlSource(file, None if url is not None and _same_path(url, file) else url)
+        for file, url in zip(files, urls, strict=True)
     )
 
 
 def _same_path(url: str, path: Path) -> bool:
-    if urlsplit(url).scheme:
+    if not _is_local(url):
         return False
     try:
         return Path(url).resolve() == path.resolve()
@@ -525,66 +819,36 @@ def _same_path(url: str, path: Path) -> bool:
         return False
 
 
-def _interfaces(r: _Reader) -> tuple[str, ...] | None:
-    names = _any_or_list(r, "interfaces", "interface names")
-    if names is None:
-        return None
-    for name in names:
-        if len(name) > 15 or name in (".", "..") or _IFNAME_BAD.search(name):
-            raise r.fail("interfaces", f"{name!r} is not a valid interface name")
-    return tuple(dict.fromkeys(names))
-
-
-def _knock_ports(r: _Reader) -> tuple[tuple[int, int], ...] | None:
-    text = r.required("knockPorts")
-    if text.lower() == "any":
-        return None
-    if "/" in text:
-        raise r.fail("knockPorts", f"bad entry in {text!r}: knock ports are UDP, write 62201, not udp/62201")
-    try:  # knock ports are UDP ports: reuse the admin port-list parser with the protocol filled in
-        entries = (entry.strip() for entry in text.split(","))
-        ports = parse_ports(",".join(f"udp/{entry}" if entry else "" for entry in entries))
-    except PortSpecError as exc:
-        raise r.fail("knockPorts", f"{exc} (write any, a port, a range like 10000-10100, or a comma list)") from None
-    return tuple((span.first, span.last) for span in ports.ranges)
-
-
-def _protected_ports(r: _Reader) -> PortSet | None:
-    text = r.required("protectedPorts")
-    if text.lower() == "all":
-        return None
-    try:
-        return parse_ports(text)
-    except PortSpecError as exc:
-        raise r.fail("protectedPorts", f"{exc} (write 'all' or a list like tcp/22,tcp/3389)") from None
-
-
-def _command(r: _Reader, key: str) -> str | None:
-    text = r.raw(key)
-    if text is None:
-        return None
-    unknown = sorted(set(_PLACEHOLDER_RE.findall(text)) - set(COMMAND_PLACEHOLDERS))
-    if unknown:
-        raise r.fail(key, f"unknown placeholder {unknown[0]}; known: {' '.join(COMMAND_PLACEHOLDERS)}")
-    if "%IP%" not in text:  # the same rule as the command firewall backend: a grant names its client
-        raise r.fail(key, "template must contain %IP%")
-    try:
-        shlex.split(text)
-    except ValueError as exc:
-        raise r.fail(key, f"cannot split into words: {exc}") from None
-    return text
-
-
-def _user(r: _Reader, check_files: bool) -> str:
-    name = r.required("user")
-    if not _USER_RE.match(name):
-        raise r.fail("user", f"{name!r} is not a valid user name")
-    if check_files and not name.isdigit():
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            raise r.fail("user", f"user {name!r} does not exist on this system") from None
-    return name
+def _password(
+    path: Path, parsed: Mapping[str, Any], environ: Mapping[str, str], check_files: bool
+) -> tuple[bytes | None, str, list[str]]:
+    """Exactly one of PFXPasswd, PFXPasswdFile, PFXPasswdEnv.  Returns (password, source, notices)."""
+    given = [k for k in _PASSWORD_KEYS if parsed[k] is not None]
+    if not given:
+        raise _error(path, "PFXPasswd", "no PFX password given: set one of PFXPasswd, PFXPasswdFile or PFXPasswdEnv")
+    if len(given) > 1:
+        raise _error(path, given[1], f"both {given[0]} and {given[1]} are set; give the PFX password exactly one way")
+    key = given[0]
+    if key == "PFXPasswd":
+        text: str = parsed[key]
+        return text.encode("utf-8"), "PFXPasswd in the config file", [_PLAINTEXT_IN_CONFIG_NOTICE]
+    if key == "PFXPasswdEnv":
+        name: str = parsed[key]
+        if name not in environ:
+            raise _error(path, key, f"environment variable {name} is not set")
+        secret = environ[name]
+        if not secret:
+            raise _error(path, key, f"environment variable {name} is empty")
+        return secret.encode("utf-8"), f"PFXPasswdEnv {name}", []
+    file: Path = parsed[key]
+    source = f"PFXPasswdFile {file}"
+    if not check_files:
+        return None, source, []
+    _check_readable(path, key, file)
+    try:  # the same rule as every sknock password file: its first line, without the newline
+        return resolve_password(file), source, []
+    except CredentialError as exc:
+        raise _error(path, key, str(exc)) from None
 
 
 def load_config(
@@ -603,206 +867,266 @@ def load_config(
     config_path = Path(path).expanduser().absolute()
     values = _parse_ini(config_path, _read_text(config_path))
     _check_keys(config_path, values)
-    r = _Reader(config_path, values)
+    parsed = _parse_options(config_path, values)
+
     notices: list[str] = []
-
-    if values.get("SIGNATURE_SIZE", "").strip():
+    if parsed["SIGNATURE_SIZE"] is not None:
         notices.append(_SIGNATURE_SIZE_NOTICE)
-
-    recv_buffer = r.integer("RECV_BUFFER", MIN_RECV_BUFFER, 65535)
-    min_length = r.integer("KNOCKPACKET_MIN_LENGTH", 1, 65535)
-    if min_length > recv_buffer:
-        raise r.fail(
-            "KNOCKPACKET_MIN_LENGTH",
-            f"{min_length} is larger than RECV_BUFFER ({recv_buffer}): no knock could ever be accepted",
-        )
-    max_open = r.integer("maxOpenDuration", 1, 86400)
-    open_duration = r.integer("PORT_OPEN_DURATION_IN_SECONDS", 1, 86400)
-    if open_duration > max_open:
-        raise r.fail("PORT_OPEN_DURATION_IN_SECONDS", f"{open_duration} is longer than maxOpenDuration ({max_open})")
-    threshold = r.integer("TIMESTAMP_THRESHOLD_IN_SECONDS", 1, 300)
-    crl_interval = r.integer("CRL_UPDATE_INTERVAL_IN_MINUTES", 1, 7 * 24 * 60)
-    work_bits = r.integer("workBits", 0, 24)
-    auto_workers = r.raw("workers") == "auto"
-    workers = min(os.cpu_count() or 1, MAX_WORKERS) if auto_workers else r.integer("workers", 1, MAX_WORKERS)
-
-    revocation = r.choice("revocation", Revocation)
-    if revocation is Revocation.NONE:
+    if parsed["revocation"] is Revocation.NONE:
         notices.append(_NO_REVOCATION_NOTICE)
-    crl_sources = _crl_sources(r, revocation, check_files)
-    pfx_file = r.path("serverPFXFile", r.required("serverPFXFile"))
-    ca_file = r.optional_path("caFile")
-    log_file = r.optional_path("logFile")
-    control_socket = r.path("controlSocket", r.required("controlSocket"))
-    state_dir = r.path("stateDir", r.required("stateDir"))
-    password, password_source, password_notices = _password(r, environ, check_files)
+    crl_sources = _crl_sources(config_path, parsed)
+    password, password_source, password_notices = _password(config_path, parsed, environ, check_files)
     notices.extend(password_notices)
-
-    backend = r.choice("firewallBackend", FirewallBackend)
-    open_command = _command(r, "openCommand")
-    close_command = _command(r, "closeCommand")
-    if backend is FirewallBackend.COMMAND:
-        for key, value in (("openCommand", open_command), ("closeCommand", close_command)):
-            if value is None:
-                raise r.fail(key, "is required when firewallBackend = command")
-    else:
-        for key, value in (("openCommand", open_command), ("closeCommand", close_command)):
-            if value is not None:
-                raise r.fail(key, f"is only used with firewallBackend = command (it is {backend.value})")
-
-    capture_mode = r.choice("captureMode", CaptureMode)
-    knock_ports = _knock_ports(r)
-    if capture_mode is CaptureMode.UDP:
-        if knock_ports is None:
-            raise r.fail("knockPorts", "captureMode = udp binds real sockets, so knockPorts must name ports, not any")
-        count = sum(last - first + 1 for first, last in knock_ports)
-        if count > MAX_UDP_KNOCK_PORTS:
-            raise r.fail(
-                "knockPorts", f"{count} ports is too many for captureMode = udp (at most {MAX_UDP_KNOCK_PORTS})"
-            )
-
-    level = r.required("logLevel").upper()
-    if level not in _LOG_LEVELS:
-        raise r.fail("logLevel", f"{r.required('logLevel')!r} is not one of {'|'.join(_LOG_LEVELS)}")
-
-    if check_files:
-        checks: list[tuple[str, Path, Callable[[str, Path], None]]] = [("serverPFXFile", pfx_file, r.check_readable)]
-        for crl_source in crl_sources:
-            crl_file = crl_source.file
-            checks.append(("crlFile", crl_file, r.check_readable if crl_source.url is None else r.check_folder))
-            if crl_source.url is not None and crl_file.exists():
-                checks.append(("crlFile", crl_file, r.check_readable))
-        if ca_file is not None:
-            checks.append(("caFile", ca_file, r.check_readable))
-        if log_file is not None:
-            checks.append(("logFile", log_file, r.check_folder))
-        for key, file, check in checks:
-            check(key, file)
 
     config = ServerConfig(
         source=config_path,
-        knockpacket_min_length=min_length,
-        port_open_duration=open_duration,
-        timestamp_threshold=threshold,
-        crl_update_interval_minutes=crl_interval,
-        recv_buffer=recv_buffer,
         crl_file=crl_sources[0].file if crl_sources else None,
         crl_url=crl_sources[0].url if crl_sources else None,
-        server_pfx_file=pfx_file,
+        crl_sources=crl_sources,
         pfx_password=password,
         pfx_password_source=password_source,
-        firewall_policy=r.choice("firewallPolicy", FirewallPolicy),
-        firewall_backend=backend,
-        open_command=open_command,
-        close_command=close_command,
-        interfaces=_interfaces(r),
-        knock_destinations=_knock_destinations(r),
-        knock_ports=knock_ports,
-        capture_mode=capture_mode,
-        protected_ports=_protected_ports(r),
-        emergency_ssh=r.boolean("emergencySSH"),
-        ca_file=ca_file,
-        log_file=log_file,
-        log_level=level,
-        require_source_address=r.boolean("requireSourceAddress"),
-        max_open_duration=max_open,
-        work_bits=work_bits,
-        workers=workers,
-        user=_user(r, check_files),
-        control_socket=control_socket,
-        state_dir=state_dir,
-        revocation=revocation,
-        crl_sources=crl_sources,
         notices=tuple(notices),
+        **{option.attr: parsed[option.key] for option in OPTIONS if option.attr is not None},
     )
-    _check_what_is_meant(r, config)
+    for rule in _RULES:
+        rule(config)
+    if check_files:
+        _check_files(config, parsed)
     return config
 
 
-# -- options that contradict each other -----------------------------------------------------------------
+# -- rules between options ---------------------------------------------------------------------------------
 # Each option may be fine alone and the combination still not do what the file says: the server would run,
 # say "configuration OK", and leave open what the operator meant closed, or refuse every knock.  Each check
-# raises naming both options.
+# raises naming the option to change and the other one (docs/configuration.md, "Options that contradict
+# each other").
 
 
-def _check_what_is_meant(r: _Reader, config: ServerConfig) -> None:
-    """Refuse combinations of options that would silently not do what the file says (docs/configuration.md,
-    "Options that contradict each other")."""
-    _check_knock_size(r, config)
-    _check_policy_backend(r, config)
-    _check_protected_ports_policy(r, config)
-    _check_emergency_ssh(r, config)
-    _check_udp_capture(r, config)
+def _check_buffer(config: ServerConfig) -> None:
+    if config.knockpacket_min_length > config.recv_buffer:
+        raise _error(
+            config.source, "KNOCKPACKET_MIN_LENGTH",
+            f"{config.knockpacket_min_length} is larger than RECV_BUFFER ({config.recv_buffer}): no knock could "
+            "ever be accepted",
+        )
 
 
-def _check_knock_size(r: _Reader, config: ServerConfig) -> None:
+def _check_durations(config: ServerConfig) -> None:
+    if config.port_open_duration > config.max_open_duration:
+        raise _error(
+            config.source, "PORT_OPEN_DURATION_IN_SECONDS",
+            f"{config.port_open_duration} is longer than maxOpenDuration ({config.max_open_duration})",
+        )
+
+
+def _check_commands(config: ServerConfig) -> None:
+    commands = (("openCommand", config.open_command), ("closeCommand", config.close_command))
+    for key, value in commands:
+        if config.firewall_backend is FirewallBackend.COMMAND and value is None:
+            raise _error(config.source, key, "is required when firewallBackend = command")
+        if config.firewall_backend is not FirewallBackend.COMMAND and value is not None:
+            raise _error(
+                config.source, key, f"is only used with firewallBackend = command (it is {config.firewall_backend})"
+            )
+
+
+def _check_udp_ports(config: ServerConfig) -> None:
+    if config.capture_mode is not CaptureMode.UDP:
+        return
+    if config.knock_ports is None:
+        raise _error(
+            config.source, "knockPorts", "captureMode = udp binds real sockets, so knockPorts must name ports, not any"
+        )
+    count = sum(last - first + 1 for first, last in config.knock_ports)
+    if count > MAX_UDP_KNOCK_PORTS:
+        raise _error(
+            config.source, "knockPorts",
+            f"{count} ports is too many for captureMode = udp (at most {MAX_UDP_KNOCK_PORTS})",
+        )
+
+
+def _check_knock_size(config: ServerConfig) -> None:
     from ..protocol.wire import MAX_DATAGRAM
 
     if config.knockpacket_min_length > MAX_DATAGRAM:
-        raise r.fail(
-            "KNOCKPACKET_MIN_LENGTH",
+        raise _error(
+            config.source, "KNOCKPACKET_MIN_LENGTH",
             f"{config.knockpacket_min_length} is larger than the largest knock ({MAX_DATAGRAM} bytes): every knock "
             f"would be dropped; use at most {MAX_DATAGRAM}",
         )
 
 
-def _check_policy_backend(r: _Reader, config: ServerConfig) -> None:
-    if config.firewall_backend is FirewallBackend.COMMAND and config.firewall_policy is not FirewallPolicy.NONE:
-        raise r.fail(
-            "firewallPolicy",
-            f"{config.firewall_policy.value} is not applied with firewallBackend = command, which only runs "
+def _check_policy_backend(config: ServerConfig) -> None:
+    if config.firewall_backend is FirewallBackend.COMMAND and config.firewall_policy is not PolicyMode.NONE:
+        raise _error(
+            config.source, "firewallPolicy",
+            f"{config.firewall_policy} is not applied with firewallBackend = command, which only runs "
             "openCommand and closeCommand: the ports would stay as the firewall behind them has them; close them "
             "there and set firewallPolicy = none, or use firewallBackend = nftables or iptables",
         )
 
 
-def _check_protected_ports_policy(r: _Reader, config: ServerConfig) -> None:
-    if config.firewall_policy is FirewallPolicy.NONE and config.protected_ports is not None:
-        raise r.fail(
-            "protectedPorts",
+def _check_protected_ports_policy(config: ServerConfig) -> None:
+    if config.firewall_policy is PolicyMode.NONE and config.protected_ports is not None:
+        raise _error(
+            config.source, "protectedPorts",
             f"{config.protected_ports} would not be protected: firewallPolicy = none closes nothing; "
             "set firewallPolicy = drop or reject to close them, or protectedPorts = all",
         )
 
 
-def _check_emergency_ssh(r: _Reader, config: ServerConfig) -> None:
-    from ..ports import Protocol
-
+def _check_emergency_ssh(config: ServerConfig) -> None:
     protected = config.protected_ports
     if (
         config.emergency_ssh
-        and config.firewall_policy is not FirewallPolicy.NONE
+        and config.firewall_policy is not PolicyMode.NONE
         and protected is not None
         and (Protocol.TCP, 22) in protected
     ):
-        raise r.fail(
-            "emergencySSH",
+        raise _error(
+            config.source, "emergencySSH",
             f"yes keeps tcp/22 open to everyone, but protectedPorts ({protected}) names tcp/22 "
-            f"under firewallPolicy = {config.firewall_policy.value}: set emergencySSH = no to protect it (once "
+            f"under firewallPolicy = {config.firewall_policy}: set emergencySSH = no to protect it (once "
             "knocking works), or take tcp/22 out of protectedPorts",
         )
 
 
-def _check_udp_capture(r: _Reader, config: ServerConfig) -> None:
+def _check_udp_capture(config: ServerConfig) -> None:
     if config.capture_mode is not CaptureMode.UDP:
         return
     if config.interfaces is not None:
-        raise r.fail(
-            "interfaces",
+        raise _error(
+            config.source, "interfaces",
             f"{','.join(config.interfaces)} would not limit where knocks are taken: captureMode = udp binds its "
             "sockets on every interface; use captureMode = packet, or interfaces = any",
         )
-    from ..ports import Protocol
-
     protected = config.protected_ports
-    if config.firewall_policy is FirewallPolicy.NONE or protected is None or config.knock_ports is None:
+    if config.firewall_policy is PolicyMode.NONE or protected is None or config.knock_ports is None:
         return  # with protectedPorts = all the knock ports are the documented exception
     knock_ports = (port for first, last in config.knock_ports for port in range(first, last + 1))
     inside = [port for port in knock_ports if (Protocol.UDP, port) in protected]
     if inside:
-        raise r.fail(
-            "knockPorts",
+        raise _error(
+            config.source, "knockPorts",
             f"udp/{inside[0]} is in protectedPorts ({protected}), but captureMode = udp keeps the knock "
             "ports open to everyone so that knocks reach its sockets: take it out of protectedPorts, or use "
             "captureMode = packet (which needs no open port)",
         )
+
+
+#: Run in this order on the built configuration; the first that fails is the error.
+_RULES: tuple[Callable[[ServerConfig], None], ...] = (
+    _check_buffer,
+    _check_durations,
+    _check_commands,
+    _check_udp_ports,
+    _check_knock_size,
+    _check_policy_backend,
+    _check_protected_ports_policy,
+    _check_emergency_ssh,
+    _check_udp_capture,
+)
+
+
+# -- what the options name on disk -------------------------------------------------------------------------
+
+
+def _check_readable(path: Path, key: str, file: Path) -> None:
+    """Open the file for reading: the only honest test (``os.access`` lies to root)."""
+    if not file.exists():
+        raise _error(path, key, f"file {file} does not exist")
+    if not file.is_file():
+        raise _error(path, key, f"{file} is not a regular file")
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        raise _error(path, key, f"cannot read {file}: {exc.strerror or exc}") from None
+
+
+def _check_folder(path: Path, key: str, file: Path) -> None:
+    if not file.parent.is_dir():
+        raise _error(path, key, f"folder {file.parent} (for {file.name}) does not exist")
+
+
+def _check_files(config: ServerConfig, parsed: Mapping[str, Any]) -> None:
+    """The files the options name exist and can be read (a file still to be fetched or written: its
+    folder), and the user exists on this system.  (A PFXPasswdFile was read already.)"""
+    path = config.source
+    for url in parsed["crlUrl"] or ():
+        if url is not None and _is_local(url):
+            _check_readable(path, "crlUrl", Path(url))
+    _check_readable(path, "serverPFXFile", config.server_pfx_file)
+    for crl_source in config.crl_sources:
+        if crl_source.url is None or crl_source.file.exists():
+            _check_readable(path, "crlFile", crl_source.file)
+        else:
+            _check_folder(path, "crlFile", crl_source.file)
+    if config.ca_file is not None:
+        _check_readable(path, "caFile", config.ca_file)
+    if config.log_file is not None:
+        _check_folder(path, "logFile", config.log_file)
+    if not config.user.isdigit():
+        try:
+            pwd.getpwnam(config.user)
+        except KeyError:
+            raise _error(path, "user", f"user {config.user!r} does not exist on this system") from None
+
+
+# -- the options tables of docs/configuration.md -----------------------------------------------------------
+
+
+def _doc_default(option: Option) -> str:
+    if option.doc_default is not None:
+        return option.doc_default
+    if option.default is not None:
+        return f"`{option.default}`"
+    return "— (required)" if option.required else "—"
+
+
+def doc_table(section: str) -> str:
+    """The Markdown table of the options in ``section`` (one of :data:`SECTIONS`), as the docs hold it."""
+    rows = [["Option", "Default", "Original", "Meaning"], ["---", "---", "---", "---"]]
+    rows += [
+        [f"`{o.key}`", _doc_default(o), "yes" if o.original else "", o.doc] for o in OPTIONS if o.section == section
+    ]
+    return "\n".join("|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|" for row in rows) + "\n"
+
+
+def doc_tables() -> str:
+    """Every options table under its ``###`` heading: what docs/configuration.md holds."""
+    return "\n".join(f"### {section}\n\n{doc_table(section)}" for section in SECTIONS)
+
+
+def update_doc(text: str) -> str:
+    """``text`` (docs/configuration.md) with each section's options table, the one right under its
+    ``### `` heading, replaced by :func:`doc_table`; the prose around the tables stays as it is."""
+    for section in SECTIONS:
+        heading = f"\n### {section}\n\n"
+        start = text.find(heading)
+        if start < 0 or not text.startswith("|", start + len(heading)):
+            raise ValueError(f"no options table right under the heading '### {section}'")
+        start += len(heading)
+        end = text.find("\n\n", start)
+        end = len(text) if end < 0 else end + 1
+        text = text[:start] + doc_table(section) + text[end:]
+    return text
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sknock.server.config", description="The options tables of docs/configuration.md."
+    )
+    parser.add_argument("--doc-table", action="store_true", help="print the tables, each under its heading")
+    parser.add_argument("--update-doc", metavar="FILE", type=Path, help="rewrite the tables in FILE in place")
+    args = parser.parse_args(argv)
+    if args.update_doc is not None:
+        text = args.update_doc.read_text(encoding="utf-8")
+        args.update_doc.write_text(update_doc(text), encoding="utf-8")
+    if args.doc_table or args.update_doc is None:
+        sys.stdout.write(doc_tables())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

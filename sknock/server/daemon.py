@@ -46,6 +46,7 @@ from .control import ControlServer
 from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, schedule_refresh, split_crl_set
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
+from .firewall.detect import FirewallBackend
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
 from .ledger import GrantLedger
@@ -215,15 +216,15 @@ def _crl_cap(config: ServerConfig) -> int:
 def make_server_firewall(config: ServerConfig) -> Firewall:
     """The firewall backend and policy the configuration asks for (nothing is changed yet)."""
     options: dict[str, object] = {}
-    if config.firewall_backend.value == "command":
+    if config.firewall_backend is FirewallBackend.COMMAND:
         options = {"open_command": config.open_command, "close_command": config.close_command}
     policy = FirewallPolicy(
-        mode=config.firewall_policy.value,
+        mode=config.firewall_policy,
         protected=config.protected_ports,
         emergency_ssh=config.emergency_ssh,
         always_open=_knock_port_set(config),
     )
-    return make_firewall(config.firewall_backend.value, policy, **options)
+    return make_firewall(config.firewall_backend, policy, **options)
 
 
 def _open_captures(config: ServerConfig) -> list[Capture]:

@@ -12,11 +12,11 @@ anyone mutating it on the way.
 from __future__ import annotations
 
 import abc
+import enum
 import ipaddress
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ...errors import SknockError
 from ...ports import PortSet, Protocol
@@ -24,8 +24,15 @@ from ...ports import PortSet, Protocol
 __all__ = ["Address", "Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "PolicyMode", "check_duration"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-PolicyMode = Literal["none", "reject", "drop"]
-_MODES: tuple[str, ...] = ("none", "reject", "drop")
+
+
+class PolicyMode(enum.StrEnum):
+    """What the firewall does with traffic to protected ports that no knock opened (config ``firewallPolicy``,
+    the original sKnock's option)."""
+
+    NONE = "none"  # leave the firewall's policy alone: a first run locks nobody out
+    REJECT = "reject"
+    DROP = "drop"
 
 
 class FirewallError(SknockError):
@@ -90,8 +97,11 @@ class FirewallPolicy:
     always_open: PortSet = field(default_factory=lambda: PortSet(()))
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise FirewallError("-", f"firewallPolicy must be one of {', '.join(_MODES)}, not {self.mode!r}")
+        try:  # its value as a string is accepted too, and stored as the enum
+            object.__setattr__(self, "mode", PolicyMode(self.mode))
+        except ValueError:
+            modes = ", ".join(PolicyMode)
+            raise FirewallError("-", f"firewallPolicy must be one of {modes}, not {self.mode!r}") from None
         if self.protected is not None and not isinstance(self.protected, PortSet):
             raise FirewallError("-", f"protected ports must be a PortSet or None, not {self.protected!r}")
         if not isinstance(self.always_open, PortSet):

@@ -36,26 +36,50 @@ from collections.abc import Sequence
 
 from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
 
-__all__ = ["CommandFirewall", "PLACEHOLDERS"]
+__all__ = ["CommandFirewall", "PLACEHOLDERS", "TemplateError", "split_template"]
 
 NAME = "command"
 PLACEHOLDERS = ("%IP%", "%PROTO%", "%PORT%", "%DURATION%")
 _STDERR_TAIL = 500
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+_ANY_PLACEHOLDER_RE = re.compile(r"%[A-Za-z_]+%")
+
+
+class TemplateError(ValueError):
+    """A command template breaks the rule of :func:`split_template`; the message says how, as a phrase
+    that reads after the option's name (``template must contain %IP%``)."""
+
+
+def split_template(template: str) -> tuple[str, ...]:
+    """The one rule for an open or close command template, for the config loader (openCommand,
+    closeCommand) and this backend alike: not empty, no placeholder but :data:`PLACEHOLDERS`, ``%IP%``
+    among them (a grant names its client), split into words as a shell would (no shell runs it), and
+    the program itself not a placeholder.  Returns the words.
+
+    Raises :class:`TemplateError`, or ``ValueError`` from :func:`shlex.split` when the template cannot be
+    split into words (unbalanced quotes, a trailing backslash)."""
+    if not template.strip():
+        raise TemplateError("template is empty")
+    unknown = sorted(set(_ANY_PLACEHOLDER_RE.findall(template)) - set(PLACEHOLDERS))
+    if unknown:
+        raise TemplateError(f"unknown placeholder {unknown[0]}; known: {' '.join(PLACEHOLDERS)}")
+    if "%IP%" not in template:
+        raise TemplateError("template must contain %IP%")
+    argv = tuple(shlex.split(template))
+    if any(p in argv[0] for p in PLACEHOLDERS):
+        raise TemplateError("the program itself cannot be a placeholder")
+    return argv
 
 
 def _split(template: str, which: str) -> tuple[str, ...]:
-    if not isinstance(template, str) or not template.strip():
-        raise FirewallError(NAME, f"{which} command template is empty")
+    if not isinstance(template, str):
+        raise FirewallError(NAME, f"{which} command template must be a string, not {template!r}")
     try:
-        argv = tuple(shlex.split(template))
+        return split_template(template)
+    except TemplateError as exc:
+        raise FirewallError(NAME, f"{which} command template {template!r}: {exc}") from None
     except ValueError as exc:
         raise FirewallError(NAME, f"{which} command template {template!r} cannot be split: {exc}") from None
-    if "%IP%" not in " ".join(argv):
-        raise FirewallError(NAME, f"{which} command template {template!r} does not use %IP%")
-    if any(p in argv[0] for p in PLACEHOLDERS):
-        raise FirewallError(NAME, f"{which} command template {template!r}: the program itself cannot be a placeholder")
-    return argv
 
 
 def substitute(argv: Sequence[str], values: dict[str, str]) -> list[str]:

@@ -12,6 +12,7 @@ iptables backend is chosen only where the host's iptables is the legacy one.
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import subprocess
@@ -20,10 +21,21 @@ from typing import Any, Literal
 
 from .base import Firewall, FirewallError, FirewallPolicy
 
-__all__ = ["BACKENDS", "HostProbe", "probe_host", "decide_backend", "choose_backend", "make_firewall"]
+__all__ = [
+    "BACKENDS", "FirewallBackend", "HostProbe", "probe_host", "decide_backend", "choose_backend", "make_firewall",
+]
 
-BACKENDS = ("nftables", "iptables", "command")
-_CHOICES = ("auto", *BACKENDS)
+
+class FirewallBackend(enum.StrEnum):
+    """Which mechanism inserts and removes the per-client rules (config ``firewallBackend``)."""
+
+    AUTO = "auto"  # the one this host's firewall needs: decide_backend
+    NFTABLES = "nftables"
+    IPTABLES = "iptables"
+    COMMAND = "command"  # run openCommand / closeCommand templates
+
+
+BACKENDS = (FirewallBackend.NFTABLES, FirewallBackend.IPTABLES, FirewallBackend.COMMAND)
 
 IptablesFlavour = Literal["nf_tables", "legacy", "missing", "unknown"]
 
@@ -79,23 +91,32 @@ def probe_host() -> HostProbe:
     )
 
 
-def decide_backend(name: str, probe: HostProbe) -> str:
-    """The backend to use for config value ``name`` on a host described by ``probe``."""
-    if name not in _CHOICES:
-        raise FirewallError(name, f"unknown firewall backend {name!r}: expected one of {', '.join(_CHOICES)}")
-    if name == "nftables" and not probe.libnftables:
+def _backend(name: str) -> FirewallBackend:
+    """``name`` as a :class:`FirewallBackend`; its value as a string is accepted too (the test driver passes
+    one from its command line)."""
+    try:
+        return FirewallBackend(name)
+    except ValueError:
+        raise FirewallError(str(name), f"unknown firewall backend {name!r}: expected one of "
+                                       f"{', '.join(FirewallBackend)}") from None
+
+
+def decide_backend(name: FirewallBackend, probe: HostProbe) -> FirewallBackend:
+    """The backend to use for config value ``name`` on a host described by ``probe``: never AUTO."""
+    backend = _backend(name)
+    if backend is FirewallBackend.NFTABLES and not probe.libnftables:
         raise FirewallError("nftables", "libnftables cannot be loaded: install Debian package libnftables1 "
                                         "and PyPI package pip-nftables")
-    if name == "iptables" and not probe.iptc:
+    if backend is FirewallBackend.IPTABLES and not probe.iptc:
         raise FirewallError("iptables", "python-iptables cannot be loaded: install PyPI package python-iptables "
                                         "and Debian package iptables")
-    if name != "auto":
-        return name
+    if backend is not FirewallBackend.AUTO:
+        return backend
     if probe.iptables == "legacy" and probe.iptc:
-        return "iptables"
+        return FirewallBackend.IPTABLES
     nft_host = probe.iptables == "nf_tables" or not probe.legacy_tables
     if nft_host and probe.libnftables:
-        return "nftables"
+        return FirewallBackend.NFTABLES
     if probe.iptables == "legacy":
         raise FirewallError("auto", "this host uses legacy iptables but python-iptables cannot be loaded: "
                                     "install PyPI package python-iptables")
@@ -106,28 +127,35 @@ def decide_backend(name: str, probe: HostProbe) -> str:
                                 "tables loaded): set the backend to nftables, iptables or command explicitly")
 
 
-def choose_backend(name: str, probe: HostProbe | None = None) -> str:
+def choose_backend(name: FirewallBackend, probe: HostProbe | None = None) -> FirewallBackend:
     """:func:`decide_backend` on this host (probed unless ``probe`` is given)."""
     return decide_backend(name, probe if probe is not None else probe_host())
 
 
-def make_firewall(name: str, policy: FirewallPolicy, **options: Any) -> Firewall:
-    """Build the backend ``name`` ("auto" is resolved first).  ``options`` go to the backend:
-    nftables takes ``priority``; command takes ``open_command``, ``close_command`` and ``timeout``;
-    iptables takes none.  An unknown option is a :class:`FirewallError`, not a TypeError."""
-    backend = choose_backend(name) if name == "auto" else name
-    if backend not in BACKENDS:
-        raise FirewallError(backend, f"unknown firewall backend {backend!r}: expected one of {', '.join(_CHOICES)}")
-    allowed = {"nftables": {"priority"}, "iptables": set(), "command": {"open_command", "close_command", "timeout"}}
-    unknown = sorted(set(options) - allowed[backend])
+_OPTIONS: dict[FirewallBackend, set[str]] = {
+    FirewallBackend.NFTABLES: {"priority"},
+    FirewallBackend.IPTABLES: set(),
+    FirewallBackend.COMMAND: {"open_command", "close_command", "timeout"},
+}
+
+
+def make_firewall(backend: FirewallBackend, policy: FirewallPolicy, **options: Any) -> Firewall:
+    """Build ``backend`` (AUTO is resolved first; an unknown value is a :class:`FirewallError`).
+    ``options`` go to the backend: nftables takes ``priority``; command takes ``open_command``,
+    ``close_command`` and ``timeout``; iptables takes none.  An unknown option is a
+    :class:`FirewallError`, not a TypeError."""
+    backend = _backend(backend)
+    if backend is FirewallBackend.AUTO:
+        backend = choose_backend(backend)
+    unknown = sorted(set(options) - _OPTIONS[backend])
     if unknown:
         raise FirewallError(backend, f"unknown option(s) {', '.join(unknown)}; accepted: "
-                                     f"{', '.join(sorted(allowed[backend])) or 'none'}")
-    if backend == "nftables":
+                                     f"{', '.join(sorted(_OPTIONS[backend])) or 'none'}")
+    if backend is FirewallBackend.NFTABLES:
         from .nftables import NftablesFirewall
 
         return NftablesFirewall(policy, **options)
-    if backend == "iptables":
+    if backend is FirewallBackend.IPTABLES:
         from .iptables import IptablesFirewall
 
         return IptablesFirewall(policy)
@@ -135,5 +163,6 @@ def make_firewall(name: str, policy: FirewallPolicy, **options: Any) -> Firewall
 
     for required in ("open_command", "close_command"):
         if required not in options:
-            raise FirewallError("command", f"option {required} is required (a command template using %IP%)")
+            raise FirewallError(backend, f"option {required} is required: the command this backend runs for "
+                                         "each grant (see sknock.server.firewall.command)")
     return CommandFirewall(policy, **options)
