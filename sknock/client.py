@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .addresses import IPAddress
 from .certificate import authorized_ports
 from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
 from .errors import (
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 DEFAULT_WORK_BITS = 12  # the server's default workBits
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Target = tuple[int, str, IPAddress]  # (family, host as given, resolved address)
 
 
@@ -139,7 +139,7 @@ def _source(source_address: str | IPAddress | None, target: IPAddress) -> IPAddr
         return None
     if source_address == "auto":
         return local_address_towards(target)
-    if isinstance(source_address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(source_address, IPAddress):
         bound: IPAddress = source_address
     else:
         try:

@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .addresses import IPAddress
 from .errors import CertificateError, KnockRefused, Reason
 from .ports import Protocol
 from .protocol import (
@@ -56,8 +57,6 @@ from .replay import ReplayCache
 from .trust import ClientVerifier, RevocationId, VerifiedClient, parse_client_certificate
 
 __all__ = ["VerifierPolicy", "Grant", "KnockVerifier", "KnockMemory", "MAX_SOURCES_PER_KNOCK"]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Distinct sources whose copies of one knock may wait for the expensive stage while its verdict is
 #: still pending (the genuine sender's copy among them).  Once the verdict is known a copy is decided
