@@ -40,9 +40,11 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certificate import ports_general_name
+from .credentials import SERVER_CURVES
 from .errors import CredentialError, SknockError
 from .fileio import write_atomic
 from .ports import PortSet
+from .protocol import SUITE_CURVES_TEXT
 
 __all__ = [
     "CAError",
@@ -59,9 +61,15 @@ __all__ = [
 Kind = Literal["server", "client", "intermediate"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
-KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
-#: A server's key: knocks are encrypted to it with ECDH on a curve of the protocol's suites (P-256, P-384).
-SERVER_KEY_TYPES = ("ec-p256", "ec-p384")
+_EC_CURVES: dict[str, ec.EllipticCurve] = {
+    "ec-p256": ec.SECP256R1(),
+    "ec-p384": ec.SECP384R1(),
+    "ec-p521": ec.SECP521R1(),
+}
+KEY_TYPES = (*_EC_CURVES, "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+#: A server's key: knocks are encrypted to it with ECDH, so only the curves of the protocol's suites
+#: (:data:`~sknock.credentials.SERVER_CURVES`) will do.
+SERVER_KEY_TYPES = tuple(name for name, curve in _EC_CURVES.items() if curve.name in SERVER_CURVES)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between the CA and servers
 _INDEX_VERSION = 1
@@ -127,12 +135,9 @@ def _check_name(name: str) -> None:
 
 
 def _new_key(key_type: str) -> PrivateKey:
-    if key_type == "ec-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "ec-p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type == "ec-p521":
-        return ec.generate_private_key(ec.SECP521R1())
+    curve = _EC_CURVES.get(key_type)
+    if curve is not None:
+        return ec.generate_private_key(curve)
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     if key_type.startswith("rsa-") and key_type in KEY_TYPES:
@@ -276,7 +281,8 @@ class CertificateAuthority:
         self._ensure_new(name)
         if key_type not in SERVER_KEY_TYPES:
             raise CAError(
-                f"server keys must be EC P-256 or P-384 (knocks are encrypted to them with ECDH), not {key_type!r}"
+                f"server keys must be EC {SUITE_CURVES_TEXT} ({', '.join(SERVER_KEY_TYPES)}: knocks are encrypted "
+                f"to them with ECDH), not {key_type!r}"
             )
         for existing in (self.directory / "server" / f"{name}.pfx", self.directory / "server" / f"{name}.cer"):
             if existing.exists():

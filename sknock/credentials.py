@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from .certificate import tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
 from .logsafe import log_safe
-from .protocol.seal import SUITES
+from .protocol import SUITE_CURVES_TEXT, SUITES
 
 __all__ = [
     "ClientKey",
@@ -126,11 +126,12 @@ def _key_matches(key: object, cert: x509.Certificate) -> bool:
 
 
 def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) -> ServerCredentials:
-    """Load the server's PKCS#12: an EC P-256/P-384/P-521 key, its certificate, and CA certificates."""
+    """Load the server's PKCS#12: an EC key on a curve of :data:`SERVER_CURVES`, its certificate, and CA
+    certificates."""
     key, cert, cas = _load_pkcs12(path, password, "server PKCS#12")
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SERVER_CURVES:
         raise CredentialError(
-            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256 or P-384 "
+            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC {SUITE_CURVES_TEXT} "
             "(the curves knocks are encrypted with)"
         )
     if not _key_matches(key, cert):
@@ -194,7 +195,7 @@ def server_certificate_problem(cert: x509.Certificate) -> str | None:
     except Exception as exc:  # noqa: BLE001 -- an unknown or malformed key: say so
         return f"its key cannot be read ({type(exc).__name__})"
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
-        return f"its key is {_describe(key)}, not EC P-256 or P-384 (knocks are encrypted to it with ECDH)"
+        return f"its key is {_describe(key)}, not EC {SUITE_CURVES_TEXT} (knocks are encrypted to it with ECDH)"
     try:
         with tolerate_zero_serial():  # the original sKnock's server names its CA's serial 0 in its AKI
             extensions = cert.extensions

@@ -28,17 +28,17 @@ from ..errors import KnockBuildError, KnockRefused, Reason
 from .request import KnockRequest, encode_plaintext, parse_plaintext, signed_part
 from .wire import (
     BUCKETS,
-    HEADER_SIZE,
+    SUITE_CURVES_TEXT,
     SUITE_P256,
-    SUITE_P384,
+    SUITES,
     VERSION,
     Header,
     Prechecked,
+    Suite,
     solve_work,
 )
 
 __all__ = [
-    "Suite",
     "OpenedKnock",
     "ClientKey",
     "ClientPublicKey",
@@ -54,35 +54,17 @@ __all__ = [
 
 KDF_INFO = b"sknock/v1/key"
 SIGNATURE_DOMAIN = b"sknock/v1/signature"
-TAG_SIZE = 16
 
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 ClientPublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
-@dataclass(frozen=True, slots=True)
-class Suite:
-    id: int
-    curve: ec.EllipticCurve
-    point_size: int  # uncompressed SEC1 point: decoding one costs the server 4 us, a compressed one 21 us
-
-    @property
-    def overhead(self) -> int:
-        """Bytes of a datagram that are not plaintext."""
-        return HEADER_SIZE + self.point_size + TAG_SIZE
-
-
-SUITES = {
-    SUITE_P256: Suite(SUITE_P256, ec.SECP256R1(), 65),
-    SUITE_P384: Suite(SUITE_P384, ec.SECP384R1(), 97),
-}
-
-
 def suite_for_curve(curve: ec.EllipticCurve) -> Suite:
+    """The suite a knock to a server key on ``curve`` uses; KnockBuildError when none does."""
     for suite in SUITES.values():
         if suite.curve.name == curve.name:
             return suite
-    raise KnockBuildError(f"server key curve {curve.name} is not supported: use P-256 or P-384")
+    raise KnockBuildError(f"server key curve {curve.name} is not supported: use {SUITE_CURVES_TEXT}")
 
 
 def fingerprint(certificate_der: bytes) -> bytes:
