@@ -44,7 +44,7 @@ from .credentials import SERVER_CURVES
 from .errors import CredentialError, SknockError
 from .fileio import write_atomic
 from .ports import PortSet
-from .protocol import SUITE_CURVES_TEXT
+from .protocol import SUITE_CURVES_TEXT, ClientKey
 
 __all__ = [
     "CAError",
@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 Kind = Literal["server", "client", "intermediate"]
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 _EC_CURVES: dict[str, ec.EllipticCurve] = {
     "ec-p256": ec.SECP256R1(),
@@ -134,7 +133,7 @@ def _check_name(name: str) -> None:
         raise CAError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
-def _new_key(key_type: str) -> PrivateKey:
+def _new_key(key_type: str) -> ClientKey:
     curve = _EC_CURVES.get(key_type)
     if curve is not None:
         return ec.generate_private_key(curve)
@@ -174,7 +173,7 @@ class CertificateAuthority:
     def __init__(
         self,
         directory: Path,
-        key: PrivateKey,
+        key: ClientKey,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
     ) -> None:
@@ -254,7 +253,7 @@ class CertificateAuthority:
             )
         )
 
-    def _write_pfx(self, path: Path, name: str, key: PrivateKey, cert: x509.Certificate, password: bytes) -> None:
+    def _write_pfx(self, path: Path, name: str, key: ClientKey, cert: x509.Certificate, password: bytes) -> None:
         data = pkcs12.serialize_key_and_certificates(
             name.encode("utf-8"),
             key,
@@ -550,7 +549,7 @@ def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAu
         raise CredentialError(f"CA key {key_path}: wrong password or not a PEM private key") from None
     except OSError as exc:
         raise CredentialError(f"CA key {key_path}: cannot read: {exc.strerror or exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+    if not isinstance(key, ClientKey):
         raise CAError(f"CA key {key_path}: unsupported key type {type(key).__name__}")
     if key.public_key() != cert.public_key():
         raise CAError(f"CA key {key_path} does not match {cert_path}")

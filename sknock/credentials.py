@@ -26,10 +26,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from .certificate import tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
 from .logsafe import log_safe
-from .protocol import SUITE_CURVES_TEXT, SUITES
+from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey
 
 __all__ = [
-    "ClientKey",
     "ClientCredentials",
     "ServerCredentials",
     "load_client_pfx",
@@ -42,8 +41,6 @@ __all__ = [
     "CLIENT_CURVES",
     "server_certificate_problem",
 ]
-
-ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 #: The curves a server key may be on: those of the protocol's suites, since every knock is encrypted to
 #: the server certificate's key with ECDH on its curve (P-256 and P-384; a P-521 server could be knocked
@@ -158,7 +155,7 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
             f"client PKCS#12 {path}: unsupported key type {_describe(key)}; "
             "a client needs EC P-256/P-384/P-521, Ed25519 or RSA of 2048 bits or more"
         )
-    assert isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+    assert isinstance(key, ClientKey)
     if not _key_matches(key, cert):
         raise CredentialError(f"client PKCS#12 {path}: the private key does not match the certificate")
     return ClientCredentials(key, cert, cas)

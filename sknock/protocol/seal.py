@@ -55,7 +55,10 @@ __all__ = [
 KDF_INFO = b"sknock/v1/key"
 SIGNATURE_DOMAIN = b"sknock/v1/signature"
 
+#: The private keys a knock may be signed with (EC, Ed25519, RSA).  The one definition: credentials.py
+#: loads a client's key as one, and sknock-ca (ca.py) makes and signs with the same kinds.
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+#: Their public halves, as a client certificate carries them.
 ClientPublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
