@@ -189,7 +189,7 @@ class KnockClient:
         key = self.server_certificate.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)  # check_server_certificate made sure
         self._server_key = key
-        self._server_fingerprint = fingerprint(self.server_certificate.public_bytes(serialization.Encoding.DER))
+        self._server_fingerprint = fingerprint(self.server_certificate)
         self._certificate_der = credentials.certificate.public_bytes(serialization.Encoding.DER)
         if check_server_cert and credentials.ca_certificates:
             try:

@@ -12,7 +12,6 @@ client on the one it is given.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .certificate import tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
 from .logsafe import log_safe
-from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey
+from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, fingerprint
 
 __all__ = [
     "ClientCredentials",
@@ -35,7 +34,6 @@ __all__ = [
     "load_server_pfx",
     "load_certificate",
     "load_certificates",
-    "certificate_fingerprint",
     "resolve_password",
     "SERVER_CURVES",
     "CLIENT_CURVES",
@@ -248,9 +246,9 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
         raise CredentialError(f"certificate file {path}: not PEM or DER certificates ({exc})") from None
 
 
-def certificate_fingerprint(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the certificate's DER: the identity sknock logs and caches by."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+# Transitional, not part of the API: server/daemon.py still imports this name.  It goes once daemon.py
+# imports sknock.protocol.fingerprint, the one fingerprint function (issue 10).
+certificate_fingerprint = fingerprint
 
 
 def resolve_password(

@@ -25,10 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from .certificate import authorized_ports, quiet_certificate_warnings
-from .credentials import certificate_fingerprint, server_certificate_problem
+from .credentials import server_certificate_problem
 from .errors import CertificateError, Reason
 from .logsafe import log_safe
 from .ports import PortSet
+from .protocol import fingerprint
 
 __all__ = [
     "VerifiedClient",
@@ -59,10 +60,15 @@ class VerifiedClient:
 
     certificate: x509.Certificate
     subject: str  # RFC 4514, escaped with log_safe: it goes into logs and grant requests as it is
-    fingerprint: bytes  # SHA-256 of the DER
     ports: PortSet
     not_after: dt.datetime
     revocation_ids: tuple[RevocationId, ...] = ()  # the leaf's first, then each intermediate's
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the certificate's DER.  Computed when asked, not on every verification: the
+        verifier already hashed the DER once, as its certificate cache's key."""
+        return fingerprint(self.certificate)
 
 
 def _aware(now: dt.datetime) -> dt.datetime:
@@ -214,8 +220,8 @@ def cas_without_crl(
     """The CAs of ``cas`` that signed none of ``crls``.  With ``require_crl`` every client whose chain
     passes through one of them is refused (``crl-unavailable``): a root's CRL is what says whether the
     intermediates under it are revoked, the intermediate's what says it of the clients."""
-    signers = {certificate_fingerprint(ca) for crl in crls if (ca := crl_signer(crl, cas)) is not None}
-    return [ca for ca in cas if certificate_fingerprint(ca) not in signers]
+    signers = {fingerprint(ca) for crl in crls if (ca := crl_signer(crl, cas)) is not None}
+    return [ca for ca in cas if fingerprint(ca) not in signers]
 
 
 def _may_sign_crls(ca: x509.Certificate) -> bool:
@@ -275,7 +281,7 @@ class ClientVerifier:
                     Reason.CRL_UNAVAILABLE, f"CRL from {_describe(crl.issuer)} is not signed by any configured CA"
                 )
             for ca in signers:
-                key = certificate_fingerprint(ca)
+                key = fingerprint(ca)
                 held = self._crls.get(key)
                 if held is None or crl.last_update_utc > held.last_update_utc:
                     self._crls[key] = crl
@@ -313,7 +319,6 @@ class ClientVerifier:
         return VerifiedClient(
             certificate=leaf,
             subject=subject,
-            fingerprint=certificate_fingerprint(leaf),
             ports=authorized_ports(leaf),
             not_after=leaf.not_valid_after_utc,
             revocation_ids=tuple(revocation_id(c.issuer, c.serial_number) for c in chain[:-1]),
@@ -362,7 +367,7 @@ class ClientVerifier:
     def _check_revocation(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> None:
         # chain is leaf first, trust anchor last; the anchor is trusted by configuration, not by CRL.
         for cert, issuer in zip(chain, chain[1:], strict=False):
-            crl = self._crls.get(certificate_fingerprint(issuer))
+            crl = self._crls.get(fingerprint(issuer))
             what = "client certificate" if cert is chain[0] else "intermediate CA"
             stale = crl is not None and crl.next_update_utc is not None and crl.next_update_utc < now
             if crl is None or (stale and not self._accept_stale_crl):

@@ -37,7 +37,6 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
@@ -178,7 +177,7 @@ class KnockVerifier:
         if server_key.public_key().public_numbers() != server_certificate.public_key().public_numbers():  # type: ignore[union-attr]
             raise ValueError("the server key does not match the server certificate")
         self._server_key = server_key
-        self._fingerprint = fingerprint(server_certificate.public_bytes(serialization.Encoding.DER))
+        self._fingerprint = fingerprint(server_certificate)
         self._key_ids = frozenset({self._fingerprint[:4]})
         self._trust = trust
         self.policy = policy

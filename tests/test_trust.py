@@ -13,9 +13,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sknock import ca as ca_lib
 from sknock.certificate import ports_general_name
-from sknock.credentials import certificate_fingerprint
 from sknock.errors import CertificateError, Reason
 from sknock.ports import PortSet, parse_ports
+from sknock.protocol import fingerprint
 from sknock.trust import ClientVerifier, load_crl, parse_client_certificate, verify_server_certificate
 from tests.forged import MALFORMED, CertificateParts
 from tests.pki import ALICE_PORTS, PASSWORD_BYTES, TestPKI
@@ -34,7 +34,7 @@ def test_good_client(pki: TestPKI) -> None:
     result = pki.verifier().verify(pki.alice.certificate, pki.now())
     assert result.certificate == pki.alice.certificate
     assert result.subject == "CN=alice"
-    assert result.fingerprint == certificate_fingerprint(pki.alice.certificate)
+    assert result.fingerprint == fingerprint(pki.alice.certificate)
     assert result.ports == parse_ports(ALICE_PORTS)
     assert result.not_after == pki.alice.certificate.not_valid_after_utc
 

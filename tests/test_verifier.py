@@ -375,3 +375,27 @@ def test_knock_memory_is_bounded_and_forgets_expired_digests() -> None:
     assert len(memory) == 2  # the expired ones were dropped
     with pytest.raises(ValueError, match="must evict"):
         KnockMemory(3, evict_when_full=False)
+
+
+def test_the_client_certificate_is_hashed_once_per_knock(pki: TestPKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier's certificate cache keys on the fingerprint; the trust check must not hash the DER again."""
+    from cryptography.hazmat.primitives import serialization
+
+    import sknock.trust
+    import sknock.verifier
+    from sknock.protocol import fingerprint
+
+    alice_der = pki.alice.certificate.public_bytes(serialization.Encoding.DER)
+    hashed: list[bytes] = []
+
+    def counting(certificate: object) -> bytes:
+        digest = fingerprint(certificate)  # type: ignore[arg-type]
+        hashed.append(digest)
+        return digest
+
+    monkeypatch.setattr(sknock.verifier, "fingerprint", counting)
+    monkeypatch.setattr(sknock.trust, "fingerprint", counting)
+    verifier = make_verifier(pki)
+    now = time.time()
+    verifier.check(client_for(pki, pki.alice).build_knock(TCP22, now=now), SOURCE, now)  # not cached yet
+    assert hashed.count(fingerprint(alice_der)) == 1

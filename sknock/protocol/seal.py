@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -70,9 +71,11 @@ def suite_for_curve(curve: ec.EllipticCurve) -> Suite:
     raise KnockBuildError(f"server key curve {curve.name} is not supported: use {SUITE_CURVES_TEXT}")
 
 
-def fingerprint(certificate_der: bytes) -> bytes:
-    """SHA-256 of a certificate's DER encoding: the server identity every knock is bound to."""
-    return hashlib.sha256(certificate_der).digest()
+def fingerprint(certificate: bytes | x509.Certificate) -> bytes:
+    """SHA-256 of a certificate's DER encoding, given as DER or loaded: the server identity every knock is
+    bound to, and the identity by which sknock caches and logs any certificate.  The one such function."""
+    der = certificate if isinstance(certificate, bytes) else certificate.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).digest()
 
 
 def _derive(shared: bytes, header: Header, ephemeral: bytes, server_fingerprint: bytes) -> tuple[bytes, bytes]:
