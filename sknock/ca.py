@@ -28,7 +28,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -124,8 +125,9 @@ class Entry:
             raise CAError(f"{source}: bad entry {raw!r}: {exc}") from None
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def _utc(clock: Callable[[], float]) -> dt.datetime:
+    """The time ``clock`` says (Unix seconds, like ``time.time``) as an aware UTC datetime, as X.509 wants it."""
+    return dt.datetime.fromtimestamp(clock(), dt.UTC)
 
 
 def _check_name(name: str) -> None:
@@ -168,7 +170,11 @@ def _require_password(password: bytes) -> bytes:
 
 
 class CertificateAuthority:
-    """An opened CA directory: its key, certificate, chain above it, and index."""
+    """An opened CA directory: its key, certificate, chain above it, and index.
+
+    ``clock`` (Unix seconds, ``time.time`` unless given) is the one place the CA reads the time: when
+    certificates start and CRLs are signed.  The intermediates it creates get the same clock; the tests
+    issue their PKI at a fixed time with it."""
 
     def __init__(
         self,
@@ -176,11 +182,18 @@ class CertificateAuthority:
         key: ClientKey,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
         self.key = key
         self.certificate = certificate
         self.chain = tuple(chain)  # certificates above this CA, nearest first; empty for a root
+        self.clock = clock
+
+    def now(self) -> dt.datetime:
+        """What the CA's clock says, as an aware UTC datetime."""
+        return _utc(self.clock)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -234,8 +247,9 @@ class CertificateAuthority:
         not_after: dt.datetime | None,
         days: int,
     ) -> x509.CertificateBuilder:
-        start = not_before or (_now() - _BACKDATE)
-        end = not_after or (_now() + dt.timedelta(days=days))
+        now = self.now()
+        start = not_before or (now - _BACKDATE)
+        end = not_after or (now + dt.timedelta(days=days))
         if end <= start:
             raise CAError(f"certificate for {common_name!r} would end ({end}) before it starts ({start})")
         return (
@@ -362,7 +376,7 @@ class CertificateAuthority:
         directory = Path(out) if out is not None else self.directory / "intermediate" / name
         if directory.resolve() == self.directory.resolve():
             raise CAError(f"{directory} is this CA's own directory; give the intermediate another one")
-        end = min(_now() + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
+        end = min(self.now() + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             self._builder(name, key.public_key(), None, end, days)
@@ -370,7 +384,7 @@ class CertificateAuthority:
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
         )
-        sub = _write_ca(directory, key, cert, [self.certificate, *self.chain], ca_password)
+        sub = _write_ca(directory, key, cert, [self.certificate, *self.chain], ca_password, self.clock)
         self._record(Entry(name, "intermediate", cert.serial_number, cert.not_valid_after_utc, "", None))
         return sub
 
@@ -380,7 +394,7 @@ class CertificateAuthority:
         self, name: str, *, now: dt.datetime | None = None, crl_days: int = 30
     ) -> x509.CertificateRevocationList:
         """Mark ``name`` revoked and publish a new CRL (returned)."""
-        when = now or _now()
+        when = now or self.now()
         index = self._load_index()
         entries = self.entries()
         for i, e in enumerate(entries):
@@ -398,7 +412,7 @@ class CertificateAuthority:
         """Sign a CRL of every revoked certificate, valid ``days``, to ``crl.der`` and ``crl.pem``."""
         if days < 1:
             raise CAError(f"CRL validity must be at least one day, not {days}")
-        when = now or _now()
+        when = now or self.now()
         index = self._load_index()
         number = int(index.get("crl_number", 0)) + 1
         builder = (
@@ -459,6 +473,7 @@ def _write_ca(
     cert: x509.Certificate,
     chain: Sequence[x509.Certificate],
     password: bytes,
+    clock: Callable[[], float],
 ) -> CertificateAuthority:
     if (directory / "ca.cer").exists() or (directory / "private" / "ca.key").exists():
         raise CAError(f"{directory} already holds a CA")
@@ -474,22 +489,28 @@ def _write_ca(
     write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
     if chain:
         write_atomic(directory / "ca-chain.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
-    ca = CertificateAuthority(directory, key, cert, chain)
+    ca = CertificateAuthority(directory, key, cert, chain, clock=clock)
     ca._save_index([], 0)
     ca.write_crl()
     return ca
 
 
 def init_ca(
-    directory: str | os.PathLike[str], password: bytes, *, name: str = "sknock CA", days: int = 3650
+    directory: str | os.PathLike[str],
+    password: bytes,
+    *,
+    name: str = "sknock CA",
+    days: int = 3650,
+    clock: Callable[[], float] = time.time,
 ) -> CertificateAuthority:
-    """Create a root CA in ``directory`` (EC P-256, self-signed) and publish an empty CRL."""
+    """Create a root CA in ``directory`` (EC P-256, self-signed) and publish an empty CRL.  The CA
+    returned keeps ``clock`` (see :class:`CertificateAuthority`)."""
     directory = Path(directory)
     if not name.strip():
         raise CAError("the CA name must not be empty")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = _now()
+    now = _utc(clock)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -503,7 +524,7 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return _write_ca(directory, key, cert, [], password)
+    return _write_ca(directory, key, cert, [], password, clock)
 
 
 def _read_index_doc(path: Path) -> dict[str, Any]:
@@ -532,8 +553,10 @@ def require_ca(directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
-def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAuthority:
-    """Open the CA in ``directory`` with its password."""
+def open_ca(
+    directory: str | os.PathLike[str], password: bytes, *, clock: Callable[[], float] = time.time
+) -> CertificateAuthority:
+    """Open the CA in ``directory`` with its password; it reads the time from ``clock``."""
     directory = require_ca(directory)
     key_path = directory / "private" / "ca.key"
     cert_path = directory / "ca.cer"
@@ -553,4 +576,4 @@ def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAu
         raise CAError(f"CA key {key_path}: unsupported key type {type(key).__name__}")
     if key.public_key() != cert.public_key():
         raise CAError(f"CA key {key_path} does not match {cert_path}")
-    return CertificateAuthority(directory, key, cert, chain)
+    return CertificateAuthority(directory, key, cert, chain, clock=clock)
