@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -161,6 +161,10 @@ class KnockClient:
     ``server_cert`` is the server's certificate (DER or PEM file, or a loaded certificate); the knock
     is encrypted to its key.  When the client PKCS#12 carries CA certificates, the server certificate
     must be issued by one of them (``check_server_cert=False`` skips that).
+
+    ``clock`` (Unix seconds, ``time.time`` unless given) is where the client reads the time: the
+    timestamp of each knock it sends and the date the server certificate is checked at.  Timeouts
+    while confirming a knock run on the monotonic clock, as they must.
     """
 
     def __init__(
@@ -172,7 +176,9 @@ class KnockClient:
         credentials: ClientCredentials | None = None,
         work_bits: int = DEFAULT_WORK_BITS,
         check_server_cert: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock
         if credentials is None:
             if client_pfx is None:
                 raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
@@ -193,7 +199,8 @@ class KnockClient:
         self._certificate_der = credentials.certificate.public_bytes(serialization.Encoding.DER)
         if check_server_cert and credentials.ca_certificates:
             try:
-                verify_server_certificate(self.server_certificate, credentials.ca_certificates, dt.datetime.now(dt.UTC))
+                when = dt.datetime.fromtimestamp(clock(), dt.UTC)
+                verify_server_certificate(self.server_certificate, credentials.ca_certificates, when)
             except CertificateError as exc:
                 raise CredentialError(f"{where} is not one this client's CA issued: {exc}") from None
         self.ports: PortSet = authorized_ports(credentials.certificate)
@@ -252,7 +259,7 @@ class KnockClient:
         fam, address = resolve(host, family)
         bound = _source(source_address, address)
         datagram = self.build_knock(
-            [(proto, port)], now=time.time(), action=action, source_address=bound, duration=duration
+            [(proto, port)], now=self.clock(), action=action, source_address=bound, duration=duration
         )
         return fam, address, datagram, proto
 
@@ -355,6 +362,7 @@ class AsyncKnockClient:
         credentials: ClientCredentials | None = None,
         work_bits: int = DEFAULT_WORK_BITS,
         check_server_cert: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         # Loading a PKCS#12 takes milliseconds: done here, once, like KnockClient.
         self._client = KnockClient(
@@ -364,6 +372,7 @@ class AsyncKnockClient:
             credentials=credentials,
             work_bits=work_bits,
             check_server_cert=check_server_cert,
+            clock=clock,
         )
 
     @property
@@ -459,9 +468,13 @@ def knock(
     family: int | str | None = None,
     duration: int | None = None,
     work_bits: int = DEFAULT_WORK_BITS,
+    clock: Callable[[], float] = time.time,
 ) -> bool:
-    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`."""
-    client = KnockClient(client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits)
+    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`; ``clock`` as for
+    :class:`KnockClient`."""
+    client = KnockClient(
+        client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits, clock=clock
+    )
     return client.knock(
         host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
         source_address=source_address, family=family, duration=duration,
