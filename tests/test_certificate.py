@@ -28,7 +28,7 @@ _KEY = ec.generate_private_key(ec.SECP256R1())
 
 def _cert_with_san(names: list[x509.GeneralName] | None) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ext-test")])
-    now = dt.datetime.now(dt.UTC)
+    now = TestPKI.now()
     b = (
         x509.CertificateBuilder()
         .subject_name(name)

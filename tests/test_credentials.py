@@ -69,7 +69,7 @@ def test_server_refuses_non_ec_key(pki: TestPKI) -> None:
 
 def _self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
-    now = dt.datetime.now(dt.UTC)
+    now = TestPKI.now()
     return (
         x509.CertificateBuilder()
         .subject_name(name)
