@@ -42,13 +42,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certificate import ports_general_name
 from .credentials import SERVER_CURVES
-from .errors import CredentialError, SknockError
+from .errors import CAError, CredentialError
 from .fileio import write_atomic
 from .ports import PortSet
 from .protocol import SUITE_CURVES_TEXT, ClientKey
 
 __all__ = [
-    "CAError",
     "KEY_TYPES",
     "SERVER_KEY_TYPES",
     "Entry",
@@ -74,10 +73,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between the CA and servers
 _INDEX_VERSION = 1
 _KDF_ROUNDS = 100_000
-
-
-class CAError(SknockError):
-    """A CA operation cannot be done: no CA in the directory, name taken or unknown, bad name."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sknock import ca as ca_lib
 from sknock.credentials import SERVER_CURVES, load_server_pfx, server_certificate_problem
-from sknock.errors import CertificateError, CredentialError, ServerCertificateError
+from sknock.errors import CAError, CertificateError, CredentialError, ServerCertificateError
 from sknock.protocol import SUITES
 from sknock.trust import verify_server_certificate
 from tests.pki import PASSWORD, PASSWORD_BYTES, TestPKI
@@ -105,7 +105,7 @@ def test_server_refuses_a_ca_pfx_and_a_p521_pfx(pki: TestPKI, tmp_path: Path) ->
 
 def test_the_ca_library_makes_no_p521_server(pki: TestPKI, tmp_path: Path) -> None:
     authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="curve test CA")
-    with pytest.raises(ca_lib.CAError, match="P-256 or P-384"):
+    with pytest.raises(CAError, match="P-256 or P-384"):
         authority.issue_server("big", b"pfx-password", key_type="ec-p521")
     assert not (tmp_path / "ca" / "server" / "big.pfx").exists()
 
