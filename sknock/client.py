@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
-from .certificate import authorized_ports
+from .certificate import authorized_ports, describe_name
 from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
 from .errors import (
     CertificateError,
@@ -42,7 +42,6 @@ from .errors import (
     ResolveError,
     ServerCertificateError,
 )
-from .logsafe import log_safe
 from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
 from .trust import verify_server_certificate
@@ -110,13 +109,9 @@ def check_server_certificate(cert: x509.Certificate, where: str = "server certif
     server can read.  ``where`` names it in the message (a path)."""
     problem = server_certificate_problem(cert)
     if problem is not None:
-        try:
-            subject = log_safe(cert.subject.rfc4514_string())
-        except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
-            subject = "<undecodable subject>"
         raise ServerCertificateError(
-            f"{where}: {subject} is not a server certificate: {problem}; give the knock server's own "
-            "certificate (sknock-ca: DIR/server/NAME.cer)"
+            f"{where}: {describe_name(cert.subject)} is not a server certificate: {problem}; give the knock "
+            "server's own certificate (sknock-ca: DIR/server/NAME.cer)"
         )
 
 

@@ -22,9 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .certificate import tolerate_zero_serial
+from .certificate import describe_name, tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
-from .logsafe import log_safe
 from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, fingerprint
 
 __all__ = [
@@ -134,7 +133,7 @@ def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     problem = server_certificate_problem(cert)
     if problem is not None:
         raise ServerCertificateError(
-            f"server PKCS#12 {path}: {_subject(cert)} is not a server certificate: {problem}"
+            f"server PKCS#12 {path}: {describe_name(cert.subject)} is not a server certificate: {problem}"
         )
     return ServerCredentials(key, cert, cas)
 
@@ -167,14 +166,6 @@ def _describe(key: object) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return "Ed25519"
     return type(key).__name__
-
-
-def _subject(cert: x509.Certificate) -> str:
-    """The certificate's subject for a message: RFC 4514, escaped (a subject may hold a line break)."""
-    try:
-        return log_safe(cert.subject.rfc4514_string())
-    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
-        return "<undecodable subject>"
 
 
 def server_certificate_problem(cert: x509.Certificate) -> str | None:
