@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sknock import ca as ca_lib
+from sknock.addresses import IPAddress
 from sknock.certificate import ports_general_name
 from sknock.client import AsyncKnockClient, KnockClient, knock, resolve
 from sknock.credentials import ClientCredentials, ServerCredentials, load_client_pfx, load_server_pfx
@@ -79,7 +80,7 @@ def udp_listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
         yield s
 
 
-def receive(sock: socket.socket, wait: float = WAIT) -> tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def receive(sock: socket.socket, wait: float = WAIT) -> tuple[bytes, IPAddress]:
     """One datagram and its source address, or fail after ``wait`` seconds."""
     sock.settimeout(wait)
     try:

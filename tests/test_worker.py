@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from sknock.addresses import IPAddress
 from sknock.client import KnockClient
 from sknock.errors import KnockRefused, Reason
 from sknock.ports import Protocol
@@ -41,17 +42,17 @@ class ListCapture:
     def __init__(self) -> None:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
-        self.remembered: list[tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+        self.remembered: list[tuple[bytes, IPAddress]] = []
         self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
 
-    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def remember(self, payload: bytes, source: IPAddress) -> None:
         self.remembered.append((payload, source))
 
     def take_copies(self) -> list[bytes]:
         return []
 
-    def put(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SOURCE) -> None:
+    def put(self, payload: bytes, source: IPAddress = SOURCE) -> None:
         destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")
         self.pending.append(Datagram(payload, source, destination, 40000, 12345, 2))
         os.write(self._write, b"x")  # make the selector wake like a socket with data
