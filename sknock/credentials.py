@@ -237,8 +237,8 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
         raise CredentialError(f"certificate file {path}: not PEM or DER certificates ({exc})") from None
 
 
-# Transitional, not part of the API: server/daemon.py still imports this name.  It goes once daemon.py
-# imports sknock.protocol.fingerprint, the one fingerprint function (issue 10).
+# Transitional, not part of the API: server/daemon.py still imports this name.  It goes (with
+# ``fingerprint`` from the import above) once daemon.py imports sknock.protocol.fingerprint (issue 10).
 certificate_fingerprint = fingerprint
 
 
