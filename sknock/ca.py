@@ -28,7 +28,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,12 +41,13 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certificate import ports_general_name
-from .errors import CredentialError, SknockError
+from .credentials import SERVER_CURVES
+from .errors import CAError, CredentialError
 from .fileio import write_atomic
 from .ports import PortSet
+from .protocol import SUITE_CURVES_TEXT, ClientKey
 
 __all__ = [
-    "CAError",
     "KEY_TYPES",
     "SERVER_KEY_TYPES",
     "Entry",
@@ -57,19 +59,20 @@ __all__ = [
 ]
 
 Kind = Literal["server", "client", "intermediate"]
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
-KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
-#: A server's key: knocks are encrypted to it with ECDH on a curve of the protocol's suites (P-256, P-384).
-SERVER_KEY_TYPES = ("ec-p256", "ec-p384")
+_EC_CURVES: dict[str, ec.EllipticCurve] = {
+    "ec-p256": ec.SECP256R1(),
+    "ec-p384": ec.SECP384R1(),
+    "ec-p521": ec.SECP521R1(),
+}
+KEY_TYPES = (*_EC_CURVES, "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+#: A server's key: knocks are encrypted to it with ECDH, so only the curves of the protocol's suites
+#: (:data:`~sknock.credentials.SERVER_CURVES`) will do.
+SERVER_KEY_TYPES = tuple(name for name, curve in _EC_CURVES.items() if curve.name in SERVER_CURVES)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between the CA and servers
 _INDEX_VERSION = 1
 _KDF_ROUNDS = 100_000
-
-
-class CAError(SknockError):
-    """A CA operation cannot be done: no CA in the directory, name taken or unknown, bad name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +120,9 @@ class Entry:
             raise CAError(f"{source}: bad entry {raw!r}: {exc}") from None
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def _utc(clock: Callable[[], float]) -> dt.datetime:
+    """The time ``clock`` says (Unix seconds, like ``time.time``) as an aware UTC datetime, as X.509 wants it."""
+    return dt.datetime.fromtimestamp(clock(), dt.UTC)
 
 
 def _check_name(name: str) -> None:
@@ -126,13 +130,10 @@ def _check_name(name: str) -> None:
         raise CAError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
-def _new_key(key_type: str) -> PrivateKey:
-    if key_type == "ec-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "ec-p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type == "ec-p521":
-        return ec.generate_private_key(ec.SECP521R1())
+def _new_key(key_type: str) -> ClientKey:
+    curve = _EC_CURVES.get(key_type)
+    if curve is not None:
+        return ec.generate_private_key(curve)
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     if key_type.startswith("rsa-") and key_type in KEY_TYPES:
@@ -164,19 +165,30 @@ def _require_password(password: bytes) -> bytes:
 
 
 class CertificateAuthority:
-    """An opened CA directory: its key, certificate, chain above it, and index."""
+    """An opened CA directory: its key, certificate, chain above it, and index.
+
+    ``clock`` (Unix seconds, ``time.time`` unless given) is the one place the CA reads the time: when
+    certificates start and CRLs are signed.  The intermediates it creates get the same clock; the tests
+    issue their PKI at a fixed time with it."""
 
     def __init__(
         self,
         directory: Path,
-        key: PrivateKey,
+        key: ClientKey,
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
         self.key = key
         self.certificate = certificate
         self.chain = tuple(chain)  # certificates above this CA, nearest first; empty for a root
+        self.clock = clock
+
+    def now(self) -> dt.datetime:
+        """What the CA's clock says, as an aware UTC datetime."""
+        return _utc(self.clock)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -230,8 +242,9 @@ class CertificateAuthority:
         not_after: dt.datetime | None,
         days: int,
     ) -> x509.CertificateBuilder:
-        start = not_before or (_now() - _BACKDATE)
-        end = not_after or (_now() + dt.timedelta(days=days))
+        now = self.now()
+        start = not_before or (now - _BACKDATE)
+        end = not_after or (now + dt.timedelta(days=days))
         if end <= start:
             raise CAError(f"certificate for {common_name!r} would end ({end}) before it starts ({start})")
         return (
@@ -249,7 +262,7 @@ class CertificateAuthority:
             )
         )
 
-    def _write_pfx(self, path: Path, name: str, key: PrivateKey, cert: x509.Certificate, password: bytes) -> None:
+    def _write_pfx(self, path: Path, name: str, key: ClientKey, cert: x509.Certificate, password: bytes) -> None:
         data = pkcs12.serialize_key_and_certificates(
             name.encode("utf-8"),
             key,
@@ -276,7 +289,8 @@ class CertificateAuthority:
         self._ensure_new(name)
         if key_type not in SERVER_KEY_TYPES:
             raise CAError(
-                f"server keys must be EC P-256 or P-384 (knocks are encrypted to them with ECDH), not {key_type!r}"
+                f"server keys must be EC {SUITE_CURVES_TEXT} ({', '.join(SERVER_KEY_TYPES)}: knocks are encrypted "
+                f"to them with ECDH), not {key_type!r}"
             )
         for existing in (self.directory / "server" / f"{name}.pfx", self.directory / "server" / f"{name}.cer"):
             if existing.exists():
@@ -357,7 +371,7 @@ class CertificateAuthority:
         directory = Path(out) if out is not None else self.directory / "intermediate" / name
         if directory.resolve() == self.directory.resolve():
             raise CAError(f"{directory} is this CA's own directory; give the intermediate another one")
-        end = min(_now() + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
+        end = min(self.now() + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             self._builder(name, key.public_key(), None, end, days)
@@ -365,7 +379,7 @@ class CertificateAuthority:
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
         )
-        sub = _write_ca(directory, key, cert, [self.certificate, *self.chain], ca_password)
+        sub = _write_ca(directory, key, cert, [self.certificate, *self.chain], ca_password, self.clock)
         self._record(Entry(name, "intermediate", cert.serial_number, cert.not_valid_after_utc, "", None))
         return sub
 
@@ -375,7 +389,7 @@ class CertificateAuthority:
         self, name: str, *, now: dt.datetime | None = None, crl_days: int = 30
     ) -> x509.CertificateRevocationList:
         """Mark ``name`` revoked and publish a new CRL (returned)."""
-        when = now or _now()
+        when = now or self.now()
         index = self._load_index()
         entries = self.entries()
         for i, e in enumerate(entries):
@@ -393,7 +407,7 @@ class CertificateAuthority:
         """Sign a CRL of every revoked certificate, valid ``days``, to ``crl.der`` and ``crl.pem``."""
         if days < 1:
             raise CAError(f"CRL validity must be at least one day, not {days}")
-        when = now or _now()
+        when = now or self.now()
         index = self._load_index()
         number = int(index.get("crl_number", 0)) + 1
         builder = (
@@ -454,6 +468,7 @@ def _write_ca(
     cert: x509.Certificate,
     chain: Sequence[x509.Certificate],
     password: bytes,
+    clock: Callable[[], float],
 ) -> CertificateAuthority:
     if (directory / "ca.cer").exists() or (directory / "private" / "ca.key").exists():
         raise CAError(f"{directory} already holds a CA")
@@ -469,22 +484,28 @@ def _write_ca(
     write_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
     if chain:
         write_atomic(directory / "ca-chain.pem", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
-    ca = CertificateAuthority(directory, key, cert, chain)
+    ca = CertificateAuthority(directory, key, cert, chain, clock=clock)
     ca._save_index([], 0)
     ca.write_crl()
     return ca
 
 
 def init_ca(
-    directory: str | os.PathLike[str], password: bytes, *, name: str = "sknock CA", days: int = 3650
+    directory: str | os.PathLike[str],
+    password: bytes,
+    *,
+    name: str = "sknock CA",
+    days: int = 3650,
+    clock: Callable[[], float] = time.time,
 ) -> CertificateAuthority:
-    """Create a root CA in ``directory`` (EC P-256, self-signed) and publish an empty CRL."""
+    """Create a root CA in ``directory`` (EC P-256, self-signed) and publish an empty CRL.  The CA
+    returned keeps ``clock`` (see :class:`CertificateAuthority`)."""
     directory = Path(directory)
     if not name.strip():
         raise CAError("the CA name must not be empty")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = _now()
+    now = _utc(clock)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -498,7 +519,7 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return _write_ca(directory, key, cert, [], password)
+    return _write_ca(directory, key, cert, [], password, clock)
 
 
 def _read_index_doc(path: Path) -> dict[str, Any]:
@@ -527,8 +548,10 @@ def require_ca(directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
-def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAuthority:
-    """Open the CA in ``directory`` with its password."""
+def open_ca(
+    directory: str | os.PathLike[str], password: bytes, *, clock: Callable[[], float] = time.time
+) -> CertificateAuthority:
+    """Open the CA in ``directory`` with its password; it reads the time from ``clock``."""
     directory = require_ca(directory)
     key_path = directory / "private" / "ca.key"
     cert_path = directory / "ca.cer"
@@ -544,8 +567,8 @@ def open_ca(directory: str | os.PathLike[str], password: bytes) -> CertificateAu
         raise CredentialError(f"CA key {key_path}: wrong password or not a PEM private key") from None
     except OSError as exc:
         raise CredentialError(f"CA key {key_path}: cannot read: {exc.strerror or exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+    if not isinstance(key, ClientKey):
         raise CAError(f"CA key {key_path}: unsupported key type {type(key).__name__}")
     if key.public_key() != cert.public_key():
         raise CAError(f"CA key {key_path} does not match {cert_path}")
-    return CertificateAuthority(directory, key, cert, chain)
+    return CertificateAuthority(directory, key, cert, chain, clock=clock)

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from .errors import CertificateError, PortSpecError, Reason
+from .logsafe import log_safe
 from .ports import PortRange, PortSet, parse_certificate_ports
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "decode_utf8string",
     "tolerate_zero_serial",
     "quiet_certificate_warnings",
+    "describe_name",
 ]
 
 PORTS_OID = x509.ObjectIdentifier("1.3.6.1.4.1.19518")
@@ -127,6 +129,15 @@ def quiet_certificate_warnings() -> Iterator[None]:
         )
         warnings.filterwarnings("ignore", message=r"Attribute's length must be", category=UserWarning)
         yield
+
+
+def describe_name(name: x509.Name) -> str:
+    """A certificate's subject or issuer for a message or a log line: RFC 4514, escaped with
+    :func:`~sknock.logsafe.log_safe` (a subject may hold a line break), or ``<undecodable name>``."""
+    try:
+        return log_safe(name.rfc4514_string())
+    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
+        return "<undecodable name>"
 
 
 def authorized_ports(cert: x509.Certificate) -> PortSet:

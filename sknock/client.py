@@ -24,14 +24,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .certificate import authorized_ports
+from .addresses import IPAddress
+from .certificate import authorized_ports, describe_name
 from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
 from .errors import (
     CertificateError,
@@ -41,7 +42,6 @@ from .errors import (
     ResolveError,
     ServerCertificateError,
 )
-from .logsafe import log_safe
 from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
 from .trust import verify_server_certificate
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 DEFAULT_WORK_BITS = 12  # the server's default workBits
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Target = tuple[int, str, IPAddress]  # (family, host as given, resolved address)
 
 
@@ -110,13 +109,9 @@ def check_server_certificate(cert: x509.Certificate, where: str = "server certif
     server can read.  ``where`` names it in the message (a path)."""
     problem = server_certificate_problem(cert)
     if problem is not None:
-        try:
-            subject = log_safe(cert.subject.rfc4514_string())
-        except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
-            subject = "<undecodable subject>"
         raise ServerCertificateError(
-            f"{where}: {subject} is not a server certificate: {problem}; give the knock server's own "
-            "certificate (sknock-ca: DIR/server/NAME.cer)"
+            f"{where}: {describe_name(cert.subject)} is not a server certificate: {problem}; give the knock "
+            "server's own certificate (sknock-ca: DIR/server/NAME.cer)"
         )
 
 
@@ -139,7 +134,7 @@ def _source(source_address: str | IPAddress | None, target: IPAddress) -> IPAddr
         return None
     if source_address == "auto":
         return local_address_towards(target)
-    if isinstance(source_address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(source_address, IPAddress):
         bound: IPAddress = source_address
     else:
         try:
@@ -161,6 +156,10 @@ class KnockClient:
     ``server_cert`` is the server's certificate (DER or PEM file, or a loaded certificate); the knock
     is encrypted to its key.  When the client PKCS#12 carries CA certificates, the server certificate
     must be issued by one of them (``check_server_cert=False`` skips that).
+
+    ``clock`` (Unix seconds, ``time.time`` unless given) is where the client reads the time: the
+    timestamp of each knock it sends and the date the server certificate is checked at.  Timeouts
+    while confirming a knock run on the monotonic clock, as they must.
     """
 
     def __init__(
@@ -172,7 +171,9 @@ class KnockClient:
         credentials: ClientCredentials | None = None,
         work_bits: int = DEFAULT_WORK_BITS,
         check_server_cert: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock
         if credentials is None:
             if client_pfx is None:
                 raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
@@ -189,11 +190,12 @@ class KnockClient:
         key = self.server_certificate.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)  # check_server_certificate made sure
         self._server_key = key
-        self._server_fingerprint = fingerprint(self.server_certificate.public_bytes(serialization.Encoding.DER))
+        self._server_fingerprint = fingerprint(self.server_certificate)
         self._certificate_der = credentials.certificate.public_bytes(serialization.Encoding.DER)
         if check_server_cert and credentials.ca_certificates:
             try:
-                verify_server_certificate(self.server_certificate, credentials.ca_certificates, dt.datetime.now(dt.UTC))
+                when = dt.datetime.fromtimestamp(clock(), dt.UTC)
+                verify_server_certificate(self.server_certificate, credentials.ca_certificates, when)
             except CertificateError as exc:
                 raise CredentialError(f"{where} is not one this client's CA issued: {exc}") from None
         self.ports: PortSet = authorized_ports(credentials.certificate)
@@ -252,7 +254,7 @@ class KnockClient:
         fam, address = resolve(host, family)
         bound = _source(source_address, address)
         datagram = self.build_knock(
-            [(proto, port)], now=time.time(), action=action, source_address=bound, duration=duration
+            [(proto, port)], now=self.clock(), action=action, source_address=bound, duration=duration
         )
         return fam, address, datagram, proto
 
@@ -355,6 +357,7 @@ class AsyncKnockClient:
         credentials: ClientCredentials | None = None,
         work_bits: int = DEFAULT_WORK_BITS,
         check_server_cert: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         # Loading a PKCS#12 takes milliseconds: done here, once, like KnockClient.
         self._client = KnockClient(
@@ -364,6 +367,7 @@ class AsyncKnockClient:
             credentials=credentials,
             work_bits=work_bits,
             check_server_cert=check_server_cert,
+            clock=clock,
         )
 
     @property
@@ -459,9 +463,13 @@ def knock(
     family: int | str | None = None,
     duration: int | None = None,
     work_bits: int = DEFAULT_WORK_BITS,
+    clock: Callable[[], float] = time.time,
 ) -> bool:
-    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`."""
-    client = KnockClient(client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits)
+    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`; ``clock`` as for
+    :class:`KnockClient`."""
+    client = KnockClient(
+        client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits, clock=clock
+    )
     return client.knock(
         host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
         source_address=source_address, family=family, duration=duration,

@@ -12,7 +12,6 @@ client on the one it is given.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +19,25 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .certificate import tolerate_zero_serial
+from .certificate import describe_name, tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
-from .logsafe import log_safe
-from .protocol.seal import SUITES
+from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, fingerprint
 
 __all__ = [
-    "ClientKey",
     "ClientCredentials",
     "ServerCredentials",
     "load_client_pfx",
     "load_server_pfx",
     "load_certificate",
     "load_certificates",
-    "certificate_fingerprint",
     "resolve_password",
     "SERVER_CURVES",
     "CLIENT_CURVES",
     "server_certificate_problem",
 ]
-
-ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 #: The curves a server key may be on: those of the protocol's suites, since every knock is encrypted to
 #: the server certificate's key with ECDH on its curve (P-256 and P-384; a P-521 server could be knocked
@@ -126,11 +120,12 @@ def _key_matches(key: object, cert: x509.Certificate) -> bool:
 
 
 def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) -> ServerCredentials:
-    """Load the server's PKCS#12: an EC P-256/P-384/P-521 key, its certificate, and CA certificates."""
+    """Load the server's PKCS#12: an EC key on a curve of :data:`SERVER_CURVES`, its certificate, and CA
+    certificates."""
     key, cert, cas = _load_pkcs12(path, password, "server PKCS#12")
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SERVER_CURVES:
         raise CredentialError(
-            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC P-256 or P-384 "
+            f"server PKCS#12 {path}: unsupported key type {_describe(key)}; the server needs EC {SUITE_CURVES_TEXT} "
             "(the curves knocks are encrypted with)"
         )
     if not _key_matches(key, cert):
@@ -138,7 +133,7 @@ def load_server_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     problem = server_certificate_problem(cert)
     if problem is not None:
         raise ServerCertificateError(
-            f"server PKCS#12 {path}: {_subject(cert)} is not a server certificate: {problem}"
+            f"server PKCS#12 {path}: {describe_name(cert.subject)} is not a server certificate: {problem}"
         )
     return ServerCredentials(key, cert, cas)
 
@@ -157,7 +152,7 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
             f"client PKCS#12 {path}: unsupported key type {_describe(key)}; "
             "a client needs EC P-256/P-384/P-521, Ed25519 or RSA of 2048 bits or more"
         )
-    assert isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey)
+    assert isinstance(key, ClientKey)
     if not _key_matches(key, cert):
         raise CredentialError(f"client PKCS#12 {path}: the private key does not match the certificate")
     return ClientCredentials(key, cert, cas)
@@ -173,14 +168,6 @@ def _describe(key: object) -> str:
     return type(key).__name__
 
 
-def _subject(cert: x509.Certificate) -> str:
-    """The certificate's subject for a message: RFC 4514, escaped (a subject may hold a line break)."""
-    try:
-        return log_safe(cert.subject.rfc4514_string())
-    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
-        return "<undecodable subject>"
-
-
 def server_certificate_problem(cert: x509.Certificate) -> str | None:
     """What keeps ``cert`` from being a sknock server's certificate, in a few words; None when nothing does.
 
@@ -194,7 +181,7 @@ def server_certificate_problem(cert: x509.Certificate) -> str | None:
     except Exception as exc:  # noqa: BLE001 -- an unknown or malformed key: say so
         return f"its key cannot be read ({type(exc).__name__})"
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SERVER_CURVES:
-        return f"its key is {_describe(key)}, not EC P-256 or P-384 (knocks are encrypted to it with ECDH)"
+        return f"its key is {_describe(key)}, not EC {SUITE_CURVES_TEXT} (knocks are encrypted to it with ECDH)"
     try:
         with tolerate_zero_serial():  # the original sKnock's server names its CA's serial 0 in its AKI
             extensions = cert.extensions
@@ -250,9 +237,9 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
         raise CredentialError(f"certificate file {path}: not PEM or DER certificates ({exc})") from None
 
 
-def certificate_fingerprint(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the certificate's DER: the identity sknock logs and caches by."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+# Transitional, not part of the API: server/daemon.py still imports this name.  It goes (with
+# ``fingerprint`` from the import above) once daemon.py imports sknock.protocol.fingerprint (issue 10).
+certificate_fingerprint = fingerprint
 
 
 def resolve_password(

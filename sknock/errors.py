@@ -1,8 +1,34 @@
-"""Every error sknock raises on purpose.
+"""The errors sknock raises on purpose: here, every one that the library's callers meet; below, where the
+server's own edges keep theirs.
 
 One base class, :class:`SknockError`, so that callers (the daemon, the CLIs, applications) can catch
 what sknock means to raise and let real bugs surface. Each error carries a message meant for a person:
 it names the file, key or value and the reason.
+
+Defined here: the errors of the library an application or a CLI calls -- the protocol and the verifier
+(:class:`KnockRefused` with its :class:`Reason`), ports, credentials, certificates, the client, the CA
+(:class:`CAError`) and the server configuration (:class:`ConfigError`, raised by the config and the
+capture alike).
+
+Defined with their edge: an error that one edge of the server raises, and that only the server's own
+processes and its command line meet (they catch :class:`SknockError`), stays in that edge's module,
+beside the code whose failure it names.  They derive from :class:`SknockError` too, and are exactly
+these (``tests/test_errors.py`` checks this list against the code):
+
+* ``sknock.server.packet.PacketError``: a captured packet is not a plain UDP datagram for us (its
+  ``reason`` is one of that module's ``REASONS``, counted by the capture, never raised past it);
+* ``sknock.server.capture.CaptureError``: a capture socket cannot be opened;
+* ``sknock.server.privsep.PrivsepError``: a message between a worker and the root process is malformed,
+  or privileges cannot be dropped;
+* ``sknock.server.firewall.base.FirewallError``: a firewall backend cannot do what was asked;
+* ``sknock.server.control.ControlError``: the control socket cannot be opened or does not answer;
+* ``sknock.server.ledger.LedgerError``: the grant ledger cannot be read;
+* ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace.
+
+Not sknock errors: ``sknock.server.firewall.nfnetlink.NetlinkError`` is an ``OSError`` (a kernel's
+answer) that the nftables backend turns into a ``FirewallError``; and exceptions whose names begin with
+an underscore (``_Usage`` in the CLIs, ``_FetchFailed`` in the CRL refresher) are control flow inside one
+module and never leave it.
 """
 
 from __future__ import annotations
@@ -24,6 +50,7 @@ __all__ = [
     "ClientError",
     "NotAuthorizedError",
     "ResolveError",
+    "CAError",
 ]
 
 
@@ -78,6 +105,11 @@ class ResolveError(ClientError):
 
 class ConfigError(SknockError):
     """The server configuration is invalid; the message names the key and the problem."""
+
+
+class CAError(SknockError):
+    """A CA operation (:mod:`sknock.ca`, ``sknock-ca``) cannot be done: no CA in the directory, a name
+    taken or unknown, a bad name, a key type a server cannot use."""
 
 
 class Reason(enum.StrEnum):

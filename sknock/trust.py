@@ -24,11 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from .certificate import authorized_ports, quiet_certificate_warnings
-from .credentials import certificate_fingerprint, server_certificate_problem
+from .certificate import authorized_ports, describe_name, quiet_certificate_warnings
+from .credentials import server_certificate_problem
 from .errors import CertificateError, Reason
-from .logsafe import log_safe
 from .ports import PortSet
+from .protocol import fingerprint
 
 __all__ = [
     "VerifiedClient",
@@ -59,28 +59,21 @@ class VerifiedClient:
 
     certificate: x509.Certificate
     subject: str  # RFC 4514, escaped with log_safe: it goes into logs and grant requests as it is
-    fingerprint: bytes  # SHA-256 of the DER
     ports: PortSet
     not_after: dt.datetime
     revocation_ids: tuple[RevocationId, ...] = ()  # the leaf's first, then each intermediate's
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the certificate's DER.  Computed when asked, not on every verification: the
+        verifier already hashed the DER once, as its certificate cache's key."""
+        return fingerprint(self.certificate)
 
 
 def _aware(now: dt.datetime) -> dt.datetime:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
     return now.astimezone(dt.UTC)
-
-
-def _describe(name: x509.Name) -> str:
-    """A name for a message: RFC 4514, escaped for logs (a subject may hold a newline)."""
-    try:
-        return log_safe(name.rfc4514_string())
-    except Exception:  # noqa: BLE001 -- a name that does not decode is described, not raised
-        return "<undecodable name>"
-
-
-def _name(cert: x509.Certificate) -> str:
-    return _describe(cert.subject)
 
 
 def check_well_formed(cert: x509.Certificate, what: str = "client certificate") -> None:
@@ -152,18 +145,22 @@ def load_crl(data: bytes, issuers: Sequence[x509.Certificate], *, source: str) -
         raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: malformed issuer ({exc})") from None
     if not named:
         raise CertificateError(
-            Reason.CRL_UNAVAILABLE, f"CRL {source}: issued by {_describe(crl.issuer)}, which is not a known CA"
+            Reason.CRL_UNAVAILABLE, f"CRL {source}: issued by {describe_name(crl.issuer)}, which is not a known CA"
         )
     for ca in named:
         if _crl_signed_by(crl, ca):
             if not _may_sign_crls(ca):
-                raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source}: issuer {_name(ca)} may not sign CRLs")
+                raise CertificateError(
+                    Reason.CRL_UNAVAILABLE, f"CRL {source}: issuer {describe_name(ca.subject)} may not sign CRLs"
+                )
             problem = _partial_crl(crl)
             if problem:
-                raise CertificateError(Reason.CRL_UNAVAILABLE, f"CRL {source} of {_describe(crl.issuer)}: {problem}")
+                raise CertificateError(
+                    Reason.CRL_UNAVAILABLE, f"CRL {source} of {describe_name(crl.issuer)}: {problem}"
+                )
             return crl
     raise CertificateError(
-        Reason.CRL_UNAVAILABLE, f"CRL {source}: signature does not verify against {_describe(crl.issuer)}"
+        Reason.CRL_UNAVAILABLE, f"CRL {source}: signature does not verify against {describe_name(crl.issuer)}"
     )
 
 
@@ -214,8 +211,8 @@ def cas_without_crl(
     """The CAs of ``cas`` that signed none of ``crls``.  With ``require_crl`` every client whose chain
     passes through one of them is refused (``crl-unavailable``): a root's CRL is what says whether the
     intermediates under it are revoked, the intermediate's what says it of the clients."""
-    signers = {certificate_fingerprint(ca) for crl in crls if (ca := crl_signer(crl, cas)) is not None}
-    return [ca for ca in cas if certificate_fingerprint(ca) not in signers]
+    signers = {fingerprint(ca) for crl in crls if (ca := crl_signer(crl, cas)) is not None}
+    return [ca for ca in cas if fingerprint(ca) not in signers]
 
 
 def _may_sign_crls(ca: x509.Certificate) -> bool:
@@ -272,10 +269,10 @@ class ClientVerifier:
             signers = [ca for ca in _issued_by(crl.issuer, cas) if _crl_signed_by(crl, ca)]
             if not signers:
                 raise CertificateError(
-                    Reason.CRL_UNAVAILABLE, f"CRL from {_describe(crl.issuer)} is not signed by any configured CA"
+                    Reason.CRL_UNAVAILABLE, f"CRL from {describe_name(crl.issuer)} is not signed by any configured CA"
                 )
             for ca in signers:
-                key = certificate_fingerprint(ca)
+                key = fingerprint(ca)
                 held = self._crls.get(key)
                 if held is None or crl.last_update_utc > held.last_update_utc:
                     self._crls[key] = crl
@@ -289,7 +286,7 @@ class ClientVerifier:
             return self._verify(leaf, now)
 
     def _verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:
-        subject = _name(leaf)
+        subject = describe_name(leaf.subject)
         if not _in_date(leaf, now):
             when = "not valid before" if now < leaf.not_valid_before_utc else "expired at"
             at = leaf.not_valid_before_utc if now < leaf.not_valid_before_utc else leaf.not_valid_after_utc
@@ -313,7 +310,6 @@ class ClientVerifier:
         return VerifiedClient(
             certificate=leaf,
             subject=subject,
-            fingerprint=certificate_fingerprint(leaf),
             ports=authorized_ports(leaf),
             not_after=leaf.not_valid_after_utc,
             revocation_ids=tuple(revocation_id(c.issuer, c.serial_number) for c in chain[:-1]),
@@ -321,7 +317,7 @@ class ClientVerifier:
 
     def _chain_error(self, leaf: x509.Certificate, now: dt.datetime, exc: VerificationError) -> CertificateError:
         """Say ``cert-expired`` when the chain failed only because an issuer is out of date."""
-        subject = _name(leaf)
+        subject = describe_name(leaf.subject)
         cas = [*self._roots, *self._intermediates]
         cert = leaf
         for _ in range(self._max_chain_depth + 1):
@@ -331,7 +327,8 @@ class ClientVerifier:
             if all(not _in_date(i, now) for i in issuers):
                 return CertificateError(
                     Reason.CERT_EXPIRED,
-                    f"client certificate {subject}: issuer {_name(issuers[0])} is not valid at {now.isoformat()}",
+                    f"client certificate {subject}: issuer {describe_name(issuers[0].subject)} "
+                    f"is not valid at {now.isoformat()}",
                 )
             cert = issuers[0]
             if cert.subject == cert.issuer:
@@ -362,18 +359,22 @@ class ClientVerifier:
     def _check_revocation(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> None:
         # chain is leaf first, trust anchor last; the anchor is trusted by configuration, not by CRL.
         for cert, issuer in zip(chain, chain[1:], strict=False):
-            crl = self._crls.get(certificate_fingerprint(issuer))
+            crl = self._crls.get(fingerprint(issuer))
             what = "client certificate" if cert is chain[0] else "intermediate CA"
             stale = crl is not None and crl.next_update_utc is not None and crl.next_update_utc < now
             if crl is None or (stale and not self._accept_stale_crl):
                 if self._require_crl:
                     state = "no CRL loaded" if crl is None else f"its CRL expired at {crl.next_update_utc}"
-                    raise CertificateError(Reason.CRL_UNAVAILABLE, f"issuer {_name(issuer)} of {_name(cert)}: {state}")
+                    raise CertificateError(
+                        Reason.CRL_UNAVAILABLE,
+                        f"issuer {describe_name(issuer.subject)} of {describe_name(cert.subject)}: {state}",
+                    )
                 if crl is None:
                     continue
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                 raise CertificateError(
-                    Reason.CERT_REVOKED, f"{what} {_name(cert)} (serial {cert.serial_number:x}) is revoked"
+                    Reason.CERT_REVOKED,
+                    f"{what} {describe_name(cert.subject)} (serial {cert.serial_number:x}) is revoked",
                 )
 
 
@@ -386,7 +387,7 @@ def verify_server_certificate(
     raises CertificateError otherwise."""
     now = _aware(now)
     with quiet_certificate_warnings():
-        subject = _name(cert)
+        subject = describe_name(cert.subject)
         if not _in_date(cert, now):
             raise CertificateError(Reason.CERT_EXPIRED, f"server certificate {subject}: not valid at {now.isoformat()}")
         issuer = None
@@ -401,7 +402,7 @@ def verify_server_certificate(
             raise CertificateError(Reason.CERT_UNTRUSTED, f"server certificate {subject}: not issued by a trusted CA")
         if not _in_date(issuer, now):
             raise CertificateError(
-                Reason.CERT_EXPIRED, f"server certificate {subject}: issuer {_name(issuer)} not in date"
+                Reason.CERT_EXPIRED, f"server certificate {subject}: issuer {describe_name(issuer.subject)} not in date"
             )
         problem = server_certificate_problem(cert)
         if problem is not None:

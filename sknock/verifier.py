@@ -37,9 +37,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .addresses import IPAddress
 from .errors import CertificateError, KnockRefused, Reason
 from .ports import Protocol
 from .protocol import (
@@ -56,8 +56,6 @@ from .replay import ReplayCache
 from .trust import ClientVerifier, RevocationId, VerifiedClient, parse_client_certificate
 
 __all__ = ["VerifierPolicy", "Grant", "KnockVerifier", "KnockMemory", "MAX_SOURCES_PER_KNOCK"]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Distinct sources whose copies of one knock may wait for the expensive stage while its verdict is
 #: still pending (the genuine sender's copy among them).  Once the verdict is known a copy is decided
@@ -179,7 +177,7 @@ class KnockVerifier:
         if server_key.public_key().public_numbers() != server_certificate.public_key().public_numbers():  # type: ignore[union-attr]
             raise ValueError("the server key does not match the server certificate")
         self._server_key = server_key
-        self._fingerprint = fingerprint(server_certificate.public_bytes(serialization.Encoding.DER))
+        self._fingerprint = fingerprint(server_certificate)
         self._key_ids = frozenset({self._fingerprint[:4]})
         self._trust = trust
         self.policy = policy

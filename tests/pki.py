@@ -27,12 +27,20 @@ Attributes (each client is a :class:`Issued` with ``.name``, ``.pfx`` path, ``.c
 =================  ==========================================================================
 
 ``pki.verifier(**kw)`` builds a :class:`~sknock.trust.ClientVerifier` trusting the root, with
-the intermediate and both CRLs; ``pki.now()`` is a time at which all but ``old`` are valid.
+the intermediate and both CRLs; ``pki.now()`` is :data:`NOW` as a datetime, a time at which all but
+``old`` are valid.
+
+Time: the PKI is issued at :data:`ISSUED_AT`, the in-memory tests' one reading of the real clock (the
+end-to-end tests use the same PKI with a real server, which reads its own clock, so it must be current).
+In-memory tests run at :data:`NOW` and fixed offsets from it, and hand the client and the CA
+:func:`at` as their clock, so they replay the same timeline whatever the real time is.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,16 @@ from sknock.trust import ClientVerifier, load_crl
 PASSWORD = "test-password"
 PASSWORD_BYTES = PASSWORD.encode()
 ALICE_PORTS = "tcp/22,tcp/2000-2010,udp/8000"
+
+#: When the session's test PKI is issued (Unix seconds, whole): read once, at import.
+ISSUED_AT = float(int(time.time()))
+#: The in-memory tests' "now" (Unix seconds): a minute after the PKI was issued.
+NOW = ISSUED_AT + 60.0
+
+
+def at(when: float) -> Callable[[], float]:
+    """A clock that always says ``when`` (Unix seconds): for ``clock=`` of a KnockClient or a CA."""
+    return lambda: when
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ class TestPKI:
 
     @staticmethod
     def now() -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
+        return dt.datetime.fromtimestamp(NOW, dt.UTC)
 
     def verifier(self, **kwargs: Any) -> ClientVerifier:
         return ClientVerifier(
@@ -113,9 +131,10 @@ def _client(authority: ca_lib.CertificateAuthority, name: str, ports: str | None
 
 
 def build_pki(root: Path) -> TestPKI:
-    """Make the whole PKI under ``root`` (takes a few seconds, mostly the RSA key)."""
+    """Make the whole PKI under ``root``, issued at :data:`ISSUED_AT` (takes a few seconds, mostly the RSA key)."""
     ca_dir = root / "ca"
-    authority = ca_lib.init_ca(ca_dir, PASSWORD_BYTES, name="sknock Test Root CA")
+    issued = dt.datetime.fromtimestamp(ISSUED_AT, dt.UTC)
+    authority = ca_lib.init_ca(ca_dir, PASSWORD_BYTES, name="sknock Test Root CA", clock=at(ISSUED_AT))
     server_cert = authority.issue_server("server1", PASSWORD_BYTES, ips=["198.18.0.1", "fd00:5e::1"])
     server_pfx = ca_dir / "server" / "server1.pfx"
     server = IssuedServer(
@@ -128,7 +147,7 @@ def build_pki(root: Path) -> TestPKI:
     )
     alice = _client(authority, "alice", ALICE_PORTS)
     mallory = _client(authority, "mallory", "tcp/22")
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    start = issued - dt.timedelta(days=30)
     old = _client(authority, "old", "tcp/22", not_before=start, not_after=start + dt.timedelta(days=29))
     noports = _client(authority, "noports", None)
     ed = _client(authority, "ed25519", "tcp/22", key_type="ed25519")
@@ -138,7 +157,9 @@ def build_pki(root: Path) -> TestPKI:
     authority.revoke("mallory")
     crl = load_crl((ca_dir / "crl.der").read_bytes(), [authority.certificate], source=str(ca_dir / "crl.der"))
     sub_crl = load_crl((sub.directory / "crl.pem").read_bytes(), [sub.certificate], source="sub crl.pem")
-    other = ca_lib.init_ca(root / "stranger-ca", PASSWORD_BYTES, name="sknock Test Root CA")  # same name on purpose
+    other = ca_lib.init_ca(  # the same name on purpose
+        root / "stranger-ca", PASSWORD_BYTES, name="sknock Test Root CA", clock=at(ISSUED_AT)
+    )
     stranger = _client(other, "stranger", "tcp/22")
     return TestPKI(
         root=root,

@@ -45,7 +45,7 @@ def odd_server(
     """A certificate for a server, issued by ``pki``'s root.  ``usage=None`` / ``eku=None`` leave the
     extension out; ``ca=True`` makes basicConstraints say CA:TRUE."""
     key = ec.generate_private_key(curve or ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = pki.now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

@@ -16,6 +16,7 @@ from sknock.certificate import (
     PORTS_OID,
     authorized_ports,
     decode_utf8string,
+    describe_name,
     encode_utf8string,
     ports_general_name,
 )
@@ -28,7 +29,7 @@ _KEY = ec.generate_private_key(ec.SECP256R1())
 
 def _cert_with_san(names: list[x509.GeneralName] | None) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ext-test")])
-    now = dt.datetime.now(dt.UTC)
+    now = TestPKI.now()
     b = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -145,3 +146,9 @@ def test_written_extension_matches_original_format() -> None:
 def test_empty_port_set_cannot_be_written() -> None:
     with pytest.raises(PortSpecError):
         ports_general_name(PortSet(()))
+
+
+def test_describe_name_is_one_escaped_line() -> None:
+    """The one way a subject or an issuer goes into a message (trust, credentials and the client share it)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eve\nsknock INFO granted")])
+    assert describe_name(name) == "CN=eve\\x0asknock INFO granted"

@@ -3,7 +3,8 @@
 A test "server" here is a plain UDP socket (the knock lands there) plus the sans-I/O KnockVerifier
 (the server's whole decision), and for ``verify=True`` a plain TCP socket that is listening (the port
 "opened") or bound without listening (connections refused: the port stayed closed).  Every wait is
-bounded by a socket timeout.
+bounded by a socket timeout.  Knocks are stamped and checked at the test PKI's fixed :data:`NOW` (the
+clients are given it as their clock); only the waits read the (monotonic) clock.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sknock import ca as ca_lib
+from sknock.addresses import IPAddress
 from sknock.certificate import ports_general_name
 from sknock.client import AsyncKnockClient, KnockClient, knock, resolve
 from sknock.credentials import ClientCredentials, ServerCredentials, load_client_pfx, load_server_pfx
@@ -42,7 +44,7 @@ from sknock.ports import Protocol, parse_ports
 from sknock.protocol import MAX_DATAGRAM, Action
 from sknock.trust import ClientVerifier
 from sknock.verifier import Grant, KnockVerifier
-from tests.pki import PASSWORD, PASSWORD_BYTES, TestPKI
+from tests.pki import ISSUED_AT, NOW, PASSWORD, PASSWORD_BYTES, TestPKI, at
 from tests.servercerts import odd_server, write_cer
 
 WAIT = 5.0  # seconds a test waits at most for a datagram that should come
@@ -78,7 +80,7 @@ def udp_listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
         yield s
 
 
-def receive(sock: socket.socket, wait: float = WAIT) -> tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def receive(sock: socket.socket, wait: float = WAIT) -> tuple[bytes, IPAddress]:
     """One datagram and its source address, or fail after ``wait`` seconds."""
     sock.settimeout(wait)
     try:
@@ -138,7 +140,7 @@ class OwnPKI:
 
 
 def build_own_pki(root: Path, ports: str) -> OwnPKI:
-    authority = ca_lib.init_ca(root, PASSWORD_BYTES, name="sknock client-test CA")
+    authority = ca_lib.init_ca(root, PASSWORD_BYTES, name="sknock client-test CA", clock=at(ISSUED_AT))
     authority.issue_server("knockd", PASSWORD_BYTES, ips=["127.0.0.1", "::1"])
     authority.issue_client("knocker", parse_ports(ports), PASSWORD_BYTES)
     pfx = root / "client" / "knocker.pfx"
@@ -153,8 +155,9 @@ def build_own_pki(root: Path, ports: str) -> OwnPKI:
 
 
 def alice_client(pki: TestPKI, **kwargs: object) -> KnockClient:
-    """Alice as an application would make her: from her .pfx file and the server's .cer file."""
-    return KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer, **kwargs)  # type: ignore[arg-type]
+    """Alice as an application would make her: from her .pfx file and the server's .cer file (at NOW)."""
+    return KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer, clock=at(NOW),
+                       **kwargs)  # type: ignore[arg-type]
 
 
 # -- delivery: one datagram, granted by the server's verifier -------------------------------------
@@ -168,7 +171,7 @@ def test_knock_arrives_as_one_datagram_and_is_granted(pki: TestPKI, host: str) -
         data, source = receive(sock)
         assert_nothing_arrives(sock)  # one knock is one datagram
     assert len(data) <= MAX_DATAGRAM == 1232
-    grant = pki_verifier(pki).check(data, source, time.time())
+    grant = pki_verifier(pki).check(data, source, NOW)
     assert grant.action is Action.OPEN
     assert grant.ports == ((Protocol.TCP, 2005),)
     assert grant.address == ipaddress.ip_address(host)
@@ -183,7 +186,7 @@ def test_udp_port_and_duration_reach_the_server(pki: TestPKI, host: str) -> None
         assert client.knock(host, 8000, "udp", knock_port=port_of(sock), duration=60) is True
         data, source = receive(sock)
         assert_nothing_arrives(sock)
-    grant = pki_verifier(pki).check(data, source, time.time())
+    grant = pki_verifier(pki).check(data, source, NOW)
     assert grant.ports == ((Protocol.UDP, 8000),)
     assert grant.duration == 60.0
 
@@ -199,10 +202,10 @@ def test_source_auto_binds_the_knock_to_this_hosts_address(pki: TestPKI, host: s
     verifier = pki_verifier(pki)
     other = ipaddress.ip_address("198.18.0.2" if source.version == 4 else "fd00::2")
     with pytest.raises(KnockRefused) as info:
-        verifier.check(data, other, time.time())
+        verifier.check(data, other, NOW)
     assert info.value.reason is Reason.SOURCE_MISMATCH
     # ... and from the real source it is granted (a fresh verifier: the first one saw the digest).
-    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 22),)
+    assert pki_verifier(pki).check(data, source, NOW).ports == ((Protocol.TCP, 22),)
 
 
 def test_each_knock_is_new_so_a_second_knock_is_not_a_replay(pki: TestPKI) -> None:
@@ -213,7 +216,7 @@ def test_each_knock_is_new_so_a_second_knock_is_not_a_replay(pki: TestPKI) -> No
         for _ in range(2):
             client.knock("127.0.0.1", 22, verify=False, knock_port=port_of(sock))
             data, source = receive(sock)
-            grants.append(verifier.check(data, source, time.time()))
+            grants.append(verifier.check(data, source, NOW))
     assert grants[0].nonce != grants[1].nonce
 
 
@@ -233,18 +236,18 @@ def test_module_level_knock(pki: TestPKI) -> None:
     with udp_listener() as sock:
         sent = knock(
             "127.0.0.1", 2000, client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer,
-            verify=False, knock_port=port_of(sock),
+            verify=False, knock_port=port_of(sock), clock=at(NOW),
         )
         data, source = receive(sock)
     assert sent is True
-    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2000),)
+    assert pki_verifier(pki).check(data, source, NOW).ports == ((Protocol.TCP, 2000),)
 
 
 def test_close_asks_the_server_to_close(pki: TestPKI) -> None:
     with udp_listener() as sock:
         alice_client(pki).close("127.0.0.1", 22, knock_port=port_of(sock))
         data, source = receive(sock)
-    grant = pki_verifier(pki).check(data, source, time.time())
+    grant = pki_verifier(pki).check(data, source, NOW)
     assert grant.action is Action.CLOSE
     assert grant.ports == ((Protocol.TCP, 22),)
 
@@ -273,7 +276,7 @@ def own(tmp_path_factory: pytest.TempPathFactory, reserved: dict[str, int]) -> O
 
 
 def own_client(own: OwnPKI) -> KnockClient:
-    return KnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer)
+    return KnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer, clock=at(NOW))
 
 
 @pytest.mark.parametrize(("host", "key"), [("127.0.0.1", "open4"), pytest.param("::1", "open6", marks=needs_ipv6)])
@@ -283,7 +286,7 @@ def test_verify_true_when_the_port_accepts(own: OwnPKI, reserved: dict[str, int]
         assert client.knock(host, reserved[key], knock_port=port_of(sock), timeout=5, retries=2) is True
         data, source = receive(sock)
         assert_nothing_arrives(sock)  # confirmed at the first try: no second knock
-    assert own.verifier().check(data, source, time.time()).ports == ((Protocol.TCP, reserved[key]),)
+    assert own.verifier().check(data, source, NOW).ports == ((Protocol.TCP, reserved[key]),)
 
 
 def test_verify_false_within_the_timeout_when_nothing_listens(own: OwnPKI, reserved: dict[str, int]) -> None:
@@ -299,7 +302,7 @@ def test_verify_false_within_the_timeout_when_nothing_listens(own: OwnPKI, reser
     assert elapsed < 0.6 + 5  # bounded by the timeout (plus signing and the proof of work), never hangs
     # retries=2: two knocks, each fresh and each one the server would grant.
     verifier = own.verifier()
-    assert len({verifier.check(d, source, time.time()).nonce for d in (first, second)}) == 2
+    assert len({verifier.check(d, source, NOW).nonce for d in (first, second)}) == 2
 
 
 # -- the asyncio variant ---------------------------------------------------------------------------
@@ -307,17 +310,19 @@ def test_verify_false_within_the_timeout_when_nothing_listens(own: OwnPKI, reser
 
 @pytest.mark.parametrize("host", LOOPBACKS)
 def test_async_knock_arrives_and_is_granted(pki: TestPKI, host: str) -> None:
-    client = AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer)
+    client = AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer,
+                              clock=at(NOW))
     with udp_listener(host) as sock:
         assert asyncio.run(client.knock(host, 2001, verify=False, knock_port=port_of(sock))) is True
         data, source = receive(sock)
         assert_nothing_arrives(sock)
     assert len(data) <= MAX_DATAGRAM
-    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2001),)
+    assert pki_verifier(pki).check(data, source, NOW).ports == ((Protocol.TCP, 2001),)
 
 
 def test_async_verify_true_and_false(own: OwnPKI, reserved: dict[str, int]) -> None:
-    client = AsyncKnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer)
+    client = AsyncKnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer,
+                              clock=at(NOW))
 
     async def both(knock_port: int) -> tuple[bool, bool]:
         opened = await client.knock("127.0.0.1", reserved["open4"], knock_port=knock_port, timeout=5, retries=2)
@@ -334,12 +339,13 @@ def test_async_verify_true_and_false(own: OwnPKI, reserved: dict[str, int]) -> N
     assert closed is False
     assert elapsed < 5 + 0.6 + 5
     verifier = own.verifier()
-    granted = [verifier.check(data, source, time.time()).ports for data, source in knocks]
+    granted = [verifier.check(data, source, NOW).ports for data, source in knocks]
     assert granted == [((Protocol.TCP, reserved[k]),) for k in ("open4", "closed4", "closed4")]
 
 
 def test_async_close_and_typed_errors(pki: TestPKI) -> None:
-    client = AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer)
+    client = AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer,
+                              clock=at(NOW))
     with udp_listener() as sock:
         asyncio.run(client.close("127.0.0.1", 2002, knock_port=port_of(sock)))
         data, source = receive(sock)
@@ -348,7 +354,7 @@ def test_async_close_and_typed_errors(pki: TestPKI) -> None:
         with pytest.raises(ResolveError):
             asyncio.run(client.knock("127.0.0.1", 22, verify=False, family=6, knock_port=port_of(sock)))
         assert_nothing_arrives(sock)
-    assert pki_verifier(pki).check(data, source, time.time()).action is Action.CLOSE
+    assert pki_verifier(pki).check(data, source, NOW).action is Action.CLOSE
     with pytest.raises(CredentialError):
         AsyncKnockClient(client_pfx=pki.alice.pfx, pfx_password="wrong", server_cert=pki.server.cer)
 
@@ -391,7 +397,7 @@ def test_certificate_too_large_for_one_datagram(tmp_path: Path) -> None:
     ports = ",".join(f"tcp/{p}" for p in range(10_001, 10_501, 2))
     big = build_own_pki(tmp_path / "big", ports)
     assert len(big.client.certificate.public_bytes(serialization.Encoding.DER)) > MAX_DATAGRAM
-    client = KnockClient(client_pfx=big.client_pfx, pfx_password=PASSWORD, server_cert=big.server_cer)
+    client = KnockClient(client_pfx=big.client_pfx, pfx_password=PASSWORD, server_cert=big.server_cer, clock=at(NOW))
     with udp_listener() as sock:
         with pytest.raises(KnockBuildError, match="too large"):
             client.knock("127.0.0.1", 10_001, verify=False, knock_port=port_of(sock))
@@ -417,9 +423,10 @@ def test_long_subject_too_large(pki: TestPKI, tmp_path: Path) -> None:
         .add_extension(x509.SubjectAlternativeName([ports_general_name(parse_ports("tcp/22"))]), critical=False)
         .sign(pki.ca.key, hashes.SHA256())
     )
-    client = KnockClient(credentials=ClientCredentials(key, cert, (pki.ca_cert,)), server_cert=pki.server.cer)
+    client = KnockClient(credentials=ClientCredentials(key, cert, (pki.ca_cert,)), server_cert=pki.server.cer,
+                         clock=at(NOW))
     with pytest.raises(KnockBuildError, match=r"at most \d+ bytes fit"):
-        client.build_knock([(Protocol.TCP, 22)], now=time.time())
+        client.build_knock([(Protocol.TCP, 22)], now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -438,7 +445,7 @@ def test_unresolvable_host(pki: TestPKI, host: str, family: int | None) -> None:
 
 def test_server_certificate_from_another_ca(pki: TestPKI, own: OwnPKI) -> None:
     with pytest.raises(CredentialError, match="is not one this client's CA issued") as info:
-        KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=own.server_cer)
+        KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=own.server_cer, clock=at(NOW))
     assert str(own.server_cer) in str(info.value)
     # An explicit opt-out is possible (a client PKCS#12 made elsewhere, a server under another CA).
     KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=own.server_cer, check_server_cert=False)

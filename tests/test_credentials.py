@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from sknock.credentials import (
-    certificate_fingerprint,
     load_certificate,
     load_certificates,
     load_client_pfx,
@@ -71,7 +69,7 @@ def test_server_refuses_non_ec_key(pki: TestPKI) -> None:
 
 def _self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
-    now = dt.datetime.now(dt.UTC)
+    now = TestPKI.now()
     return (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -165,11 +163,6 @@ def test_bad_certificate_files(tmp_path: Path, pki: TestPKI) -> None:
         load_certificates(pem)
     with pytest.raises(CredentialError, match="no such file"):
         load_certificate(tmp_path / "nope.cer")
-
-
-def test_fingerprint_is_sha256_of_der(pki: TestPKI) -> None:
-    der = (pki.ca_dir / "ca.cer").read_bytes()
-    assert certificate_fingerprint(pki.ca_cert) == hashlib.sha256(der).digest()
 
 
 def test_resolve_password_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

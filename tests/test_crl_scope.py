@@ -18,14 +18,15 @@ from cryptography.x509.oid import ObjectIdentifier
 from sknock import ca as ca_lib
 from sknock.errors import CertificateError
 from sknock.trust import ClientVerifier, cas_without_crl, crl_signer, load_crl
-from tests.pki import PASSWORD_BYTES, TestPKI
+from tests.pki import PASSWORD_BYTES, TestPKI, at
 
-NOW = dt.datetime.now(dt.UTC)
+NOW = TestPKI.now()
 
 
 @pytest.fixture(scope="module")
 def authority(tmp_path_factory: pytest.TempPathFactory) -> ca_lib.CertificateAuthority:
-    return ca_lib.init_ca(tmp_path_factory.mktemp("scope") / "ca", PASSWORD_BYTES, name="Scope CA")
+    return ca_lib.init_ca(tmp_path_factory.mktemp("scope") / "ca", PASSWORD_BYTES, name="Scope CA",
+                          clock=at(NOW.timestamp()))
 
 
 def _crl(

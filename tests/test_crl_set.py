@@ -17,15 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from sknock import ca as ca_lib
 from sknock.server.crl_refresh import CrlRefresher, CrlSet, encode_crl_set, split_crl_set
 from sknock.trust import load_crl
-from tests.pki import PASSWORD_BYTES
+from tests.pki import PASSWORD_BYTES, TestPKI, at
 
-NOW = dt.datetime.now(dt.UTC)
+NOW = TestPKI.now()
 DER = serialization.Encoding.DER
 
 
 class Hierarchy:
     def __init__(self, folder: Path) -> None:
-        self.root = ca_lib.init_ca(folder / "root", PASSWORD_BYTES, name="Set Root")
+        self.root = ca_lib.init_ca(folder / "root", PASSWORD_BYTES, name="Set Root", clock=at(NOW.timestamp()))
         self.sub = self.root.issue_intermediate("issuing", b"another password", out=folder / "issuing")
         self.cas = [self.root.certificate, self.sub.certificate]
 

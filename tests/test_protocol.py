@@ -24,6 +24,7 @@ from sknock.protocol import (
     BUCKETS,
     Action,
     KnockRequest,
+    fingerprint,
     max_certificate_size,
     open_knock,
     parse_plaintext,
@@ -32,6 +33,7 @@ from sknock.protocol import (
     verify_signature,
 )
 from sknock.protocol.wire import leading_zero_bits, solve_work
+from tests.pki import TestPKI
 
 VECTOR = json.loads((Path(__file__).parent / "vectors" / "knock-v1.json").read_text())
 NOW = 1767225600.5
@@ -319,3 +321,10 @@ def test_leading_zero_bits() -> None:
     assert leading_zero_bits(b"\x00\x00\x80" + bytes(29)) == 16
     assert leading_zero_bits(b"\x01" + bytes(31)) == 7
     assert leading_zero_bits(bytes(32)) == 256
+
+
+def test_fingerprint_is_sha256_of_der(pki: TestPKI) -> None:
+    """One fingerprint function for DER and for a loaded certificate (it was two, in protocol and credentials)."""
+    der = (pki.ca_dir / "ca.cer").read_bytes()
+    assert fingerprint(pki.ca_cert) == hashlib.sha256(der).digest()
+    assert fingerprint(der) == fingerprint(pki.ca_cert)

@@ -15,8 +15,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sknock import ca as ca_lib
 from sknock.credentials import SERVER_CURVES, load_server_pfx, server_certificate_problem
-from sknock.errors import CertificateError, CredentialError, ServerCertificateError
-from sknock.protocol.seal import SUITES
+from sknock.errors import CAError, CertificateError, CredentialError, ServerCertificateError
+from sknock.protocol import SUITES
 from sknock.trust import verify_server_certificate
 from tests.pki import PASSWORD, PASSWORD_BYTES, TestPKI
 from tests.servercerts import key_usage, odd_server, write_pfx
@@ -28,6 +28,7 @@ needs_devpki = pytest.mark.skipif(not DEVPKI.is_dir(), reason=f"no sKnock v1 dev
 def test_server_curves_are_the_protocols() -> None:
     """P-521 keys load for clients (they only sign) but no knock can be encrypted to one."""
     assert set(SERVER_CURVES) == {suite.curve.name for suite in SUITES.values()} == {"secp256r1", "secp384r1"}
+    assert ca_lib.SERVER_KEY_TYPES == ("ec-p256", "ec-p384")  # what sknock-ca offers comes from the suites too
 
 
 def test_sknock_ca_servers_have_the_profile(pki: TestPKI) -> None:
@@ -104,7 +105,7 @@ def test_server_refuses_a_ca_pfx_and_a_p521_pfx(pki: TestPKI, tmp_path: Path) ->
 
 def test_the_ca_library_makes_no_p521_server(pki: TestPKI, tmp_path: Path) -> None:
     authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="curve test CA")
-    with pytest.raises(ca_lib.CAError, match="P-256 or P-384"):
+    with pytest.raises(CAError, match="P-256 or P-384"):
         authority.issue_server("big", b"pfx-password", key_type="ec-p521")
     assert not (tmp_path / "ca" / "server" / "big.pfx").exists()
 

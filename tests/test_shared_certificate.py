@@ -9,7 +9,6 @@ verifier every worker runs), with real certificates and real knocks."""
 from __future__ import annotations
 
 import ipaddress
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from sknock.errors import KnockRefused
 from sknock.ports import Protocol, parse_ports
 from sknock.trust import ClientVerifier
 from sknock.verifier import KnockVerifier
-from tests.pki import PASSWORD, PASSWORD_BYTES, TestPKI
+from tests.pki import NOW, PASSWORD, PASSWORD_BYTES, TestPKI, at
 
 ALICE = ipaddress.ip_address("198.18.0.2")
 EVE = ipaddress.ip_address("198.18.0.66")
@@ -34,8 +33,8 @@ def server_verifier(pfx: Path, trust: ClientVerifier) -> KnockVerifier:
 
 def test_two_servers_sharing_a_certificate_accept_each_others_replayed_knocks(pki: TestPKI) -> None:
     first, second = (server_verifier(pki.server.pfx, pki.verifier()) for _ in range(2))
-    alice = KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer)
-    now = time.time()
+    alice = KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer, clock=at(NOW))
+    now = NOW
     datagram = alice.build_knock([(Protocol.TCP, 22)], now=now)
     assert first.check(datagram, ALICE, now).address == ALICE
     with pytest.raises(KnockRefused):  # the first server refuses the copy ...
@@ -45,7 +44,7 @@ def test_two_servers_sharing_a_certificate_accept_each_others_replayed_knocks(pk
 
 
 def test_servers_with_their_own_certificates_refuse_each_others_knocks(tmp_path: Path) -> None:
-    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="HA pair CA")
+    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="HA pair CA", clock=at(NOW))
     for name in ("ha-a", "ha-b"):
         authority.issue_server(name, PASSWORD_BYTES)
     authority.issue_client("alice", parse_ports("tcp/22"), PASSWORD_BYTES)
@@ -54,8 +53,8 @@ def test_servers_with_their_own_certificates_refuse_each_others_knocks(tmp_path:
     a, b = server_verifier(pfx_a, trust), server_verifier(pfx_b, trust)
     assert load_server_pfx(pfx_a, PASSWORD).key.public_key() != load_server_pfx(pfx_b, PASSWORD).key.public_key()
     alice = KnockClient(client_pfx=authority.directory / "client" / "alice.pfx", pfx_password=PASSWORD,
-                        server_cert=authority.directory / "server" / "ha-a.cer")
-    now = time.time()
+                        server_cert=authority.directory / "server" / "ha-a.cer", clock=at(NOW))
+    now = NOW
     datagram = alice.build_knock([(Protocol.TCP, 22)], now=now)
     assert a.check(datagram, ALICE, now).address == ALICE
     with pytest.raises(KnockRefused) as info:

@@ -13,12 +13,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sknock import ca as ca_lib
 from sknock.certificate import ports_general_name
-from sknock.credentials import certificate_fingerprint
 from sknock.errors import CertificateError, Reason
 from sknock.ports import PortSet, parse_ports
+from sknock.protocol import fingerprint
 from sknock.trust import ClientVerifier, load_crl, parse_client_certificate, verify_server_certificate
 from tests.forged import MALFORMED, CertificateParts
-from tests.pki import ALICE_PORTS, PASSWORD_BYTES, TestPKI
+from tests.pki import ALICE_PORTS, NOW, PASSWORD_BYTES, TestPKI, at
 
 DAY = dt.timedelta(days=1)
 
@@ -34,7 +34,7 @@ def test_good_client(pki: TestPKI) -> None:
     result = pki.verifier().verify(pki.alice.certificate, pki.now())
     assert result.certificate == pki.alice.certificate
     assert result.subject == "CN=alice"
-    assert result.fingerprint == certificate_fingerprint(pki.alice.certificate)
+    assert result.fingerprint == fingerprint(pki.alice.certificate)
     assert result.ports == parse_ports(ALICE_PORTS)
     assert result.not_after == pki.alice.certificate.not_valid_after_utc
 
@@ -161,10 +161,10 @@ def test_stale_crl(pki: TestPKI) -> None:
 
 
 def test_revoked_intermediate_revokes_its_clients(tmp_path: Path) -> None:
-    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES)
+    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, clock=at(NOW))
     sub = root.issue_intermediate("sub", PASSWORD_BYTES)
     carol = sub.issue_client("carol", parse_ports("tcp/22"), PASSWORD_BYTES)
-    now = dt.datetime.now(dt.UTC)
+    now = TestPKI.now()
     assert ClientVerifier([root.certificate], [sub.certificate]).verify(carol, now).subject == "CN=carol"
     crl = root.revoke("sub")
     v = ClientVerifier([root.certificate], [sub.certificate], [crl])
@@ -174,8 +174,8 @@ def test_revoked_intermediate_revokes_its_clients(tmp_path: Path) -> None:
 
 
 def test_expired_issuer_is_reported_as_expired(tmp_path: Path) -> None:
-    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, days=2)
-    now = dt.datetime.now(dt.UTC)
+    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, days=2, clock=at(NOW))
+    now = TestPKI.now()
     dave = root.issue_client("dave", parse_ports("tcp/22"), PASSWORD_BYTES, not_after=now + 10 * DAY)
     with pytest.raises(CertificateError, match="issuer CN=sknock CA is not valid") as info:
         ClientVerifier([root.certificate]).verify(dave, now + 5 * DAY)

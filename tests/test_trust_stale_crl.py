@@ -13,20 +13,21 @@ from sknock.credentials import load_client_pfx
 from sknock.errors import CertificateError
 from sknock.ports import parse_ports
 from sknock.trust import ClientVerifier
+from tests.pki import NOW, TestPKI, at
 
 PASSWORD = b"stale-test"
 
 
 def test_stale_crl(tmp_path: Path) -> None:
-    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD, name="stale CA")
+    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD, name="stale CA", clock=at(NOW))
     authority.issue_client("good", parse_ports("tcp/22"), PASSWORD)
     authority.issue_client("bad", parse_ports("tcp/22"), PASSWORD)
     authority.revoke("bad")
-    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    now = TestPKI.now()
+    past = now - dt.timedelta(days=40)
     stale = authority.write_crl(days=30, now=past)  # nextUpdate ten days ago
     good = load_client_pfx(authority.directory / "client" / "good.pfx", PASSWORD).certificate
     bad = load_client_pfx(authority.directory / "client" / "bad.pfx", PASSWORD).certificate
-    now = dt.datetime.now(dt.UTC)
 
     strict = ClientVerifier([authority.certificate], (), [stale], require_crl=True)
     with pytest.raises(CertificateError) as info:

@@ -1,25 +1,28 @@
 """The server's decision in memory: real certificates from the test PKI, real crypto, any timeline.
 
-Each refusal class is shown refused with its reason, and counted."""
+Each refusal class is shown refused with its reason, and counted.  No test reads the clock: each runs
+at :data:`NOW` (the test PKI's fixed "now") or a fixed offset from it, and the clients' clock is fixed there."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import time
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import sknock.trust
+import sknock.verifier
 from sknock.client import KnockClient
 from sknock.credentials import ClientCredentials
 from sknock.errors import KnockRefused, NotAuthorizedError, Reason
 from sknock.ports import Protocol, parse_ports
-from sknock.protocol import Action, solve_work
+from sknock.protocol import Action, fingerprint, solve_work
 from sknock.trust import ClientVerifier, load_crl
 from sknock.verifier import KnockVerifier, VerifierPolicy
 from tests.forged import MALFORMED, seal
-from tests.pki import TestPKI
+from tests.pki import NOW, TestPKI, at
 
 SOURCE = ipaddress.ip_address("198.18.0.2")
 TCP22 = [(Protocol.TCP, 22)]
@@ -36,7 +39,7 @@ def make_verifier(pki: TestPKI, **policy: object) -> KnockVerifier:
 
 def client_for(pki: TestPKI, issued: object, **kw: object) -> KnockClient:
     creds: ClientCredentials = issued.credentials  # type: ignore[attr-defined]
-    return KnockClient(credentials=creds, server_cert=pki.server.certificate, work_bits=4, **kw)  # type: ignore[arg-type]
+    return KnockClient(credentials=creds, server_cert=pki.server.certificate, work_bits=4, clock=at(NOW), **kw)  # type: ignore[arg-type]
 
 
 def refused(verifier: KnockVerifier, datagram: bytes, now: float, source: object = SOURCE) -> Reason:
@@ -47,7 +50,7 @@ def refused(verifier: KnockVerifier, datagram: bytes, now: float, source: object
 
 def test_alice_is_granted(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     grant = verifier.check(client_for(pki, pki.alice).build_knock([(Protocol.TCP, 2005)], now=now), SOURCE, now)
     assert grant.action is Action.OPEN
     assert grant.address == SOURCE
@@ -60,14 +63,14 @@ def test_alice_is_granted(pki: TestPKI) -> None:
 @pytest.mark.parametrize("name", ["bob", "ed25519", "rsa"])
 def test_intermediate_and_other_key_types_are_granted(pki: TestPKI, name: str) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     grant = verifier.check(client_for(pki, getattr(pki, name)).build_knock(TCP22, now=now), SOURCE, now)
     assert grant.ports == ((Protocol.TCP, 22),)
 
 
 def test_exact_replay_is_refused_before_any_public_key_operation(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
     verifier.check(datagram, SOURCE, now)
     assert refused(verifier, datagram, now + 0.5) is Reason.REPLAY_SEEN
@@ -75,7 +78,7 @@ def test_exact_replay_is_refused_before_any_public_key_operation(pki: TestPKI) -
 
 def test_replay_with_resolved_work_is_refused_by_the_nonce_cache(pki: TestPKI) -> None:
     verifier = make_verifier(pki, min_work_bits=0)
-    now = time.time()
+    now = NOW
     datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
     verifier.check(datagram, SOURCE, now)
     # Another verifier instance has not seen the digest (e.g. it was evicted); the nonce cache still holds.
@@ -86,7 +89,7 @@ def test_replay_with_resolved_work_is_refused_by_the_nonce_cache(pki: TestPKI) -
 
 def test_replay_cache_covers_the_whole_window(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     datagram = client_for(pki, pki.alice).build_knock(TCP22, now=now)
     verifier.check(datagram, SOURCE, now)
     for later in (1.0, 6.9):
@@ -96,7 +99,7 @@ def test_replay_cache_covers_the_whole_window(pki: TestPKI) -> None:
 
 def test_timestamp_outside_the_window(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = int(time.time()) + 0.9  # so that the whole-second clear time of now - 7.6 is within 8 s
+    now = int(NOW) + 0.9  # so that the whole-second clear time of now - 7.6 is within 8 s
     alice = client_for(pki, pki.alice)
     # 7.6 s old: the coarse clear time (1 s slack) passes, the signed millisecond timestamp does not.
     assert refused(verifier, alice.build_knock(TCP22, now=now - 7.6), now) is Reason.TIMESTAMP
@@ -115,16 +118,16 @@ def test_timestamp_outside_the_window(pki: TestPKI) -> None:
 )
 def test_certificate_refusals(pki: TestPKI, name: str, reason: Reason) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     client = KnockClient(credentials=getattr(pki, name).credentials, server_cert=pki.server.certificate,
-                         work_bits=4, check_server_cert=False)
+                         work_bits=4, check_server_cert=False, clock=at(NOW))
     assert refused(verifier, client.build_knock(TCP22, now=now), now) is reason
     assert verifier.counters[reason.value] == 1
 
 
 def test_port_not_named_in_the_certificate(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     alice = client_for(pki, pki.alice)
     # The client library refuses locally; a hand-built knock is refused by the server.
     with pytest.raises(NotAuthorizedError, match="tcp/23"):
@@ -140,14 +143,14 @@ def test_port_not_named_in_the_certificate(pki: TestPKI) -> None:
 
 def test_signature_by_a_key_that_is_not_the_certificates(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     thief = ClientCredentials(ec.generate_private_key(ec.SECP256R1()), pki.alice.certificate, ())
-    client = KnockClient(credentials=thief, server_cert=pki.server.certificate, work_bits=4)
+    client = KnockClient(credentials=thief, server_cert=pki.server.certificate, work_bits=4, clock=at(NOW))
     assert refused(verifier, client.build_knock(TCP22, now=now), now) is Reason.BAD_SIGNATURE
 
 
 def test_source_address_binding(pki: TestPKI) -> None:
-    now = time.time()
+    now = NOW
     alice = client_for(pki, pki.alice)
     verifier = make_verifier(pki)
     bound = alice.build_knock(TCP22, now=now, source_address=ipaddress.ip_address("198.18.0.2"))
@@ -162,7 +165,7 @@ def test_source_address_binding(pki: TestPKI) -> None:
 
 def test_duration_is_capped_and_close_is_passed_on(pki: TestPKI) -> None:
     verifier = make_verifier(pki, max_duration=60)
-    now = time.time()
+    now = NOW
     alice = client_for(pki, pki.alice)
     assert verifier.check(alice.build_knock(TCP22, now=now, duration=3600), SOURCE, now).duration == 60
     assert verifier.check(alice.build_knock(TCP22, now=now, duration=30), SOURCE, now).duration == 30
@@ -174,7 +177,7 @@ def test_new_crl_drops_the_certificate_cache(pki: TestPKI, tmp_path: object) -> 
     from sknock import ca as ca_lib
     from tests.pki import PASSWORD_BYTES
 
-    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="cache CA")  # type: ignore[operator]
+    authority = ca_lib.init_ca(tmp_path / "ca", PASSWORD_BYTES, name="cache CA", clock=at(NOW))  # type: ignore[operator]
     server_cert = authority.issue_server("s", PASSWORD_BYTES)
     from sknock.credentials import load_client_pfx, load_server_pfx
 
@@ -188,8 +191,8 @@ def test_new_crl_drops_the_certificate_cache(pki: TestPKI, tmp_path: object) -> 
 
     verifier = KnockVerifier(server_key=server.key, server_certificate=server_cert, trust=trust(),
                              policy=VerifierPolicy(min_work_bits=0))
-    client = KnockClient(credentials=carol, server_cert=server_cert, work_bits=0)
-    now = time.time()
+    client = KnockClient(credentials=carol, server_cert=server_cert, work_bits=0, clock=at(NOW))
+    now = NOW
     verifier.check(client.build_knock(TCP22, now=now), SOURCE, now)
     authority.revoke("carol")
     verifier.check(client.build_knock(TCP22, now=now), SOURCE, now)  # cached verdict, old CRL
@@ -199,15 +202,16 @@ def test_new_crl_drops_the_certificate_cache(pki: TestPKI, tmp_path: object) -> 
 
 def test_knock_for_another_server_is_refused_cheaply(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     other = pki.stranger_ca.issue_server("other", b"test-password")
-    client = KnockClient(credentials=pki.alice.credentials, server_cert=other, work_bits=4, check_server_cert=False)
+    client = KnockClient(credentials=pki.alice.credentials, server_cert=other, work_bits=4, check_server_cert=False,
+                         clock=at(NOW))
     assert refused(verifier, client.build_knock(TCP22, now=now), now) is Reason.WRONG_SERVER
 
 
 def test_junk_is_counted_and_never_raises_anything_else(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     for size in (0, 10, 800, 1024, 1232, 1500):
         refused(verifier, os.urandom(size), now)
     assert sum(verifier.counters.values()) == 6
@@ -219,7 +223,7 @@ def test_a_sealed_knock_with_a_malformed_certificate_is_refused_cert_invalid(pki
     """Anyone holding the server certificate can seal such a knock (issue 8): a typed refusal, counted,
     and a valid knock right after it is granted."""
     verifier = make_verifier(pki)
-    now = time.time()
+    now = NOW
     attacker = ec.generate_private_key(ec.SECP256R1())
     knock = seal(MALFORMED[kind](attacker), attacker, pki.server.certificate, TCP22, now=now, work_bits=4)
     assert refused(verifier, knock, now) is Reason.CERT_INVALID
@@ -252,7 +256,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
 def test_a_copy_of_a_bound_knock_sent_first_from_elsewhere_does_not_burn_it(pki: TestPKI, opened: list[bytes]) -> None:
     verifier = make_verifier(pki)
-    now = 1_000.0 + time.time()  # every time below is this one or a fixed offset from it
+    now = 1_000.0 + NOW  # every time below is this one or a fixed offset from it
     bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
     assert refused(verifier, bound, now + 0.01, B) is Reason.SOURCE_MISMATCH  # the attacker's copy, first
     grant = verifier.check(bound, A, now + 0.02)  # the genuine sender's: granted
@@ -266,7 +270,7 @@ def test_a_copy_of_a_bound_knock_sent_first_from_elsewhere_does_not_burn_it(pki:
 def test_copies_waiting_together_are_decided_by_one_verdict(pki: TestPKI, opened: list[bytes]) -> None:
     """As in the worker: every copy passes the cheap stage before the first reaches the expensive one."""
     verifier = make_verifier(pki)
-    now = 1_000.0 + time.time()
+    now = 1_000.0 + NOW
     bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
     waiting = [(verifier.precheck(bound, now, source), source) for source in (B, C, A)]
     with pytest.raises(KnockRefused) as info:
@@ -288,7 +292,7 @@ def test_a_knock_replayed_from_many_spoofed_sources_costs_one_public_key_operati
     from sknock.verifier import MAX_SOURCES_PER_KNOCK
 
     verifier = make_verifier(pki)
-    now = 1_000.0 + time.time()
+    now = 1_000.0 + NOW
     bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
     spoofed = [ipaddress.ip_address(f"203.0.113.{i}") for i in range(1, 201)]
     waiting = []
@@ -312,7 +316,7 @@ def test_a_knock_replayed_from_many_spoofed_sources_costs_one_public_key_operati
 
 def test_a_granted_unbound_knock_is_final_for_every_source(pki: TestPKI, opened: list[bytes]) -> None:
     verifier = make_verifier(pki)
-    now = 1_000.0 + time.time()
+    now = 1_000.0 + NOW
     unbound = client_for(pki, pki.alice).build_knock(TCP22, now=now)
     first, second = verifier.precheck(unbound, now, A), verifier.precheck(unbound, now, B)
     assert verifier.complete(first, A, now).address == A
@@ -326,9 +330,9 @@ def test_a_granted_unbound_knock_is_final_for_every_source(pki: TestPKI, opened:
 
 def test_a_refused_knock_is_refused_for_every_source_without_more_work(pki: TestPKI, opened: list[bytes]) -> None:
     verifier = make_verifier(pki)
-    now = 1_000.0 + time.time()
+    now = 1_000.0 + NOW
     mallory = KnockClient(credentials=pki.mallory.credentials, server_cert=pki.server.certificate, work_bits=4,
-                          check_server_cert=False)
+                          check_server_cert=False, clock=at(NOW))
     revoked = mallory.build_knock(TCP22, now=now, source_address=A)
     first, second = verifier.precheck(revoked, now, B), verifier.precheck(revoked, now, A)
     for pre, source in ((first, B), (second, A)):  # the verdict does not depend on the source
@@ -341,7 +345,7 @@ def test_a_refused_knock_is_refused_for_every_source_without_more_work(pki: Test
 
 def test_a_kept_verdict_is_still_held_to_the_time_window(pki: TestPKI) -> None:
     verifier = make_verifier(pki)
-    now = float(int(1_000 + time.time())) + 0.5
+    now = float(int(1_000 + NOW)) + 0.5
     bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
     assert refused(verifier, bound, now, B) is Reason.SOURCE_MISMATCH
     # 7.4 s later the clear coarse time still passes the cheap check; the signed timestamp does not.
@@ -350,7 +354,7 @@ def test_a_kept_verdict_is_still_held_to_the_time_window(pki: TestPKI) -> None:
 
 def test_a_nonce_granted_under_another_digest_is_not_granted_again_from_a_kept_verdict(pki: TestPKI) -> None:
     verifier = make_verifier(pki, min_work_bits=0)
-    now = 1_000.0 + time.time()
+    now = 1_000.0 + NOW
     bound = client_for(pki, pki.alice).build_knock(TCP22, now=now, source_address=A)
     assert refused(verifier, bound, now, B) is Reason.SOURCE_MISMATCH
     # The same knock reaches a verifier that has forgotten the digest and is granted there ...
@@ -375,3 +379,21 @@ def test_knock_memory_is_bounded_and_forgets_expired_digests() -> None:
     assert len(memory) == 2  # the expired ones were dropped
     with pytest.raises(ValueError, match="must evict"):
         KnockMemory(3, evict_when_full=False)
+
+
+def test_the_client_certificate_is_hashed_once_per_knock(pki: TestPKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier's certificate cache keys on the fingerprint; the trust check must not hash the DER again."""
+    alice_der = pki.alice.certificate.public_bytes(serialization.Encoding.DER)
+    hashed: list[bytes] = []
+
+    def counting(certificate: object) -> bytes:
+        digest = fingerprint(certificate)  # type: ignore[arg-type]
+        hashed.append(digest)
+        return digest
+
+    monkeypatch.setattr(sknock.verifier, "fingerprint", counting)
+    monkeypatch.setattr(sknock.trust, "fingerprint", counting)
+    verifier = make_verifier(pki)
+    now = NOW
+    verifier.check(client_for(pki, pki.alice).build_knock(TCP22, now=now), SOURCE, now)  # not cached yet
+    assert hashed.count(fingerprint(alice_der)) == 1

@@ -1,7 +1,9 @@
 """The worker's loop stages with a real verifier, a real socketpair and an in-memory capture.
 
 Knocks are real (the test PKI, real crypto); only the capture is replaced by a list of
-:class:`~sknock.server.packet.Datagram` values, so each stage can be driven one call at a time."""
+:class:`~sknock.server.packet.Datagram` values, so each stage can be driven one call at a time.
+Knocks are made and decided at the test PKI's fixed :data:`NOW`: the clients and the worker get it as
+their clock."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from sknock.addresses import IPAddress
 from sknock.client import KnockClient
 from sknock.errors import KnockRefused, Reason
 from sknock.ports import Protocol
@@ -25,7 +28,7 @@ from sknock.server.packet import Datagram
 from sknock.server.privsep import CRL_PREFIX, GrantRequest, parse_request
 from sknock.server.worker import RefusalLog, Worker, WorkerLimits
 from sknock.verifier import KnockVerifier, VerifierPolicy
-from tests.pki import TestPKI
+from tests.pki import NOW, TestPKI, at
 
 SOURCE = ipaddress.ip_address("198.18.0.2")
 OTHER = ipaddress.ip_address("fd00:5e::2")
@@ -39,17 +42,17 @@ class ListCapture:
     def __init__(self) -> None:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
-        self.remembered: list[tuple[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+        self.remembered: list[tuple[bytes, IPAddress]] = []
         self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
 
-    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def remember(self, payload: bytes, source: IPAddress) -> None:
         self.remembered.append((payload, source))
 
     def take_copies(self) -> list[bytes]:
         return []
 
-    def put(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address = SOURCE) -> None:
+    def put(self, payload: bytes, source: IPAddress = SOURCE) -> None:
         destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")
         self.pending.append(Datagram(payload, source, destination, 40000, 12345, 2))
         os.write(self._write, b"x")  # make the selector wake like a socket with data
@@ -107,11 +110,13 @@ def make_worker(
         capture=capture,
         channel=channel[0],
         limits=WorkerLimits(**limits),  # type: ignore[arg-type]
+        clock=at(NOW),
     )
 
 
 def alice(pki: TestPKI) -> KnockClient:
-    return KnockClient(credentials=pki.alice.credentials, server_cert=pki.server.certificate, work_bits=4)
+    return KnockClient(credentials=pki.alice.credentials, server_cert=pki.server.certificate, work_bits=4,
+                       clock=at(NOW))
 
 
 def received(firewall_end: socket.socket) -> list[GrantRequest]:
@@ -134,7 +139,7 @@ def test_accept_queues_only_what_passes_the_cheap_checks(
     pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = make_worker(pki, capture, channel)
-    now = time.time()
+    now = NOW
     good = alice(pki).build_knock([(Protocol.TCP, 22)], now=now)
     caplog.set_level(logging.INFO, logger="sknock.worker")
     worker.accept(good, SOURCE, now)
@@ -167,7 +172,7 @@ def test_read_batch_takes_at_most_read_batch_datagrams(
 ) -> None:
     worker = make_worker(pki, capture, channel, read_batch=3)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     for _ in range(5):
         capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
     assert worker.read_batch() == 3
@@ -182,7 +187,7 @@ def test_a_full_queue_counts_overload(
 ) -> None:
     worker = make_worker(pki, capture, channel, queue_size=3)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     caplog.set_level(logging.INFO, logger="sknock.worker")
     for _ in range(5):
         capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
@@ -205,7 +210,7 @@ def test_work_sends_open_requests_the_firewall_process_accepts(
 ) -> None:
     worker = make_worker(pki, capture, channel)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     caplog.set_level(logging.INFO, logger="sknock.worker")
     capture.put(client.build_knock([(Protocol.TCP, 22), (Protocol.UDP, 8000)], now=now, duration=60))
     capture.put(client.build_knock([(Protocol.TCP, 2005)], now=now), source=OTHER)
@@ -235,10 +240,10 @@ def test_expensive_refusals_are_logged_and_send_nothing_to_the_firewall_process(
     pki: TestPKI, capture: ListCapture, channel: tuple[socket.socket, socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = make_worker(pki, capture, channel)
-    now = time.time()
+    now = NOW
     caplog.set_level(logging.INFO, logger="sknock.worker")
     mallory = KnockClient(credentials=pki.mallory.credentials, server_cert=pki.server.certificate, work_bits=4,
-                          check_server_cert=False)
+                          check_server_cert=False, clock=at(NOW))
     capture.put(mallory.build_knock([(Protocol.TCP, 22)], now=now))
     capture.put(alice(pki).build_knock([(Protocol.TCP, 22)], now=now, source_address=OTHER), source=OTHER)
     capture.put(alice(pki).build_knock([(Protocol.TCP, 22)], now=now,
@@ -260,7 +265,7 @@ def test_close_now_sends_a_close_request(
 ) -> None:
     worker = make_worker(pki, capture, channel)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     caplog.set_level(logging.INFO, logger="sknock.worker")
     capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
     capture.put(client.build_knock([(Protocol.TCP, 22)], now=now + 0.1, action=Action.CLOSE))
@@ -280,7 +285,7 @@ def test_work_is_bounded_by_its_time_slice_but_always_makes_progress(
 ) -> None:
     worker = make_worker(pki, capture, channel, work_slice=0.0)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     for _ in range(4):
         capture.put(client.build_knock([(Protocol.TCP, 22)], now=now))
     worker.read_batch()
@@ -296,7 +301,7 @@ def test_run_serves_knocks_takes_the_monitors_crl_survives_sighup_and_stops_when
     import threading
 
     client = alice(pki)
-    capture.put(client.build_knock([(Protocol.TCP, 2001)], now=time.time()))
+    capture.put(client.build_knock([(Protocol.TCP, 2001)], now=NOW))
     monitor_end = channel[1]
     monitor_end.send(CRL_PREFIX + b"the CRL")
     crls: list[bytes] = []
@@ -312,7 +317,8 @@ def test_run_serves_knocks_takes_the_monitors_crl_survives_sighup_and_stops_when
         time.sleep(0.3)
         monitor_end.close()  # the monitor has gone
 
-    worker = Worker(verifier=make_verifier(pki), capture=capture, channel=channel[0], on_crl=crls.append)
+    worker = Worker(verifier=make_verifier(pki), capture=capture, channel=channel[0], on_crl=crls.append,
+                    clock=at(NOW))
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     helper = threading.Thread(target=monitor)
     started = time.monotonic()
@@ -357,7 +363,7 @@ def test_an_unexpected_exception_refuses_that_datagram_only(
     counted and logged on one rate-limited line, and the worker goes on."""
     worker = make_worker(pki, capture, channel)
     client = alice(pki)
-    now = time.time()
+    now = NOW
     worker.clock = lambda: now  # one second for the rate limit
     caplog.set_level(logging.INFO, logger="sknock.worker")
     trust = worker.verifier._trust
@@ -401,10 +407,10 @@ def test_a_subject_with_line_breaks_is_escaped_in_refusals_and_grants(
     from tests import forged
 
     worker = make_worker(pki, capture, channel)
-    now = time.time()
+    now = NOW
     caplog.set_level(logging.INFO, logger="sknock.worker")
     name = "eve\n2026-11-30 12:00:00,000 sknock[1] INFO sknock.firewall: granted tcp/22 to 6.6.6.6\r\x1b[0m\u2028"
-    key, certificate = forged.issue(pki.ca.key, pki.ca_cert, name, parse_ports("tcp/22"))  # type: ignore[arg-type]
+    key, certificate = forged.issue(pki.ca.key, pki.ca_cert, name, parse_ports("tcp/22"), now=pki.now())  # type: ignore[arg-type]
     der = certificate.public_bytes(serialization.Encoding.DER)
     capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 23)], now=now, work_bits=4))
     capture.put(forged.seal(der, key, pki.server.certificate, [(Protocol.TCP, 22)], now=now, work_bits=4))

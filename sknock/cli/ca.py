@@ -28,7 +28,7 @@ from cryptography import x509
 
 from .. import ca as ca_lib
 from ..credentials import resolve_password
-from ..errors import CredentialError, SknockError
+from ..errors import CAError, CredentialError, SknockError
 from ..ports import parse_ports
 
 PROG = "sknock-ca"
@@ -119,7 +119,7 @@ def _issue(args: argparse.Namespace, authority: ca_lib.CertificateAuthority, kin
     pass_file = pfx.with_name(pfx.name + ".pass")
     for existing in (pfx, pass_file):
         if existing.exists():
-            raise ca_lib.CAError(f"{existing} already exists: a {kind} named {name!r} was issued before; "
+            raise CAError(f"{existing} already exists: a {kind} named {name!r} was issued before; "
                                  "give this one a name of its own")
     password = _pfx_password(args, name)
     if password is not None:

@@ -11,7 +11,6 @@ from .seal import (
     ClientKey,
     ClientPublicKey,
     OpenedKnock,
-    Suite,
     fingerprint,
     max_certificate_size,
     open_knock,
@@ -21,7 +20,20 @@ from .seal import (
     suite_for_curve,
     verify_signature,
 )
-from .wire import BUCKETS, HEADER_SIZE, MAX_DATAGRAM, VERSION, Header, Prechecked, body_digest, precheck, solve_work
+from .wire import (
+    BUCKETS,
+    HEADER_SIZE,
+    MAX_DATAGRAM,
+    SUITE_CURVES_TEXT,
+    SUITES,
+    VERSION,
+    Header,
+    Prechecked,
+    Suite,
+    body_digest,
+    precheck,
+    solve_work,
+)
 
 __all__ = [
     "Action",
@@ -31,7 +43,6 @@ __all__ = [
     "ClientKey",
     "ClientPublicKey",
     "OpenedKnock",
-    "Suite",
     "fingerprint",
     "max_certificate_size",
     "open_knock",
@@ -43,6 +54,9 @@ __all__ = [
     "BUCKETS",
     "HEADER_SIZE",
     "MAX_DATAGRAM",
+    "SUITES",
+    "SUITE_CURVES_TEXT",
+    "Suite",
     "VERSION",
     "Header",
     "Prechecked",

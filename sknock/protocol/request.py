@@ -28,12 +28,12 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from ..addresses import IPAddress
 from ..errors import KnockRefused, Reason
 from ..ports import Protocol
 
 __all__ = ["Action", "KnockRequest", "ParsedPlaintext", "encode_request", "encode_plaintext", "parse_plaintext"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_PORTS = 32
 NONCE_SIZE = 16
 MAX_DURATION = 0xFFFFFFFF

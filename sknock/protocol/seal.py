@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -28,17 +29,17 @@ from ..errors import KnockBuildError, KnockRefused, Reason
 from .request import KnockRequest, encode_plaintext, parse_plaintext, signed_part
 from .wire import (
     BUCKETS,
-    HEADER_SIZE,
+    SUITE_CURVES_TEXT,
     SUITE_P256,
-    SUITE_P384,
+    SUITES,
     VERSION,
     Header,
     Prechecked,
+    Suite,
     solve_work,
 )
 
 __all__ = [
-    "Suite",
     "OpenedKnock",
     "ClientKey",
     "ClientPublicKey",
@@ -54,40 +55,27 @@ __all__ = [
 
 KDF_INFO = b"sknock/v1/key"
 SIGNATURE_DOMAIN = b"sknock/v1/signature"
-TAG_SIZE = 16
 
+#: The private keys a knock may be signed with (EC, Ed25519, RSA).  The one definition: credentials.py
+#: loads a client's key as one, and sknock-ca (ca.py) makes and signs with the same kinds.
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+#: Their public halves, as a client certificate carries them.
 ClientPublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
-@dataclass(frozen=True, slots=True)
-class Suite:
-    id: int
-    curve: ec.EllipticCurve
-    point_size: int  # uncompressed SEC1 point: decoding one costs the server 4 us, a compressed one 21 us
-
-    @property
-    def overhead(self) -> int:
-        """Bytes of a datagram that are not plaintext."""
-        return HEADER_SIZE + self.point_size + TAG_SIZE
-
-
-SUITES = {
-    SUITE_P256: Suite(SUITE_P256, ec.SECP256R1(), 65),
-    SUITE_P384: Suite(SUITE_P384, ec.SECP384R1(), 97),
-}
-
-
 def suite_for_curve(curve: ec.EllipticCurve) -> Suite:
+    """The suite a knock to a server key on ``curve`` uses; KnockBuildError when none does."""
     for suite in SUITES.values():
         if suite.curve.name == curve.name:
             return suite
-    raise KnockBuildError(f"server key curve {curve.name} is not supported: use P-256 or P-384")
+    raise KnockBuildError(f"server key curve {curve.name} is not supported: use {SUITE_CURVES_TEXT}")
 
 
-def fingerprint(certificate_der: bytes) -> bytes:
-    """SHA-256 of a certificate's DER encoding: the server identity every knock is bound to."""
-    return hashlib.sha256(certificate_der).digest()
+def fingerprint(certificate: bytes | x509.Certificate) -> bytes:
+    """SHA-256 of a certificate's DER encoding, given as DER or loaded: the server identity every knock is
+    bound to, and the identity by which sknock caches and logs any certificate.  The one such function."""
+    der = certificate if isinstance(certificate, bytes) else certificate.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).digest()
 
 
 def _derive(shared: bytes, header: Header, ephemeral: bytes, server_fingerprint: bytes) -> tuple[bytes, bytes]:

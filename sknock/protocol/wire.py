@@ -31,6 +31,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from ..errors import KnockRefused, Reason
 
 __all__ = [
@@ -40,6 +42,12 @@ __all__ = [
     "BUCKETS",
     "MAX_DATAGRAM",
     "MAX_WORK_BITS",
+    "SUITE_P256",
+    "SUITE_P384",
+    "SUITES",
+    "SUITE_CURVES_TEXT",
+    "Suite",
+    "TAG_SIZE",
     "Header",
     "Prechecked",
     "precheck",
@@ -56,13 +64,38 @@ HEADER_SIZE = _HEADER.size  # 22
 _AUTH_END = 14  # header bytes covered by the digest, AEAD and key derivation (everything before work_nonce)
 WORK_DOMAIN = b"sknock/v1/work"
 MAX_WORK_BITS = 32
+TAG_SIZE = 16  # the AES-256-GCM tag at the end of the ciphertext
 SUITE_P256 = 1
 SUITE_P384 = 2
-SUITES = frozenset({SUITE_P256, SUITE_P384})
 # Every knock is exactly one of these sizes, so the length reveals almost nothing of the certificate.
 # 1232 is the largest UDP payload that crosses any IPv6 path without fragmentation (1280 - 40 - 8).
 BUCKETS: tuple[int, ...] = (1024, 1232)
 MAX_DATAGRAM = BUCKETS[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    """One cipher suite: the curve of the server key and of the client's ephemeral key (ECDH), and the
+    size of that key's point in a datagram.  Every suite uses HKDF-SHA256 and AES-256-GCM."""
+
+    id: int
+    curve: ec.EllipticCurve
+    point_size: int  # an uncompressed SEC1 point: the server decodes it several times faster than a compressed one
+
+    @property
+    def overhead(self) -> int:
+        """Bytes of a datagram that are not plaintext."""
+        return HEADER_SIZE + self.point_size + TAG_SIZE
+
+
+#: Every suite of this protocol version, by the id the header carries: the one table the header check,
+#: the BPF filter, the sealing and opening of a knock, and the curves a server key may use all come from.
+SUITES: dict[int, Suite] = {
+    SUITE_P256: Suite(SUITE_P256, ec.SECP256R1(), 65),
+    SUITE_P384: Suite(SUITE_P384, ec.SECP384R1(), 97),
+}
+#: The curves of :data:`SUITES` as people name them, for messages: "P-256 or P-384".
+SUITE_CURVES_TEXT = " or ".join(f"P-{suite.curve.key_size}" for suite in SUITES.values())
 
 
 @dataclass(frozen=True, slots=True)

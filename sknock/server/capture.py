@@ -47,6 +47,7 @@ import sys
 from collections.abc import Sequence
 from types import TracebackType
 
+from ..addresses import IPAddress, is_bad_source
 from ..errors import ConfigError, SknockError
 from ..replay import RecentKeys
 from .bpf import DEFAULT_MAX_PACKET, Instruction, build_filter, pack
@@ -126,7 +127,7 @@ class _Receiver:
         self._recent = RecentKeys(RECENT_PAYLOADS)
         self._copies: list[bytes] = []
 
-    def remember(self, payload: bytes, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def remember(self, payload: bytes, source: IPAddress) -> None:
         """``payload`` from ``source`` passed the cheap checks: drop exact copies of it from that
         source from now on."""
         self._recent.add(hash((payload, source.packed)))
@@ -252,13 +253,14 @@ class UdpCapture(_Receiver):
         if flags & socket.MSG_TRUNC:
             self.stats["truncated"] += 1
             return None
-        if self._is_copy(data, _packed(address[0])):
+        packed = _packed(address[0])
+        if self._is_copy(data, packed):
             return None
-        source = ipaddress.ip_address(address[0])
-        if source.is_multicast or source.is_unspecified:
+        if is_bad_source(packed):
             self.stats["bad-source"] += 1
             return None
-        destination: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(sock.getsockname()[0])
+        source = ipaddress.ip_address(address[0])
+        destination: IPAddress = ipaddress.ip_address(sock.getsockname()[0])
         ifindex = 0
         for level, kind, value in ancillary:
             if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= 12:

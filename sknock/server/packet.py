@@ -17,8 +17,8 @@ socket, and only the plain forms of it":
   ESP or any other header is refused.
 * UDP: a length field of at least 8 and no larger than the IP payload (a shorter one is honoured and
   the rest ignored, as the kernel does).
-* Source addresses that cannot be answered (unspecified, multicast, IPv4 limited broadcast) are
-  refused: a knock from them could only be forged.
+* Source addresses that cannot be answered (unspecified, multicast, IPv4 limited broadcast:
+  :func:`~sknock.addresses.is_bad_source`) are refused: a knock from them could only be forged.
 
 UDP checksums are deliberately *not* verified.  On the receive side of veth pairs, loopback and
 offloading NICs the packet socket sees packets with ``CHECKSUM_PARTIAL`` or already-verified
@@ -34,6 +34,7 @@ import struct
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
+from ..addresses import IPAddress, is_bad_source
 from ..errors import SknockError
 
 __all__ = ["Datagram", "PacketError", "parse_datagram", "MAX_EXTENSION_HEADERS", "REASONS"]
@@ -75,8 +76,8 @@ class Datagram(NamedTuple):
     """
 
     payload: bytes
-    source: IPv4Address | IPv6Address
-    destination: IPv4Address | IPv6Address
+    source: IPAddress
+    destination: IPAddress
     source_port: int
     dest_port: int
     ifindex: int
@@ -129,10 +130,9 @@ def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
         raise PacketError("fragment", "IPv4 fragment")
     if proto != _UDP:
         raise PacketError("not-udp", f"IPv4 protocol {proto}")
-    source = int.from_bytes(src, "big")
-    if source == 0 or source >> 28 == 0xE or source == 0xFFFFFFFF:  # unspecified, multicast, broadcast
-        raise PacketError("bad-source", f"source {IPv4Address(source)}")
-    return _parse_udp(data, header_len, total, IPv4Address(source), IPv4Address(dst), ifindex)
+    if is_bad_source(src):
+        raise PacketError("bad-source", f"source {IPv4Address(src)}")
+    return _parse_udp(data, header_len, total, IPv4Address(int.from_bytes(src, "big")), IPv4Address(dst), ifindex)
 
 
 _IPV4_WORDS = struct.Struct("!10H")
@@ -209,10 +209,10 @@ def _parse_ipv6(data: bytes, ifindex: int) -> Datagram:
         if next_header in _OTHER_EXTENSIONS:
             raise PacketError("ext-header", f"extension header {next_header} is not accepted")
         raise PacketError("not-udp", f"IPv6 next header {next_header}")
-    source = IPv6Address(data[8:24])
-    if source.is_multicast or source.is_unspecified:
-        raise PacketError("bad-source", f"source {source}")
-    return _parse_udp(data, offset, end, source, IPv6Address(data[24:40]), ifindex)
+    source = data[8:24]
+    if is_bad_source(source):
+        raise PacketError("bad-source", f"source {IPv6Address(source)}")
+    return _parse_udp(data, offset, end, IPv6Address(source), IPv6Address(data[24:40]), ifindex)
 
 
 def _check_ipv6_options(options: bytes, header: int) -> None:
@@ -239,8 +239,8 @@ def _parse_udp(
     data: bytes,
     start: int,
     end: int,
-    source: IPv4Address | IPv6Address,
-    destination: IPv4Address | IPv6Address,
+    source: IPAddress,
+    destination: IPAddress,
     ifindex: int,
 ) -> Datagram:
     """The UDP datagram in ``data[start:end]`` (the IP payload), read in place."""

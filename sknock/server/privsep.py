@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
+from ..addresses import IPAddress, is_bad_source
 from ..errors import SknockError
 from ..ports import Protocol
 from .firewall.base import Opening
@@ -57,7 +58,6 @@ MAX_MESSAGE = _LAYOUT.size + MAX_IDS * _ID.size + 4 * MAX_CLIENT
 _OPS: dict[int, Literal["open", "close"]] = {1: "open", 2: "close"}
 _OP_CODES = {name: code for code, name in _OPS.items()}
 _PROTOCOLS = {int(p): p for p in Protocol}
-_V4_LIMITED_BROADCAST = 0xFFFFFFFF
 
 
 class PrivsepError(SknockError):
@@ -128,16 +128,16 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     protocol = _PROTOCOLS.get(protocol_code)
     if protocol is None or reserved:
         raise PrivsepError(f"bad protocol {protocol_code} (reserved byte {reserved})")
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    address: IPAddress
     if family == 4:
         if raw_address[4:] != bytes(12):
             raise PrivsepError("bad address: an IPv4 address with bytes after its fourth")
-        value = int.from_bytes(raw_address[:4], "big")
-        if value == 0 or value >> 28 == 0xE or value == _V4_LIMITED_BROADCAST:
-            raise PrivsepError(f"address {ipaddress.IPv4Address(value)} cannot be granted")
-        address = ipaddress.IPv4Address(value)
+        packed = raw_address[:4]
+        if is_bad_source(packed):
+            raise PrivsepError(f"address {ipaddress.IPv4Address(packed)} cannot be granted")
+        address = ipaddress.IPv4Address(int.from_bytes(packed, "big"))
     elif family == 6:
-        if raw_address == bytes(16) or raw_address[0] == 0xFF:
+        if is_bad_source(raw_address):
             raise PrivsepError(f"address {ipaddress.IPv6Address(raw_address)} cannot be granted")
         address = ipaddress.IPv6Address(raw_address)
     else:
