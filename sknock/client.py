@@ -44,6 +44,7 @@ from .errors import (
 )
 from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
+from .protocol.wire import DEFAULT_WORK_BITS
 from .trust import verify_server_certificate
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "load_server_certificate",
 ]
 
-DEFAULT_WORK_BITS = 12  # the server's default workBits
 Target = tuple[int, str, IPAddress]  # (family, host as given, resolved address)
 
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .certificate import describe_name, tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
-from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, fingerprint
+from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey
 
 __all__ = [
     "ClientCredentials",
@@ -235,11 +235,6 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
             return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise CredentialError(f"certificate file {path}: not PEM or DER certificates ({exc})") from None
-
-
-# Transitional, not part of the API: server/daemon.py still imports this name.  It goes (with
-# ``fingerprint`` from the import above) once daemon.py imports sknock.protocol.fingerprint (issue 10).
-certificate_fingerprint = fingerprint
 
 
 def resolve_password(

@@ -52,6 +52,7 @@ from .protocol import (
     precheck,
     verify_signature,
 )
+from .protocol.wire import DEFAULT_WORK_BITS
 from .replay import ReplayCache
 from .trust import ClientVerifier, RevocationId, VerifiedClient, parse_client_certificate
 
@@ -66,7 +67,7 @@ MAX_SOURCES_PER_KNOCK = 8
 @dataclass(frozen=True, slots=True)
 class VerifierPolicy:
     timestamp_threshold: float = 7.0  # TIMESTAMP_THRESHOLD_IN_SECONDS
-    min_work_bits: int = 12
+    min_work_bits: int = DEFAULT_WORK_BITS
     default_duration: float = 15.0  # PORT_OPEN_DURATION_IN_SECONDS
     max_duration: float = 3600.0  # the longest a client may ask for
     require_source_address: bool = False

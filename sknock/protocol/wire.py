@@ -42,6 +42,7 @@ __all__ = [
     "BUCKETS",
     "MAX_DATAGRAM",
     "MAX_WORK_BITS",
+    "DEFAULT_WORK_BITS",
     "SUITE_P256",
     "SUITE_P384",
     "SUITES",
@@ -64,6 +65,8 @@ HEADER_SIZE = _HEADER.size  # 22
 _AUTH_END = 14  # header bytes covered by the digest, AEAD and key derivation (everything before work_nonce)
 WORK_DOMAIN = b"sknock/v1/work"
 MAX_WORK_BITS = 32
+#: The proof of work a server demands and a client does, unless configured otherwise (workBits).
+DEFAULT_WORK_BITS = 12
 TAG_SIZE = 16  # the AES-256-GCM tag at the end of the ciphertext
 SUITE_P256 = 1
 SUITE_P384 = 2

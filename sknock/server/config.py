@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, Protocol, parse_ports
+from ..protocol.wire import DEFAULT_WORK_BITS
 from .firewall.base import PolicyMode
 from .firewall.command import TemplateError, split_template
 from .firewall.detect import FirewallBackend
@@ -480,7 +481,7 @@ OPTIONS: tuple[Option, ...] = (
         section=_RECEPTION, original=True,
     ),
     Option(
-        "workBits", "work_bits", "12", _Integer(0, 24),
+        "workBits", "work_bits", str(DEFAULT_WORK_BITS), _Integer(0, 24),
         doc="Proof of work demanded of every knock, in bits. 0..24.",
         section=_RECEPTION,
     ),

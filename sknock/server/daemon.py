@@ -35,10 +35,11 @@ from pathlib import Path
 import schedule
 from cryptography import x509
 
-from ..credentials import ServerCredentials, certificate_fingerprint, load_certificates, load_server_pfx
+from ..credentials import ServerCredentials, load_certificates, load_server_pfx
 from ..errors import CertificateError, ConfigError, Reason, SknockError
 from ..logsafe import log_safe
 from ..ports import PortRange, PortSet, Protocol
+from ..protocol import fingerprint
 from ..trust import ClientVerifier, cas_without_crl, crl_signer, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, CrlSource, Revocation, ServerConfig, load_config
@@ -190,7 +191,7 @@ def _check_crl_issuers(config: ServerConfig, held: Sequence[HeldCrl | None], cas
         signer = crl_signer(crl.crl, cas) if crl is not None else None
         if signer is None:
             continue
-        other = by_signer.setdefault(certificate_fingerprint(signer), source)
+        other = by_signer.setdefault(fingerprint(signer), source)
         if other is not source:
             raise ConfigError(
                 f"{config.source}: crlFile: {other.file} and {source.file} are both CRLs of "

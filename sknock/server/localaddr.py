@@ -21,9 +21,10 @@ import struct
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from ..addresses import IPAddress
+
 __all__ = ["DestinationFilter", "host_addresses"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NLMSG = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 from typing import Protocol as TypingProtocol
 
+from ..addresses import IPAddress
 from ..errors import KnockRefused, Reason
 from ..protocol import Action, Prechecked
 from ..verifier import Grant, KnockVerifier
@@ -33,7 +34,6 @@ from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, encode_request
 __all__ = ["Worker", "WorkerLimits", "RefusalLog"]
 
 log = logging.getLogger("sknock.worker")
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Capture(TypingProtocol):

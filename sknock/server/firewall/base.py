@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import abc
 import enum
-import ipaddress
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from ...addresses import IPAddress
 from ...errors import SknockError
 from ...ports import PortSet, Protocol
 
-__all__ = ["Address", "Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "PolicyMode", "check_duration"]
+__all__ = ["Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "PolicyMode", "check_duration"]
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PolicyMode(enum.StrEnum):
@@ -52,7 +51,7 @@ class Opening:
     address, the port named in a certificate) and a bad one must never reach a firewall call.
     """
 
-    address: Address
+    address: IPAddress
     protocol: Protocol
     port: int
     # Computed once: the monitor hashes each opening several times per grant, and an
@@ -60,7 +59,7 @@ class Opening:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if not isinstance(self.address, IPAddress):
             raise FirewallError("-", f"opening address must be an IPv4Address or IPv6Address, not {self.address!r}")
         if not isinstance(self.protocol, Protocol):
             raise FirewallError("-", f"opening protocol must be a Protocol, not {self.protocol!r}")
