@@ -26,7 +26,9 @@ these (``tests/test_errors.py`` checks this list against the code):
 * ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace.
 
 Not sknock errors: ``sknock.server.firewall.nfnetlink.NetlinkError`` is an ``OSError`` (a kernel's
-answer) that the nftables backend turns into a ``FirewallError``; and exceptions whose names begin with
+answer) that the nftables backend turns into a ``FirewallError``;
+``sknock.server.firewall.command.TemplateError`` is a ``ValueError`` of the template rule that its two
+callers turn into a ``ConfigError`` (naming the key) or a ``FirewallError``; and exceptions whose names begin with
 an underscore (``_Usage`` in the CLIs, ``_FetchFailed`` in the CRL refresher) are control flow inside one
 module and never leave it.
 """
