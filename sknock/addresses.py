@@ -23,7 +23,7 @@ def is_bad_source(packed: bytes) -> bool:
     Nothing can be answered at such an address, so a knock from it could only be forged.
 
     ``packed`` is the address as the IP header carries it (4 or 16 bytes, like ``IPv4Address.packed``):
-    the capture and the root process check it before they build an address object, with a few byte
+    the capture and the monitor check it before they build an address object, with a few byte
     comparisons (``ipaddress``'s ``is_multicast`` costs a network containment test).
     """
     if len(packed) == 4:

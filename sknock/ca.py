@@ -88,9 +88,11 @@ class Entry:
 
     @property
     def revoked(self) -> bool:
+        """Whether the CA has revoked this certificate (it then appears on the CRLs the CA issues)."""
         return self.revoked_at is not None
 
     def to_json(self) -> dict[str, Any]:
+        """This entry as it is written to ``index.json`` (serial in hex, dates in ISO 8601)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -103,6 +105,8 @@ class Entry:
 
     @classmethod
     def from_json(cls, raw: Any, source: Path) -> Entry:
+        """Read one entry of ``index.json`` (``source`` names the file in errors); raises :class:`CAError`
+        when the entry is malformed."""
         try:
             kind = raw["kind"]
             if kind not in ("server", "client", "intermediate"):
@@ -194,6 +198,7 @@ class CertificateAuthority:
 
     @property
     def index_path(self) -> Path:
+        """The CA's ``index.json``: the record of every certificate it issued and its CRL number."""
         return self.directory / "index.json"
 
     def _load_index(self) -> dict[str, Any]:
@@ -204,6 +209,8 @@ class CertificateAuthority:
         return read_index(self.directory)
 
     def entry(self, name: str) -> Entry:
+        """The issued certificate called ``name``; raises :class:`CAError` when this CA issued none by that
+        name."""
         for e in self.entries():
             if e.name == name:
                 return e

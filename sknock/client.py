@@ -372,6 +372,7 @@ class AsyncKnockClient:
 
     @property
     def client(self) -> KnockClient:
+        """The synchronous :class:`KnockClient` this wraps (its credentials and server certificate)."""
         return self._client
 
     async def knock(
@@ -388,6 +389,10 @@ class AsyncKnockClient:
         family: int | str | None = None,
         duration: int | None = None,
     ) -> bool:
+        """Knock for ``protocol/port`` on ``host`` without blocking the event loop (signing and the proof of
+        work run in an executor).  With ``verify`` (TCP only), confirm by connecting, knocking again up to
+        ``retries`` times within ``timeout`` seconds in all; True when the port is open.  Otherwise True once
+        sent."""
         _check_timeout(timeout)
         loop = asyncio.get_running_loop()
         tries = max(1, retries if verify else 1)

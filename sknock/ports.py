@@ -28,10 +28,12 @@ class Protocol(enum.IntEnum):
 
     @property
     def label(self) -> str:
+        """The protocol's name as people and the firewall write it: ``tcp`` or ``udp``."""
         return self.name.lower()
 
     @classmethod
     def from_label(cls, text: str) -> Protocol:
+        """Parse ``tcp`` or ``udp`` (any case); raises :class:`PortSpecError` for anything else."""
         try:
             return cls[text.strip().upper()]
         except KeyError:
@@ -60,6 +62,7 @@ class PortRange:
         return bool(protocol == self.protocol and isinstance(port, int) and self.first <= port <= self.last)
 
     def ports(self) -> range:
+        """Every port of the range, in order."""
         return range(self.first, self.last + 1)
 
     def __str__(self) -> str:
@@ -67,6 +70,7 @@ class PortRange:
         return f"{self.protocol.label}/{span}"
 
     def certificate_form(self) -> str:
+        """The range as the certificate extension writes it: ``<protocol number>.<first>[-<last>]``."""
         span = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
         return f"{int(self.protocol)}.{span}"
 
@@ -79,6 +83,7 @@ class PortSet:
 
     @classmethod
     def of(cls, ranges: Iterable[PortRange]) -> PortSet:
+        """A port set from ``ranges`` in any order; duplicates are dropped and the ranges sorted."""
         return cls(tuple(sorted(set(ranges))))
 
     def __contains__(self, item: object) -> bool:
@@ -91,6 +96,8 @@ class PortSet:
         return ",".join(str(r) for r in self.ranges) or "(none)"
 
     def certificate_form(self) -> str:
+        """The set as the certificate extension writes it: comma-separated
+        :meth:`PortRange.certificate_form`."""
         return ",".join(r.certificate_form() for r in self.ranges)
 
 

@@ -47,6 +47,7 @@ class ReplayCache:
         return expiry is not None and expiry >= now
 
     def expire(self, now: float) -> None:
+        """Forget every key whose expiry is before ``now``."""
         heap = self._heap
         while heap and heap[0][0] < now:
             expiry, key = heapq.heappop(heap)
@@ -93,6 +94,8 @@ class RecentKeys:
         return key in self._keys
 
     def add(self, key: int) -> None:
+        """Remember ``key``, forgetting the oldest key when ``capacity`` are held; adding a held key changes
+        nothing."""
         if key in self._keys:
             return
         old = self._ring[self._next]

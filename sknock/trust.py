@@ -50,6 +50,7 @@ RevocationId = tuple[bytes, int]
 
 
 def revocation_id(issuer: x509.Name, serial: int) -> RevocationId:
+    """The :data:`RevocationId` of the certificate ``serial`` from ``issuer``: how a CRL entry names it."""
     return hashlib.sha256(issuer.public_bytes()).digest(), serial
 
 
@@ -233,7 +234,7 @@ class ClientVerifier:
     Build a new one when the CRLs change; it holds no mutable state, so one instance can serve
     many threads.  ``require_crl=True`` refuses (``crl-unavailable``) a chain in which some issuer
     has no CRL loaded, or only one past its nextUpdate -- unless ``accept_stale_crl``, with which a CRL
-    past its nextUpdate still counts (the daemon keeps the last good CRL while the CRL URL is down, and
+    past its nextUpdate still counts (the monitor keeps the last good CRL while the CRL URL is down, and
     reports it loudly).
     """
 

@@ -1,7 +1,7 @@
 """The server's decision, sans-I/O: ``check(datagram, source, now) -> Grant`` or :class:`KnockRefused`.
 
 This is the whole verification pipeline of a knock server with no sockets, no clock and no firewall:
-the daemon feeds it datagrams and the time, and applies the grants it returns.  Cheapest checks first::
+a worker feeds it datagrams and the time, and applies the grants it returns.  Cheapest checks first::
 
     length, version, suite, clear time, key id, proof of work     (wire.precheck: two hashes)
     copies: what is known of the body digest already               (a dict lookup)
@@ -66,6 +66,9 @@ MAX_SOURCES_PER_KNOCK = 8
 
 @dataclass(frozen=True, slots=True)
 class VerifierPolicy:
+    """The verifier's limits, from the server's configuration: times in seconds, work in leading zero bits,
+    capacities in entries."""
+
     timestamp_threshold: float = 7.0  # TIMESTAMP_THRESHOLD_IN_SECONDS
     min_work_bits: int = DEFAULT_WORK_BITS
     default_duration: float = 15.0  # PORT_OPEN_DURATION_IN_SECONDS
@@ -147,13 +150,17 @@ class KnockMemory:
         return len(self._entries)
 
     def get(self, digest: bytes, now: float) -> _Knock | None:
+        """What is known of ``digest``, or None when it was never seen or has expired by ``now``."""
         knock = self._entries.get(digest)
         return knock if knock is not None and knock.expiry >= now else None
 
     def seen(self, digest: bytes, now: float) -> bool:
+        """Whether ``digest`` is remembered and not expired at ``now``."""
         return self.get(digest, now) is not None
 
     def add(self, digest: bytes, knock: _Knock, now: float) -> None:
+        """Remember ``knock`` under ``digest`` until its expiry, first dropping what has expired and, when
+        full, what expires first."""
         heap, entries = self._heap, self._entries
         while heap and (heap[0][0] < now or len(entries) >= self.capacity):
             expiry, old = heapq.heappop(heap)

@@ -57,6 +57,8 @@ def _config_path(given: str | None) -> Path:
 
 
 def status(config_path: Path) -> int:
+    """``sknock-server status``: print the backend, the CRLs and the open grants of the running server.  Exit
+    0, or 2 when the configuration or the server cannot be read."""
     from ..server.config import load_config
     from ..server.control import query_status
 
@@ -88,6 +90,9 @@ def status(config_path: Path) -> int:
 
 
 def close(config_path: Path, args: argparse.Namespace) -> int:
+    """``sknock-server close``: ask the running server to close the grants of one client, serial or address
+    now.  Exit 0; 1 when some could not be closed (the server retries them); 2 on a usage or connection
+    error."""
     from ..server.config import load_config
     from ..server.control import query
 
@@ -117,6 +122,8 @@ def close(config_path: Path, args: argparse.Namespace) -> int:
 
 
 def boot_ruleset(config_path: Path) -> int:
+    """``sknock-server boot-ruleset``: print the file the host's firewall should load at boot so sknock's
+    policy holds before the server starts.  Exit 2 when the backend has none."""
     from ..server.config import load_config
     from ..server.daemon import make_server_firewall
 
@@ -171,6 +178,7 @@ def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sknock-server``: parse ``argv`` and run the command; returns the exit code."""
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
     try:

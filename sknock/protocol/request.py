@@ -41,6 +41,8 @@ _FIXED = struct.Struct("!Q16sBB")
 
 
 class Action(enum.IntEnum):
+    """What a knock asks for: open its ports (for a duration), or close them now."""
+
     OPEN = 1
     CLOSE = 2
 
@@ -73,6 +75,9 @@ class KnockRequest:
 
 @dataclass(frozen=True, slots=True)
 class ParsedPlaintext:
+    """A decrypted plaintext split into its parts; nothing in it is verified yet (the signature and
+    certificate are the verifier's job)."""
+
     request: KnockRequest
     certificate: bytes
     signature: bytes
@@ -80,6 +85,7 @@ class ParsedPlaintext:
 
 
 def encode_request(request: KnockRequest) -> bytes:
+    """The wire form of ``request``'s fields (everything before the certificate in the plaintext layout)."""
     address = request.source_address
     family = 0 if address is None else address.version
     out = bytearray(_FIXED.pack(request.timestamp_ms, request.nonce, request.action, family))
@@ -92,6 +98,8 @@ def encode_request(request: KnockRequest) -> bytes:
 
 
 def encode_plaintext(signed_part: bytes, signature: bytes, size: int) -> bytes:
+    """The plaintext: ``signed_part``, the signature, then zero padding to ``size`` bytes; raises ValueError
+    when they do not fit."""
     body = signed_part + struct.pack("!H", len(signature)) + signature
     if len(body) > size:
         raise ValueError(f"plaintext needs {len(body)} bytes, {size} available")
@@ -99,6 +107,8 @@ def encode_plaintext(signed_part: bytes, signature: bytes, size: int) -> bytes:
 
 
 def signed_part(request: KnockRequest, certificate: bytes) -> bytes:
+    """The bytes a client signs: the encoded request followed by its certificate (DER); raises ValueError for
+    an empty or oversized certificate."""
     if not 0 < len(certificate) <= 0xFFFF:
         raise ValueError("certificate size out of range")
     return encode_request(request) + struct.pack("!H", len(certificate)) + certificate
@@ -130,6 +140,8 @@ class _Reader:
 
 
 def parse_plaintext(data: bytes) -> ParsedPlaintext:
+    """Split a decrypted plaintext into request, certificate and signature.  Total: raises only
+    :class:`KnockRefused` (``malformed``), whatever the bytes."""
     r = _Reader(data)
     timestamp_ms = int.from_bytes(r.take(8, "timestamp"), "big")
     nonce = r.take(NONCE_SIZE, "nonce")

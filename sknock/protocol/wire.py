@@ -103,6 +103,9 @@ SUITE_CURVES_TEXT = " or ".join(f"P-{suite.curve.key_size}" for suite in SUITES.
 
 @dataclass(frozen=True, slots=True)
 class Header:
+    """The cleartext header of a knock datagram, as :func:`parse_header` reads it; fields as in the layout
+    above."""
+
     version: int
     suite: int
     work_bits: int
@@ -112,6 +115,7 @@ class Header:
     work_nonce: int
 
     def pack(self) -> bytes:
+        """The header's wire bytes (``HEADER_SIZE`` of them, magic included)."""
         return _HEADER.pack(
             MAGIC, self.version, self.suite, self.work_bits, self.flags, self.coarse_time, self.key_id, self.work_nonce
         )
@@ -137,17 +141,21 @@ class Prechecked:
 
 
 def leading_zero_bits(digest: bytes) -> int:
+    """How many leading zero bits ``digest`` has: what a proof of work is measured in."""
     value = int.from_bytes(digest, "big")
     return len(digest) * 8 - value.bit_length()
 
 
 def body_digest(datagram: bytes) -> bytes:
+    """SHA-256 over the authenticated header and the body, without the work nonce: the datagram's identity
+    for the proof of work and the pre-crypto replay cache."""
     h = hashlib.sha256(datagram[:_AUTH_END])
     h.update(datagram[HEADER_SIZE:])
     return h.digest()
 
 
 def work_hash(digest: bytes, work_nonce: int) -> bytes:
+    """The hash whose leading zero bits count as the proof of work for ``digest`` and ``work_nonce``."""
     return hashlib.sha256(WORK_DOMAIN + digest + work_nonce.to_bytes(8, "big")).digest()
 
 
@@ -170,6 +178,8 @@ def solve_work(datagram: bytes, work_bits: int, *, start: int = 0, limit: int = 
 
 
 def parse_header(datagram: bytes) -> Header:
+    """Read and check a datagram's header (length bucket, magic, version, suite, flags); raises
+    :class:`KnockRefused` with the reason.  Checks no time, key id or work."""
     if len(datagram) not in BUCKETS:
         raise KnockRefused(Reason.BAD_LENGTH, f"{len(datagram)} bytes; knocks are {' or '.join(map(str, BUCKETS))}")
     magic, version, suite, work_bits, flags, coarse_time, key_id, work_nonce = _HEADER.unpack_from(datagram)
