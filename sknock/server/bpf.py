@@ -1,7 +1,7 @@
 """The classic BPF program attached to the knock capture socket (``SO_ATTACH_FILTER``).
 
 The capture socket is an ``AF_PACKET``/``SOCK_DGRAM`` socket listening to every protocol, so without a
-filter the daemon would wake for every packet the host sees.  This program runs in the kernel for each
+filter a worker would wake for every packet the host sees.  This program runs in the kernel for each
 packet and keeps only what may be a knock, so that userspace never copies the rest:
 
 1. packet type ``PACKET_HOST`` only (ancillary ``SKF_AD_PKTTYPE``): our own outgoing packets, other

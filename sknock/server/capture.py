@@ -1,6 +1,6 @@
 """Receiving knock datagrams: the only module of the capture edge that touches sockets.
 
-Two receivers with one shape (``filenos()`` for the daemon's selector, ``receive()`` to drain,
+Two receivers with one shape (``filenos()`` for a worker's selector, ``receive()`` to drain,
 ``stats`` to count what was refused, ``close()``; both are context managers):
 
 * :func:`open_packet_capture` -- the normal mode.  ``AF_PACKET``/``SOCK_DGRAM`` sockets listening to
@@ -13,8 +13,8 @@ Two receivers with one shape (``filenos()`` for the daemon's selector, ``receive
   The port is then open (and visible to a scanner only by silence, since UDP never answers).
 
 Privileges: the kernel checks ``CAP_NET_RAW`` only when a packet socket is created; binding, attaching
-the filter and reading need none.  So the daemon opens the capture as root and may then drop to an
-unprivileged user (``setgid``/``setuid``) and keep reading; ``tests/test_capture.py`` checks this.
+the filter and reading need none.  So the server opens the captures as root and each worker then drops to
+an unprivileged user (``setgid``/``setuid``) and keep reading; ``tests/test_capture.py`` checks this.
 The filter is locked (``SO_LOCK_FILTER``) so that a compromised process cannot widen it either.
 
 Receiving never raises for what arrives: a malformed packet is counted in ``stats`` under its
@@ -62,7 +62,7 @@ __all__ = [
     "DEFAULT_RCVBUF",
 ]
 
-#: Receive buffer per socket: room for thousands of knocks while the daemon verifies signatures.
+#: Receive buffer per socket: room for thousands of knocks while the workers verify signatures.
 DEFAULT_RCVBUF = 4 * 1024 * 1024
 #: Hashes of recent datagrams that passed the worker's cheap checks (see "Exact copies" above).
 RECENT_PAYLOADS = 16384

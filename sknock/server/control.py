@@ -30,6 +30,10 @@ class ControlError(SknockError):
 
 
 class ControlServer:
+    """The server's end of the control socket: created root-only at ``path`` (a stale socket left by a
+    crashed run is replaced), non-blocking, served from the monitor's loop.  Raises :class:`ControlError`
+    when it cannot be created."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
@@ -49,6 +53,8 @@ class ControlServer:
             raise ControlError(f"control socket {path}: {exc}") from None
 
     def serve_one(self, handlers: Mapping[str, Handler]) -> None:
+        """Answer one waiting client with ``handlers`` (command word to handler); returns at once when none
+        is waiting.  A client that sends nothing within a second is dropped."""
         try:
             conn, _ = self.socket.accept()
         except BlockingIOError:
@@ -62,6 +68,7 @@ class ControlServer:
                 return
 
     def close(self) -> None:
+        """Close the socket and remove its file."""
         self.socket.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -107,4 +114,5 @@ def query(path: Path, command: str, arguments: Mapping[str, object] | None = Non
 
 
 def query_status(path: Path, timeout: float = 5.0) -> dict[str, object]:
+    """The running server's ``status`` answer (backend, CRLs, open grants); raises :class:`ControlError`."""
     return query(path, "status", timeout=timeout)

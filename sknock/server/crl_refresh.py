@@ -49,7 +49,8 @@ __all__ = [
     "FETCHED_HEADER",
 ]
 
-#: A CRL larger than this is refused: even big CAs' CRLs are a few MiB, and the daemon holds it in memory.
+#: A CRL larger than this is refused: even big CAs' CRLs are a few MiB, and the monitor and each worker hold it
+#: in memory.
 MAX_CRL_BYTES = 16 * 1024 * 1024
 
 #: What the CRL fetcher puts before the bytes it downloaded: the index of their source (u16, big-endian).
@@ -112,8 +113,8 @@ class CrlRefresher:
         announce: bool = True,
         read_existing: bool = True,
     ) -> None:
-        # Where a verified new CRL goes: by default written atomically to crl_file; the daemon's
-        # unprivileged worker instead hands the bytes to the monitor, which may write there.
+        # Where a verified new CRL goes: by default written atomically to crl_file; the unprivileged
+        # CRL fetcher instead hands the bytes to the monitor, which may write there.
         self._store = store or (lambda data: write_atomic(self.crl_file, data))
         if not source or "\x00" in source:
             raise ValueError(f"bad CRL source {source!r}")
@@ -389,8 +390,8 @@ def schedule_refresh(
     """Run ``refresher.refresh(clock())`` every ``minutes`` on ``scheduler`` and hand each result to
     ``on_result``; returns the schedule Job (``job.run()`` refreshes now, as on SIGHUP).
 
-    The daemon owns the Scheduler and calls ``run_pending()`` from its loop, so no thread is started
-    here.  An unexpected exception in a refresh or in ``on_result`` is logged, not raised, so a bug in
+    The caller (the CRL fetcher process) owns the Scheduler and calls ``run_pending()`` from its loop, so no
+    thread is started here.  An unexpected exception in a refresh or in ``on_result`` is logged, not raised, so a bug in
     the CRL edge does not stop the knock server (which keeps its last good CRL).
     """
     if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
@@ -455,6 +456,7 @@ class CrlSet:
 
     @property
     def sources(self) -> list[str]:
+        """Each refresher's source (URL or path), in the configuration's order."""
         return [r.source for r in self.refreshers]
 
     def fetched(self) -> list[int]:

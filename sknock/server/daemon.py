@@ -93,9 +93,12 @@ class Server:
         return ClientVerifier(self.roots, self.intermediates, crls, require_crl=True, accept_stale_crl=True)
 
     def crls_in_hand(self) -> list[x509.CertificateRevocationList]:
+        """The verified CRLs loaded at the start, one per source that had a good one."""
         return [held.crl for held in self.crls if held is not None]
 
     def verifier(self) -> KnockVerifier:
+        """A new knock verifier from the configuration, trusting the CRLs in hand at the start (a worker
+        swaps in the set the monitor sends it before it verifies anything)."""
         c = self.config
         return KnockVerifier(
             server_key=self.credentials.key,
@@ -112,6 +115,8 @@ class Server:
 
 
 def setup_logging(config: ServerConfig | None, level: str = "INFO") -> None:
+    """Send sknock's log to the configured ``logFile`` (or stderr) at the configured level; ``level`` is used
+    without a configuration."""
     handler: logging.Handler
     if config is not None and config.log_file is not None:
         handler = logging.FileHandler(config.log_file)

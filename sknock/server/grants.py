@@ -141,4 +141,5 @@ class GrantTable:
         return [(e.opening, e.expires_at - now) for e in self._entries.values() if e.expires_at > now]
 
     def entries(self) -> list[GrantEntry]:
+        """Every grant the monitor holds, soonest to expire first (for ``status`` and the ledger)."""
         return sorted(self._entries.values(), key=lambda e: e.expires_at)

@@ -108,6 +108,7 @@ class KnockJournal:
         self._appended = 0
 
     def close(self) -> None:
+        """Close the journal file; safe to call more than once.  What was appended is already on disk."""
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

@@ -34,6 +34,9 @@ class LedgerError(SknockError):
 
 
 class GrantLedger:
+    """The ledger file at ``path``: what a backend without kernel expiry has open, read at the start and
+    rewritten by the monitor whenever its grants change."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._written: list[dict[str, object]] | None = None

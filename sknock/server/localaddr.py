@@ -89,6 +89,9 @@ class DestinationFilter:
     _read_at: float = -1e18
 
     def allows(self, destination: IPAddress, ifindex: int, now: float) -> bool:
+        """Whether a knock addressed to ``destination`` (arriving on interface ``ifindex``) may be verified
+        at ``now`` (seconds).  An unknown address re-reads the host's addresses at most once a second; a
+        loopback address counts only on its own interface."""
         if destination in self.extra:
             return True
         if not self.local:

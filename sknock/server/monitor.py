@@ -80,10 +80,12 @@ class RecentRate:
         self._count = 0
 
     def add(self, now: float, count: int) -> None:
+        """Record ``count`` requests at ``now`` (seconds, any monotonic timeline)."""
         self._events.append((now, count))
         self._count += count
 
     def per_second(self, now: float) -> float:
+        """The rate over the ``window`` before ``now``; forgets older events."""
         events = self._events
         while events and events[0][0] < now - self.window:
             self._count -= events.popleft()[1]
@@ -112,6 +114,7 @@ class BatchRule:
         return 0.0
 
     def applied(self, now: float, count: int) -> None:
+        """Record that ``count`` requests were applied as one batch at ``now``."""
         self._last = now
         self._rate.add(now, count)
 
@@ -129,10 +132,15 @@ class Child:
 
     @property
     def name(self) -> str:
+        """How the log names this child: ``worker N`` (from 1) or ``crl fetcher``."""
         return f"worker {self.index + 1}" if self.role == "worker" else self.role
 
 
 class Monitor:
+    """The server's root process: the one that changes the firewall (see the module's docstring).  Time comes
+    from ``clock`` (monotonic) and ``wall_clock`` (Unix time), so tests can drive it on any timeline;
+    ``spawn`` forks its children, or ``channels`` are workers forked by the caller."""
+
     def __init__(
         self,
         *,
@@ -199,15 +207,19 @@ class Monitor:
 
     @property
     def channels(self) -> list[socket.socket]:
+        """The monitor's end of each running worker's channel."""
         return [c.channel for c in self.children if c.channel is not None]
 
     @property
     def worker_pids(self) -> list[int]:
+        """The pids of the running workers (the CRL fetcher is not among them)."""
         return [c.pid for c in self.children if c.pid]
 
     # -- signals -----------------------------------------------------------------------------------
 
     def stop(self, *_: object) -> None:
+        """SIGTERM and SIGINT: leave the loop at the end of this turn.  The firewall policy stays (see
+        :meth:`shutdown`)."""
         self._running = False
 
     def hangup(self, *_: object) -> None:
@@ -217,6 +229,9 @@ class Monitor:
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Run the loop until stopped: start the children, serve the channels, the control socket and the
+        timers, then :meth:`shutdown`.  Returns the exit code: 0, or 1 after MAX_LOOP_FAILURES unexpected
+        errors in a row.  The firewall policy stays either way."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
@@ -702,6 +717,8 @@ class Monitor:
     # -- status and stop -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
+        """What ``sknock-server status`` shows: the backend, the children, the CRLs and every grant with the
+        seconds it has left."""
         now = self.clock()
         crls = self.crls()
         updates = [c.next_update_utc for c in crls if c.next_update_utc is not None]

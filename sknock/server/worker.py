@@ -1,8 +1,8 @@
 """The unprivileged worker: reads captured datagrams, runs the verifier, asks for grants.
 
 One process, one thread, one loop (never a thread per packet): the selector wakes on the capture
-sockets, the monitor channel and the CRL schedule.  Each turn it first reads and pre-checks a
-bounded batch of datagrams (two hashes each), queueing the ones that pass, then spends a bounded time
+sockets and the monitor channel (which brings the CRLs the monitor keeps).  Each turn it first reads and
+pre-checks a bounded batch of datagrams (two hashes each), queueing the ones that pass, then spends a bounded time
 slice on the expensive stage (ECDH, chain, signature) for the queue in arrival order.  Under a flood the
 kernel's socket buffer drops raw packets before this process does; packets that passed the cheap checks
 are kept and served first, and the queue is bounded (overflow is counted as ``overload``).
@@ -37,16 +37,26 @@ log = logging.getLogger("sknock.worker")
 
 
 class Capture(TypingProtocol):
+    """What a worker reads knocks from: a packet or UDP capture (:mod:`sknock.server.capture`), or a fake in
+    tests."""
+
     stats: collections.Counter[str]
 
-    def filenos(self) -> list[int]: ...
-    def receive(self, max_count: int = 64) -> list[Datagram]: ...
-    def remember(self, payload: bytes, source: IPAddress) -> None: ...
-    def take_copies(self) -> list[bytes]: ...
+    def filenos(self) -> list[int]:
+        """The sockets to wait on."""
+    def receive(self, max_count: int = 64) -> list[Datagram]:
+        """Up to ``max_count`` datagrams that are waiting; never blocks, never raises for what arrived."""
+    def remember(self, payload: bytes, source: IPAddress) -> None:
+        """Drop exact copies of ``payload`` from ``source`` from now on (it passed the cheap checks)."""
+    def take_copies(self) -> list[bytes]:
+        """The source addresses (packed: 4 or 16 bytes) of the exact copies dropped since the last call, for
+        the refusal log."""
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerLimits:
+    """How a worker shares its time between reading and verifying; sizes in datagrams, times in seconds."""
+
     read_batch: int = 256  # datagrams pre-checked per turn
     queue_size: int = 4096  # pre-checked datagrams waiting for the expensive stage
     work_slice: float = 0.02  # seconds of expensive work per turn before reading again
@@ -89,6 +99,10 @@ class RefusalLog:
 
 
 class Worker:
+    """One unprivileged worker: reads its capture, runs ``verifier`` on each datagram, sends each grant to
+    the monitor over ``channel``, and passes the CRLs the monitor sends to ``on_crl``.  ``destinations``
+    (None: any) filters by destination address."""
+
     def __init__(
         self,
         *,
@@ -113,9 +127,12 @@ class Worker:
         self._running = True
 
     def stop(self, *_: object) -> None:
+        """SIGTERM: leave the loop at the end of this turn."""
         self._running = False
 
     def run(self) -> None:
+        """Run the loop until SIGTERM or until the monitor's channel closes.  SIGINT and SIGHUP are ignored:
+        the monitor handles them for every process."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         signal.signal(signal.SIGTERM, self.stop)
         # Ctrl-C reaches the whole process group, and a SIGHUP may be sent to every sknock process:
@@ -166,6 +183,8 @@ class Worker:
                 log.error("ignored a message of %d bytes from the monitor", size)
 
     def read_batch(self) -> int:
+        """Read up to ``read_batch`` datagrams and pre-check each (:meth:`accept`); returns how many were
+        read."""
         datagrams = self.capture.receive(self.limits.read_batch)
         now = self.clock()
         for source in self.capture.take_copies():  # exact copies of remembered datagrams

@@ -1,9 +1,9 @@
-"""The one interface every firewall backend offers the daemon, and the values it speaks in.
+"""The one interface every firewall backend offers the monitor, and the values it speaks in.
 
-The daemon decides *who* may reach *what* and for *how long*; a backend only turns that into kernel
-state.  Keeping the contract this small (set up, open, close, list, check, restore, tear down) is what
-lets the nftables, iptables and command backends be swapped by one config key, and lets the privileged
-helper process that holds a backend be tiny.
+The verifier decides *who* may reach *what* and for *how long*, the monitor *when*; a backend only turns
+that into kernel state.  Keeping the contract this small (set up, open, close, list, check, restore, tear down) is what
+lets the nftables, iptables and command backends be swapped by one config key, and lets the monitor,
+the one privileged process that holds a backend, stay small.
 
 Values are frozen dataclasses so a grant can be a dict key and be sent between processes without
 anyone mutating it on the way.
@@ -117,7 +117,7 @@ def check_duration(backend: str, duration: float) -> float:
 
 
 class Firewall(abc.ABC):
-    """A firewall backend.  Not thread-safe: the daemon drives it from one privileged process.
+    """A firewall backend.  Not thread-safe: the monitor drives it from its one loop.
 
     ``kernel_expiry`` is True when the kernel itself stops honouring a grant when its time is up
     (nftables set timeouts, iptables ``-m time --datestop``), so access ends on time even if the server
@@ -155,8 +155,8 @@ class Firewall(abc.ABC):
     ) -> list[tuple[Opening, FirewallError]]:
         """Close ``closes``, then open (or extend) ``opens``; return what failed, with why (the rest is
         applied).  Backends that can do it in one kernel transaction override this: under load the
-        daemon hands over everything its workers asked for since the last turn.  ``known``: the
-        openings that may already be in place (the daemon's grant table); the others are new, which
+        monitor hands over everything its workers asked for since its last turn.  ``known``: the
+        openings that may already be in place (the monitor's grant table); the others are new, which
         lets a backend skip the work of replacing them (None: any may exist)."""
         failures: list[tuple[Opening, FirewallError]] = []
         for opening in closes:

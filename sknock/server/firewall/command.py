@@ -18,7 +18,7 @@ own: rejecting or dropping unknocked traffic is the admin's firewall's job.  It 
 so :meth:`openings` reports what it has opened and not yet closed in this process.
 
 It holds no kernel state of its own, so nothing of its can be flushed away: :meth:`intact` is always
-True and the daemon never needs :meth:`restore` (which, if called, runs the open command again for each
+True and the monitor never needs :meth:`restore` (which, if called, runs the open command again for each
 grant with its remaining time).  Grants live in the admin's tool: if the server is killed (-9) they stay
 there until that tool expires them itself -- pass ``%DURATION%`` to one that can (an nft set element
 with a timeout, ``firewall-cmd --timeout``) -- or the admin removes them.  ``kernel_expiry`` is False
@@ -154,17 +154,22 @@ class CommandFirewall(Firewall):
         self._open.update(openings)
 
     def open(self, opening: Opening, duration: float) -> None:
+        """Run the open command for ``opening`` (``duration`` rounded up to whole seconds, at least 1);
+        raises :class:`FirewallError` when it fails."""
         seconds = max(1, math.ceil(check_duration(NAME, duration)))
         self._run(self._open_argv, opening, seconds, "opening")
         self._open.add(opening)
 
     def close(self, opening: Opening) -> None:
+        """Run the close command for ``opening`` if this process opened it (or took it over); otherwise do
+        nothing.  Raises :class:`FirewallError` when the command fails."""
         if opening not in self._open:
             return  # idempotent: never opened by this process, or already closed
         self._run(self._close_argv, opening, 0, "closing")
         self._open.discard(opening)
 
     def openings(self) -> list[Opening]:
+        """The grants this process opened or took over and has not closed: the kernel is not asked."""
         return sorted(self._open, key=lambda o: (o.address.version, int(o.address), o.protocol, o.port))
 
     def teardown(self) -> None:

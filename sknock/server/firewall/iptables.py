@@ -21,7 +21,7 @@ last whole second (UTC; no ``--kerneltz``) in which it holds.  xt_time compares 
 time in whole seconds of UTC with the datestop and matches while it is not later, so a grant of D
 seconds opened at t holds until ceil(t + D) -- to the second, like the nftables backend's whole-second
 timeouts -- and after that the kernel ignores the rule even if the server is dead.  The rule itself
-stays until the daemon closes it or the next :meth:`setup` drops it.  An extension rewrites the rule
+stays until the monitor closes it or the next :meth:`setup` drops it.  An extension rewrites the rule
 with its new datestop.
 
 python-iptables writes legacy tables only; on a host whose firewall is nftables (iptables-nft) its
@@ -456,10 +456,13 @@ class IptablesFirewall(Firewall):
         return self._iptc.Chain(table, CHAIN)
 
     def open(self, opening: Opening, duration: float) -> None:
+        """Grant ``opening`` until now + ``duration`` (a ``--datestop`` rule, so the kernel ends it on time);
+        an existing grant gets the new datestop.  Raises :class:`FirewallError`."""
         stop = datestop_for(self._clock(), check_duration(NAME, duration))
         self._change(self._family(opening), {opening: stop}, [])
 
     def close(self, opening: Opening) -> None:
+        """Remove ``opening``'s rule, if there is one; raises :class:`FirewallError`."""
         self._change(self._family(opening), {}, [opening])
 
     def apply(
@@ -544,9 +547,12 @@ class IptablesFirewall(Firewall):
         return found
 
     def openings(self) -> list[Opening]:
+        """The grants whose rules are in sknock's chain and not yet past their datestop."""
         return sorted(self.expiries(), key=lambda o: (o.address.version, int(o.address), o.protocol, o.port))
 
     def teardown(self) -> None:
+        """Remove sknock's chain and its jump in every family: the protected ports fall back to the host's
+        own rules.  For ``sknock-server teardown``, never for a stop."""
         self._installed.clear()
         for fam in self._families:
             self._apply(f"removing chain {CHAIN}", fam, self._remove, track=False)

@@ -87,7 +87,7 @@ def _attrs(data: bytes, start: int) -> Iterator[tuple[int, bytes]]:
 
 class _Socket:
     """One netlink socket for one check: opened, asked, closed.  Nothing outlives the call (and so no
-    descriptor leaks into the processes the daemon forks)."""
+    descriptor leaks into the processes the monitor forks)."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)

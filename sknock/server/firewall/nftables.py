@@ -28,7 +28,7 @@ live grants over with the time they have left.  :meth:`NftablesFirewall.intact` 
 kernel handle, the chain and its rules with what setup/restore installed (raw netlink, see
 nfnetlink.py: libnftables would read every set element first), so a ``flush ruleset`` -- even followed
 by a reload that recreates an identical-looking, empty table -- is noticed, and
-:meth:`NftablesFirewall.restore` puts the policy and the daemon's grants back in one transaction.
+:meth:`NftablesFirewall.restore` puts the policy and the monitor's grants back in one transaction.
 """
 
 from __future__ import annotations
@@ -387,9 +387,12 @@ class NftablesFirewall(Firewall):
         return self._installed is not None and self._fingerprint() == self._installed
 
     def boot_ruleset(self) -> str:
+        """The include for /etc/nftables.conf that puts sknock's table (empty of grants) in place at boot."""
         return boot_ruleset(self.policy, self.priority)
 
     def open(self, opening: Opening, duration: float) -> None:
+        """Grant ``opening`` for ``duration`` seconds rounded up to whole seconds, restarting its timeout
+        when it is already granted; raises :class:`FirewallError`."""
         seconds = max(1, math.ceil(check_duration(NAME, duration)))
         # add (a no-op if present) + delete + add: one transaction that works whether or not the
         # element exists, and that always restarts its timeout
@@ -402,6 +405,8 @@ class NftablesFirewall(Firewall):
 
     def close(self, opening: Opening) -> None:
         # add-then-delete in one transaction makes close idempotent without a racy lookup first
+        """Remove ``opening`` from its set; closing what is not open is not an error.  Raises
+        :class:`FirewallError`."""
         self._run([{"add": {"element": _element(opening, 1)}}, {"delete": {"element": _element(opening)}}],
                   f"closing {opening}")
 
@@ -450,9 +455,12 @@ class NftablesFirewall(Firewall):
         return found
 
     def openings(self) -> list[Opening]:
+        """The grants in sknock's sets, as the kernel lists them now."""
         return sorted(self.expiries(), key=lambda o: (o.address.version, int(o.address), o.protocol, o.port))
 
     def teardown(self) -> None:
+        """Delete sknock's table: the protected ports fall back to the host's own rules.  For ``sknock-server
+        teardown``, never for a stop."""
         table = {"family": FAMILY, "name": TABLE}
         self._installed = None
         self._run([{"add": {"table": table}}, {"delete": {"table": table}}], f"removing table {FAMILY} {TABLE}")
