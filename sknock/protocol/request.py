@@ -178,7 +178,7 @@ def parse_plaintext(data: bytes) -> ParsedPlaintext:
     if sig_len == 0:
         raise KnockRefused(Reason.MALFORMED, "empty signature")
     signature = r.take(sig_len, "signature")
-    if data.count(0, r.pos) != len(data) - r.pos:  # in C: any() over the padding took 5 us
+    if data.count(0, r.pos) != len(data) - r.pos:  # counted in C: a Python any() over the padding is far slower
         raise KnockRefused(Reason.MALFORMED, "non-zero padding")
     request = KnockRequest(
         ports=tuple(ports),

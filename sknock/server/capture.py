@@ -27,7 +27,7 @@ Exact copies: the worker calls :meth:`remember` for each datagram that passed it
 its source address, and from then on an exact copy of that UDP payload *from that source* is dropped
 here, before the IP header is even parsed (counted as ``"duplicate"``).  A flood of replays of one
 captured knock from one address then costs a receive and a hash per packet instead of the whole
-pre-check (measured: see bench/README.md).  A copy from another address goes on to the verifier, which
+pre-check (bench/README.md has the figures).  A copy from another address goes on to the verifier, which
 decides it without a public-key operation: keying on the payload alone would let a copy sent first from
 elsewhere stop the genuine sender's knock here, before the verifier could see that the knock is bound
 to the genuine sender's address.  Only datagrams with a valid proof of work are remembered, so junk

@@ -192,8 +192,8 @@ class _Family:
     @staticmethod
     def tail(table: Any, chain: str, size: int) -> tuple[int, list[Any]]:
         """How many rules ``chain`` holds, and its last ``size`` entries, walking libiptc's cache of the
-        table with its own iterator: python-iptables' ``Chain.rules`` would decode every rule (about
-        0.2 ms each; 10,000 grants took 1.7 s), its ``next_rule`` re-wraps each pointer (2 us each).
+        table with its own iterator: python-iptables' ``Chain.rules`` would decode every rule (seconds
+        with thousands of grants), and its ``next_rule`` re-wraps each pointer in a Python object.
         Uses python-iptables' handle and function table, which it does not document."""
         lib, handle = table._iptc, table._handle
         entry = lib.iptc_first_rule(chain.encode(), handle)
@@ -433,8 +433,8 @@ class IptablesFirewall(Firewall):
         """True while, in both families, INPUT's first rule is the jump to SKNOCK (an ACCEPT ahead of it
         in legacy INPUT would be final and bypass sknock), the chain ends with the policy rules as
         installed, and it holds as many rules as this process left in it (so a reload that drops the
-        grants is noticed).  Measured with 10,000 grant rules: about 20 ms, almost all of it libiptc
-        reading the table from the kernel (iptc_init); rules are counted on libiptc's cache without
+        grants is noticed).  Its cost is almost all libiptc reading the table from the kernel
+        (iptc_init), which grows with the number of grant rules; rules are counted on libiptc's cache without
         being parsed, and only the policy rules and INPUT's first are decoded."""
         for fam in self._families:
             installed = self._installed.get(fam.version)
