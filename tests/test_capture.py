@@ -505,3 +505,19 @@ def test_interface_down_is_counted_and_capture_resumes(net: TestNet) -> None:
         assert cap.finish() == {"socket-error": 1, "socket-error-ENETDOWN": 1}
     finally:
         cap.close()
+
+
+def test_a_final_outcome_drops_copies_from_every_source() -> None:
+    """Copies are dropped per source until the worker says the knock's outcome is final (granted, or
+    refused for good); from then on, copies from any source stop at the capture."""
+    from sknock.server.capture import UdpCapture
+
+    receiver = UdpCapture([])
+    payload = b"k" * 1024
+    a, b = ipaddress.ip_address("198.18.0.2"), ipaddress.ip_address("198.18.0.3")
+    receiver.remember(payload, a)
+    assert receiver._is_copy(payload, a.packed) and not receiver._is_copy(payload, b.packed)
+    receiver.remember_everywhere(payload)
+    assert receiver._is_copy(payload, b.packed) and receiver._is_copy(payload, bytes(16))
+    assert not receiver._is_copy(b"other" * 200, b.packed)
+    assert receiver.stats["duplicate"] == 3

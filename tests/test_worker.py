@@ -43,11 +43,16 @@ class ListCapture:
         self.pending: list[Datagram] = []
         self.asked: list[int] = []
         self.remembered: list[tuple[bytes, IPAddress]] = []
+        self.final: list[bytes] = []
+        self.sent: list[bytes] = []  # every payload put, in order
         self.stats: collections.Counter[str] = collections.Counter()
         self._read, self._write = os.pipe()
 
     def remember(self, payload: bytes, source: IPAddress) -> None:
         self.remembered.append((payload, source))
+
+    def remember_everywhere(self, payload: bytes) -> None:
+        self.final.append(payload)
 
     def take_copies(self) -> list[bytes]:
         return []
@@ -55,6 +60,7 @@ class ListCapture:
     def put(self, payload: bytes, source: IPAddress = SOURCE) -> None:
         destination = SERVER if source.version == 4 else ipaddress.ip_address("fd00:5e::1")
         self.pending.append(Datagram(payload, source, destination, 40000, 12345, 2))
+        self.sent.append(payload)
         os.write(self._write, b"x")  # make the selector wake like a socket with data
 
     def filenos(self) -> list[int]:
@@ -258,6 +264,9 @@ def test_expensive_refusals_are_logged_and_send_nothing_to_the_firewall_process(
     assert any(m.startswith(f"refused knock from {SOURCE}: cert-revoked") for m in messages), messages
     assert any(m.startswith(f"refused knock from {SOURCE}: source-mismatch") for m in messages), messages
     assert worker.verifier.counters["granted"] == 1
+    # the revoked knock and the granted one are final for every source: the capture drops all their copies;
+    # the knock bound to another address is not (its genuine sender may still come)
+    assert len(capture.final) == 2 and capture.final[0] == capture.sent[0] and capture.final[1] == capture.sent[1]
 
 
 def test_close_now_sends_a_close_request(

@@ -132,6 +132,13 @@ class _Receiver:
         source from now on."""
         self._recent.add(hash((payload, source.packed)))
 
+    def remember_everywhere(self, payload: bytes) -> None:
+        """The knock in ``payload`` has a final outcome (granted, or refused for a reason no sender address
+        can change): drop exact copies of it from every source from now on.  Until then copies are dropped
+        per source only, so a copy sent first from another address cannot hide a bound knock's genuine
+        sender; once the outcome is final, a replay flood from spoofed sources costs a hash a packet."""
+        self._recent.add(hash(payload))
+
     def take_copies(self) -> list[bytes]:
         """The source addresses (packed, as the IP header says) of the copies dropped since the last
         call, for the refusal log; at most a few thousand are kept between calls."""
@@ -140,7 +147,7 @@ class _Receiver:
 
     def _is_copy(self, payload: bytes, source: bytes) -> bool:
         """``source`` is packed, as in the IP header (4 or 16 bytes, like ``IPv4Address.packed``)."""
-        if hash((payload, source)) in self._recent:
+        if hash((payload, source)) in self._recent or hash(payload) in self._recent:
             self.stats["duplicate"] += 1
             if len(self._copies) < _MAX_COPIES_KEPT:
                 self._copies.append(source)

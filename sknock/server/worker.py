@@ -36,6 +36,17 @@ __all__ = ["Worker", "WorkerLimits", "RefusalLog"]
 log = logging.getLogger("sknock.worker")
 
 
+#: Refusals that no copy of the same datagram can turn into a grant, whatever address it comes from: the
+#: capture may then drop every copy before parsing.  Not among them: source-mismatch (the genuine sender
+#: may still come), timestamp (a knock from a clock slightly ahead becomes fresh), crl-unavailable and
+#: overload (passing states), internal-error.
+FINAL_REFUSALS = frozenset({
+    Reason.WRONG_SERVER, Reason.DECRYPT_FAILED, Reason.MALFORMED, Reason.REPLAY, Reason.REPLAY_SEEN,
+    Reason.CERT_INVALID, Reason.CERT_UNTRUSTED, Reason.CERT_EXPIRED, Reason.CERT_REVOKED, Reason.BAD_SIGNATURE,
+    Reason.SOURCE_REQUIRED, Reason.NOT_AUTHORIZED,
+})
+
+
 class Capture(TypingProtocol):
     """What a worker reads knocks from: a packet or UDP capture (:mod:`sknock.server.capture`), or a fake in
     tests."""
@@ -48,6 +59,8 @@ class Capture(TypingProtocol):
         """Up to ``max_count`` datagrams that are waiting; never blocks, never raises for what arrived."""
     def remember(self, payload: bytes, source: IPAddress) -> None:
         """Drop exact copies of ``payload`` from ``source`` from now on (it passed the cheap checks)."""
+    def remember_everywhere(self, payload: bytes) -> None:
+        """Drop exact copies of ``payload`` from every source from now on (its outcome is final)."""
     def take_copies(self) -> list[bytes]:
         """The source addresses (packed: 4 or 16 bytes) of the exact copies dropped since the last call, for
         the refusal log."""
@@ -228,10 +241,13 @@ class Worker:
                 messages = grant_messages(grant)
             except KnockRefused as refusal:
                 self.refusals.refused(source, refusal, now)
+                if refusal.reason in FINAL_REFUSALS:
+                    self.capture.remember_everywhere(pre.datagram)
             except Exception as error:  # noqa: BLE001 -- a bug must not end the worker: see internal_error
                 self.internal_error(source, error, now)
             else:
                 self.send(grant, messages)
+                self.capture.remember_everywhere(pre.datagram)  # granted: any copy is a replay
             done += 1
         return done
 
