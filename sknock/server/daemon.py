@@ -327,7 +327,9 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     if not first.startswith(CRL_PREFIX):
         raise SknockError(f"worker {index + 1}: the monitor sent no CRL first")
     adopt(first[len(CRL_PREFIX) :])
-    channel.setblocking(False)
+    # Blocking again: a send waits while the monitor catches up (back-pressure); the loop reads it with
+    # MSG_DONTWAIT.  A non-blocking send would fail on a full channel under a burst and end the worker.
+    channel.settimeout(None)
     log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, config.workers, config.user, uid, gid)
     destinations = None
     if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
