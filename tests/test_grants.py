@@ -201,3 +201,15 @@ def test_every_grant_is_closed_exactly_once_when_time_runs_out(ops: list[tuple[O
             closed_at[opening] = deadline
     assert table.next_deadline() is None and len(table) == 0
     assert closed_at == last
+
+
+def test_end_now_makes_a_grant_due_at_once_and_keeps_what_it_knows() -> None:
+    table = GrantTable()
+    table.open(A, 60, now=0.0, client="CN=alice", revocation_ids=((b"\x01" * 32, 7),))
+    table.end_now(A, 5.0)
+    assert table.next_deadline() == 5.0
+    [entry] = table.entries()
+    assert (entry.opened_at, entry.expires_at, entry.client, entry.serial) == (0.0, 5.0, "CN=alice", 7)
+    assert table.due(5.0) == [A]
+    table.end_now(A, 6.0)  # no longer listed: nothing to do
+    assert len(table) == 0

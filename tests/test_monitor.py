@@ -615,3 +615,18 @@ def test_an_unreadable_ledger_is_reported(tmp_path: Path, caplog) -> None:  # ty
     Monitor(firewall=RecordingFirewall(), max_duration=3600, ledger=GrantLedger(path))
     assert any(r.levelname == "ERROR" and "cannot read the grants a previous run left open" in r.getMessage()
                and str(path) in r.getMessage() for r in caplog.records)
+
+
+def test_an_operator_close_that_fails_stays_listed_and_is_retried(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, clock = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    opening = Opening(A, Protocol.TCP, 22)
+    workers[0].send(request("open", A, 22, b"\xb1" * 16, duration=60))
+    drain(monitor)
+    firewall.refuse_close.add(opening)
+    assert monitor.close_command({"address": "198.18.0.2"}) == {
+        "closed": [], "failed": ["tcp/22 for 198.18.0.2 (CN=alice)"]}
+    assert opening in firewall.open_now and monitor.grants.next_deadline() == clock.now
+    firewall.refuse_close.clear()
+    monitor.expire()  # the retry
+    assert firewall.open_now == {} and len(monitor.grants) == 0

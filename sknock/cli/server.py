@@ -144,22 +144,16 @@ def boot_ruleset(config_path: Path) -> int:
 def check_config(config_path: Path) -> int:
     """``--check-config``: load and check everything a start would, plus :func:`check_deployment`; change
     nothing.  Exit 0 with ``configuration OK``, or 2 with one line naming the file and the reason."""
-    from ..server.config import load_config
-    from ..server.daemon import prepare, revocation_summary, setup_logging
+    from ..server.daemon import load, revocation_summary
     from ..server.preflight import check_deployment
 
     try:
-        config = load_config(config_path)
-    except SknockError as exc:
-        print(f"sknock-server: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
-    try:
-        server = prepare(config)
+        server = load(config_path)
         check_deployment(server)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
+    config = server.config
     for notice in config.notices:
         logging.getLogger("sknock.server").warning("%s", notice)
     print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name}; "

@@ -57,7 +57,7 @@ from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .worker import Capture, Worker
 
-__all__ = ["Server", "prepare", "run", "teardown", "setup_logging", "make_server_firewall"]
+__all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall"]
 
 log = logging.getLogger("sknock.server")
 JOURNAL_NAME = "replay.journal"
@@ -391,20 +391,23 @@ def _firewall_checked(server: Server) -> list[tuple[Opening, float]]:
     return list(carried) if carried else []
 
 
+def load(config_path: str | Path) -> Server:
+    """What a start and ``--check-config`` both do first: read the configuration, send the log where it
+    says, and load and check everything it names (changing nothing).  Raises SknockError subclasses."""
+    config = load_config(config_path)
+    setup_logging(config)
+    return prepare(config)
+
+
 def run(config_path: str | Path) -> int:
     """Run the server until it is stopped; the exit code (2: it could not start, one line on stderr).
     ``--check-config`` is :func:`sknock.cli.server.check_config`."""
     try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        print(f"sknock-server: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
-    try:
-        server = prepare(config)
+        server = load(config_path)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
+    config = server.config
     if os.geteuid() != 0:
         print("sknock-server: must run as root (it captures packets and changes the firewall); "
               "--check-config works as any user", file=sys.stderr)

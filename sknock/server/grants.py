@@ -97,6 +97,13 @@ class GrantTable:
         """Forget a grant (closed at a client's request); True when it was open."""
         return self._entries.pop(opening, None) is not None
 
+    def end_now(self, opening: Opening, now: float) -> None:
+        """Bring a grant's end forward to ``now`` (its close failed outside :meth:`due`): :meth:`due`
+        returns it next, and from there a close that keeps failing is retried with the backoff."""
+        entry = self._entries.get(opening)
+        if entry is not None and entry.due_at > now:
+            self._schedule(replace(entry, expires_at=now, retry_at=None))
+
     def due(self, now: float) -> list[Opening]:
         """Remove and return the grants to close at ``now``: windows that ended, and failed closes
         whose retry is due.  Hand each close the firewall refuses to :meth:`close_failed`."""

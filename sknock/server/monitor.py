@@ -579,7 +579,7 @@ class Monitor:
             opening = entry.opening
             what = f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
             if opening in failed:
-                self.grants.open(opening, 0.0, now, entry.client, entry.revocation_ids)  # due at once: retried
+                self.grants.end_now(opening, now)
                 log.error("could not close %s (%s); it stays listed and is retried", what, why)
             else:
                 self.grants.close(opening)
