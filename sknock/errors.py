@@ -6,9 +6,9 @@ what sknock means to raise and let real bugs surface. Each error carries a messa
 it names the file, key or value and the reason.
 
 Defined here: the errors of the library an application or a CLI calls -- the protocol and the verifier
-(:class:`KnockRefused` with its :class:`Reason`), ports, credentials, certificates, the client, the CA
-(:class:`CAError`) and the server configuration (:class:`ConfigError`, raised by the config and the
-capture alike).
+(:class:`KnockRefused` with its :class:`Reason`), ports, credentials, certificates, the client (with its
+configuration file of named servers, :class:`ProfileError`), the CA (:class:`CAError`) and the server
+configuration (:class:`ConfigError`, raised by the config and the capture alike).
 
 Defined with their edge: an error that one edge of the server raises, and that only the server's own
 processes and its command line meet (they catch :class:`SknockError`), stays in that edge's module,
@@ -52,6 +52,7 @@ __all__ = [
     "ClientError",
     "NotAuthorizedError",
     "ResolveError",
+    "ProfileError",
     "CAError",
 ]
 
@@ -103,6 +104,11 @@ class NotAuthorizedError(ClientError):
 
 class ResolveError(ClientError):
     """The server's host name does not resolve (to an address of the requested family)."""
+
+
+class ProfileError(ClientError):
+    """The client's configuration file of named servers (:mod:`sknock.clientconfig`) is invalid, or names
+    no such server; the message names the file, the section (the server) and the key."""
 
 
 class ConfigError(SknockError):

@@ -68,6 +68,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SKNOCK_PFX_PASSWORD"}
     env["PYTHONPATH"] = str(REPO)
+    env["XDG_CONFIG_HOME"] = str(cwd / "no-config")  # no user's client.ini: only what the test says
     if env_password is not None:
         env["SKNOCK_PFX_PASSWORD"] = env_password
     command = [sys.executable, str(script)] if script else [sys.executable, "-m", "sknock.cli.knock"]
@@ -91,6 +92,14 @@ def one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> s
     return lines[0]
 
 
+def status(result: subprocess.CompletedProcess[str]) -> str:
+    """The status line: on stderr, since stdout is not a terminal here (a pipe stays clean)."""
+    assert result.stdout == "", result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def alice_args(pki: TestPKI, *more: str) -> list[str]:
     return ["--pfx", str(pki.alice.pfx), "--server-cert", str(pki.server.cer), *more]
 
@@ -110,8 +119,7 @@ def test_udp_knock_sent_with_password_file_is_granted(pki: TestPKI, password_fil
         data, source = receive(sock)
         assert_nothing_arrives(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
-    assert result.stderr == ""
+    assert status(result) == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
     grant = pki_verifier(pki).check(data, source, time.time())
     assert grant.ports == ((Protocol.UDP, 8000),)
     assert grant.duration == 30.0
@@ -125,7 +133,7 @@ def test_no_verify_with_password_from_the_environment(pki: TestPKI, tmp_path: Pa
         result = run(args, cwd=tmp_path, env_password=PASSWORD)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"knock for tcp/2003 sent to {host} (not verified)"
+    assert status(result) == f"knock for tcp/2003 sent to {host} (not verified)"
     assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2003),)
 
 
@@ -147,7 +155,7 @@ def test_verified_open(
         result = run([*args, "--timeout", "10", host], cwd=tmp_path)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"tcp/{port} is open on {host}"
+    assert status(result) == f"tcp/{port} is open on {host}"
     grant = own.verifier().check(data, source, time.time())
     assert grant.ports == ((Protocol.TCP, port),)
 
@@ -158,7 +166,7 @@ def test_close(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
         result = run([*args, "--knock-port", str(port_of(sock)), "localhost", "-4"], cwd=tmp_path)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "asked localhost (127.0.0.1) to close tcp/2004 for this host"
+    assert status(result) == "asked localhost (127.0.0.1) to close tcp/2004 for this host"
     assert pki_verifier(pki).check(data, source, time.time()).action is Action.CLOSE
 
 
@@ -183,8 +191,7 @@ def test_not_opened(own: OwnPKI, password_file: Path, reserved: dict[str, int], 
         receive(sock)  # two knocks, as many as --retries
         assert_nothing_arrives(sock)
     assert result.returncode == 1, result
-    assert result.stdout.strip() == f"tcp/{port} on 127.0.0.1 did not open within 0.6 s (2 knock(s) sent)"
-    assert result.stderr == ""
+    assert status(result) == f"tcp/{port} on 127.0.0.1 did not open within 0.6 s (2 knock(s) sent)"
 
 
 # -- exit 2: one line, no traceback ----------------------------------------------------------------
@@ -267,7 +274,7 @@ def test_unresolvable_host(
     ("args", "needle"),
     [
         (["127.0.0.1"], "the following arguments are required: -p/--port"),
-        (["-p", "22"], "the following arguments are required: HOST"),
+        (["-p", "22"], "the following arguments are required: TARGET"),
         (["-p", "0", "127.0.0.1"], "port must be 1..65535, not 0"),
         (["-p", "ssh", "127.0.0.1"], "port must be a whole number, not 'ssh'"),
         (["-p", "22", "--knock-port", "70000", "127.0.0.1"], "knock port must be 1..65535"),
@@ -297,13 +304,6 @@ def test_help_exits_zero(tmp_path: Path) -> None:
 # -- in-process ------------------------------------------------------------------------------------
 
 
-def test_default_paths_prefer_the_checkout_then_the_current_directory() -> None:
-    assert knock_cli.default_path(Path("docs/protocol.md")) == REPO / "docs" / "protocol.md"
-    assert knock_cli.default_path(Path("no/such/file.pfx")) == Path("no/such/file.pfx")
-    assert Path("certificates/devpki/client/client.pfx") == knock_cli.DEFAULT_PFX
-    assert Path("certificates/devpki/server/server.cer") == knock_cli.DEFAULT_SERVER_CERT
-
-
 def test_main_returns_the_exit_status(pki: TestPKI, password_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with udp_listener() as sock:
         args = alice_args(pki, "--password-file", str(password_file), "-u", "-p", "8000", "--knock-port")
@@ -311,5 +311,7 @@ def test_main_returns_the_exit_status(pki: TestPKI, password_file: Path, capsys:
         receive(sock)
     assert knock_cli.main(alice_args(pki, "--password-file", str(password_file), "-p", "23", "127.0.0.1")) == 2
     out, err = capsys.readouterr()
-    assert out.startswith("knock for udp/8000 sent")
-    assert err.count("\n") == 1 and "does not authorize tcp/23" in err
+    assert out == ""  # not a terminal: the status line went to stderr
+    first, second = err.splitlines()
+    assert first.startswith("knock for udp/8000 sent")
+    assert second.startswith("sknock-knock: error: ") and "does not authorize tcp/23" in second
