@@ -84,7 +84,10 @@ def _text(value: str, base: Path) -> str:
 
 
 def _path(value: str, base: Path) -> Path:
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~name of no such user
+        raise ValueError(f"cannot expand {value.split('/', 1)[0]!r}: no such user") from None
     return path if path.is_absolute() else base / path
 
 
@@ -277,7 +280,7 @@ class Profile:
 
     def default_ports(self) -> tuple[tuple[Protocol, int], ...]:
         """The ports ``sknock-knock NAME`` knocks, each with its protocol (bare numbers take ``protocol``)."""
-        return tuple((proto or self.protocol, port) for proto, port in self.ports)
+        return tuple((self.protocol if proto is None else proto, port) for proto, port in self.ports)
 
     def knock_arguments(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`sknock.client.KnockClient.knock` this server sets."""
