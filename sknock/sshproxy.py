@@ -8,10 +8,11 @@ In ``~/.ssh/config``::
 
 The named server (:mod:`sknock.clientconfig`) is the one called ``NAME`` (ssh's ``%n``, the alias typed on
 its command line), else the one called ``HOST`` (``%h``) or whose ``host`` it is: it gives the
-credentials and the settings.  Where to connect is ssh's to say: ``HOST``, unless it is the alias itself
-(no ``HostName`` in the ssh config), in which case the named server's ``host``.  That host is resolved
-once; the knock and the connection go to that one address, so they share an address family.  The port
-is awaited by connecting with a short backoff (no fixed sleep) within the named server's ``timeout``.
+credentials and the settings.  Where to connect is ssh's to say: ``HOST``, unless it is the alias
+itself (no ``HostName`` in the ssh config) or the server's name, in which case the named server's
+``host``.  That host is resolved once; the knock and the connection go to that one address, so they
+share an address family.  The port is awaited by connecting with a short backoff (no fixed sleep)
+within the named server's ``timeout``.
 
 The connection is handed to ssh: with ``ProxyUseFdpass yes`` (ssh then gives the proxy a socket as
 stdout), by passing the connected socket itself over it (SCM_RIGHTS with one byte, as OpenSSH receives
@@ -85,7 +86,8 @@ def choose(name: str, host: str, config: str | None) -> tuple[Profile, str]:
         files = [config] if config is not None else [str(f) for f in default_files()]
         looked = repr(name) if name == host else f"{name!r} or {host!r}"
         raise ClientError(f"no server named {looked} in {' or '.join(files)}")
-    return profile, profile.host if host == name else host
+    # ssh's HOST is the alias itself (no HostName) or a server's name: where to go is the server's host.
+    return profile, profile.host if host in (name, profile.name) else host
 
 
 def connect(profile: Profile, host: str, port: int) -> socket.socket:

@@ -514,3 +514,33 @@ def test_a_failed_send_is_a_client_error(pki: TestPKI) -> None:
         with pytest.raises(ClientError, match=f"cannot send the knock to 127.0.0.1 udp/{port_of(sock)}"):
             alice_client(pki).send(b"x" * 70_000, ipaddress.ip_address("127.0.0.1"), port_of(sock))
         assert_nothing_arrives(sock)
+
+
+def test_async_knock_leaves_the_event_loop_free(own: OwnPKI, reserved: dict[str, int]) -> None:
+    """While an AsyncKnockClient knocks and waits for a port that stays closed, other tasks run: the
+    loop never stalls for long (signing runs in an executor, sending and connecting on the loop)."""
+    client = AsyncKnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer,
+                              clock=at(NOW))
+
+    async def run(knock_port: int) -> tuple[bool, float, int]:
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.005)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        tick = asyncio.create_task(ticker())
+        opened = await client.knock("127.0.0.1", reserved["closed4"], knock_port=knock_port, timeout=1.0, retries=2)
+        tick.cancel()
+        return opened, max(gaps), len(gaps)
+
+    with udp_listener() as sock:
+        opened, worst, ticks = asyncio.run(run(port_of(sock)))
+        receive(sock), receive(sock)
+    assert opened is False
+    assert ticks > 50  # the ticker ran throughout the second the knocks waited
+    assert worst < 0.25, f"the event loop stalled for {worst:.3f} s"

@@ -219,7 +219,7 @@ def test_wrong_password_from_file_and_from_environment(pki: TestPKI, tmp_path: P
 
 def test_no_password_without_a_terminal(pki: TestPKI, tmp_path: Path) -> None:
     result = run(alice_args(pki, "-p", "22", "127.0.0.1"), cwd=tmp_path)
-    one_error_line(result, "no password", "SKNOCK_PFX_PASSWORD")
+    one_error_line(result, f"no password for {pki.alice.pfx}: give --password-file FILE", "SKNOCK_PFX_PASSWORD")
 
 
 def test_missing_password_file(pki: TestPKI, tmp_path: Path) -> None:
@@ -315,3 +315,64 @@ def test_main_returns_the_exit_status(pki: TestPKI, password_file: Path, capsys:
     first, second = err.splitlines()
     assert first.startswith("knock for udp/8000 sent")
     assert second.startswith("sknock-knock: error: ") and "does not authorize tcp/23" in second
+
+
+# -- named servers (the client configuration file) ----------------------------------------------------------
+
+
+def write_ini(path: Path, pki: TestPKI, password_file: Path, **keys: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    path.write_text(
+        f"[lab]\nhost = 127.0.0.1\nserverCert = {pki.server.cer}\ncredentials = {pki.alice.pfx}\n"
+        f"passwordFile = {password_file}\n{extra}"
+    )
+    return path
+
+
+def test_a_named_server_from_the_users_file_knocks_its_ports(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    with udp_listener() as sock:
+        # run() points XDG_CONFIG_HOME at CWD/no-config: the user's file is there
+        write_ini(tmp_path / "no-config" / "sknock" / "client.ini", pki, password_file,
+                  ports="udp/8000, udp/8000", knockPort=port_of(sock))
+        result = run(["lab"], cwd=tmp_path)
+        data, source = receive(sock)
+        assert_nothing_arrives(sock)
+    assert result.returncode == 0, result
+    assert status(result) == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
+    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.UDP, 8000),)
+
+
+def test_a_named_server_with_another_port_and_options_that_override(
+    pki: TestPKI, password_file: Path, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text(WRONG + "\n")
+    ini = write_ini(tmp_path / "elsewhere.ini", pki, wrong, ports="tcp/22", knockPort=9, family=6)
+    with udp_listener() as sock:
+        # -p, --no-verify, -4, --knock-port and --password-file all override the file
+        args = ["--config", str(ini), "lab", "-p", "2003", "--no-verify", "-4", "--knock-port", str(port_of(sock))]
+        result = run([*args, "--password-file", str(password_file), "--quiet"], cwd=tmp_path)
+        data, source = receive(sock)
+    assert result.returncode == 0, result
+    assert result.stdout == "" and result.stderr == ""  # --quiet
+    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2003),)
+
+
+def test_a_named_server_without_ports_needs_p(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", pki, password_file)
+    result = run(["--config", str(ini), "lab"], cwd=tmp_path)
+    one_error_line(result, "-p/--port", f"the named server lab in {ini} has no ports")
+
+
+def test_a_bad_configuration_file_is_one_line(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", pki, password_file, knockPort="seventy")
+    result = run(["--config", str(ini), "lab", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, f"{ini}: [lab]: knockPort: port must be 1..65535, not 'seventy'")
+    result = run(["--config", str(tmp_path / "none.ini"), "lab", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, "none.ini: no such client configuration file")
+
+
+def test_without_credentials_the_error_says_how_to_give_them(tmp_path: Path) -> None:
+    result = run(["-p", "22", "127.0.0.1"], cwd=tmp_path)
+    one_error_line(result, "no client credentials for 127.0.0.1: give --pfx FILE, or name a server")

@@ -136,7 +136,8 @@ def test_every_valid_file_parses_to_what_it_says(servers: dict[str, dict[str, st
         if "timeout" in keys:
             assert profile.timeout == float(keys["timeout"])
         if "ports" in keys:
-            assert {n for _, n in profile.default_ports()} == {int(e.rsplit("/", 1)[-1]) for e in keys["ports"].split(", ")}
+            written = {int(entry.rsplit("/", 1)[-1]) for entry in keys["ports"].split(", ")}
+            assert {n for _, n in profile.default_ports()} == written
         if "family" in keys:
             assert profile.family == (None if keys["family"] == "any" else int(keys["family"][-1]))
 
