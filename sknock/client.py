@@ -17,7 +17,6 @@ Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueErro
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import errno
 import ipaddress
@@ -28,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -50,6 +50,12 @@ from .ports import PortSet, Protocol
 from .protocol import Action, KnockRequest, fingerprint, seal_knock
 from .protocol.wire import DEFAULT_WORK_BITS
 from .trust import verify_server_certificate
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio is imported by the async client's functions, where used: it is a quarter of this module's import
+# time, which every ssh connection through ``sknock-knock ssh-proxy`` pays and the sync client never needs.
 
 __all__ = [
     "knock",
@@ -624,6 +630,8 @@ class AsyncKnockClient:
     async def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
         """:meth:`KnockClient.send` without blocking the event loop (``loop.sock_sendto``); the same
         arguments, result and errors."""
+        import asyncio
+
         family, destination, port = _destination(address, knock_port)
         loop = asyncio.get_running_loop()
         try:
@@ -649,6 +657,8 @@ class AsyncKnockClient:
         duration: int | None = None,
     ) -> bool:
         """:meth:`KnockClient.knock` as a coroutine: the same arguments, result and errors."""
+        import asyncio
+
         _check_timeout(timeout)
         loop = asyncio.get_running_loop()
         tries = _tries(verify, retries)
@@ -692,6 +702,8 @@ class AsyncKnockClient:
         action: Action,
         duration: int | None,
     ) -> tuple[int, IPAddress, bytes, Protocol]:
+        import asyncio
+
         # Resolving, signing and the proof of work block: run them off the event loop.
         return await asyncio.get_running_loop().run_in_executor(
             None,
@@ -705,6 +717,8 @@ class AsyncKnockClient:
 async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
     """:func:`_tcp_connect` on the event loop: attempts start at :func:`_connect_times`; True when one
     completes within ``budget`` seconds."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sockaddr = (str(address), port)

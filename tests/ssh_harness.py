@@ -58,7 +58,9 @@ def _keygen(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_sshd(net: TestNet, folder: Path, port: int, client_ini: Path) -> Iterator[SshSetup]:
+def running_sshd(
+    net: TestNet, folder: Path, port: int, client_ini: Path, *, open_port: int | None = None
+) -> Iterator[SshSetup]:
     """Start sshd on ``port`` in ``net.server`` and write an ssh config for the client namespace.
 
     Hosts of the config (all for root on the server namespace's IPv4 address unless said):
@@ -66,7 +68,9 @@ def running_sshd(net: TestNet, folder: Path, port: int, client_ini: Path) -> Ite
     (fdpass over IPv6: the named server ``gw`` given as such, ssh's HostName its IPv6 address),
     ``gwmux`` (fdpass behind a ControlMaster with ControlPersist), ``nosuch`` (a server the client
     configuration does not name) and ``plain`` (no proxy).
-    ``client_ini`` is the sknock client configuration, with a server section ``gw``.
+    ``client_ini`` is the sknock client configuration, with a server section ``gw``.  With ``open_port``
+    (a port the knock server does not protect), sshd listens there too, and ``direct`` reaches it without
+    a proxy: the same sshd, with its port already open.
     """
     folder.mkdir(parents=True, exist_ok=True)
     made_privsep = not PRIVSEP_DIR.exists()
@@ -76,8 +80,9 @@ def running_sshd(net: TestNet, folder: Path, port: int, client_ini: Path) -> Ite
     _keygen(folder / "id")
     shutil.copy(folder / "id.pub", folder / "authorized_keys")
     sshd_config = folder / "sshd_config"
+    ports_too = f"Port {open_port}\n" if open_port else ""
     sshd_config.write_text(
-        f"Port {port}\nListenAddress 0.0.0.0\nListenAddress ::\nHostKey {folder / 'host_key'}\n"
+        f"Port {port}\n{ports_too}ListenAddress 0.0.0.0\nListenAddress ::\nHostKey {folder / 'host_key'}\n"
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPidFile {folder / 'sshd.pid'}\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
         "LogLevel VERBOSE\n"
@@ -101,6 +106,9 @@ def running_sshd(net: TestNet, folder: Path, port: int, client_ini: Path) -> Ite
         f"Host nosuch\n  HostName nosuch.invalid\n  ProxyCommand {proxy}\n  ProxyUseFdpass yes\n{common}"
         f"Host plain\n  HostName {v4}\n{common}"
     )
+    if open_port:
+        direct = common.replace(f"Port {port}", f"Port {open_port}")
+        config.write_text(config.read_text() + f"Host direct\n  HostName {v4}\n{direct}")
     setup = SshSetup(net, folder, port, config, process)
     try:
         _wait_listening(net, port, process, folder / "sshd.log")
