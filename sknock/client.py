@@ -5,13 +5,16 @@
         ...  # tcp/22 is open for this host for the server's PORT_OPEN_DURATION
 
 :class:`KnockClient` loads the credentials once for repeated knocks; :class:`AsyncKnockClient` does the
-same for asyncio applications.  Every failure the caller can act on is a typed exception from
-:mod:`sknock.errors` with a message naming the file, host or port: CredentialError (missing file, wrong
-password; its subclass ServerCertificateError when the certificate given as the server's is a CA's, a
-client's or otherwise not a server's: checked before anything is sent), NotAuthorizedError (the
-certificate does not name the port: checked before sending), KnockBuildError (certificate too large
-for one datagram), ResolveError (host does not resolve), ClientError (anything else about where or
-how to send: a bad source address, no route, a failed send).
+same for asyncio applications.  ``KnockClient.from_profile("NAME")`` makes one for a named
+server of the client configuration file (:mod:`sknock.clientconfig`); :meth:`KnockClient.connect`
+knocks and returns the connection (what ``sknock-knock ssh-proxy`` hands to ssh).  Every failure the
+caller can act on is a typed exception from :mod:`sknock.errors` with a message naming the file, host
+or port: CredentialError (missing file, wrong password; its subclass ServerCertificateError when the
+certificate given as the server's is a CA's, a client's or otherwise not a server's: checked before
+anything is sent), NotAuthorizedError (the certificate does not name the port: checked before
+sending), KnockBuildError (certificate too large for one datagram), ResolveError (host does not
+resolve), ProfileError (a bad configuration file, no such named server), ClientError (anything else
+about where or how to send: a bad source address, no route, a failed send).
 Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueError.
 """
 
@@ -123,7 +126,10 @@ def _resolver_says(exc: socket.gaierror, one_family: bool) -> str:
 
 
 def local_address_towards(address: IPAddress) -> IPAddress:
-    """The source address this host would use towards ``address`` (a routing lookup; nothing is sent)."""
+    """The source address this host would use towards ``address`` (a routing lookup; nothing is sent).
+
+    :raises ClientError: there is no route to ``address``.
+    """
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
@@ -137,7 +143,10 @@ def check_server_certificate(cert: x509.Certificate, where: str = "server certif
     """Raise :class:`~sknock.errors.ServerCertificateError` unless ``cert`` has a server's profile (an EC
     P-256/P-384 key, not a CA, keyAgreement and serverAuth where those extensions are present), so that a
     CA's or a client's certificate given in its place is reported at once instead of knocks that no
-    server can read.  ``where`` names it in the message (a path)."""
+    server can read.  ``where`` names it in the message (a path).
+
+    :raises ServerCertificateError: it is not a server's certificate.
+    """
     problem = server_certificate_problem(cert)
     if problem is not None:
         raise ServerCertificateError(
@@ -147,7 +156,13 @@ def check_server_certificate(cert: x509.Certificate, where: str = "server certif
 
 
 def load_server_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
-    """Load a server certificate (DER or PEM) and check it is one (:func:`check_server_certificate`)."""
+    """Load a server certificate (DER or PEM) from the file ``path`` and check it is one
+    (:func:`check_server_certificate`).
+
+    :returns: the certificate.
+    :raises CredentialError: the file is missing, unreadable or holds no certificate.
+    :raises ServerCertificateError: the certificate is not a server's.
+    """
     cert = load_certificate(path)
     check_server_certificate(cert, f"server certificate {Path(path)}")
     return cert
@@ -191,6 +206,15 @@ class KnockClient:
     ``clock`` (Unix seconds, ``time.time`` unless given) is where the client reads the time: the
     timestamp of each knock it sends and the date the server certificate is checked at.  Timeouts
     while confirming a knock run on the monotonic clock, as they must.
+
+    Constructor arguments (keywords only): ``client_pfx`` and ``pfx_password`` (a PKCS#12 file and its
+    password), or ``credentials`` (a loaded :class:`~sknock.credentials.ClientCredentials`) instead;
+    ``server_cert``; ``work_bits`` (the proof of work attached, at least the server's ``workBits``);
+    ``check_server_cert``; ``clock``.  :meth:`from_profile` makes one for a named server.
+
+    :raises CredentialError: no credentials given, a file missing or unreadable, a wrong password, or
+        a server certificate the client's CA did not issue.
+    :raises ServerCertificateError: ``server_cert`` is not a server's certificate.
     """
 
     def __init__(
@@ -252,7 +276,8 @@ class KnockClient:
 
     @classmethod
     def for_profile(cls, profile: Profile, *, interactive: bool = False) -> KnockClient:
-        """A client for ``profile`` (one already found, perhaps changed by a command line's options).
+        """A client for ``profile`` (one already found, perhaps changed by a command line's options);
+        ``interactive`` as for :meth:`from_profile`.
 
         :raises ProfileError, CredentialError: as :meth:`from_profile`.
         """
@@ -292,8 +317,19 @@ class KnockClient:
         duration: int | None = None,
         nonce: bytes | None = None,
     ) -> bytes:
-        """One knock datagram for ``ports`` at Unix time ``now``.  Checks locally that the certificate
-        authorizes every port, so a request the server would refuse is never sent."""
+        """One knock datagram for ``ports`` at Unix time ``now``, without any I/O.  Checks locally that the
+        certificate authorizes every port, so a request the server would refuse is never sent.
+
+        :param ports: (protocol, port) pairs, one request for all of them.
+        :param now: the knock's timestamp, Unix seconds.
+        :param action: open or close.
+        :param source_address: the address the knock is bound to; None: the packet's source.
+        :param duration: seconds to ask for; None: the server's.
+        :param nonce: 16 bytes; random when None (tests pass one).
+        :returns: the datagram.
+        :raises NotAuthorizedError: the certificate does not name a port.
+        :raises KnockBuildError: the certificate does not fit one datagram.
+        """
         missing = [f"{p.label}/{n}" for p, n in ports if (p, n) not in self.ports]
         if missing:
             subject = self.credentials.certificate.subject.rfc4514_string()
@@ -617,7 +653,7 @@ class AsyncKnockClient:
     @classmethod
     def from_client(cls, client: KnockClient) -> AsyncKnockClient:
         """An AsyncKnockClient sharing ``client``'s credentials and server certificate (for example one
-        from :meth:`KnockClient.from_profile`)."""
+        from :meth:`KnockClient.from_profile`).  It loads nothing, so it raises nothing."""
         self = cls.__new__(cls)
         self._client = client
         return self
@@ -780,8 +816,34 @@ def knock(
     work_bits: int = DEFAULT_WORK_BITS,
     clock: Callable[[], float] = time.time,
 ) -> bool:
-    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`; ``clock`` as for
-    :class:`KnockClient`."""
+    """Knock once: load the credentials, knock for ``protocol/port`` on ``host`` (the original sKnock's
+    call shape).  :class:`KnockClient` loads them once for repeated knocks.
+
+    :param host: the server: a name or an IPv4/IPv6 address.
+    :param port: the port to open, 1..65535.
+    :param protocol: ``"tcp"`` or ``"udp"``.
+    :param client_pfx: the client's PKCS#12 file.
+    :param pfx_password: its password.
+    :param server_cert: the server's certificate file (DER or PEM).
+    :param knock_port: the UDP port the knock goes to; random when None.
+    :param verify: TCP only: confirm by connecting (knocking again up to ``retries`` times).
+    :param timeout: seconds for all knocks and connection attempts together.
+    :param retries: knocks at most when verifying.
+    :param source_address: None/``"any"``, ``"auto"`` or an address (see :meth:`KnockClient.knock`).
+    :param family: None (either), 4 or 6.
+    :param duration: seconds to ask the port to stay open; None: the server's.
+    :param work_bits: the proof of work attached.
+    :param clock: where the time is read (as for :class:`KnockClient`).
+    :returns: True when the port opened (``verify``) or the knock was sent; False when it did not open
+        within ``timeout``.
+    :raises CredentialError: a file missing or unreadable, a wrong password (ServerCertificateError: the
+        server certificate is not a server's).
+    :raises NotAuthorizedError: the certificate does not name the port; nothing is sent.
+    :raises ResolveError: the host does not resolve.
+    :raises KnockBuildError: the certificate does not fit one datagram.
+    :raises ClientError: a bad source address, or a send the kernel refused.
+    :raises ValueError: an argument out of range.
+    """
     client = KnockClient(
         client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits, clock=clock
     )
