@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import functools
 import ipaddress
 import os
 import secrets
@@ -30,7 +31,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 Target = tuple[int, str, IPAddress]  # (family, host as given, resolved address)
+_Prepared = tuple[int, IPAddress, bytes, Protocol]  # (family, address, datagram, protocol) of one knock
 
 
 def _family(family: int | str | None) -> int:
@@ -363,7 +365,7 @@ class KnockClient:
         source_address: str | IPAddress | None,
         action: Action,
         duration: int | None,
-    ) -> tuple[int, IPAddress, bytes, Protocol]:
+    ) -> _Prepared:
         proto = _protocol(protocol)
         _check_port(port)
         fam, address = resolve(host, family)
@@ -727,27 +729,13 @@ class AsyncKnockClient:
         )
         await self.send(datagram, address, knock_port)
 
-    async def _prepare(
-        self,
-        host: str,
-        port: int,
-        protocol: str | Protocol,
-        *,
-        family: int | str | None,
-        source_address: str | IPAddress | None,
-        action: Action,
-        duration: int | None,
-    ) -> tuple[int, IPAddress, bytes, Protocol]:
+    async def _prepare(self, host: str, port: int, protocol: str | Protocol, **how: Any) -> _Prepared:
+        """:meth:`KnockClient._prepare` (the same arguments) off the event loop: resolving, signing and the
+        proof of work block."""
         import asyncio
 
-        # Resolving, signing and the proof of work block: run them off the event loop.
-        return await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: self._client._prepare(
-                host, port, protocol, family=family, source_address=source_address, action=action,
-                duration=duration,
-            ),
-        )
+        prepare = functools.partial(self._client._prepare, host, port, protocol, **how)
+        return await asyncio.get_running_loop().run_in_executor(None, prepare)
 
 
 async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
