@@ -219,7 +219,8 @@ PROFILE_KEYS: tuple[ProfileKey, ...] = (
     ),
     ProfileKey(
         "password", "password", _any_text, "–",
-        "The password itself, in clear: only if you mean it (the file should then be readable by you alone).",
+        "The password itself, in clear: only if you mean it; refused unless the file is readable by its owner "
+        "alone (`chmod 600`).",
     ),
     ProfileKey(
         "ports", "ports", _ports, "–",
@@ -389,7 +390,15 @@ def read_profiles(file: str | os.PathLike[str]) -> dict[str, Profile]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ProfileError(f"{path}: not UTF-8 (byte {exc.start})") from None
-    return parse_profiles(text, path)
+    profiles = parse_profiles(text, path)
+    in_clear = [p for p in profiles.values() if p.password is not None]
+    if in_clear and path.stat().st_mode & 0o077:
+        # A password in clear that others can read is no secret: refuse it rather than use it.
+        raise ProfileError(
+            f"{in_clear[0].where('password')}: a password in clear in a file others can read; "
+            f"chmod 600 {path}, or use passwordFile, passwordEnv or passwordKeyring"
+        )
+    return profiles
 
 
 def load_profiles(config: str | os.PathLike[str] | None = None) -> dict[str, Profile]:

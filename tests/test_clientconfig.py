@@ -291,6 +291,7 @@ def test_from_profile_knocks_the_named_servers_ports(pki: TestPKI, tmp_path: Pat
 
 def test_from_profile_without_a_server_certificate(pki: TestPKI, tmp_path: Path) -> None:
     ini = tmp_path / "client.ini"
+    ini.touch(mode=0o600)
     ini.write_text(f"[lab]\ncredentials = {pki.alice.pfx}\npassword = x\n")
     with pytest.raises(ProfileError) as exc:
         KnockClient.from_profile("lab", config=ini)
@@ -303,3 +304,17 @@ def test_from_profile_without_a_server_certificate(pki: TestPKI, tmp_path: Path)
 def test_the_docs_table_is_the_code_table() -> None:
     doc = (REPO / "docs" / "client.md").read_text(encoding="utf-8")
     assert doc_table() in doc, "docs/client.md's table of keys differs: run python -m sknock.clientconfig --doc-table"
+
+
+def test_a_password_in_clear_only_in_a_file_others_cannot_read(tmp_path: Path) -> None:
+    ini = tmp_path / "client.ini"
+    ini.write_text("[gw]\ncredentials = a.pfx\npassword = in clear\n")
+    ini.chmod(0o644)
+    with pytest.raises(ProfileError) as exc:
+        read_profiles(ini)
+    one_line(exc, f"{ini}: [gw]: password: a password in clear in a file others can read; chmod 600 {ini}")
+    ini.chmod(0o600)
+    assert profile_secret(read_profiles(ini)["gw"]) == b"in clear"
+    ini.write_text("[gw]\ncredentials = a.pfx\npasswordEnv = X\n")
+    ini.chmod(0o644)
+    assert read_profiles(ini)["gw"].password_env == "X"  # no secret in the file: any mode will do
