@@ -318,3 +318,49 @@ def test_a_password_in_clear_only_in_a_file_others_cannot_read(tmp_path: Path) -
     ini.write_text("[gw]\ncredentials = a.pfx\npasswordEnv = X\n")
     ini.chmod(0o644)
     assert read_profiles(ini)["gw"].password_env == "X"  # no secret in the file: any mode will do
+
+
+def test_a_password_from_the_keyring(tmp_path: Path) -> None:
+    import keyring  # the test extra installs it
+    import keyring.backend
+    import keyring.errors
+
+    class InMemory(keyring.backend.KeyringBackend):
+        """A keyring backend of keyring's own plugin interface, holding its secrets in memory."""
+
+        priority = 1  # type: ignore[assignment]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.secrets: dict[tuple[str, str], str] = {}
+
+        def get_password(self, service: str, username: str) -> str | None:
+            return self.secrets.get((service, username))
+
+        def set_password(self, service: str, username: str, password: str) -> None:
+            self.secrets[(service, username)] = password
+
+        def delete_password(self, service: str, username: str) -> None:
+            raise keyring.errors.PasswordDeleteError(username)
+
+    class Locked(InMemory):
+        def get_password(self, service: str, username: str) -> str | None:
+            raise keyring.errors.KeyringLocked("the keyring is locked")
+
+    profiles = parse_profiles("[ring]\ncredentials = a.pfx\npasswordKeyring = yes\n", tmp_path / "c.ini")
+    previous = keyring.get_keyring()
+    try:
+        store = InMemory()
+        keyring.set_keyring(store)
+        with pytest.raises(ProfileError) as exc:
+            profile_secret(profiles["ring"])
+        one_line(exc, "[ring]: passwordKeyring: no password in the keyring for service 'sknock', user 'ring'",
+                 "keyring set sknock ring")
+        keyring.set_password("sknock", "ring", "from the keyring")
+        assert profile_secret(profiles["ring"]) == b"from the keyring"
+        keyring.set_keyring(Locked())
+        with pytest.raises(ProfileError) as exc:
+            profile_secret(profiles["ring"])
+        one_line(exc, "[ring]: passwordKeyring: the keyring cannot be read: the keyring is locked")
+    finally:
+        keyring.set_keyring(previous)
