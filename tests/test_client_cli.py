@@ -376,3 +376,10 @@ def test_a_bad_configuration_file_is_one_line(pki: TestPKI, password_file: Path,
 def test_without_credentials_the_error_says_how_to_give_them(tmp_path: Path) -> None:
     result = run(["-p", "22", "127.0.0.1"], cwd=tmp_path)
     one_error_line(result, "no client credentials for 127.0.0.1: give --pfx FILE, or name a server")
+
+
+def test_a_target_that_is_neither_a_named_server_nor_a_host(tmp_path: Path) -> None:
+    ini = tmp_path / "c.ini"
+    ini.write_text("[gateway]\nhost = 127.0.0.1\n")
+    result = run(["--config", str(ini), "gatewya", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, "cannot resolve 'gatewya'", f"; nor is it a named server of {ini}")

@@ -30,7 +30,7 @@ from typing import NoReturn
 
 from ..client import KnockClient, load_server_certificate, resolve
 from ..clientconfig import PASSWORD_ENV, Profile, default_files, find_profile
-from ..errors import CredentialError, SknockError
+from ..errors import CredentialError, ResolveError, SknockError
 from ..ports import Protocol
 from ..protocol.request import MAX_DURATION
 from ..protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
@@ -218,7 +218,13 @@ def _run(args: argparse.Namespace) -> int:
     ports = _ports(profile, args)
     # Resolve first: a host that does not resolve is reported before any password is asked for, and
     # every knock and retry goes to the same address.
-    family, address = resolve(profile.host, profile.family)
+    try:
+        family, address = resolve(profile.host, profile.family)
+    except ResolveError as exc:
+        if profile.file is not None:
+            raise
+        files = [args.config] if args.config is not None else default_files()
+        raise ResolveError(f"{exc}; nor is it a named server of {' or '.join(map(str, files))}") from None
     where = profile.host if profile.host == str(address) else f"{profile.host} ({address})"
     # Missing files, and a CA's or a client's certificate given as the server's, are reported before a
     # password is asked for.
