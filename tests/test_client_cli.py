@@ -383,3 +383,35 @@ def test_a_target_that_is_neither_a_named_server_nor_a_host(tmp_path: Path) -> N
     ini.write_text("[gateway]\nhost = 127.0.0.1\n")
     result = run(["--config", str(ini), "gatewya", "-p", "22"], cwd=tmp_path)
     one_error_line(result, "cannot resolve 'gatewya'", f"; nor is it a named server of {ini}")
+
+
+def test_the_status_line_goes_to_stdout_on_a_terminal(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "SKNOCK_PFX_PASSWORD"}
+    env.update(PYTHONPATH=str(REPO), XDG_CONFIG_HOME=str(tmp_path / "none"))
+    with udp_listener() as sock:
+        args = alice_args(pki, "--password-file", str(password_file), "-u", "-p", "8000")
+        main_fd, terminal = pty.openpty()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "sknock.cli.knock", *args, "--knock-port", str(port_of(sock)), "127.0.0.1"],
+                env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=120,
+            )
+            os.close(terminal)
+            seen = b""
+            while chunk := _read_pty(main_fd):
+                seen += chunk
+        finally:
+            os.close(main_fd)
+        receive(sock)
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert seen.decode().strip() == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1024)
+    except OSError:  # EIO: the terminal's other end is closed and everything was read
+        return b""
