@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
 from .certificate import authorized_ports, describe_name
-from .clientconfig import Profile, get_profile, load_credentials, profile_secret
-from .credentials import ClientCredentials, load_certificate, server_certificate_problem
+from .clientconfig import Profile, get_profile, load_credentials
+from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
 from .errors import (
     CertificateError,
     ClientError,
@@ -236,7 +236,7 @@ class KnockClient:
         if credentials is None:
             if client_pfx is None:
                 raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
-            credentials = load_credentials(client_pfx, lambda: pfx_password)
+            credentials = load_client_pfx(client_pfx, pfx_password)
         self.credentials = credentials
         if isinstance(server_cert, x509.Certificate):
             self.server_certificate = server_cert
@@ -284,8 +284,7 @@ class KnockClient:
         :raises ProfileError, CredentialError: as :meth:`from_profile`.
         """
         server_cert = profile.require("serverCert")
-        spec = profile.require("credentials")
-        credentials = load_credentials(spec, lambda: profile_secret(profile, interactive=interactive))
+        credentials = load_credentials(profile, interactive=interactive)
         client = cls(credentials=credentials, server_cert=server_cert, work_bits=profile.work_bits)
         client.profile = profile
         return client

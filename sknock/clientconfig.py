@@ -452,10 +452,10 @@ def get_profile(name: str, config: str | os.PathLike[str] | None = None) -> Prof
 # -- unlocking the credentials --------------------------------------------------------------------------------
 
 
-def profile_secret(profile: Profile, *, interactive: bool = False) -> bytes:
+def profile_secret(profile: Profile, *, interactive: bool = False, prompt: str | None = None) -> bytes:
     """The password (or PIN) of ``profile``'s credentials, from where its file says.
 
-    With no password key: ``$SKNOCK_PFX_PASSWORD``, else a prompt when ``interactive``.
+    With no password key: ``$SKNOCK_PFX_PASSWORD``, else a prompt (``prompt``) when ``interactive``.
 
     :raises ProfileError: the environment variable is unset, the keyring has none or is not installed,
         or there is no password at all.
@@ -473,7 +473,8 @@ def profile_secret(profile: Profile, *, interactive: bool = False) -> bytes:
     if profile.password_keyring:
         return _keyring_password(profile)
     if os.environ.get(PASSWORD_ENV) or interactive:
-        return resolve_password(None, env_var=PASSWORD_ENV, prompt=f"Password for {profile.name}: ", interactive=True)
+        asked = prompt or f"Password for {profile.name}: "
+        return resolve_password(None, env_var=PASSWORD_ENV, prompt=asked, interactive=True)
     if profile.file is None:  # not a named server: only the command line could have said where
         raise ProfileError(
             f"no password for {profile.credentials}: give --password-file FILE, or set ${PASSWORD_ENV}, "
@@ -506,15 +507,17 @@ def _keyring_password(profile: Profile) -> bytes:
     return str(value).encode("utf-8")
 
 
-def load_credentials(spec: str | os.PathLike[str], secret: Callable[[], bytes | str | None]) -> ClientCredentials:
-    """Load a client's credentials: the one place a profile, ``sknock-knock`` and :class:`KnockClient`
-    turn a credentials spec (today a PKCS#12 file) into a signing key and certificate.
+def load_credentials(profile: Profile, *, interactive: bool = False) -> ClientCredentials:
+    """Load ``profile``'s credentials: the one place a named server's ``credentials`` (today a PKCS#12
+    file) become a signing key and certificate, for :meth:`~sknock.client.KnockClient.from_profile`,
+    ``sknock-knock`` and ``sknock-knock ssh-proxy`` alike.  The password is found (:func:`profile_secret`)
+    only when it is needed.
 
-    :param spec: what ``credentials`` (or ``--pfx``, ``client_pfx=``) names.
-    :param secret: called when a password (or PIN) is needed, and only then.
-    :raises CredentialError: the file is missing, unreadable or the password is wrong.
+    :raises ProfileError: ``credentials`` is not set, or no password source (see :func:`profile_secret`).
+    :raises CredentialError: the file is missing, unreadable, or the password is wrong.
     """
-    return load_client_pfx(spec, secret())
+    spec = profile.require("credentials")
+    return load_client_pfx(spec, profile_secret(profile, interactive=interactive, prompt=f"Password for {spec}: "))
 
 
 # -- the docs --------------------------------------------------------------------------------------------------
