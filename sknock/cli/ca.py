@@ -8,7 +8,8 @@ prompt.  A new .pfx never shares the CA's password: one equal to it is refused, 
 ``NAME.pfx.pass``, so that handing someone a .pfx and its password never hands them the CA.
 A new intermediate CA's key gets its own password (``--new-ca-password-file``,
 ``$SKNOCK_NEW_CA_PASSWORD`` or a prompt), never its parent's: whoever runs the intermediate does not
-learn the root's.
+learn the root's.  ``client NAME --csr FILE`` issues for a key made elsewhere (on a token): no key, no
+.pfx, no password but the CA's.
 """
 
 from __future__ import annotations
