@@ -16,7 +16,8 @@ certificate's, or that signs wrongly, is reported rather than sent.
 The PIN comes, in this order, from the URI's ``pin-value``, its ``pin-source`` (a file), or the
 caller's :data:`PinSource` (the CLI: ``--password-file``, ``$SKNOCK_TOKEN_PIN``, a prompt on a
 terminal).  :func:`token_csr` makes a certificate request signed on the token, for ``sknock-ca client
-NAME --csr FILE``, so the private key is never exported; ``python -m sknock.token csr URI`` runs it.
+NAME --csr FILE``, so the private key is never exported; ``sknock-token csr URI`` (:mod:`sknock.cli.token`)
+runs it.
 
 The binding is python-pkcs11 (the ``token`` extra: ``pip install sknock[token]``), imported only when a
 token is used.
@@ -24,11 +25,9 @@ token is used.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import re
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from .errors import SknockError, TokenError
+from .errors import TokenError
 from .protocol.seal import ecdsa_signature_size
 
 if TYPE_CHECKING:
@@ -59,7 +58,6 @@ __all__ = [
     "parse_pkcs11_uri",
     "open_token_key",
     "token_csr",
-    "main",
 ]
 
 SCHEME = "pkcs11:"
@@ -437,10 +435,10 @@ def open_token_key(uri: Pkcs11Uri | str, pin: PinSource | None = None) -> TokenK
     certificate of the same id, when the token has one).  Every failure is a TokenError of one line."""
     if isinstance(uri, str):
         uri = parse_pkcs11_uri(uri)
-    import_lib = _load_module(uri)
+    lib = _load_module(uri)
     import pkcs11
 
-    token = _find_token(import_lib, uri)
+    token = _find_token(lib, uri)
     try:
         if token.flags & pkcs11.TokenFlag.USER_PIN_LOCKED:
             raise TokenError(f"{uri.describe()}: the PIN is locked (too many wrong PINs); unlock it with the "
@@ -529,41 +527,3 @@ def token_csr(signer: TokenSigner, common_name: str) -> x509.CertificateSigningR
     if not csr.is_signature_valid:
         raise TokenError(f"{signer.uri.describe()}: the request signed on the token does not verify")
     return csr
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sknock.token csr URI --name NAME --out FILE``: a certificate request signed on the token.
-    The PIN: the URI's pin-source, ``--pin-file``, ``$SKNOCK_TOKEN_PIN`` or a prompt on a terminal."""
-    from .credentials import resolve_password
-
-    parser = argparse.ArgumentParser(prog="python -m sknock.token", description="PKCS#11 token helpers for sknock.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("csr", help="write a certificate request (PEM) for the key the URI names, signed on the token")
-    p.add_argument("uri", help="pkcs11: URI of the private key (RFC 7512)")
-    p.add_argument("--name", required=True, help="the request's common name (sknock-ca uses its own NAME anyway)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the request (PEM)")
-    p.add_argument("--pin-file", type=Path, default=None, help="file whose first line is the token's PIN")
-    args = parser.parse_args(argv)
-
-    def ask(prompt: str) -> bytes:
-        return resolve_password(args.pin_file, env_var=PIN_ENV, prompt=prompt, interactive=sys.stdin.isatty())
-
-    try:
-        found = open_token_key(args.uri, ask)
-        try:
-            csr = token_csr(found.signer, args.name)
-        finally:
-            found.signer.close()
-        args.out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
-    except SknockError as exc:
-        print(f"sknock.token: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"sknock.token: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print(f"wrote a certificate request for {found.signer.uri.describe()} to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Each test gets its own SoftHSM2 token directory (``SOFTHSM2_CONF`` naming a config in the test's tmp
 dir), initialises a token with ``softhsm2-util`` and GENERATES the EC P-256 key pair ON THE TOKEN with
-OpenSC's ``pkcs11-tool``.  The certificate request is signed on the token (``python -m sknock.token
+OpenSC's ``pkcs11-tool``.  The certificate request is signed on the token (``python -m sknock.cli.token
 csr``), the certificate issued by ``sknock-ca client NAME --csr`` from a copy of the test PKI's CA (the
 same key and certificate, so the real server trusts it; the session's CA index stays untouched).
 
@@ -74,7 +74,7 @@ class SoftToken:
 
     def csr(self, name: str) -> Path:
         out = self.root / f"{name}.csr"
-        result = self.python("-m", "sknock.token", "csr", self.uri(), "--name", name, "--out", str(out),
+        result = self.python("-m", "sknock.cli.token", "csr", self.uri(), "--name", name, "--out", str(out),
                              "--pin-file", str(self.pin_file))
         assert result.returncode == 0, result.stderr
         return out
@@ -311,3 +311,13 @@ def test_the_signer_checks_every_signature_against_the_certificate(token: SoftTo
     result = token.python("-c", script)
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "does not verify with the certificate's key" in result.stdout
+
+
+def test_sknock_token_csr_errors_are_one_line(token: SoftToken) -> None:
+    token.pin_file.write_text("000000\n")
+    out = token.root / "never.csr"
+    result = token.python("-m", "sknock.cli.token", "csr", token.uri(), "--name", "x", "--out", str(out),
+                          "--pin-file", str(token.pin_file))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"sknock-token: error: token '{LABEL}', id 01: wrong PIN"]
+    assert not out.exists()
