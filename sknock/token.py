@@ -328,7 +328,10 @@ def _token_error(uri: Pkcs11Uri, exc: Exception, doing: str) -> TokenError:
         return TokenError(f"{who}: the PIN has expired; change it on the token first")
     if isinstance(exc, pkcs11.UserPinNotInitialized):
         return TokenError(f"{who}: the token has no user PIN set; initialise it first")
-    if isinstance(exc, pkcs11.TokenNotPresent | pkcs11.DeviceRemoved):
+    if isinstance(exc, pkcs11.UserNotLoggedIn) and doing == "cannot sign":
+        return TokenError(f"{who}: the key asks for the PIN at every signature (CKA_ALWAYS_AUTHENTICATE, e.g. PIV "
+                          "slot 9c); use a key without it (PIV slot 9a)")
+    if isinstance(exc, pkcs11.TokenNotPresent | pkcs11.DeviceRemoved | pkcs11.SessionHandleInvalid):
         return TokenError(f"{who}: the token is not present (removed?)")
     detail = str(exc).strip() or "no detail"
     return TokenError(f"{who}: {doing}: PKCS#11 {type(exc).__name__} ({detail[:100]})")
