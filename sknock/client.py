@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
 from .certificate import authorized_ports, describe_name
-from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
+from .credentials import ClientCredentials, load_certificate, load_client_credentials, server_certificate_problem
 from .errors import (
     CertificateError,
     ClientError,
@@ -176,8 +176,8 @@ class KnockClient:
         self.clock = clock
         if credentials is None:
             if client_pfx is None:
-                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
-            credentials = load_client_pfx(client_pfx, pfx_password)
+                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file or a pkcs11: URI)")
+            credentials = load_client_credentials(client_pfx, pfx_password)
         self.credentials = credentials
         if isinstance(server_cert, x509.Certificate):
             self.server_certificate = server_cert

@@ -6,7 +6,8 @@ what sknock means to raise and let real bugs surface. Each error carries a messa
 it names the file, key or value and the reason.
 
 Defined here: the errors of the library an application or a CLI calls -- the protocol and the verifier
-(:class:`KnockRefused` with its :class:`Reason`), ports, credentials, certificates, the client, the CA
+(:class:`KnockRefused` with its :class:`Reason`), ports, credentials (keys on a PKCS#11 token too:
+:class:`TokenError`), certificates, the client, the CA
 (:class:`CAError`) and the server configuration (:class:`ConfigError`, raised by the config and the
 capture alike).
 
@@ -44,6 +45,7 @@ __all__ = [
     "PortSpecError",
     "CredentialError",
     "ServerCertificateError",
+    "TokenError",
     "CertificateError",
     "KnockRefused",
     "Reason",
@@ -72,6 +74,12 @@ class CredentialError(SknockError):
 class ServerCertificateError(CredentialError):
     """A certificate given as a server's is not fit to be one: a CA's, a client's, or one whose key knocks
     cannot be encrypted to.  Raised before anything is sent (client) or started (server)."""
+
+
+class TokenError(CredentialError):
+    """A client key on a PKCS#11 token cannot be used: a malformed ``pkcs11:`` URI (the message names the
+    attribute), a module that does not load, no such token or key, a wrong or locked PIN, a token that
+    refuses to sign.  One line naming the token or module and the reason (``sknock.token``)."""
 
 
 #: Characters at most of a refusal's detail or a certificate error's message (see :func:`log_safe`).
