@@ -9,8 +9,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: the Python venv module, the kernel firewall tools and libraries (libnftables for the
 # in-process nftables backend, iptables for python-iptables), iproute2 for test namespaces, openssl for
-# the interoperability test, ping/nc for the tests' network checks.
-debs=(python3 python3-venv nftables libnftables1 iptables iproute2 openssl iputils-ping netcat-openbsd procps)
+# the interoperability test, ping/nc for the tests' network checks, redis-server for the shared replay
+# store's tests (docs/fleet.md).
+debs=(python3 python3-venv nftables libnftables1 iptables iproute2 openssl iputils-ping netcat-openbsd procps
+      redis-server)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -31,6 +33,6 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing sknock and its Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[server,test,dev]"
+  .venv/bin/python -m pip install -q -e ".[server,fleet,test,dev]"
   echo "$want" > "$stamp"
 fi
