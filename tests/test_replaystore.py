@@ -24,6 +24,7 @@ from sknock.server.privsep import GrantRequest
 from sknock.server.replaystore import (
     FIRST_RETRY,
     KEY_PREFIX,
+    SINCE_KEY,
     Fallback,
     LocalReplayStore,
     RedisReplayStore,
@@ -41,15 +42,24 @@ A = ipaddress.ip_address("198.18.0.2")
 B = ipaddress.ip_address("198.18.0.3")
 
 
+WINDOW = 7.0
+
+
+def remember_since(server: RedisServer, wall: float = WALL - 100) -> None:
+    """As if the store's memory had begun long before the tests' knocks (see test_a_store_that_starts_empty...)."""
+    server.command("SET", SINCE_KEY.decode(), repr(wall))
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     require_redis()
     with RedisServer.start() as server:
+        remember_since(server)
         yield server
 
 
 def store_for(server: RedisServer, timeout: float = 0.15) -> RedisReplayStore:
-    return RedisReplayStore(parse_store_address(server.url), password=server.password, timeout=timeout)
+    return RedisReplayStore(parse_store_address(server.url), password=server.password, timeout=timeout, window=WINDOW)
 
 
 def key(n: int) -> bytes:
@@ -89,6 +99,7 @@ def test_the_keys_hold_no_client_data(redis_server: RedisServer) -> None:
     replay_key = nonce + (22).to_bytes(2, "big") + bytes((6,))
     store_for(redis_server).claim([(replay_key, WALL + 7)], WALL)
     keys = redis_server.command("KEYS", "*").splitlines()
+    keys.remove(SINCE_KEY.decode())
     assert keys == [store_key(replay_key).decode()]
     (stored,) = keys
     assert stored.startswith(KEY_PREFIX.decode()) and len(stored) == len(KEY_PREFIX) + 32
@@ -112,8 +123,9 @@ def test_a_batch_is_one_round_trip(redis_server: RedisServer) -> None:
 def test_a_password_from_the_file_is_used(tmp_path: Path) -> None:
     require_redis()
     with RedisServer.start(password="fleet secret") as server:
+        remember_since(server)
         assert store_for(server).claim([(key(1), WALL + 7)], WALL) == [True]
-        anonymous = RedisReplayStore(parse_store_address(server.url), timeout=0.5)
+        anonymous = RedisReplayStore(parse_store_address(server.url), timeout=0.5, window=WINDOW)
         with pytest.raises(ReplayStoreError, match="replay store redis://127.0.0.1"):
             anonymous.claim([(key(2), WALL + 7)], WALL)
 
@@ -135,7 +147,25 @@ def test_a_store_that_is_down_fails_at_once_and_one_that_hangs_within_the_timeou
         store.claim([(key(3), WALL + 7)], WALL)
     assert time.monotonic() - start < 1.0
     redis_server.start_again()
+    remember_since(redis_server)
     assert store.claim([(key(4), WALL + 7)], WALL) == [True]  # a new connection, no restart of anything
+
+
+def test_a_store_that_starts_empty_vouches_only_for_knocks_it_could_have_seen_claimed(
+    redis_server: RedisServer,
+) -> None:
+    """Redis restarted without persistence has forgotten the claims before: a knock that could have been
+    claimed then is not confirmed (about one window of refusals), one that could not is."""
+    store = store_for(redis_server)
+    old = key(22)
+    assert store.claim([(old, WALL + 7)], WALL) == [True]
+    redis_server.stop()
+    redis_server.start_again()  # empty: its memory begins at the next claim
+    assert store.claim([(old, WALL + 8.0 + 7)], WALL + 8.0) == [None]  # the replay could have been claimed before
+    assert store.claim([(old, WALL + 8.0 + 7)], WALL + 8.0) == [False]  # and is a replay from now on either way
+    assert redis_server.command("GET", SINCE_KEY.decode()) == repr(WALL + 8.0)
+    later = WALL + 8.0 + WINDOW + 0.5  # a knock made a window after the memory began cannot predate it
+    assert store.claim([(key(22), later + WINDOW)], later) == [True]
 
 
 # -- the gate: what the monitor does while the store is down ----------------------------------------------
@@ -154,6 +184,7 @@ def test_while_down_knocks_are_refused_and_the_store_is_not_asked_on_every_knock
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "every knock is refused until it answers" in errors[0].getMessage()
     redis_server.start_again()
+    remember_since(redis_server)
     # back already, but within the retry interval the gate does not ask: still refused, at once
     start = time.monotonic()
     assert gate.admit([(key(3), WALL + 7)], WALL, now + FIRST_RETRY / 2) == [None]

@@ -456,6 +456,7 @@ def run(config_path: str | Path) -> int:
         print(f"sknock-server: {exc}", file=sys.stderr)
         _close_captures(captures)
         return 2
+    _begin_replay_store(replay.store)
     # Everything made so far (modules, keys, the verifier's trust) lives as long as the server: keep
     # the garbage collector from walking it, which would write to every page of it in each forked
     # process and turn shared pages into private copies: without the freeze the server's processes
@@ -535,7 +536,22 @@ def make_replay_store(config: ServerConfig) -> ReplayStore:
         raise ConfigError(f"{config.source}: replayStore: {config.replay_store} needs the redis package: "
                           "pip install 'sknock[fleet]'") from None
     return RedisReplayStore(config.replay_store, password=config.replay_store_password,
-                            ca_file=config.replay_store_ca_file, timeout=config.replay_store_timeout_ms / 1000)
+                            ca_file=config.replay_store_ca_file, timeout=config.replay_store_timeout_ms / 1000,
+                            window=float(config.timestamp_threshold))
+
+
+def _begin_replay_store(store: ReplayStore) -> None:
+    """Say at the start which replay store is used; a shared one notes when its memory began (not fatal when
+    it cannot: the monitor's gate handles a store that is down)."""
+    if not isinstance(store, RedisReplayStore):
+        return
+    try:
+        since = store.begin(time.time())
+    except ReplayStoreError as exc:
+        log.error("%s: not reachable at the start; knocks are decided by replayStoreFallback until it is", exc)
+        return
+    log.info("replay store %s: shared, its memory began at %s (knocks that could have been claimed before "
+             "then are not confirmed)", store.name, dt.datetime.fromtimestamp(since, dt.UTC).isoformat())
 
 
 def replay_store_summary(config: ServerConfig) -> str:

@@ -8,6 +8,13 @@ knock it is about to apply in one Redis (or Valkey) shared by the fleet, with th
 ``SET key 1 NX PX <ms until the knock leaves its window>``: the first server to claim a knock applies it,
 every other one finds the key and refuses the knock as a replay.
 
+A Redis that starts empty (its first start, a restart without persistence, a flush) has forgotten the
+claims made before: a knock granted before then could be replayed to another server.  So every pipeline
+also sets, if absent, and reads ``sknock:replay:since``, the Unix time the store's memory began; a knock
+that could have been claimed before that time (its expiry is less than two timestamp windows after it)
+is not confirmed, but treated as when the store is down.  That is a blackout of about one window after
+Redis loses its memory, the same rule as the journal's floor.
+
 What reaches Redis is no client data: the key is ``sknock:replay:`` and 32 hex digits of a SHA-256 over a
 fixed domain-separation prefix and the knock's replay key (its random nonce, port and protocol); no
 subject, address or nonce in clear.  The claims of one batch of the monitor go in one pipeline: one round
@@ -53,6 +60,7 @@ __all__ = [
     "parse_store_address",
     "store_key",
     "KEY_PREFIX",
+    "SINCE_KEY",
     "DEFAULT_TIMEOUT_MS",
     "FIRST_RETRY",
     "MAX_RETRY",
@@ -62,6 +70,8 @@ log = logging.getLogger("sknock.replaystore")
 
 #: Every key sknock writes starts with this, so that the fleet's keys are easy to find and to keep apart.
 KEY_PREFIX = b"sknock:replay:"
+#: The Unix time the store's memory began (set by the first claim it sees); never expires.
+SINCE_KEY = KEY_PREFIX + b"since"
 #: Hashed before the replay key: a key cannot be mistaken for a hash of the same bytes made for another use.
 _DOMAIN = b"sknock fleet replay key v1\x00"
 DEFAULT_TIMEOUT_MS = 150
@@ -147,9 +157,10 @@ class ReplayStore(Protocol):
         """Whether other servers see its claims (False: this server's own memory only)."""
         ...
 
-    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool]:
+    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool | None]:
         """For each (replay key, Unix time it leaves the window): True when this call claimed it first, False
-        when it was claimed before.  Raises :class:`ReplayStoreError` when the store cannot answer."""
+        when it was claimed before, None when the store cannot vouch for it (its memory began after the knock
+        could have been claimed).  Raises :class:`ReplayStoreError` when the store cannot answer."""
         ...
 
     def disconnect(self) -> None:
@@ -163,7 +174,7 @@ class LocalReplayStore:
     name = "local"
     shared = False
 
-    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool]:
+    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool | None]:
         """Confirms every entry: this server's journal has already refused the ones it applied before."""
         return [True] * len(entries)
 
@@ -179,10 +190,11 @@ class RedisReplayStore:
 
     def __init__(
         self, address: StoreAddress, *, password: str | None = None, ca_file: Path | None = None,
-        timeout: float = DEFAULT_TIMEOUT_MS / 1000,
+        timeout: float = DEFAULT_TIMEOUT_MS / 1000, window: float,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self.window = window
         self._password = password if password is not None else address.password
         self._ca_file = ca_file
         self._client: Any = None
@@ -210,24 +222,50 @@ class RedisReplayStore:
             )
         return self._client
 
-    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool]:
-        """One pipeline of ``SET key 1 NX PX ms``, one round trip for the whole batch."""
+    def claim(self, entries: Sequence[tuple[bytes, float]], wall: float) -> list[bool | None]:
+        """One pipeline of ``SET key 1 NX PX ms``, one round trip for the whole batch (with the memory's
+        start, :data:`SINCE_KEY`)."""
         if not entries:
             return []
         import redis
 
         try:
             pipe = self._connect().pipeline(transaction=False)
+            pipe.set(SINCE_KEY, repr(wall).encode("ascii"), nx=True)
+            pipe.get(SINCE_KEY)
             for key, expiry in entries:
                 pipe.set(store_key(key), b"1", nx=True, px=max(1, math.ceil((expiry - wall) * 1000)))
             answers = pipe.execute(raise_on_error=True)
         except (redis.RedisError, OSError) as exc:
             self.disconnect()
             raise ReplayStoreError(f"replay store {self.name}: {_describe(exc)}") from None
-        if len(answers) != len(entries):
+        try:
+            since = float(answers[1])
+        except (TypeError, ValueError, IndexError):
+            since = math.nan
+        if len(answers) != len(entries) + 2 or not math.isfinite(since):
             self.disconnect()
-            raise ReplayStoreError(f"replay store {self.name}: {len(answers)} answers to {len(entries)} claims")
-        return [answer is True for answer in answers]
+            raise ReplayStoreError(f"replay store {self.name}: unexpected answers (is {SINCE_KEY.decode()} "
+                                   "written by something else?)")
+        floor = since + 2 * self.window  # a knock expiring before this may have been claimed before `since`
+        return [None if answer is True and expiry < floor else answer is True
+                for answer, (_, expiry) in zip(answers[2:], entries, strict=True)]
+
+    def begin(self, wall: float) -> float:
+        """At the server's start: note ``wall`` as the start of the store's memory unless it has one; returns
+        the one it has (so that a fresh store's blackout runs from now, not from the first knock)."""
+        import redis
+
+        try:
+            pipe = self._connect().pipeline(transaction=False)
+            pipe.set(SINCE_KEY, repr(wall).encode("ascii"), nx=True)
+            pipe.get(SINCE_KEY)
+            since = float(pipe.execute(raise_on_error=True)[1])
+        except (redis.RedisError, OSError, TypeError, ValueError) as exc:
+            raise ReplayStoreError(f"replay store {self.name}: {_describe(exc)}") from None
+        finally:
+            self.disconnect()
+        return since
 
     def ping(self) -> float:
         """Seconds a PING took (for ``--check-config``); raises :class:`ReplayStoreError`."""
@@ -270,7 +308,8 @@ class ReplayGate:
 
     def admit(self, entries: Sequence[tuple[bytes, float]], wall: float, now: float) -> list[bool | None]:
         """For each (replay key, expiry): True to apply it, False when another server claimed it first (a replay),
-        None when the store could not confirm it and the fallback refuses it.  ``now`` is monotonic."""
+        None when the store could not confirm it (down, or its memory too young) and the fallback refuses it.
+        ``now`` is monotonic."""
         if not entries:
             return []
         if self.down_since is not None and now < self._retry_at:
@@ -284,9 +323,16 @@ class ReplayGate:
             log.warning("replay store %s answers again after %.1f s: knocks are checked fleet-wide again",
                         self.store.name, now - self.down_since)
         self.down_since, self.last_error, self._retry = None, None, FIRST_RETRY
-        claimed = sum(answers)
+        claimed = answers.count(True)
         self.counts["claimed"] += claimed
-        self.counts["replays"] += len(answers) - claimed
+        self.counts["replays"] += answers.count(False)
+        young = answers.count(None)
+        if not young:
+            return list(answers)
+        if self.fallback is Fallback.LOCAL:
+            self.counts["granted_unconfirmed"] += young
+            return [True if answer is None else answer for answer in answers]
+        self.counts["refused_unconfirmed"] += young
         return list(answers)
 
     def _failed(self, error: str, now: float) -> None:
