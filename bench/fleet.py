@@ -61,5 +61,10 @@ def run(pki: lab.Pki, net: TestNet, folder: Path, args: argparse.Namespace, star
     lab.build_knocks(pki, expiry, 1000, stamp, 2)
     with RedisServer.start("127.0.0.1", netns=net.server) as redis:
         res["redis_version"] = redis.command("INFO", "server").split("redis_version:")[1].split()[0]
+
+        def keys(name: str, result: dict[str, Any]) -> None:
+            # the knocks the last server of the phase claimed in Redis (and `since`): proof the store was used
+            result["redis_keys"] = int(redis.command("DBSIZE"))
+
         run_plan(KEY, redis_plan(RedisPhases(net, pki, knocks, expiry, redis), quick=args.quick), res["phases"],
-                 started, args.phases)
+                 started, args.phases, after=keys)

@@ -236,7 +236,7 @@ class RedisReplayStore:
             for key, expiry in entries:
                 pipe.set(store_key(key), b"1", nx=True, px=max(1, math.ceil((expiry - wall) * 1000)))
             answers = pipe.execute(raise_on_error=True)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ValueError, TypeError) as exc:  # whatever it was, it did not confirm
             self.disconnect()
             raise ReplayStoreError(f"replay store {self.name}: {_describe(exc)}") from None
         try:
