@@ -49,13 +49,15 @@ class RedisServer:
     folder: Path
     netns: Host | None = None
     password: str | None = None
+    tls: tuple[Path, Path, Path] | None = None  # certificate, key, CA (PEM): TLS only, no plain port
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
     def start(
-        cls, host: str = "127.0.0.1", port: int | None = None, *, netns: Host | None = None, password: str | None = None
+        cls, host: str = "127.0.0.1", port: int | None = None, *, netns: Host | None = None,
+        password: str | None = None, tls: tuple[Path, Path, Path] | None = None,
     ) -> RedisServer:
-        server = cls(host, port or free_port(), Path(tempfile.mkdtemp(prefix="sknock-redis-")), netns, password)
+        server = cls(host, port or free_port(), Path(tempfile.mkdtemp(prefix="sknock-redis-")), netns, password, tls)
         try:
             server.start_again()
         except BaseException:
@@ -66,11 +68,16 @@ class RedisServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/0"
 
     def start_again(self, timeout: float = 10) -> None:
         """Start redis-server (again, empty) on the same address and port; wait until it answers."""
-        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        argv = [REDIS_SERVER, *ports, "--bind", self.host, "--save", "", "--appendonly", "no",
                 "--dir", str(self.folder), "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.folder / "redis.log")]
         if self.password is not None:
@@ -94,6 +101,8 @@ class RedisServer:
     def command(self, *words: str) -> str:
         """One command through redis-cli (run where the server runs); its answer, stripped."""
         argv = ["redis-cli", "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
+        if self.tls is not None:
+            argv += ["--tls", "--cacert", str(self.tls[2])]
         if self.password is not None:
             argv += ["-a", self.password]
         argv += list(words)

@@ -2,7 +2,9 @@
 (docs/fleet.md): a knock granted by one and replayed to the other within its window is refused; with Redis
 stopped mid-run the documented behaviour holds (replayStoreFallback = refuse: knocks are refused, and
 ``status`` says the store is down); with Redis back (empty: after about one timestamp window in which
-it cannot vouch for any knock), sharing resumes.
+it cannot vouch for any knock), sharing resumes.  With replayStoreFallback = local, a server grants on its
+own memory while Redis is down, and the documented cost shows: the same knock replayed to the other server
+is granted there too.
 
 Topology: two TestNets (server and client namespaces each), and one more veth link between the two
 server namespaces, 198.19.N.1 and 198.19.N.2, on which redis-server runs in the first server's namespace
@@ -51,7 +53,8 @@ def link_servers(first: TestNet, second: TestNet) -> tuple[str, str]:
 
 
 @pytest.fixture
-def fleet(pki: TestPKI) -> Iterator[Fleet]:
+def fleet(pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    fallback = getattr(request, "param", "refuse")
     require_netns()
     require_redis()
     with TestNet.create("skf") as first, TestNet.create("skg") as second:
@@ -61,7 +64,7 @@ def fleet(pki: TestPKI) -> Iterator[Fleet]:
             # shows the blackout of a store that starts empty)
             redis.command("SET", SINCE_KEY.decode(), repr(time.time() - 100))
             options = {"replayStore": redis.url, "protectedPorts": f"tcp/{PORT}", "emergencySSH": "no",
-                       "PORT_OPEN_DURATION_IN_SECONDS": "30", "workers": "1"}
+                       "PORT_OPEN_DURATION_IN_SECONDS": "30", "workers": "1", "replayStoreFallback": fallback}
             with RunningServer.start(first, pki, **options) as one, RunningServer.start(second, pki, **options) as two:
                 one.serve_tcp(PORT)
                 two.serve_tcp(PORT)
@@ -134,3 +137,25 @@ def test_a_fleet_refuses_a_knock_another_server_granted_and_fails_closed_while_r
     one.wait_log("replay (its nonce was granted by another server of the fleet)", since=mark)
     assert two.status()["replay_store"]["state"] == "ok"
     assert "replay store redis://" in one.status_cli()
+
+
+@pytest.mark.parametrize("fleet", ["local"], indirect=True)
+def test_with_the_local_fallback_a_server_grants_on_its_own_memory_while_redis_is_down(
+    fleet: Fleet, pki: TestPKI
+) -> None:
+    (net1, net2), (one, two), redis = fleet.nets, fleet.servers, fleet.redis
+    redis.stop()
+    knock = build(pki, net2)
+    mark = two.mark()
+    send(net2, knock)
+    two.wait_log(f"granted tcp/{PORT}", since=mark)
+    assert "replayStoreFallback = local" in two.log_text()[mark:]  # the ERROR line says what that costs
+    assert two.reachable(PORT)
+    assert two.status()["replay_store"]["granted_unconfirmed"] == 1
+    mark = two.mark()
+    send(net2, knock)  # its own memory still refuses a replay to the same server
+    two.wait_log("refused knock from", since=mark)
+    assert two.log_text()[mark:].count(f"granted tcp/{PORT}") == 0
+    # the documented cost of `local`: the same knock replayed to the other server is granted there too
+    send(net1, knock)
+    one.wait_log(f"granted tcp/{PORT}")

@@ -168,6 +168,55 @@ def test_a_store_that_starts_empty_vouches_only_for_knocks_it_could_have_seen_cl
     assert store.claim([(key(22), later + WINDOW)], later) == [True]
 
 
+def tls_files(folder: Path, name: str, address: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A CA and a certificate it signs for ``address`` (PEM files in ``folder``): for a TLS redis-server."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start)
+          .not_valid_after(start + dt.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}-ca.crt")
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_rediss_verifies_the_store_s_certificate_against_the_ca_file(tmp_path: Path) -> None:
+    require_redis()
+    files = tls_files(tmp_path, "store")
+    _, _, other_ca = tls_files(tmp_path, "other")
+    with RedisServer.start(tls=files) as server:
+        remember_since(server)
+        address = parse_store_address(server.url)
+        assert address.tls
+        good = RedisReplayStore(address, ca_file=files[2], timeout=1.0, window=WINDOW)
+        assert good.claim([(key(1), WALL + 7)], WALL) == [True]
+        wrong = RedisReplayStore(address, ca_file=other_ca, timeout=1.0, window=WINDOW)
+        with pytest.raises(ReplayStoreError, match="(?i)certificate"):
+            wrong.claim([(key(2), WALL + 7)], WALL)
+        plain = RedisReplayStore(parse_store_address(server.url.replace("rediss:", "redis:")), timeout=0.5,
+                                 window=WINDOW)
+        with pytest.raises(ReplayStoreError):  # no clear-text port: a redis:// URL gets nothing
+            plain.claim([(key(3), WALL + 7)], WALL)
+
+
 # -- the gate: what the monitor does while the store is down ----------------------------------------------
 
 
