@@ -400,6 +400,9 @@ def test_a_password_in_the_url_works_with_a_notice_and_is_never_shown(tmp_path: 
                          check_files=True)
     assert loaded.replay_store_password == "hunter2"  # noqa: S105
     assert any("replayStorePasswordFile" in n for n in loaded.notices)
+    assert any("resolved at every (re)connect" in n for n in loaded.notices)  # a host name, not an address
+    by_address = load_config(write_config(tmp_path, replayStore="redis://198.18.0.5:6379/0"), check_files=True)
+    assert not any("replayStore" in n for n in by_address.notices)
     assert "hunter2" not in loaded.describe() and "rediss://sknock:***@cache.example:6379/0" in loaded.describe()
 
 

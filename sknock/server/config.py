@@ -933,26 +933,39 @@ def _store_password(path: Path, parsed: Mapping[str, Any], check_files: bool) ->
                 raise _error(path, other, "is set, but replayStore = local shares nothing: set replayStore, or "
                              "remove it")
         return None, []
+    notices = []
+    if not _is_ip(address.host):
+        notices.append(f"replayStore names the host {address.host}: it is resolved at every (re)connect, and a "
+                       "resolver that does not answer holds the monitor for its own timeout (seconds), beyond "
+                       "replayStoreTimeout; an IP address avoids that")
     if parsed["replayStoreCaFile"] is not None and not address.tls:
         raise _error(path, "replayStoreCaFile", f"is only used with rediss:// (TLS), and replayStore is {address}")
     if file is None:
         if address.password is None:
-            return None, []
-        return address.password, [_STORE_PASSWORD_IN_URL_NOTICE]
+            return None, notices
+        return address.password, [*notices, _STORE_PASSWORD_IN_URL_NOTICE]
     if address.password is not None:
         raise _error(path, key, "is set, and replayStore has a password in its URL too: give the password one way")
     if not check_files:
-        return None, []
+        return None, notices
     _check_readable(path, key, file)
     mode = file.stat().st_mode & 0o777
     if mode & 0o077:
         raise _error(path, key, f"{file} is readable by others than its owner (mode {mode:o}): chmod 600 {file}")
     try:
-        return resolve_password(file).decode("utf-8"), []
+        return resolve_password(file).decode("utf-8"), notices
     except CredentialError as exc:
         raise _error(path, key, str(exc)) from None
     except UnicodeDecodeError:
         raise _error(path, key, f"the first line of {file} is not UTF-8") from None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def load_config(
