@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SERVERS = ["sknock-nftables", "sknock-iptables", "fwknopd-iptables"]
+SERVERS = ["sknock-nftables", "sknock-nftables-redis", "sknock-iptables", "fwknopd-iptables"]
 
 
 def _f(value: Any, fmt: str = "{:.0f}") -> str:

@@ -25,6 +25,8 @@ these (``tests/test_errors.py`` checks this list against the code):
 * ``sknock.server.control.ControlError``: the control socket cannot be opened or does not answer;
 * ``sknock.server.ledger.LedgerError``: the grant ledger cannot be read;
 * ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace.
+* ``sknock.server.replaystore.ReplayStoreError``: the fleet's shared replay store (Redis) cannot confirm a
+  claim; the monitor's replay gate turns it into refused (or, by choice, locally checked) knocks.
 
 Not sknock errors: ``sknock.server.firewall.nfnetlink.NetlinkError`` is an ``OSError`` (a kernel's
 answer) that the nftables backend turns into a ``FirewallError``;
