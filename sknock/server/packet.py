@@ -146,10 +146,8 @@ def _parse_ipv4(data: bytes, ifindex: int, icmp: bool) -> Datagram:
         raise PacketError("not-udp", f"IPv4 protocol {proto}")
     if is_bad_source(src):
         raise PacketError("bad-source", f"source {IPv4Address(src)}")
-    source, destination = IPv4Address(int.from_bytes(src, "big")), IPv4Address(dst)
-    if proto == _ICMP:
-        return _parse_echo(data, header_len, total, source, destination, ifindex, ICMP_ECHO_REQUEST)
-    return _parse_udp(data, header_len, total, source, destination, ifindex)
+    source = IPv4Address(int.from_bytes(src, "big"))
+    return _parse_transport(data, proto, header_len, total, source, IPv4Address(dst), ifindex)
 
 
 _IPV4_WORDS = struct.Struct("!10H")
@@ -222,10 +220,7 @@ def _parse_ipv6(data: bytes, ifindex: int, icmp: bool) -> Datagram:
     source = data[8:24]
     if is_bad_source(source):
         raise PacketError("bad-source", f"source {IPv6Address(source)}")
-    sender, destination = IPv6Address(source), IPv6Address(data[24:40])
-    if next_header == _ICMPV6:
-        return _parse_echo(data, offset, end, sender, destination, ifindex, ICMPV6_ECHO_REQUEST)
-    return _parse_udp(data, offset, end, sender, destination, ifindex)
+    return _parse_transport(data, next_header, offset, end, IPv6Address(source), IPv6Address(data[24:40]), ifindex)
 
 
 def _check_ipv6_options(options: bytes, header: int) -> None:
@@ -248,15 +243,28 @@ def _check_ipv6_options(options: bytes, header: int) -> None:
         i += 2 + length
 
 
-def _parse_udp(
+#: The echo request's type for each ICMP protocol number the parser takes.
+_ECHO_REQUEST = {_ICMP: ICMP_ECHO_REQUEST, _ICMPV6: ICMPV6_ECHO_REQUEST}
+
+
+def _parse_transport(
     data: bytes,
+    proto: int,
     start: int,
     end: int,
     source: IPAddress,
     destination: IPAddress,
     ifindex: int,
 ) -> Datagram:
-    """The UDP datagram in ``data[start:end]`` (the IP payload), read in place."""
+    """The UDP datagram, or (``proto`` ICMP or ICMPv6) the echo request, in ``data[start:end]`` (the IP
+    payload), read in place.  An echo request's data, the knock, runs to ``end``: ICMP has no length."""
+    if proto != _UDP:
+        if end - start < ECHO_HEADER.size:
+            raise PacketError("truncated", f"echo header needs 8 bytes, {end - start} present")
+        kind, code = data[start], data[start + 1]
+        if kind != _ECHO_REQUEST[proto] or code != 0:
+            raise PacketError("not-echo", f"ICMP type {kind} code {code}")
+        return Datagram(bytes(data[start + ECHO_HEADER.size : end]), source, destination, 0, 0, ifindex, Carrier.ICMP)
     if end - start < _UDP_HEADER.size:
         raise PacketError("truncated", f"UDP header needs 8 bytes, {end - start} present")
     source_port, dest_port, length, _checksum = _UDP_HEADER.unpack_from(data, start)
@@ -269,30 +277,4 @@ def _parse_udp(
         source_port=source_port,
         dest_port=dest_port,
         ifindex=ifindex,
-    )
-
-
-def _parse_echo(
-    data: bytes,
-    start: int,
-    end: int,
-    source: IPAddress,
-    destination: IPAddress,
-    ifindex: int,
-    echo_request: int,
-) -> Datagram:
-    """The echo request in ``data[start:end]`` (the IP payload); its data, the knock, runs to ``end``."""
-    if end - start < ECHO_HEADER.size:
-        raise PacketError("truncated", f"echo header needs 8 bytes, {end - start} present")
-    kind, code = data[start], data[start + 1]
-    if kind != echo_request or code != 0:
-        raise PacketError("not-echo", f"ICMP type {kind} code {code}")
-    return Datagram(
-        payload=bytes(data[start + ECHO_HEADER.size : end]),
-        source=source,
-        destination=destination,
-        source_port=0,
-        dest_port=0,
-        ifindex=ifindex,
-        carrier=Carrier.ICMP,
     )
