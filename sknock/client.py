@@ -486,7 +486,7 @@ def knock(
     duration: int | None = None,
     work_bits: int = DEFAULT_WORK_BITS,
     clock: Callable[[], float] = time.time,
-    via: str = "udp",
+    via: str | Carrier = Carrier.UDP,
 ) -> bool:
     """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock` (``via``: ``"udp"`` or
     ``"icmp"``); ``clock`` as for :class:`KnockClient`."""

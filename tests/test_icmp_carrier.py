@@ -5,7 +5,12 @@ configuration option that turns it on."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import os
+import socket
 import struct
+import time
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -14,11 +19,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sknock.carrier import Carrier, echo_request, internet_checksum
+from sknock.client import AsyncKnockClient, KnockClient
 from sknock.errors import ConfigError
+from sknock.ports import Protocol
 from sknock.protocol import wire
 from sknock.server.bpf import build_filter, pack
 from sknock.server.config import load_config
 from sknock.server.packet import MAX_EXTENSION_HEADERS, REASONS, Datagram, PacketError, parse_datagram
+from tests.pki import PASSWORD, TestPKI
 from tests.test_bpf import REAL_KNOCK, Kernel, header, junk, kernel, knock_shaped, shaped_payloads, v4, v6
 from tests.test_packet import (
     checksum,
@@ -347,3 +355,67 @@ def test_icmp_needs_packet_capture(tmp_path: Path) -> None:
             check_files=False,
         )
     assert "knockCarriers" in str(info.value) and "\n" not in str(info.value)
+
+
+# -- the client's carrier argument ------------------------------------------------------------------
+
+
+def _alice(pki: TestPKI) -> KnockClient:
+    return KnockClient(client_pfx=pki.alice.pfx, pfx_password=PASSWORD, server_cert=pki.server.cer)
+
+
+def test_via_is_checked_before_anything_is_sent(pki: TestPKI) -> None:
+    client = _alice(pki)
+    with pytest.raises(ValueError, match="via must be 'udp' or 'icmp'"):
+        client.knock("host.invalid", 22, verify=False, via="tcp")  # before resolving
+    with pytest.raises(ValueError, match="via must be"):
+        client.close("host.invalid", 22, via="sctp")
+    with pytest.raises(ValueError, match="knock_port is a UDP port"):
+        client.send(b"x", IPv4Address("127.0.0.1"), knock_port=4000, via="icmp")
+    with pytest.raises(ValueError, match="via must be"):
+        asyncio.run(AsyncKnockClient(credentials=client.credentials, server_cert=pki.server.cer).knock(
+            "host.invalid", 22, verify=False, via="ping"))
+
+
+def _icmp_listener(family: int) -> socket.socket:
+    """A raw socket that receives every ICMP (or ICMPv6) message this host gets (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a raw ICMP socket")
+    proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+    sock = socket.socket(family, socket.SOCK_RAW, proto)
+    sock.settimeout(0.2)
+    return sock
+
+
+def _echo_data(sock: socket.socket, family: int, kind: int, seconds: float = 5) -> list[bytes]:
+    """The data of the echo requests received within ``seconds`` (bounded)."""
+    found: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not found:
+        try:
+            packet = sock.recv(4096)
+        except TimeoutError:
+            continue
+        message = packet[(packet[0] & 0x0F) * 4 :] if family == socket.AF_INET else packet  # raw v4 has the IP header
+        if message[0] == kind:
+            found.append(message[8:])
+    return found
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_library_sends_the_knock_as_an_echo_request_on_loopback(pki: TestPKI, family: int) -> None:
+    """Over loopback only: what KnockClient and AsyncKnockClient send with via='icmp' is an echo request
+    whose data is the knock, whole."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    kind = 8 if family == socket.AF_INET else 128
+    client = _alice(pki)
+    with _icmp_listener(family) as listener:
+        datagram = client.build_knock([(Protocol.TCP, 2005)], now=time.time())
+        assert client.send(datagram, ipaddress.ip_address(host), via="icmp") == 0
+        assert datagram in _echo_data(listener, family, kind)
+        assert client.knock(host, 2005, verify=False, via=Carrier.ICMP) is True
+        sent = _echo_data(listener, family, kind)
+        assert sent and wire.parse_header(sent[0]) and len(sent[0]) in wire.BUCKETS
+        asynchronous = AsyncKnockClient(credentials=client.credentials, server_cert=pki.server.cer)
+        assert asyncio.run(asynchronous.knock(host, 2005, verify=False, via="icmp")) is True
+        assert _echo_data(listener, family, kind)
