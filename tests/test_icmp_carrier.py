@@ -273,6 +273,11 @@ def test_icmp_behind_ipv4_options_and_fragments(kernel: Kernel) -> None:
     assert not kernel.passes(program, icmp4(REAL_KNOCK[:1000], "127.0.0.1", "127.0.0.1", total=28 + 1024))
     assert not kernel.passes(program, icmp4(REAL_KNOCK, "127.0.0.1", "127.0.0.1", total=28 + 1000))
     assert not kernel.passes(program, icmp4(REAL_KNOCK, "127.0.0.1", "127.0.0.1", total=10))
+    loose = build_filter(min_payload=0, ports=None, knock_shape=False, icmp=True)
+    assert kernel.passes(loose, icmp4(b"ping", "127.0.0.1", "127.0.0.1"))
+    assert not kernel.passes(loose, icmp4(b"ping", "127.0.0.1", "127.0.0.1", total=20))  # ends before the header
+    assert not kernel.passes(loose, icmp4(b"ping", "127.0.0.1", "127.0.0.1", total=10))  # ends before the header
+    assert not kernel.passes(loose, icmp6(b"ping", "::1", "::1", payload_len=4))
 
 
 def test_icmp6_behind_extension_headers(kernel: Kernel) -> None:

@@ -343,6 +343,8 @@ def _icmp_tail(a: _Assembler, *, min_payload: int, max_packet: int, knock_shape:
         _knock_shape(a, "icmp_suite_ok", "icmp_reject")
     a.op(_LD | _MEM, 2)
     a.op(_ALU | _SUB | _X)  # the echo message's length: from its header to the datagram's end
+    if not knock_shape:  # an end before the header wraps around; the bucket sizes rule that out otherwise
+        a.jump(_JMP | _JGT | _K, 0xFFFF, "icmp_reject", None)
     _knock_length(a, min_payload, knock_shape, "icmp_length_ok", "icmp_reject")
     a.op(_LD | _W | _LEN)
     a.op(_LDX | _W | _MEM, 2)
