@@ -7,6 +7,8 @@ lets only ping out), the real kernel firewall.
   by an unprivileged user that ``net.ipv4.ping_group_range`` admits, and with ``sknock-knock --via icmp``,
   which confirms by connecting;
 * without a ping socket or a raw socket the library says so in one typed line, and sends nothing;
+* sknock sends no echo reply: with the server host ignoring echo requests none comes back, and when
+  the host answers them its one reply is the only one;
 * refusals behave as over UDP: a replayed echo request is refused as a replay (exactly one grant), a
   knock-shaped junk echo request is refused with a reason, an ordinary ping never reaches the server's
   workers;
@@ -26,7 +28,7 @@ import pytest
 from tests.netns import TestNet, require_netns
 from tests.pki import PASSWORD, TestPKI
 from tests.server_harness import ENV, PY, RunningServer, client_script, read_json, run_in_client
-from tests.test_server_e2e import assert_closed, options, probe, wait_open
+from tests.test_server_e2e import assert_closed, options, probe, wait_for, wait_open
 
 pytestmark = pytest.mark.root
 
@@ -41,16 +43,40 @@ def drop_udp_in_client(net: TestNet) -> None:
         "nft", "add", "chain", "inet", "onlyping", "out", "{ type filter hook output priority 0 ; policy accept ; }"
     )
     net.client.run("nft", "add", "rule", "inet", "onlyping", "out", "meta", "l4proto", "udp", "counter", "drop")
+    # and counts the echo replies that come back (it lets everything in)
+    net.client.run(
+        "nft", "add", "chain", "inet", "onlyping", "in", "{ type filter hook input priority 0 ; policy accept ; }"
+    )
+    net.client.run("nft", "add", "rule", "inet", "onlyping", "in", "icmp", "type", "echo-reply", "counter")
+    net.client.run("nft", "add", "rule", "inet", "onlyping", "in", "icmpv6", "type", "echo-reply", "counter")
+
+
+def counted(net: TestNet, chain: str) -> int:
+    """Packets the counters of the client's chain ``chain`` have counted so far (out: UDP dropped; in:
+    echo replies received)."""
+    out = net.client.run("nft", "-j", "list", "chain", "inet", "onlyping", chain).stdout
+    counters = [
+        int(expr["counter"]["packets"])
+        for item in json.loads(out)["nftables"]
+        for expr in item.get("rule", {}).get("expr", [])
+        if "counter" in expr
+    ]
+    assert counters, f"no counter in {out}"
+    return sum(counters)
 
 
 def udp_dropped(net: TestNet) -> int:
-    """Packets the client's own UDP drop rule has dropped so far."""
-    out = net.client.run("nft", "-j", "list", "chain", "inet", "onlyping", "out").stdout
-    for item in json.loads(out)["nftables"]:
-        for expr in item.get("rule", {}).get("expr", []):
-            if "counter" in expr:
-                return int(expr["counter"]["packets"])
-    raise AssertionError(f"no counter in {out}")
+    return counted(net, "out")
+
+
+def echo_replies(net: TestNet) -> int:
+    return counted(net, "in")
+
+
+def ignore_echo(net: TestNet, ignore: bool) -> None:
+    """The server host's own choice: answer echo requests or not (sknock has no say in it)."""
+    for key in ("net.ipv4.icmp_echo_ignore_all", "net.ipv6.icmp.echo_ignore_all"):
+        net.server.run("sysctl", "-qw", f"{key}={int(ignore)}")
 
 
 @contextmanager
@@ -108,19 +134,25 @@ def test_only_ping_gets_out_and_the_icmp_knock_opens_the_port(pki: TestPKI, fami
         assert_closed(net, "drop", family=family)
 
         # In an echo request, through a raw socket (root; the namespace's ping_group_range admits nobody).
+        # The server host answers no echo request here, and sknock adds no answer of its own.
         assert net.client.run("sysctl", "-n", "net.ipv4.ping_group_range").stdout.split() == ["1", "0"]
+        ignore_echo(net, True)
         mark = server.mark()
         assert knock(net, pki, family, "icmp") == ("sent", "")
         server.wait_log(f"granted tcp/{PORT} to {address}", since=mark)
         wait_open(net, family=family)
+        assert echo_replies(net) == 0
         other = 6 if family == 4 else 4
         assert probe(net, family=other)[0] == "timeout"  # the grant is for the knocking address only
 
-        # Through a ping socket, by a user that ping_group_range admits and that may not open a raw socket.
+        # Through a ping socket, by a user that ping_group_range admits and that may not open a raw socket;
+        # now the host answers echo requests, as its admin decides, and the knock works the same.
         net.client.run("sysctl", "-qw", f"net.ipv4.ping_group_range={NOBODY} {NOBODY}")
+        ignore_echo(net, False)
         mark = server.mark()
         assert knock(net, pki, family, "icmp", as_user=NOBODY) == ("sent", "")
         server.wait_log(f"granted tcp/{PORT} to {address}", since=mark)
+        wait_for(lambda: echo_replies(net) == 1, 5, "the host's own echo reply")
 
         # Neither socket allowed: one typed line, nothing sent.
         net.client.run("sysctl", "-qw", "net.ipv4.ping_group_range=1 0")
