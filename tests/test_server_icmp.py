@@ -187,12 +187,13 @@ def test_the_command_line_knocks_over_icmp_and_confirms(pki: TestPKI, tmp_path_f
         assert bad.returncode == 2 and "--knock-port" in bad.stderr and bad.stderr.count("\n") == 1
 
 
-def _send_icmp(net: TestNet, pki: TestPKI, body: str) -> str:
-    """Run ``body`` in the client namespace with ``c`` (alice's KnockClient), ``SERVER`` (the server's IPv4
-    address) and ``icmp(data)``, which sends ``data`` as an echo request's data by sknock's carrier."""
+def _send_icmp(net: TestNet, pki: TestPKI, family: int, body: str) -> str:
+    """Run ``body`` in the client namespace with ``c`` (alice's KnockClient), ``SERVER`` (the server's
+    address of ``family``) and ``icmp(data)``, which sends ``data`` as an echo request's data by sknock's
+    carrier."""
     helpers = (
         "from sknock.carrier import Carrier, send as carry\n"
-        f"SERVER = ipaddress.ip_address({net.server.ipv4!r})\n"
+        f"SERVER = ipaddress.ip_address({host_of(net, family)!r})\n"
         "def icmp(data):\n"
         "    carry(data, SERVER, Carrier.ICMP)\n"
     )
@@ -201,13 +202,14 @@ def _send_icmp(net: TestNet, pki: TestPKI, body: str) -> str:
     return result.stdout
 
 
-def test_refusals_over_icmp_are_those_over_udp(pki: TestPKI) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_refusals_over_icmp_are_those_over_udp(pki: TestPKI, family: int) -> None:
     with icmp_site(pki, "skk") as (net, server):
-        address = net.client.ipv4
+        address = client_of(net, family)
         # A replayed echo request: one grant; each copy refused as a replay (seen by the worker that had the
         # original, or by the monitor when another worker read it).
         mark = server.mark()
-        _send_icmp(net, pki, (
+        _send_icmp(net, pki, family, (
             f"d = c.build_knock([(Protocol.TCP, {PORT})], now=time.time())\n"
             "for _ in range(4):\n"
             "    icmp(d); time.sleep(0.05)\n"
@@ -215,12 +217,12 @@ def test_refusals_over_icmp_are_those_over_udp(pki: TestPKI) -> None:
         text = server.wait_log(f"refused knock from {address}: replay", since=mark, count=3)
         assert text.count(f"granted tcp/{PORT} to {address}") == 1
         assert [g["port"] for g in server.status()["grants"]] == [PORT]
-        wait_open(net)
+        wait_open(net, family=family)
 
         # Junk with a knock's shape gets through the kernel filter and is refused by the pre-check; an
         # ordinary ping and junk of a knock's size do not get through at all.
         mark = server.mark()
-        _send_icmp(net, pki, (
+        _send_icmp(net, pki, family, (
             "import os\n"
             "from sknock.protocol import wire\n"
             "icmp(b'\\0' * 56)\n"
