@@ -207,19 +207,11 @@ def build_filter(
     a.jump(_JMP | _JEQ | _K, 0x40, None, "drop")
     a.op(_LD | _B | _ABS, 9)
     a.jump(_JMP | _JEQ | _K, _UDP, None, "icmp4_proto" if icmp else "drop")
-    a.op(_LD | _H | _ABS, 6)
-    a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
-    a.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
-    a.op(_MISC | _TXA)
-    a.jump(_JMP | _JGE | _K, 20, "udp", "drop")
+    _ipv4_whole(a, "udp")
     if icmp:  # the same checks with ICMP in place of UDP; A holds the protocol
         a.label("icmp4_proto")
         a.jump(_JMP | _JEQ | _K, _ICMP, None, "drop")
-        a.op(_LD | _H | _ABS, 6)
-        a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
-        a.op(_LDX | _B | _MSH, 0)
-        a.op(_MISC | _TXA)
-        a.jump(_JMP | _JGE | _K, 20, None, "drop")
+        _ipv4_whole(a, None)
         a.goto("icmp4")
     # IPv6
     a.label("not4")
@@ -290,6 +282,16 @@ def build_filter(
     program = a.resolve()
     assert len(program) <= _BPF_MAXINSNS
     return program
+
+
+def _ipv4_whole(a: _Assembler, then: str | None) -> None:
+    """Not a fragment, and X = the IPv4 header's length (IHL >= 5); then on to ``then`` (None: the next
+    instruction), else to "drop"."""
+    a.op(_LD | _H | _ABS, 6)
+    a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
+    a.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
+    a.op(_MISC | _TXA)
+    a.jump(_JMP | _JGE | _K, 20, then, "drop")
 
 
 def _knock_shape(a: _Assembler, suite_ok: str, reject: str) -> None:
