@@ -56,6 +56,7 @@ __all__ = [
     "ClientError",
     "NotAuthorizedError",
     "ResolveError",
+    "CarrierUnavailableError",
     "CAError",
 ]
 
@@ -113,6 +114,11 @@ class NotAuthorizedError(ClientError):
 
 class ResolveError(ClientError):
     """The server's host name does not resolve (to an address of the requested family)."""
+
+
+class CarrierUnavailableError(ClientError):
+    """The carrier asked for cannot be used here: over ICMP, this user may open neither a ping socket
+    (``net.ipv4.ping_group_range``) nor a raw socket (``CAP_NET_RAW``).  Raised before anything is sent."""
 
 
 class ConfigError(SknockError):

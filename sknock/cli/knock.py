@@ -3,6 +3,7 @@
     sknock-knock -p 22 server.example              # open tcp/22, confirm by connecting
     sknock-knock -u -p 8000 server.example         # open udp/8000 (cannot be confirmed: sent = success)
     sknock-knock --close -p 22 server.example      # close tcp/22 for this host now
+    sknock-knock --via icmp -p 22 server.example   # the knock in a ping (echo request), not UDP
 
 Exit status: 0 the port opened (or, with ``-u``, ``--no-verify`` or ``--close``, the knock was sent);
 1 it did not open within the timeout; 2 bad input (usage, files, password, a server certificate that is
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..carrier import Carrier
 from ..client import DEFAULT_WORK_BITS, KnockClient, load_server_certificate, resolve
 from ..credentials import load_client_credentials, resolve_password
 from ..errors import CredentialError, SknockError
@@ -96,7 +98,8 @@ def _must_exist(path: Path, what: str, option: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="Send one sknock knock (a signed, encrypted UDP datagram) asking HOST to open a port for you.",
+        description="Send one sknock knock (a signed, encrypted datagram, over UDP or ICMP) asking HOST to open "
+        "a port for you.",
         epilog="Exit status: 0 opened (or sent, with -u, --no-verify or --close), 1 did not open, 2 bad input. "
         f"Password: --password-file, else ${PASSWORD_ENV}, else a prompt on a terminal.",
     )
@@ -126,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="UDP port to send the knock to (default: random per knock; the server listens on all)",
+    )
+    p.add_argument(
+        "--via",
+        choices=[c.value for c in Carrier],
+        default=Carrier.UDP.value,
+        help="what carries the knock: udp (default) or icmp, an echo request (for networks that let only ping "
+        "out; the server needs knockCarriers = udp, icmp)",
     )
     p.add_argument(
         "--source",
@@ -165,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     protocol = Protocol.UDP if args.udp else Protocol.TCP
+    if args.via == Carrier.ICMP and args.knock_port is not None:
+        raise _Usage("--knock-port names a UDP port: it cannot be used with --via icmp")
     target = f"{protocol.label}/{args.port}"
     pfx: str = args.pfx if args.pfx is not None else str(default_path(DEFAULT_PFX))
     token = is_pkcs11_uri(pfx)
@@ -188,7 +200,8 @@ def _run(args: argparse.Namespace) -> int:
     client = KnockClient(credentials=credentials, server_cert=server_cert, work_bits=args.work_bits)
     if args.close:
         client.close(
-            str(address), args.port, protocol, knock_port=args.knock_port, source_address=args.source, family=family
+            str(address), args.port, protocol, knock_port=args.knock_port, source_address=args.source, family=family,
+            via=args.via,
         )
         print(f"asked {where} to close {target} for this host")
         return 0
@@ -196,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     opened = client.knock(
         str(address), args.port, protocol, verify=verify, timeout=args.timeout, retries=args.retries,
         duration=args.duration, knock_port=args.knock_port, source_address=args.source, family=family,
+        via=args.via,
     )
     if not verify:
         why = "UDP cannot be confirmed" if protocol is Protocol.UDP and not args.no_verify else "not verified"

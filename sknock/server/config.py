@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+from ..carrier import Carrier
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, Protocol, parse_ports
@@ -158,6 +159,7 @@ class ServerConfig:
     knock_destinations: KnockDestinations | None  # None: any destination address
     knock_ports: tuple[tuple[int, int], ...] | None  # inclusive (first, last) UDP ports; None: any
     capture_mode: CaptureMode
+    knock_carriers: tuple[Carrier, ...]  # UDP always, then ICMP when taken (in Carrier's order)
     protected_ports: PortSet | None  # None: all ports
     emergency_ssh: bool
     ca_file: Path | None
@@ -327,6 +329,20 @@ def _knock_ports(f: _Field, text: str) -> tuple[tuple[int, int], ...] | None:
     except PortSpecError as exc:
         raise f.fail(f"{exc} (write any, a port, a range like 10000-10100, or a comma list)") from None
     return tuple((span.first, span.last) for span in ports.ranges)
+
+
+def _knock_carriers(f: _Field, text: str) -> tuple[Carrier, ...]:
+    """knockCarriers: a comma list of carriers, which must include udp (it cannot be turned off)."""
+    items = [item.strip().lower() for item in text.split(",")]
+    if any(not item for item in items):
+        raise f.fail(f"{text!r} has an empty entry")
+    allowed = "|".join(c.value for c in Carrier)
+    unknown = next((item for item in items if item not in set(allowed.split("|"))), None)
+    if unknown is not None:
+        raise f.fail(f"{unknown!r} is not a carrier (write a comma list of {allowed}, e.g. udp, icmp)")
+    if Carrier.UDP.value not in items:
+        raise f.fail(f"{text!r} leaves out udp, which is always taken: write udp, or udp, icmp")
+    return tuple(c for c in Carrier if c.value in items)
 
 
 def _protected_ports(f: _Field, text: str) -> PortSet | None:
@@ -548,6 +564,17 @@ OPTIONS: tuple[Option, ...] = (
             "must then name ports (not `any`), at most 256 of them."
         ),
         section=_RECEPTION,
+    ),
+    Option(
+        "knockCarriers", "knock_carriers", "udp", _knock_carriers,
+        doc=(
+            "What may carry a knock: `udp`, or `udp, icmp` to take knocks in ICMP and ICMPv6 echo requests "
+            "too (`sknock-knock --via icmp`, for clients on networks that let only ping out; needs "
+            "`captureMode = packet`). The ICMP carrier has no ports, so `knockPorts` does not apply to it; "
+            "sknock sends no echo reply (the host's kernel and firewall decide whether one goes out). With "
+            "`udp` alone the kernel filter is exactly the UDP-only one."
+        ),
+        section=_RECEPTION, fmt=", ".join,
     ),
     Option(
         "requireSourceAddress", "require_source_address", "no", _boolean,
@@ -1114,6 +1141,12 @@ def _check_emergency_ssh(config: ServerConfig) -> None:
 def _check_udp_capture(config: ServerConfig) -> None:
     if config.capture_mode is not CaptureMode.UDP:
         return
+    if Carrier.ICMP in config.knock_carriers:
+        raise _error(
+            config.source, "knockCarriers",
+            "icmp needs captureMode = packet: captureMode = udp receives on UDP sockets, which never see an "
+            "echo request; use captureMode = packet, or knockCarriers = udp",
+        )
     if config.interfaces is not None:
         raise _error(
             config.source, "interfaces",

@@ -35,6 +35,7 @@ from pathlib import Path
 import schedule
 from cryptography import x509
 
+from ..carrier import Carrier
 from ..credentials import ServerCredentials, load_certificates, load_server_pfx
 from ..errors import CertificateError, ConfigError, Reason, SknockError
 from ..logsafe import log_safe
@@ -256,6 +257,7 @@ def _open_captures(config: ServerConfig) -> list[Capture]:
                     min_payload=config.knockpacket_min_length,
                     max_packet=config.recv_buffer,
                     fanout_group=group,
+                    icmp=Carrier.ICMP in config.knock_carriers,
                 )
             )
     except SknockError:
