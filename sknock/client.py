@@ -14,7 +14,8 @@ certificate given as the server's is a CA's, a client's or otherwise not a serve
 anything is sent), NotAuthorizedError (the certificate does not name the port: checked before
 sending), KnockBuildError (certificate too large for one datagram), ResolveError (host does not
 resolve), ProfileError (a bad configuration file, no such named server), ClientError (anything else
-about where or how to send: a bad source address, no route, a failed send).
+about where or how to send: a bad source address, no route, a failed send; its subclass
+CarrierUnavailableError when ``via="icmp"`` may open neither a ping socket nor a raw socket).
 Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueError.
 """
 
@@ -38,9 +39,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
+from .carrier import Carrier
+from .carrier import send as send_by
 from .certificate import authorized_ports, describe_name
 from .clientconfig import Profile, get_profile, load_credentials
-from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
+from .credentials import ClientCredentials, load_certificate, load_client_credentials, server_certificate_problem
 from .errors import (
     CertificateError,
     ClientError,
@@ -235,8 +238,8 @@ class KnockClient:
         self.profile: Profile | None = None
         if credentials is None:
             if client_pfx is None:
-                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
-            credentials = load_client_pfx(client_pfx, pfx_password)
+                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file or a pkcs11: URI)")
+            credentials = load_client_credentials(client_pfx, pfx_password)
         self.credentials = credentials
         if isinstance(server_cert, x509.Certificate):
             self.server_certificate = server_cert
@@ -376,22 +379,23 @@ class KnockClient:
 
     # -- knocking (I/O) ----------------------------------------------------------------------------
 
-    def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
-        """Send one knock datagram to ``address``.
+    def send(
+        self, datagram: bytes, address: IPAddress, knock_port: int | None = None, via: str | Carrier = Carrier.UDP
+    ) -> int:
+        """Send one knock datagram to ``address`` by the carrier ``via`` (:mod:`sknock.carrier`).
 
         :param datagram: a knock from :meth:`build_knock`.
         :param address: the server's address (IPv4 or IPv6).
-        :param knock_port: the UDP destination port; a random one (1024..65535) per call when None.
-        :returns: the destination port used.
-        :raises ClientError: the kernel refused the send (no route, ...).
-        :raises ValueError: ``knock_port`` is not 1..65535.
+        :param knock_port: the UDP destination port; a random one (1024..65535) per call when None.  Over
+            ICMP there is no port: it must be None.
+        :param via: ``"udp"`` or ``"icmp"`` (the knock as an echo request's data).
+        :returns: the UDP destination port used; 0 over ICMP.
+        :raises ClientError: the kernel refused the send (no route, ...); over ICMP without a ping or raw
+            socket, its subclass CarrierUnavailableError.
+        :raises ValueError: ``knock_port`` is not 1..65535, or is given with ``via="icmp"``.
         """
-        family, destination, port = _destination(address, knock_port)
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.sendto(datagram, destination)
-        except OSError as exc:
-            raise _send_failed(address, port, exc) from None
+        carrier, port = _destination(knock_port, via)
+        send_by(datagram, address, carrier, port)
         return port
 
     def knock(
@@ -407,6 +411,7 @@ class KnockClient:
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
         duration: int | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> bool:
         """Knock for ``protocol/port`` on ``host``.
 
@@ -422,17 +427,19 @@ class KnockClient:
             host's address towards the server; or an address of the server's family.
         :param family: None (either), 4 or 6.
         :param duration: seconds to ask the port to stay open (the server caps it); None: the server's.
+        :param via: the carrier, ``"udp"`` or ``"icmp"`` (see :meth:`send`).
         :returns: True when the port is open (``verify``), or once the knock is sent (no ``verify``, or UDP);
             False when it did not open within ``timeout``.
         :raises NotAuthorizedError: the client certificate does not name the port (nothing is sent).
         :raises ResolveError: ``host`` does not resolve (to the family asked for).
         :raises KnockBuildError: the certificate does not fit one datagram.
-        :raises ClientError: a bad source address, or a send the kernel refused.
-        :raises ValueError: an argument out of range.
+        :raises ClientError: a bad source address, or a send the kernel refused (CarrierUnavailableError:
+            ``via="icmp"`` without a ping or raw socket).
+        :raises ValueError: an argument out of range, or an unknown carrier.
         """
         connection = self._knock(
             host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
-            source_address=source_address, family=family, duration=duration,
+            source_address=source_address, family=family, duration=duration, via=via,
         )
         if isinstance(connection, socket.socket):
             connection.close()
@@ -450,6 +457,7 @@ class KnockClient:
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
         duration: int | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> socket.socket | None:
         """Knock for ``tcp/port`` on ``host`` and return the TCP connection that shows it opened (for a
         program that wants the connection itself, such as ``sknock-knock ssh-proxy``).
@@ -463,7 +471,7 @@ class KnockClient:
         """
         connection = self._knock(
             host, port, Protocol.TCP, knock_port=knock_port, verify=True, timeout=timeout, retries=retries,
-            source_address=source_address, family=family, duration=duration,
+            source_address=source_address, family=family, duration=duration, via=via,
         )
         return connection if isinstance(connection, socket.socket) else None
 
@@ -480,8 +488,10 @@ class KnockClient:
         source_address: str | IPAddress | None,
         family: int | str | None,
         duration: int | None,
+        via: str | Carrier,
     ) -> socket.socket | bool:
         _check_timeout(timeout)
+        _destination(knock_port, via)  # a bad carrier or port is reported before any work
         tries = _tries(verify, retries)
         deadline = time.monotonic() + timeout
         for attempt in range(tries):
@@ -489,7 +499,7 @@ class KnockClient:
                 host, port, protocol, family=family, source_address=source_address,
                 action=Action.OPEN, duration=duration,
             )
-            self.send(datagram, address, knock_port)
+            self.send(datagram, address, knock_port, via)
             if not verify or proto is not Protocol.TCP:
                 return True
             connection = _tcp_connect(address, port, _share(deadline - time.monotonic(), tries - attempt))
@@ -506,6 +516,7 @@ class KnockClient:
         knock_port: int | None = None,
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> None:
         """Ask the server to close ``protocol/port`` for this client now (one knock, not confirmed).
 
@@ -513,10 +524,11 @@ class KnockClient:
 
         :raises NotAuthorizedError, ResolveError, ClientError, ValueError: as :meth:`knock`.
         """
+        _destination(knock_port, via)
         _, address, datagram, _ = self._prepare(
             host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
         )
-        self.send(datagram, address, knock_port)
+        self.send(datagram, address, knock_port, via)
 
 
 # -- what both clients do alike, without I/O -------------------------------------------------------
@@ -538,15 +550,15 @@ def _share(remaining: float, tries_left: int) -> float:
     return max(0.0, remaining) / max(1, tries_left)
 
 
-def _destination(address: IPAddress, knock_port: int | None) -> tuple[int, tuple[str, int], int]:
-    """(socket family, sockaddr, port) of a knock to ``address``: a random port unless one is given."""
+def _destination(knock_port: int | None, via: str | Carrier) -> tuple[Carrier, int]:
+    """(carrier, UDP port) of a knock: a random port unless one is given; 0 over ICMP, which has none."""
+    carrier = Carrier.parse(via)
+    if carrier is Carrier.ICMP:
+        if knock_port is not None:
+            raise ValueError("knock_port is a UDP port: it has no meaning with via='icmp'")
+        return carrier, 0
     port = 1024 + secrets.randbelow(65536 - 1024) if knock_port is None else _check_port(knock_port, "knock_port")
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    return family, (str(address), port), port
-
-
-def _send_failed(address: IPAddress, port: int, exc: OSError) -> ClientError:
-    return ClientError(f"cannot send the knock to {address} udp/{port}: {exc.strerror or exc}")
+    return carrier, port
 
 
 #: When a new connection attempt starts after a knock, in seconds since the knock (then every
@@ -664,19 +676,25 @@ class AsyncKnockClient:
         """The synchronous :class:`KnockClient` this wraps (its credentials and server certificate)."""
         return self._client
 
-    async def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
-        """:meth:`KnockClient.send` without blocking the event loop (``loop.sock_sendto``); the same
-        arguments, result and errors."""
+    async def send(
+        self, datagram: bytes, address: IPAddress, knock_port: int | None = None, via: str | Carrier = Carrier.UDP
+    ) -> int:
+        """:meth:`KnockClient.send` without blocking the event loop: over UDP with ``loop.sock_sendto`` on a
+        non-blocking socket, over ICMP in the loop's executor; the same arguments, result and errors."""
         import asyncio
 
-        family, destination, port = _destination(address, knock_port)
+        carrier, port = _destination(knock_port, via)
         loop = asyncio.get_running_loop()
+        if carrier is not Carrier.UDP:
+            await loop.run_in_executor(None, send_by, datagram, address, carrier, port)
+            return port
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.setblocking(False)
-                await loop.sock_sendto(s, datagram, destination)
+                await loop.sock_sendto(s, datagram, (str(address), port))
         except OSError as exc:
-            raise _send_failed(address, port, exc) from None
+            raise ClientError(f"cannot send the knock to {address} udp/{port}: {exc.strerror or exc}") from None
         return port
 
     async def knock(
@@ -692,11 +710,13 @@ class AsyncKnockClient:
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
         duration: int | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> bool:
         """:meth:`KnockClient.knock` as a coroutine: the same arguments, result and errors."""
         import asyncio
 
         _check_timeout(timeout)
+        _destination(knock_port, via)
         loop = asyncio.get_running_loop()
         tries = _tries(verify, retries)
         deadline = loop.time() + timeout
@@ -705,7 +725,7 @@ class AsyncKnockClient:
                 host, port, protocol, family=family, source_address=source_address,
                 action=Action.OPEN, duration=duration,
             )
-            await self.send(datagram, address, knock_port)
+            await self.send(datagram, address, knock_port, via)
             if not verify or proto is not Protocol.TCP:
                 return True
             if await _tcp_open_async(address, port, _share(deadline - loop.time(), tries - attempt)):
@@ -721,12 +741,14 @@ class AsyncKnockClient:
         knock_port: int | None = None,
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> None:
         """:meth:`KnockClient.close` as a coroutine: the same arguments and errors."""
+        _destination(knock_port, via)
         _, address, datagram, _ = await self._prepare(
             host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
         )
-        await self.send(datagram, address, knock_port)
+        await self.send(datagram, address, knock_port, via)
 
     async def _prepare(self, host: str, port: int, protocol: str | Protocol, **how: Any) -> _Prepared:
         """:meth:`KnockClient._prepare` (the same arguments) off the event loop: resolving, signing and the
@@ -802,6 +824,7 @@ def knock(
     duration: int | None = None,
     work_bits: int = DEFAULT_WORK_BITS,
     clock: Callable[[], float] = time.time,
+    via: str | Carrier = Carrier.UDP,
 ) -> bool:
     """Knock once: load the credentials, knock for ``protocol/port`` on ``host`` (the original sKnock's
     call shape).  :class:`KnockClient` loads them once for repeated knocks.
@@ -821,6 +844,7 @@ def knock(
     :param duration: seconds to ask the port to stay open; None: the server's.
     :param work_bits: the proof of work attached.
     :param clock: where the time is read (as for :class:`KnockClient`).
+    :param via: the carrier, ``"udp"`` or ``"icmp"`` (see :meth:`KnockClient.send`).
     :returns: True when the port opened (``verify``) or the knock was sent; False when it did not open
         within ``timeout``.
     :raises CredentialError: a file missing or unreadable, a wrong password (ServerCertificateError: the
@@ -836,5 +860,5 @@ def knock(
     )
     return client.knock(
         host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
-        source_address=source_address, family=family, duration=duration,
+        source_address=source_address, family=family, duration=duration, via=via,
     )

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .credentials import ClientCredentials, load_client_pfx, resolve_password
+from .carrier import Carrier
+from .credentials import ClientCredentials, load_client_credentials, resolve_password
 from .errors import ProfileError
 from .ports import Protocol
 from .protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
@@ -142,6 +143,13 @@ def _source(value: str, base: Path) -> str:
         raise ValueError(f"must be any, auto or an IP address, not {value!r}") from None
 
 
+def _carrier(value: str, base: Path) -> Carrier:
+    try:
+        return Carrier.parse(value.lower())
+    except ValueError:
+        raise ValueError(f"must be {' or '.join(c.value for c in Carrier)}, not {value!r}") from None
+
+
 def _family(value: str, base: Path) -> int | None:
     choices: dict[str, int | None] = {"any": None, "4": 4, "ipv4": 4, "6": 6, "ipv6": 6}
     if value.lower() not in choices:
@@ -202,11 +210,15 @@ PROFILE_KEYS: tuple[ProfileKey, ...] = (
     ),
     ProfileKey(
         "credentials", "credentials", _credentials, "required",
-        "The client's credentials: its PKCS#12 (`.pfx`) file.",
+        "The client's credentials: its PKCS#12 (`.pfx`) file, or a `pkcs11:` URI of a key on a token.",
+    ),
+    ProfileKey(
+        "clientCert", "client_cert", _path, "the token's",
+        "With a `pkcs11:` URI: the client certificate file (default: the one on the token with the key's id).",
     ),
     ProfileKey(
         "passwordFile", "password_file", _path, "–",
-        "A file whose first line is the password of `credentials`.",
+        "A file whose first line is the password of `credentials` (a token's PIN).",
     ),
     ProfileKey(
         "passwordEnv", "password_env", _env_name, "–",
@@ -233,6 +245,11 @@ PROFILE_KEYS: tuple[ProfileKey, ...] = (
         "towards the server) or an address.",
     ),
     ProfileKey("family", "family", _family, "any", "`any`, `4` or `6`: the address family to use."),
+    ProfileKey(
+        "via", "via", _carrier, "udp",
+        "`udp` or `icmp`: what carries the knock (`icmp`: an echo request; the server needs "
+        "`knockCarriers = udp, icmp`).",
+    ),
     ProfileKey(
         "knockPort", "knock_port", _knock_port, "random", "`random` or 1..65535: the UDP port knocks go to."
     ),
@@ -261,6 +278,7 @@ class Profile:
     host: str
     server_cert: Path | None = None
     credentials: str | None = None
+    client_cert: Path | None = None
     password_file: Path | None = None
     password_env: str | None = None
     password_keyring: bool = False
@@ -269,6 +287,7 @@ class Profile:
     protocol: Protocol = Protocol.TCP
     source: str = "any"
     family: int | None = None
+    via: Carrier = Carrier.UDP
     knock_port: int | None = None
     timeout: float = 10.0
     retries: int = 3
@@ -291,6 +310,7 @@ class Profile:
             "retries": self.retries,
             "source_address": self.source,
             "family": self.family,
+            "via": self.via,
         }
 
     def require(self, key: str) -> Any:
@@ -365,6 +385,8 @@ def _profile(name: str, file: Path, base: Path, section: Mapping[str, str]) -> P
     given = [k for k in _PASSWORD_KEYS if k in section and values[_BY_KEY[k].attr] is not False]
     if len(given) > 1:
         raise ProfileError(f"{file}: [{name}]: {given[1]}: {given[0]} is set too; give the password one way")
+    if values.get("via") is Carrier.ICMP and values.get("knock_port") is not None:
+        raise ProfileError(f"{file}: [{name}]: knockPort: a UDP port, but via = icmp (an echo request has none)")
     values.setdefault("host", name)
     return Profile(name=name, file=file, **values)
 
@@ -452,10 +474,13 @@ def get_profile(name: str, config: str | os.PathLike[str] | None = None) -> Prof
 # -- unlocking the credentials --------------------------------------------------------------------------------
 
 
-def profile_secret(profile: Profile, *, interactive: bool = False, prompt: str | None = None) -> bytes:
+def profile_secret(
+    profile: Profile, *, interactive: bool = False, prompt: str | None = None, env_var: str = PASSWORD_ENV
+) -> bytes:
     """The password (or PIN) of ``profile``'s credentials, from where its file says.
 
-    With no password key: ``$SKNOCK_PFX_PASSWORD``, else a prompt (``prompt``) when ``interactive``.
+    With no password key: ``$env_var`` (``$SKNOCK_PFX_PASSWORD``; a token's PIN: ``$SKNOCK_TOKEN_PIN``),
+    else a prompt (``prompt``) when ``interactive``.
 
     :raises ProfileError: the environment variable is unset, the keyring has none or is not installed,
         or there is no password at all.
@@ -472,17 +497,17 @@ def profile_secret(profile: Profile, *, interactive: bool = False, prompt: str |
         return value.encode("utf-8")
     if profile.password_keyring:
         return _keyring_password(profile)
-    if os.environ.get(PASSWORD_ENV) or interactive:
+    if os.environ.get(env_var) or interactive:
         asked = prompt or f"Password for {profile.name}: "
-        return resolve_password(None, env_var=PASSWORD_ENV, prompt=asked, interactive=True)
+        return resolve_password(None, env_var=env_var, prompt=asked, interactive=True)
     if profile.file is None:  # not a named server: only the command line could have said where
         raise ProfileError(
-            f"no password for {profile.credentials}: give --password-file FILE, or set ${PASSWORD_ENV}, "
+            f"no password for {profile.credentials}: give --password-file FILE, or set ${env_var}, "
             "or run on a terminal to be asked"
         )
     raise ProfileError(
         f"{profile.where()}: no password for {profile.credentials}: set passwordFile, passwordEnv or "
-        f"passwordKeyring there (or give --password-file, or set ${PASSWORD_ENV})"
+        f"passwordKeyring there (or give --password-file, or set ${env_var})"
     )
 
 
@@ -508,16 +533,25 @@ def _keyring_password(profile: Profile) -> bytes:
 
 
 def load_credentials(profile: Profile, *, interactive: bool = False) -> ClientCredentials:
-    """Load ``profile``'s credentials: the one place a named server's ``credentials`` (today a PKCS#12
-    file) become a signing key and certificate, for :meth:`~sknock.client.KnockClient.from_profile`,
+    """Load ``profile``'s credentials: the one place a named server's ``credentials`` (a PKCS#12 file, or
+    a ``pkcs11:`` URI with ``clientCert``: :func:`~sknock.credentials.load_client_credentials`) become a
+    signing key and certificate, for :meth:`~sknock.client.KnockClient.from_profile`,
     ``sknock-knock`` and ``sknock-knock ssh-proxy`` alike.  The password is found (:func:`profile_secret`)
     only when it is needed.
 
     :raises ProfileError: ``credentials`` is not set, or no password source (see :func:`profile_secret`).
-    :raises CredentialError: the file is missing, unreadable, or the password is wrong.
+    :raises CredentialError: the file is missing, unreadable, or the password is wrong (TokenError: the
+        token, its module, key or PIN).
     """
+    from .token import PIN_ENV, is_pkcs11_uri
+
     spec = profile.require("credentials")
-    return load_client_pfx(spec, profile_secret(profile, interactive=interactive, prompt=f"Password for {spec}: "))
+    env_var = PIN_ENV if is_pkcs11_uri(spec) else PASSWORD_ENV
+
+    def secret(prompt: str) -> bytes:  # asked only when needed: a token's URI may carry its PIN source
+        return profile_secret(profile, interactive=interactive, prompt=prompt, env_var=env_var)
+
+    return load_client_credentials(spec, secret, certificate=profile.client_cert)
 
 
 # -- the docs --------------------------------------------------------------------------------------------------

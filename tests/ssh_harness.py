@@ -44,9 +44,12 @@ class SshSetup:
     config: Path  # the ssh client config (ssh -F)
     process: subprocess.Popen[bytes]
 
-    def ssh(self, host: str, *command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        """Run ``ssh -F CONFIG HOST COMMAND`` in the client namespace."""
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(self.folder)}
+    def ssh(
+        self, host: str, *command: str, timeout: float = 30, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ssh -F CONFIG HOST COMMAND`` in the client namespace (with ``env`` added to the
+        environment, which the ProxyCommand inherits)."""
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO), "HOME": str(self.folder)}
         return subprocess.run(
             self.net.client.cmd(str(SSH), "-F", str(self.config), host, *command),
             capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=timeout,

@@ -66,7 +66,7 @@ def test_a_full_section() -> None:
     assert lab.host == "lab"  # the section's name when host is not set
     assert lab.credentials == "pkcs11:token=alice;object=knock"  # a URI is kept as written
     assert lab.knock_arguments() == {
-        "knock_port": None, "timeout": 10.0, "retries": 3, "source_address": "any", "family": None
+        "knock_port": None, "timeout": 10.0, "retries": 3, "source_address": "any", "family": None, "via": "udp"
     }
 
 

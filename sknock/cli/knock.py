@@ -5,6 +5,7 @@
     sknock-knock --pfx a.pfx --server-cert s.cer -p 22 server.example
     sknock-knock -u -p 8000 server.example         # open udp/8000 (cannot be confirmed: sent = success)
     sknock-knock --close -p 22 server.example      # close tcp/22 for this host now
+    sknock-knock --via icmp gateway                # the knock in a ping (echo request), not UDP
     sknock-knock ssh-proxy %n %h %p                # as an ssh ProxyCommand (see sknock.sshproxy)
 
 A named server is a section of the client configuration file (:mod:`sknock.clientconfig`); options on the
@@ -15,7 +16,10 @@ does not resolve, a knock that cannot be sent), reported as one line on stderr.
 The status line goes to stdout on a terminal, else to stderr (so stdout stays clean for a pipe), and
 nowhere with ``--quiet``.
 The PKCS#12 password never comes from the command line: ``--password-file``, the named server's password
-source, ``$SKNOCK_PFX_PASSWORD``, or a prompt when stdin is a terminal.
+source, ``$SKNOCK_PFX_PASSWORD``, or a prompt when stdin is a terminal.  ``--pfx`` (and a named server's
+``credentials``) also takes a ``pkcs11:`` URI (a key on a token, :mod:`sknock.token`); its PIN comes from
+the URI's pin-source, ``--password-file``, the named server's password source, ``$SKNOCK_TOKEN_PIN`` or a
+prompt.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..carrier import Carrier
 from ..client import KnockClient, load_server_certificate, resolve
 from ..clientconfig import PASSWORD_ENV, Profile, default_files, find_profile
 from ..errors import CredentialError, ResolveError, SknockError
 from ..ports import Protocol
 from ..protocol.request import MAX_DURATION
 from ..protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
+from ..token import is_pkcs11_uri
 
 PROG = "sknock-knock"
 _MAX_RETRIES = 100
@@ -106,11 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     fam.add_argument("-4", dest="family", action="store_const", const=4, help="use IPv4 only")
     fam.add_argument("-6", dest="family", action="store_const", const=6, help="use IPv6 only")
     p.add_argument("--config", type=Path, metavar="FILE", help="read named servers from FILE only")
-    p.add_argument("--pfx", type=Path, metavar="FILE", help="client PKCS#12 (default: the named server's)")
+    p.add_argument(
+        "--pfx", metavar="FILE|URI", help="client PKCS#12, or a pkcs11: URI of a key on a token (default: the named "
+        "server's credentials)"
+    )
+    p.add_argument("--client-cert", type=Path, metavar="FILE", help="with a pkcs11: URI: the client certificate "
+                   "(default: the one on the token with the key's id)")
     p.add_argument(
         "--server-cert", type=Path, metavar="FILE", help="server certificate, DER or PEM (default: the named server's)"
     )
-    p.add_argument("--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password")
+    p.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password (token PIN)"
+    )
     p.add_argument("--no-verify", action="store_true", help="do not confirm by connecting: exit 0 once sent")
     p.add_argument(
         "--knock-port",
@@ -118,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="UDP port to send the knock to (default: random per knock; the server listens on all)",
+    )
+    p.add_argument(
+        "--via",
+        choices=[c.value for c in Carrier],
+        default=None,
+        help="what carries the knock: udp (default) or icmp, an echo request (for networks that let only ping "
+        "out; the server needs knockCarriers = udp, icmp)",
     )
     p.add_argument(
         "--source",
@@ -167,13 +187,21 @@ def with_options(profile: Profile, args: argparse.Namespace) -> Profile:
     if args.password_file is not None:  # replaces the file's password source, whichever it was
         changes.update(password_file=args.password_file, password=None, password_env=None, password_keyring=False)
     for option, attr in (
-        ("pfx", "credentials"), ("server_cert", "server_cert"), ("family", "family"), ("source", "source"),
-        ("knock_port", "knock_port"), ("timeout", "timeout"), ("retries", "retries"), ("work_bits", "work_bits"),
+        ("pfx", "credentials"), ("client_cert", "client_cert"), ("server_cert", "server_cert"), ("family", "family"),
+        ("source", "source"), ("knock_port", "knock_port"), ("timeout", "timeout"), ("retries", "retries"),
+        ("work_bits", "work_bits"),
     ):
         value = getattr(args, option)
         if value is not None:
-            changes[attr] = str(value) if option == "pfx" else value
-    return dataclasses.replace(profile, **changes)  # type: ignore[arg-type]
+            changes[attr] = value
+    if args.via is not None:
+        changes["via"] = Carrier.parse(args.via)
+        if changes["via"] is Carrier.ICMP and args.knock_port is None:
+            changes["knock_port"] = None  # the named server's UDP knock port means nothing in a ping
+    changed = dataclasses.replace(profile, **changes)  # type: ignore[arg-type]
+    if changed.via is Carrier.ICMP and changed.knock_port is not None:
+        raise _Usage("--knock-port names a UDP port: it cannot be used with --via icmp")
+    return changed
 
 
 def _ports(profile: Profile, args: argparse.Namespace) -> tuple[tuple[Protocol, int], ...]:
@@ -193,7 +221,7 @@ def _files(profile: Profile) -> tuple[str, Path]:
             f"no client credentials for {profile.name}: give --pfx FILE, or name a server of the client "
             f"configuration file ({default_files()[1]})"
         )
-    if not profile.credentials.lower().startswith("pkcs11:"):
+    if not is_pkcs11_uri(profile.credentials):
         _must_exist(Path(profile.credentials), "client PKCS#12", "--pfx")
     if profile.server_cert is None:
         raise CredentialError(f"no server certificate for {profile.name}: give --server-cert FILE")
@@ -235,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.close:
         for protocol, port in ports:
             client.close(str(address), port, protocol, knock_port=profile.knock_port,
-                         source_address=profile.source, family=family)
+                         source_address=profile.source, family=family, via=profile.via)
             say(f"asked {where} to close {protocol.label}/{port} for this host")
         return 0
     status = 0
