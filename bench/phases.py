@@ -288,11 +288,20 @@ def sknock_plan(ph: Phases, *, quick: bool, profile: bool) -> Plan:
         ("flood-junk-icmp", lambda: ph.flood("junk", icmp=True)),
         ("flood-replay-icmp", lambda: ph.flood("replay", icmp=True)),
     ]
+    if ph.backend == "nftables":
+        # ssh NAME true through the knock against ssh with the port open (bench/sshlogin.py)
+        plan.append(("ssh-login", lambda: _ssh_login(ph, 20)))
     if profile:
         # The burst once more, with py-spy sampling the monitor and a worker: sampling takes CPU from the
         # server, so these figures are not the throughput figures (burst-20000 runs unprofiled).
         plan.append(("profile", lambda: ph.run_load(big, 0, label="profile")))
     return plan
+
+
+def _ssh_login(ph: Phases, logins: int) -> dict[str, Any]:
+    from bench import sshlogin  # it builds on this module
+
+    return sshlogin.run(ph, logins)
 
 
 def run_plan(key: str, plan: Plan, phases: dict[str, Any], started: float, only: str = "",

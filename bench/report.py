@@ -238,6 +238,17 @@ def markdown(results: dict[str, Any]) -> str:
                   f"({_f(cl.get('knockclient_knock_ms_max'), '{:.1f}')}) |",
                   f"| knock(..., verify=False), loads the PKCS#12 each call, median of 5 | "
                   f"{_f(cl.get('knock_function_ms_p50'), '{:.1f}')} |"]
+    ssh = results.get("servers", {}).get("sknock-nftables", {}).get("phases", {}).get("ssh-login", {})
+    if ssh.get("knocked"):
+        lines += ["", "## ssh through the knock (sknock-knock ssh-proxy, nftables; issue 12)", "",
+                  f"| `ssh NAME true`, {ssh['logins']} logins each, alternating | median ms | p90 ms |",
+                  "| --- | --- | --- |",
+                  f"| through the knock (ProxyCommand, fdpass) | {_f(ssh['knocked']['p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['knocked']['p90_ms'], '{:.0f}')} |",
+                  f"| port already open, same sshd | {_f(ssh['direct']['p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['direct']['p90_ms'], '{:.0f}')} |",
+                  f"| added by the knock (pairwise) | {_f(ssh['added_p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['added_p90_ms'], '{:.0f}')} |"]
     lines += ["", "## Targets", ""]
     nft = results.get("servers", {}).get("sknock-nftables", {}).get("phases", {})
     best = nft.get("burst-20000", {}).get("grants_per_s")
@@ -262,6 +273,9 @@ def markdown(results: dict[str, Any]) -> str:
         ("<= 100 MB RSS at 10,000 grants (resident, shared pages once)",
          _ok(nft.get("scale-10000", {}), lambda p: _resident(p) <= 100 * 1024),
          _f(_resident(nft.get("scale-10000", {})) / 1024, "{:.0f} MB")),
+        ("the knock adds <= 100 ms to ssh NAME true (median, pairwise)",
+         _ok(nft.get("ssh-login", {}), lambda p: p["added_p50_ms"] <= 100),
+         _f(nft.get("ssh-login", {}).get("added_p50_ms"), "{:.0f} ms")),
     ]
     lines += ["| target (sknock, nftables) | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {_verdict(ok)} |" for t, ok, m in checks]

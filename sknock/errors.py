@@ -7,9 +7,9 @@ it names the file, key or value and the reason.
 
 Defined here: the errors of the library an application or a CLI calls -- the protocol and the verifier
 (:class:`KnockRefused` with its :class:`Reason`), ports, credentials (keys on a PKCS#11 token too:
-:class:`TokenError`), certificates, the client, the CA
-(:class:`CAError`) and the server configuration (:class:`ConfigError`, raised by the config and the
-capture alike).
+:class:`TokenError`), certificates, the client (with its configuration file of named servers,
+:class:`ProfileError`), the CA (:class:`CAError`) and the server configuration (:class:`ConfigError`,
+raised by the config and the capture alike).
 
 Defined with their edge: an error that one edge of the server raises, and that only the server's own
 processes and its command line meet (they catch :class:`SknockError`), stays in that edge's module,
@@ -56,6 +56,7 @@ __all__ = [
     "ClientError",
     "NotAuthorizedError",
     "ResolveError",
+    "ProfileError",
     "CarrierUnavailableError",
     "CAError",
 ]
@@ -114,6 +115,11 @@ class NotAuthorizedError(ClientError):
 
 class ResolveError(ClientError):
     """The server's host name does not resolve (to an address of the requested family)."""
+
+
+class ProfileError(ClientError):
+    """The client's configuration file of named servers (:mod:`sknock.clientconfig`) is invalid, or names
+    no such server; the message names the file, the section (the server) and the key."""
 
 
 class CarrierUnavailableError(ClientError):

@@ -177,7 +177,7 @@ def test_the_command_line_knocks_over_icmp_and_confirms(pki: TestPKI, tmp_path_f
         ]
         result = subprocess.run(net.client.cmd(*command), capture_output=True, text=True, env=ENV, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert f"tcp/{PORT} is open on {net.server.ipv6}" in result.stdout
+        assert f"tcp/{PORT} is open on {net.server.ipv6}" in result.stderr  # the status line (stdout: a pipe)
         server.wait_log(f"granted tcp/{PORT} to {net.client.ipv6}")
         # --knock-port names a UDP port: refused with --via icmp, before anything is asked or sent.
         bad = subprocess.run(

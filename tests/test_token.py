@@ -213,7 +213,7 @@ def test_knock_with_the_key_on_the_token_is_granted_end_to_end(pki: TestPKI, tok
         result = knock_cli(token, pki, token.uri(), "--client-cert", str(cer), "-p", str(PORT), ns=net,
                            host=net.server.ipv4)
         assert result.returncode == 0, result.stderr
-        assert f"tcp/{PORT} is open" in result.stdout
+        assert f"tcp/{PORT} is open" in result.stderr  # the status line: stderr, as stdout is a pipe
         server.wait_log(f"granted tcp/{PORT}")
         assert "CN=tok3" in server.log_text()
         # ... and from the token, with the PIN from the URI's pin-source.
