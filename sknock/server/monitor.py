@@ -201,6 +201,8 @@ class Monitor:
         self._next_watch = now
         self._next_crl = now + crl_interval
         self._selector: selectors.BaseSelector | None = None
+        # What a held batch waits on: the selector without the workers' channels (see turn()).
+        self._holding: selectors.BaseSelector | None = None
         self._revoked: frozenset[RevocationId] = frozenset()
         self._note_revocations()
         self.exit_code = 0
@@ -237,14 +239,16 @@ class Monitor:
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
         self._selector = selector = selectors.DefaultSelector()
+        self._holding = holding = selectors.DefaultSelector()
         try:
             for child in self.children:
                 if child.channel is not None:
                     selector.register(child.channel, selectors.EVENT_READ, child)
-            if self.control is not None:
-                selector.register(self.control.socket, selectors.EVENT_READ, "control")
-            if self.instance is not None:
-                selector.register(self.instance, selectors.EVENT_READ, "instance")
+            for both in (selector, holding):
+                if self.control is not None:
+                    both.register(self.control.socket, selectors.EVENT_READ, "control")
+                if self.instance is not None:
+                    both.register(self.instance, selectors.EVENT_READ, "instance")
             self._start_children()
             failures = 0
             while self._running:
@@ -261,7 +265,8 @@ class Monitor:
         finally:
             self.shutdown()
             selector.close()
-            self._selector = None
+            holding.close()
+            self._selector = self._holding = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
@@ -280,9 +285,15 @@ class Monitor:
         return max(0.0, min(wake) - now)
 
     def turn(self, timeout: float) -> None:
-        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due."""
+        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due.
+
+        While a batch is held (:class:`BatchRule`) the workers' channels are not watched: each message
+        would wake the monitor for a turn that only queues it, and the worker that sent it would pay for
+        the wake-up.  What they send meanwhile is read when the hold ends, before the batch is applied."""
         assert self._selector is not None
-        for key, _ in self._selector.select(timeout):
+        held = self._holding is not None and bool(self._pending) and self._batch.hold(self.clock()) > 0
+        selector = self._holding if held and self._holding is not None else self._selector
+        for key, _ in selector.select(timeout):
             if key.data == "control":
                 if self.control is not None:
                     self.control.serve_one({"status": lambda _: self.status(), "close": self.close_command})
@@ -297,6 +308,10 @@ class Monitor:
         if self._pending:
             now = self.clock()
             if self._batch.hold(now) <= 0:
+                if held:  # what the workers sent during the hold joins the batch
+                    for child in list(self.children):
+                        if child.channel is not None:
+                            self._pending += self.read(child.channel)
                 pending, self._pending = self._pending, []
                 self.apply(pending)
                 self._batch.applied(self.clock(), len(pending))
