@@ -47,7 +47,7 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -193,6 +193,7 @@ class Monitor:
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
         self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+        self._ids: IdCache = {}  # revocation ids parsed before: one tuple per client, shared by its grants
         self._running = True
         self._hangup = False
         self._batch = BatchRule()
@@ -371,7 +372,7 @@ class Monitor:
             if data is None:
                 break
             try:
-                requests.append(parse_request(data, max_duration=self.max_duration))
+                requests.append(parse_request(data, max_duration=self.max_duration, id_cache=self._ids))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests

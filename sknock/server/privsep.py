@@ -46,7 +46,7 @@ from .firewall.base import Opening
 
 __all__ = [
     "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
-    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair",
+    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE",
 ]
 
 _LAYOUT = struct.Struct("!BBBBHdd16s16sB")
@@ -114,8 +114,17 @@ def encode_request(request: GrantRequest) -> bytes:
     ) + printable_client(request.client).encode()
 
 
-def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
-    """Strictly parse and re-check one message from the worker."""
+#: Revocation ids parsed before, by their bytes in a message (see :func:`parse_request`).
+IdCache = dict[bytes, tuple[tuple[bytes, int], ...]]
+MAX_ID_CACHE = 4096  # distinct id lists kept; the cache is emptied when it is full
+
+
+def parse_request(data: bytes, *, max_duration: float, id_cache: IdCache | None = None) -> GrantRequest:
+    """Strictly parse and re-check one message from the worker.
+
+    ``id_cache`` (the caller's, bounded by MAX_ID_CACHE) maps the bytes of a message's revocation ids to
+    their parsed tuple: a client's knocks all carry the same ids, so they are parsed once and every grant
+    of that client shares one tuple instead of holding its own copy."""
     if len(data) > MAX_MESSAGE:
         raise PrivsepError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if len(data) < _LAYOUT.size:
@@ -154,10 +163,16 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     end = _LAYOUT.size + count * _ID.size
     if len(data) < end:
         raise PrivsepError(f"message of {len(data)} bytes is shorter than its {count} revocation id(s)")
-    ids = tuple(
-        (issuer, int.from_bytes(serial, "big", signed=True))
-        for issuer, serial in _ID.iter_unpack(data[_LAYOUT.size : end])
-    )
+    raw_ids = data[_LAYOUT.size : end]
+    ids = id_cache.get(raw_ids) if id_cache is not None else None
+    if ids is None:
+        ids = tuple(
+            (issuer, int.from_bytes(serial, "big", signed=True)) for issuer, serial in _ID.iter_unpack(raw_ids)
+        )
+        if id_cache is not None:
+            if len(id_cache) >= MAX_ID_CACHE:
+                id_cache.clear()
+            id_cache[raw_ids] = ids
     try:
         client = data[end:].decode()
     except UnicodeDecodeError:
