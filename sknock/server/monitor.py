@@ -47,7 +47,7 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request, receive_buffer
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -192,7 +192,7 @@ class Monitor:
         self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
-        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+        self._buffer = receive_buffer()
         self._ids: IdCache = {}  # revocation ids parsed before: one tuple per client, shared by its grants
         self._running = True
         self._hangup = False

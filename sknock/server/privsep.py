@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import os
 import pwd
 import socket
@@ -46,7 +47,7 @@ from .firewall.base import Opening
 
 __all__ = [
     "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
-    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE",
+    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE", "receive_buffer",
 ]
 
 _LAYOUT = struct.Struct("!BBBBHdd16s16sB")
@@ -190,6 +191,13 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
     return pair
+
+
+def receive_buffer() -> mmap.mmap:
+    """A buffer for receiving any one channel message (a CRL set at most), to be reused for every message.
+    Anonymous memory: a page costs resident memory only once a message has been written to it, so the
+    grant messages that fill a monitor's day touch one page, not the 4 MiB a zeroed bytearray would."""
+    return mmap.mmap(-1, MAX_CRL_MESSAGE + len(CRL_PREFIX))
 
 
 _PR_SET_NO_NEW_PRIVS = 38
