@@ -48,7 +48,7 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request, receive_buffer
 from .replaystore import LocalReplayStore, ReplayGate
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
@@ -196,7 +196,8 @@ class Monitor:
         self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
-        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+        self._buffer = receive_buffer()
+        self._ids: IdCache = {}  # revocation ids parsed before: one tuple per client, shared by its grants
         self._running = True
         self._hangup = False
         self._batch = BatchRule()
@@ -205,6 +206,8 @@ class Monitor:
         self._next_watch = now
         self._next_crl = now + crl_interval
         self._selector: selectors.BaseSelector | None = None
+        # What a held batch waits on: the selector without the workers' channels (see turn()).
+        self._holding: selectors.BaseSelector | None = None
         self._revoked: frozenset[RevocationId] = frozenset()
         self._note_revocations()
         self.exit_code = 0
@@ -241,14 +244,16 @@ class Monitor:
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
         self._selector = selector = selectors.DefaultSelector()
+        self._holding = holding = selectors.DefaultSelector()
         try:
             for child in self.children:
                 if child.channel is not None:
                     selector.register(child.channel, selectors.EVENT_READ, child)
-            if self.control is not None:
-                selector.register(self.control.socket, selectors.EVENT_READ, "control")
-            if self.instance is not None:
-                selector.register(self.instance, selectors.EVENT_READ, "instance")
+            for both in (selector, holding):
+                if self.control is not None:
+                    both.register(self.control.socket, selectors.EVENT_READ, "control")
+                if self.instance is not None:
+                    both.register(self.instance, selectors.EVENT_READ, "instance")
             self._start_children()
             failures = 0
             while self._running:
@@ -265,7 +270,8 @@ class Monitor:
         finally:
             self.shutdown()
             selector.close()
-            self._selector = None
+            holding.close()
+            self._selector = self._holding = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
@@ -284,9 +290,15 @@ class Monitor:
         return max(0.0, min(wake) - now)
 
     def turn(self, timeout: float) -> None:
-        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due."""
+        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due.
+
+        While a batch is held (:class:`BatchRule`) the workers' channels are not watched: each message
+        would wake the monitor for a turn that only queues it, and the worker that sent it would pay for
+        the wake-up.  What they send meanwhile is read when the hold ends, before the batch is applied."""
         assert self._selector is not None
-        for key, _ in self._selector.select(timeout):
+        held = self._holding is not None and bool(self._pending) and self._batch.hold(self.clock()) > 0
+        selector = self._holding if held and self._holding is not None else self._selector
+        for key, _ in selector.select(timeout):
             if key.data == "control":
                 if self.control is not None:
                     self.control.serve_one({"status": lambda _: self.status(), "close": self.close_command})
@@ -301,6 +313,10 @@ class Monitor:
         if self._pending:
             now = self.clock()
             if self._batch.hold(now) <= 0:
+                if held:  # what the workers sent during the hold joins the batch
+                    for child in list(self.children):
+                        if child.channel is not None:
+                            self._pending += self.read(child.channel)
                 pending, self._pending = self._pending, []
                 self.apply(pending)
                 self._batch.applied(self.clock(), len(pending))
@@ -360,7 +376,7 @@ class Monitor:
             if data is None:
                 break
             try:
-                requests.append(parse_request(data, max_duration=self.max_duration))
+                requests.append(parse_request(data, max_duration=self.max_duration, id_cache=self._ids))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests
