@@ -9,8 +9,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: the Python venv module, the kernel firewall tools and libraries (libnftables for the
 # in-process nftables backend, iptables for python-iptables), iproute2 for test namespaces, openssl for
-# the interoperability test, ping/nc for the tests' network checks.
-debs=(python3 python3-venv nftables libnftables1 iptables iproute2 openssl iputils-ping netcat-openbsd procps)
+# the interoperability test, ping/nc for the tests' network checks, libseccomp2 for the workers' seccomp
+# filter (pyseccomp loads it).
+debs=(python3 python3-venv nftables libnftables1 iptables iproute2 openssl iputils-ping netcat-openbsd procps libseccomp2)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -54,7 +54,9 @@ from .ledger import GrantLedger
 from .localaddr import DestinationFilter
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .preflight import check_credentials
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
+from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair
+from .sandbox import sandbox_fetcher, sandbox_worker
 from .worker import Capture, Worker
 
 __all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall"]
@@ -330,11 +332,14 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     # Blocking again: a send waits while the monitor catches up (back-pressure); the loop reads it with
     # MSG_DONTWAIT.  A non-blocking send would fail on a full channel under a burst and end the worker.
     channel.settimeout(None)
-    log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, config.workers, config.user, uid, gid)
     destinations = None
     if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
         destinations = DestinationFilter(config.knock_destinations.local, config.knock_destinations.extra)
-    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations).run()
+    worker = Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations)
+    sandbox_worker()  # from here on: no new file, socket or program (sknock.server.sandbox)
+    log.info("worker %d/%d running as %s (uid %d, gid %d) under its seccomp filter", index + 1, config.workers,
+             config.user, uid, gid)
+    worker.run()
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
@@ -368,7 +373,8 @@ def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda *_: state.update(now=True))
-    log.info("CRL fetcher running as %s: %s every %d min", config.user, ", ".join(urls),
+    sandbox_fetcher()
+    log.info("CRL fetcher running as %s under its seccomp filter: %s every %d min", config.user, ", ".join(urls),
              config.crl_update_interval_minutes)
     for job in jobs:
         job.run()  # at start, and again on SIGHUP (which also restarts the interval)
@@ -468,7 +474,14 @@ def run(config_path: str | Path) -> int:
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
     )
-    log.info("monitor running (pid %d); starting %d worker(s)", os.getpid(), config.workers)
+    try:
+        kept = restrict_monitor(monitor_capabilities(server.firewall.name))
+    except PrivilegeError as exc:  # nothing opened yet: the policy stays, closed
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        _close_captures(captures)
+        return 2
+    log.info("monitor running (pid %d) with %s; starting %d worker(s)", os.getpid(), kept.describe(),
+             config.workers)
     code = monitor.run()
     _close_captures(captures)
     log.info("stopped (exit %d)", code)
