@@ -84,6 +84,7 @@ class RunningServer:
             "stateDir": str(folder / "state"),
             "firewallPolicy": "drop",
             "logLevel": "DEBUG",
+            "user": "nobody",  # the test machine may have no sknock user
             **options,
         }
         config = folder / "config.ini"

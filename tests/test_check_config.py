@@ -60,6 +60,7 @@ class Site:
             "protectedPorts": "tcp/8080",
             "controlSocket": str(self.folder / "run" / "control.sock"),
             "stateDir": str(self.folder / "state"),
+            "user": "nobody",
         }
         merged = {k: v for k, v in {**base, **values}.items() if v != ""}
         self.count += 1
