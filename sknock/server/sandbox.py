@@ -93,6 +93,8 @@ _PROT_EXEC = 0x4
 _FIONBIO = 0x5421
 _TCGETS = 0x5401
 _FIOCLEX = 0x5451
+_SIOCGIFNAME = 0x8910  # Python names the interface of each packet a packet socket receives
+_SIOCGIFINDEX = 0x8933  # and the capture turns that name back into its index
 _FIONREAD = 0x541B
 _O_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK)
@@ -121,8 +123,9 @@ def _worker_rules(sc: Any, flt: Any, pid: int) -> None:
     _add(sc, flt, sc.ALLOW, WORKER_SYSCALLS)
     no_exec = sc.Arg(2, sc.MASKED_EQ, _PROT_EXEC, 0)
     _add(sc, flt, sc.ALLOW, ("mmap", "mprotect"), no_exec)
-    # setblocking/settimeout, and whether a descriptor is a terminal (the log's stream handler)
-    for request in (_FIONBIO, _TCGETS, _FIOCLEX):
+    # setblocking/settimeout, whether a descriptor is a terminal (the log's stream handler), and the
+    # read-only interface name and index look-ups of a packet capture
+    for request in (_FIONBIO, _TCGETS, _FIOCLEX, _SIOCGIFNAME, _SIOCGIFINDEX):
         _add(sc, flt, sc.ALLOW, ("ioctl",), sc.Arg(1, sc.EQ, request))
     # abort() and raise() signal the process itself; nothing else may be signalled
     _add(sc, flt, sc.ALLOW, ("tgkill",), sc.Arg(0, sc.EQ, pid))
