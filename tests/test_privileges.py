@@ -245,6 +245,23 @@ def test_the_monitor_drops_every_other_capability_and_still_does_its_job() -> No
     assert capabilities().bounding != want  # the test process itself is untouched
 
 
+def test_without_cap_setpcap_the_bounding_set_stays_and_the_rest_is_dropped() -> None:
+    """As under a service manager whose bounding set lacks CAP_SETPCAP: permitted and effective are still
+    cut to the kept set; the bounding set cannot be, and the daemon says so (``beyond``)."""
+
+    def body() -> dict[str, Any]:
+        everything_but_setpcap = set(range(capabilities().bounding.bit_length())) - {8}
+        restrict_monitor(everything_but_setpcap)
+        keep = monitor_capabilities("nftables")
+        kept = restrict_monitor(keep)
+        return {"permitted": kept.permitted, "effective": kept.effective, "beyond": kept.beyond(keep)}
+
+    result = ok(in_child(body))
+    want = (1 << CAP_NET_ADMIN) | (1 << CAP_SETUID) | (1 << CAP_SETGID) | (1 << CAP_KILL)
+    assert result["permitted"] == result["effective"] == want
+    assert result["beyond"] and "CAP_NET_RAW" in result["beyond"]
+
+
 # -- the worker's seccomp filter -----------------------------------------------------------------------------
 
 

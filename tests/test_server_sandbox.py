@@ -59,7 +59,9 @@ def test_the_monitor_keeps_only_its_capabilities(pki: TestPKI) -> None:
             for key in ("CapEff", "CapPrm", "CapBnd"):
                 assert int(monitor[key], 16) == want, (backend, key, monitor[key])
             assert int(monitor["CapInh"], 16) == 0 and int(monitor["CapAmb"], 16) == 0
-            for pid in worker_pids(server):
+            pids = worker_pids(server)
+            server.wait_log("worker ready", count=len(pids))
+            for pid in pids:
                 status = proc_status(pid)
                 for key in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
                     assert int(status[key], 16) == 0, (key, status[key])

@@ -474,12 +474,16 @@ def run(config_path: str | Path) -> int:
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
     )
+    keep = monitor_capabilities(server.firewall.name)
     try:
-        kept = restrict_monitor(monitor_capabilities(server.firewall.name))
+        kept = restrict_monitor(keep)
     except PrivilegeError as exc:  # nothing opened yet: the policy stays, closed
         print(f"sknock-server: {exc}", file=sys.stderr)
         _close_captures(captures)
         return 2
+    if kept.beyond(keep):
+        log.warning("started without CAP_SETPCAP: the bounding set keeps %s (the unit's CapabilityBoundingSet= "
+                    "should name only what the monitor keeps, see docs/privileges.md)", kept.beyond(keep))
     log.info("monitor running (pid %d) with %s; starting %d worker(s)", os.getpid(), kept.describe(),
              config.workers)
     code = monitor.run()

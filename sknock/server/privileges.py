@@ -39,6 +39,7 @@ __all__ = [
 CAP_KILL = 5
 CAP_SETGID = 6
 CAP_SETUID = 7
+CAP_SETPCAP = 8
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 CAPABILITY_NAMES = {
@@ -122,7 +123,12 @@ class Capabilities:
 
     def describe(self) -> str:
         """One line for the log: what is kept."""
-        return f"permitted and effective: {_names(self.permitted)}; bounding: {_names(self.bounding)}"
+        return f"capabilities {_names(self.permitted)} (bounding set: {_names(self.bounding)})"
+
+    def beyond(self, keep: Iterable[int]) -> str | None:
+        """The names of the capabilities in the bounding set beyond ``keep``, or None."""
+        extra = self.bounding & ~_mask(keep)
+        return _names(extra) if extra else None
 
 
 def capabilities() -> Capabilities:
@@ -180,16 +186,21 @@ def monitor_capabilities(backend: str) -> frozenset[int]:
 def restrict_monitor(keep: Iterable[int]) -> Capabilities:
     """Keep only ``keep`` (capability numbers): drop every other one from the bounding set first (which
     needs CAP_SETPCAP, still held), then set permitted and effective to ``keep`` and empty the inheritable
-    and ambient sets.  Checks the result; returns it."""
+    and ambient sets.  Checks the result; returns it.
+
+    Started without CAP_SETPCAP (a service manager's bounding set without it), the bounding set is left as
+    it is -- what a service manager gave, the caller logs -- and the rest is done all the same."""
     wanted = _mask(keep)
+    held = capabilities()
+    can_bound = bool(held.effective >> CAP_SETPCAP & 1)
     for cap in range(_LAST_CAP + 1):
-        if not wanted >> cap & 1 and _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
+        if can_bound and not wanted >> cap & 1 and held.bounding >> cap & 1:
             _prctl(_PR_CAPBSET_DROP, cap, f"dropping capability {cap} from the bounding set")
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient capabilities")
-    held = capabilities()
     _capset(wanted & held.permitted)
     now = capabilities()
-    if now.permitted & ~wanted or now.effective & ~wanted or now.bounding & ~wanted or now.inheritable or now.ambient:
+    extra_bounding = now.bounding & ~wanted if can_bound else 0
+    if now.permitted & ~wanted or now.effective & ~wanted or extra_bounding or now.inheritable or now.ambient:
         raise PrivilegeError(f"capabilities were not dropped: {now}")
     return now
 
