@@ -58,17 +58,22 @@ def crypto_bound(seconds: float = 3.0) -> dict[str, float]:
     return {"per_second_one_core": one, "per_second_all_cores": all_cores, "cores": cores}
 
 
-def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
-    """KnockVerifier.precheck and complete on prebuilt knocks, no I/O: what the worker's Python pipeline
-    can do."""
+def _verifier(pki: Pki) -> KnockVerifier:
+    """The server's verifier for the bench PKI, as the server builds it."""
     creds = load_server_pfx(pki.server_pfx, PASSWORD)
     cas = list(creds.ca_certificates)
     crl = load_crl(pki.crl.read_bytes(), cas, source=str(pki.crl))
-    verifier = KnockVerifier(
+    return KnockVerifier(
         server_key=creds.key, server_certificate=creds.certificate,
         trust=ClientVerifier(cas, [], [crl], require_crl=True, accept_stale_crl=True),
         policy=VerifierPolicy(timestamp_threshold=300, default_duration=600),
     )
+
+
+def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
+    """KnockVerifier.precheck and complete on prebuilt knocks, no I/O: what the worker's Python pipeline
+    can do."""
+    verifier = _verifier(pki)
     src = ipaddress.ip_address("198.19.0.1")
     now = time.time()
     stages = {"precheck": 0.0, "complete": 0.0}
@@ -126,14 +131,7 @@ def _worker_cpu(verifier: KnockVerifier, knocks: list[bytes], sandboxed: bool) -
 def sandbox_cost(pki: Pki, knocks: list[bytes], rounds: int = 7) -> dict[str, float]:
     """CPU per knock of a worker's loop with and without its seccomp filter (sknock.server.sandbox),
     alternating, each in a fresh child; CPU time, not wall clock (the machine is shared).  Medians."""
-    creds = load_server_pfx(pki.server_pfx, PASSWORD)
-    cas = list(creds.ca_certificates)
-    crl = load_crl(pki.crl.read_bytes(), cas, source=str(pki.crl))
-    verifier = KnockVerifier(
-        server_key=creds.key, server_certificate=creds.certificate,
-        trust=ClientVerifier(cas, [], [crl], require_crl=True, accept_stale_crl=True),
-        policy=VerifierPolicy(timestamp_threshold=300, default_duration=600),
-    )
+    verifier = _verifier(pki)
     plain: list[float] = []
     filtered: list[float] = []
     for _ in range(rounds):

@@ -389,7 +389,8 @@ def test_not_utf8(site: Path) -> None:
     ],
 )
 def test_bad_values(site: Path, line: str, key: str, words: str) -> None:
-    message = error_of(site, line + "\n", base=MINIMAL.replace("user = nobody\n", "") if line.startswith("user") else MINIMAL)
+    base = MINIMAL.replace("user = nobody\n", "") if line.startswith("user") else MINIMAL  # user set once
+    message = error_of(site, line + "\n", base=base)
     assert f": {key}: " in message
     assert words in message
 

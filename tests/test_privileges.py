@@ -265,12 +265,15 @@ def test_without_cap_setpcap_the_bounding_set_stays_and_the_rest_is_dropped() ->
 # -- the worker's seccomp filter -----------------------------------------------------------------------------
 
 
-def _sandboxed(attempt: Callable[[], object]) -> Callable[[], dict[str, Any]]:
-    """A child body: become a worker (nobody, filter loaded), then make ``attempt``."""
+def _sandboxed(
+    attempt: Callable[[], object], sandbox: Callable[[], None] = sandbox_worker
+) -> Callable[[], dict[str, Any]]:
+    """A child body: become a worker (nobody, ``sandbox`` loaded), then make ``attempt``; reports what it
+    returned, or the errno of the OSError it raised."""
 
     def body() -> dict[str, Any]:
         drop_privileges("nobody")
-        sandbox_worker()
+        sandbox()
         try:
             value = attempt()
         except OSError as exc:
@@ -376,16 +379,7 @@ def test_a_knock_is_verified_under_the_filter(pki: TestPKI) -> None:
 
 
 def _fetcher(attempt: Callable[[], object]) -> Callable[[], dict[str, Any]]:
-    def body() -> dict[str, Any]:
-        drop_privileges("nobody")
-        sandbox_fetcher()
-        try:
-            value = attempt()
-        except OSError as exc:
-            return {"errno": exc.errno}
-        return {"returned": repr(value)[:100]}
-
-    return body
+    return _sandboxed(attempt, sandbox_fetcher)
 
 
 def test_the_fetcher_may_open_sockets_and_read_files() -> None:

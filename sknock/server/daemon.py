@@ -6,11 +6,13 @@ second server refuses to start and leaves the first alone); read the journal of 
 the firewall (replacing the policy a previous run or the boot ruleset left, keeping its live grants);
 open the capture sockets and the control socket; then hand over to the monitor, which forks:
 
-* the workers, which drop to the unprivileged ``user`` and run :class:`~sknock.server.worker.Worker`:
-  they read packets, run the parser and the crypto, and ask for grants;
-* with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged too: it downloads the CRLs and hands the
-  bytes to the monitor, so that no worker ever waits on the network;
-* the monitor itself (:class:`~sknock.server.monitor.Monitor`) keeps root: it re-checks and applies
+* the workers, which drop to the unprivileged ``user`` (:mod:`~sknock.server.privileges`), load their
+  seccomp filter (:mod:`~sknock.server.sandbox`) and run :class:`~sknock.server.worker.Worker`: they read
+  packets, run the parser and the crypto, and ask for grants;
+* with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged and filtered too: it downloads the CRLs
+  and hands the bytes to the monitor, so that no worker ever waits on the network;
+* the monitor itself (:class:`~sknock.server.monitor.Monitor`) stays uid 0 with only the capabilities it
+  uses (:func:`~sknock.server.privileges.monitor_capabilities`): it re-checks and applies
   the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
   child that dies, and on a stop leaves the firewall policy in place.
 """
