@@ -399,7 +399,8 @@ def test_the_fetcher_may_not_write_files() -> None:
     assert not target.exists()
 
 
-@pytest.mark.parametrize("attempt", [_exec, _spawn], ids=["execve", "subprocess"])
-def test_the_fetcher_is_killed_for_running_a_program(attempt: Callable[[], object]) -> None:
+@pytest.mark.parametrize("attempt", [_exec, _spawn, _fork, _signal_parent],
+                         ids=["execve", "subprocess", "fork", "kill-other"])
+def test_the_fetcher_is_killed_for_running_a_program_or_signalling_another(attempt: Callable[[], object]) -> None:
     ended = in_child(_fetcher(attempt))
     assert ended.signal == signal.SIGSYS, ended

@@ -21,8 +21,9 @@ filter is the worker's, plus new sockets (IPv4, IPv6 for HTTP; Unix and netlink 
 ``connect``, files opened read-only and the stat family, and executable mappings (NSS modules are loaded
 on first use).  Its default action is EPERM, so an unforeseen call in that larger code fails one fetch
 (logged, retried next interval); the calls that would let it out of its box still kill it: ``execve``,
-``execveat``, ``ptrace``, ``process_vm_writev``, writing or creating a file, signals to others, ``setuid``
-and the like, ``mount``, ``bpf``, ``unshare``, ...
+``execveat``, ``fork``, ``ptrace``, ``process_vm_writev``, a signal to another process, removing,
+renaming or changing a file, ``setuid`` and the like, ``mount``, ``bpf``, ``unshare``, ...  Opening a
+file for writing fails (EPERM): it writes nothing itself, the monitor writes what it fetched.
 
 libseccomp through pyseccomp (ctypes): a pure-Python wheel installs into any virtualenv with pip, and
 needs only the C library libseccomp2 that every systemd host has; Debian's python3-seccomp is compiled
@@ -79,7 +80,7 @@ FETCHER_SYSCALLS = (
 )
 #: What kills the CRL fetcher although its default is EPERM: the ways out of its box.
 FETCHER_KILLS = (
-    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "tkill", "setuid",
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "tkill", "clone", "setuid",
     "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "setfsuid", "setfsgid", "capset",
     "prctl", "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "clone3", "fork", "vfork",
     "bpf", "perf_event_open", "init_module", "finit_module", "delete_module", "kexec_load", "keyctl",
@@ -162,4 +163,6 @@ def sandbox_fetcher() -> None:
     _add(sc, flt, sc.ALLOW, ("openat",), sc.Arg(2, sc.MASKED_EQ, _O_WRITES, 0))
     _add(sc, flt, sc.ALLOW, ("open",), sc.Arg(1, sc.MASKED_EQ, _O_WRITES, 0))
     _add(sc, flt, sc.KILL_PROCESS, FETCHER_KILLS)
+    pid = os.getpid()
+    _add(sc, flt, sc.KILL_PROCESS, ("kill", "tgkill"), sc.Arg(0, sc.NE, pid))  # a signal to another process
     _load(flt)
