@@ -11,7 +11,8 @@ password; its subclass ServerCertificateError when the certificate given as the 
 client's or otherwise not a server's: checked before anything is sent), NotAuthorizedError (the
 certificate does not name the port: checked before sending), KnockBuildError (certificate too large
 for one datagram), ResolveError (host does not resolve), ClientError (anything else about where or
-how to send: a bad source address, no route, a failed send).
+how to send: a bad source address, no route, a failed send; its subclass CarrierUnavailableError when
+``via="icmp"`` may open neither a ping socket nor a raw socket).
 Wrong argument types and out-of-range numbers (port 0, timeout -1) are ValueError.
 """
 
@@ -32,8 +33,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .addresses import IPAddress
+from .carrier import Carrier
+from .carrier import send as send_by
 from .certificate import authorized_ports, describe_name
-from .credentials import ClientCredentials, load_certificate, load_client_pfx, server_certificate_problem
+from .credentials import ClientCredentials, load_certificate, load_client_credentials, server_certificate_problem
 from .errors import (
     CertificateError,
     ClientError,
@@ -176,8 +179,8 @@ class KnockClient:
         self.clock = clock
         if credentials is None:
             if client_pfx is None:
-                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file)")
-            credentials = load_client_pfx(client_pfx, pfx_password)
+                raise CredentialError("no client credentials: pass client_pfx (a PKCS#12 file or a pkcs11: URI)")
+            credentials = load_client_credentials(client_pfx, pfx_password)
         self.credentials = credentials
         if isinstance(server_cert, x509.Certificate):
             self.server_certificate = server_cert
@@ -260,17 +263,22 @@ class KnockClient:
 
     # -- knocking (I/O) ----------------------------------------------------------------------------
 
-    def send(self, datagram: bytes, address: IPAddress, knock_port: int | None = None) -> int:
-        """Send one datagram; a random destination port (1024..65535) per call unless ``knock_port`` is
-        given.  Returns the port used.  A failed send (no route, ...) is a ClientError."""
+    def send(
+        self, datagram: bytes, address: IPAddress, knock_port: int | None = None, via: str | Carrier = Carrier.UDP
+    ) -> int:
+        """Send one datagram by the carrier ``via`` (:mod:`sknock.carrier`): over UDP to a random destination
+        port (1024..65535) per call unless ``knock_port`` is given, or over ICMP as an echo request (no port:
+        ``knock_port`` must be None).  Returns the UDP port used, 0 over ICMP.  A failed send (no route, ...)
+        is a ClientError; over ICMP without a ping or raw socket, a CarrierUnavailableError."""
+        carrier = Carrier.parse(via)
+        if carrier is Carrier.ICMP:
+            if knock_port is not None:
+                raise ValueError("knock_port is a UDP port: it has no meaning with via='icmp'")
+            send_by(datagram, address, carrier)
+            return 0
         random_port = 1024 + secrets.randbelow(65536 - 1024)
         port = random_port if knock_port is None else _check_port(knock_port, "knock_port")
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.sendto(datagram, (str(address), port))
-        except OSError as exc:
-            raise ClientError(f"cannot send the knock to {address} udp/{port}: {exc.strerror or exc}") from None
+        send_by(datagram, address, carrier, port)
         return port
 
     def knock(
@@ -286,17 +294,20 @@ class KnockClient:
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
         duration: int | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> bool:
         """Knock for ``protocol/port`` on ``host``.  With ``verify`` (TCP only), confirm by connecting,
-        knocking again up to ``retries`` times; True when the port is open.  Otherwise True once sent."""
+        knocking again up to ``retries`` times; True when the port is open.  Otherwise True once sent.
+        ``via``: the carrier, ``"udp"`` or ``"icmp"`` (see :meth:`send`)."""
         _check_timeout(timeout)
+        Carrier.parse(via)  # a bad value is reported before any work
         tries = max(1, retries if verify else 1)
         for _ in range(tries):
             fam, address, datagram, proto = self._prepare(
                 host, port, protocol, family=family, source_address=source_address,
                 action=Action.OPEN, duration=duration,
             )
-            self.send(datagram, address, knock_port)
+            self.send(datagram, address, knock_port, via)
             if not verify or proto is not Protocol.TCP:
                 return True
             if _tcp_open(address, port, timeout / tries):
@@ -312,12 +323,14 @@ class KnockClient:
         knock_port: int | None = None,
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> None:
         """Ask the server to close ``protocol/port`` for this client now."""
+        Carrier.parse(via)
         _, address, datagram, _ = self._prepare(
             host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
         )
-        self.send(datagram, address, knock_port)
+        self.send(datagram, address, knock_port, via)
 
 
 def _check_timeout(timeout: float) -> None:
@@ -388,12 +401,14 @@ class AsyncKnockClient:
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
         duration: int | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> bool:
         """Knock for ``protocol/port`` on ``host`` without blocking the event loop (signing and the proof of
         work run in an executor).  With ``verify`` (TCP only), confirm by connecting, knocking again up to
         ``retries`` times within ``timeout`` seconds in all; True when the port is open.  Otherwise True once
-        sent."""
+        sent.  ``via`` as for :meth:`KnockClient.knock`."""
         _check_timeout(timeout)
+        Carrier.parse(via)
         loop = asyncio.get_running_loop()
         tries = max(1, retries if verify else 1)
         for _ in range(tries):
@@ -405,7 +420,7 @@ class AsyncKnockClient:
                     action=Action.OPEN, duration=duration,
                 ),
             )
-            self._client.send(datagram, address, knock_port)
+            self._client.send(datagram, address, knock_port, via)
             if not verify or proto is not Protocol.TCP:
                 return True
             if await _tcp_open_async(address, port, timeout / tries):
@@ -421,8 +436,10 @@ class AsyncKnockClient:
         knock_port: int | None = None,
         source_address: str | IPAddress | None = None,
         family: int | str | None = None,
+        via: str | Carrier = Carrier.UDP,
     ) -> None:
         """Ask the server to close ``protocol/port`` for this client now."""
+        Carrier.parse(via)
         loop = asyncio.get_running_loop()
         _, address, datagram, _ = await loop.run_in_executor(
             None,
@@ -430,7 +447,7 @@ class AsyncKnockClient:
                 host, port, protocol, family=family, source_address=source_address, action=Action.CLOSE, duration=None
             ),
         )
-        self._client.send(datagram, address, knock_port)
+        self._client.send(datagram, address, knock_port, via)
 
 
 async def _tcp_open_async(address: IPAddress, port: int, budget: float) -> bool:
@@ -469,13 +486,14 @@ def knock(
     duration: int | None = None,
     work_bits: int = DEFAULT_WORK_BITS,
     clock: Callable[[], float] = time.time,
+    via: str | Carrier = Carrier.UDP,
 ) -> bool:
-    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock`; ``clock`` as for
-    :class:`KnockClient`."""
+    """Knock once (the original sKnock's call shape).  See :meth:`KnockClient.knock` (``via``: ``"udp"`` or
+    ``"icmp"``); ``clock`` as for :class:`KnockClient`."""
     client = KnockClient(
         client_pfx=client_pfx, pfx_password=pfx_password, server_cert=server_cert, work_bits=work_bits, clock=clock
     )
     return client.knock(
         host, port, protocol, knock_port=knock_port, verify=verify, timeout=timeout, retries=retries,
-        source_address=source_address, family=family, duration=duration,
+        source_address=source_address, family=family, duration=duration, via=via,
     )

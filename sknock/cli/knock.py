@@ -3,13 +3,16 @@
     sknock-knock -p 22 server.example              # open tcp/22, confirm by connecting
     sknock-knock -u -p 8000 server.example         # open udp/8000 (cannot be confirmed: sent = success)
     sknock-knock --close -p 22 server.example      # close tcp/22 for this host now
+    sknock-knock --via icmp -p 22 server.example   # the knock in a ping (echo request), not UDP
 
 Exit status: 0 the port opened (or, with ``-u``, ``--no-verify`` or ``--close``, the knock was sent);
 1 it did not open within the timeout; 2 bad input (usage, files, password, a server certificate that is
 not a server's, a port the certificate does not name, a host that does not resolve, a knock that cannot be
 sent), reported as one line on stderr.
 The PKCS#12 password never comes from the command line: ``--password-file``, ``$SKNOCK_PFX_PASSWORD``,
-or a prompt when stdin is a terminal.
+or a prompt when stdin is a terminal.  ``--pfx`` also takes a ``pkcs11:`` URI (a key on a token,
+:mod:`sknock.token`); its PIN comes from the URI's pin-source, ``--password-file``, ``$SKNOCK_TOKEN_PIN``
+or a prompt.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..carrier import Carrier
 from ..client import DEFAULT_WORK_BITS, KnockClient, load_server_certificate, resolve
-from ..credentials import resolve_password
+from ..credentials import load_client_credentials, resolve_password
 from ..errors import CredentialError, SknockError
 from ..ports import Protocol
 from ..protocol.request import MAX_DURATION
 from ..protocol.wire import MAX_WORK_BITS
+from ..token import PIN_ENV, is_pkcs11_uri
 
 PROG = "sknock-knock"
 PASSWORD_ENV = "SKNOCK_PFX_PASSWORD"  # noqa: S105 -- the variable's name, not a password
@@ -93,7 +98,8 @@ def _must_exist(path: Path, what: str, option: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="Send one sknock knock (a signed, encrypted UDP datagram) asking HOST to open a port for you.",
+        description="Send one sknock knock (a signed, encrypted datagram, over UDP or ICMP) asking HOST to open "
+        "a port for you.",
         epilog="Exit status: 0 opened (or sent, with -u, --no-verify or --close), 1 did not open, 2 bad input. "
         f"Password: --password-file, else ${PASSWORD_ENV}, else a prompt on a terminal.",
     )
@@ -105,11 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=4, help="use IPv4 only")
     fam.add_argument("-6", dest="family", action="store_const", const=6, help="use IPv6 only")
-    p.add_argument("--pfx", type=Path, metavar="FILE", help=f"client PKCS#12 (default {DEFAULT_PFX})")
+    p.add_argument(
+        "--pfx", metavar="FILE|URI", help=f"client PKCS#12, or a pkcs11: URI of a key on a token ({DEFAULT_PFX})"
+    )
+    p.add_argument("--client-cert", type=Path, metavar="FILE", help="with a pkcs11: URI: the client certificate "
+                   "(default: the one on the token with the key's id)")
     p.add_argument(
         "--server-cert", type=Path, metavar="FILE", help=f"server certificate, DER or PEM ({DEFAULT_SERVER_CERT})"
     )
-    p.add_argument("--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password")
+    p.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password (token PIN)"
+    )
     p.add_argument("--no-verify", action="store_true", help="do not confirm by connecting: exit 0 once sent")
     p.add_argument(
         "--knock-port",
@@ -117,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="UDP port to send the knock to (default: random per knock; the server listens on all)",
+    )
+    p.add_argument(
+        "--via",
+        choices=[c.value for c in Carrier],
+        default=Carrier.UDP.value,
+        help="what carries the knock: udp (default) or icmp, an echo request (for networks that let only ping "
+        "out; the server needs knockCarriers = udp, icmp)",
     )
     p.add_argument(
         "--source",
@@ -156,25 +175,33 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     protocol = Protocol.UDP if args.udp else Protocol.TCP
+    if args.via == Carrier.ICMP and args.knock_port is not None:
+        raise _Usage("--knock-port names a UDP port: it cannot be used with --via icmp")
     target = f"{protocol.label}/{args.port}"
-    pfx: Path = args.pfx if args.pfx is not None else default_path(DEFAULT_PFX)
+    pfx: str = args.pfx if args.pfx is not None else str(default_path(DEFAULT_PFX))
+    token = is_pkcs11_uri(pfx)
     server_cert: Path = args.server_cert if args.server_cert is not None else default_path(DEFAULT_SERVER_CERT)
     # Resolve first: a host that does not resolve is reported before any password is asked for, and
     # every retry goes to the same address.
     family, address = resolve(args.host, args.family)
     where = args.host if args.host == str(address) else f"{args.host} ({address})"
     # Missing files are reported before a password is asked for.
-    _must_exist(pfx, "client PKCS#12", "--pfx")
+    if not token:
+        _must_exist(Path(pfx), "client PKCS#12", "--pfx")
     _must_exist(server_cert, "server certificate", "--server-cert")
     # A CA's or a client's certificate given as the server's is reported before a password is asked for.
     load_server_certificate(server_cert)
-    password = resolve_password(
-        args.password_file, env_var=PASSWORD_ENV, prompt=f"Password for {pfx}: ", interactive=sys.stdin.isatty()
-    )
-    client = KnockClient(client_pfx=pfx, pfx_password=password, server_cert=server_cert, work_bits=args.work_bits)
+
+    def secret(prompt: str) -> bytes:  # asked only when needed: a token's URI may carry its PIN source
+        env_var = PIN_ENV if token else PASSWORD_ENV
+        return resolve_password(args.password_file, env_var=env_var, prompt=prompt, interactive=sys.stdin.isatty())
+
+    credentials = load_client_credentials(pfx, secret, certificate=args.client_cert)
+    client = KnockClient(credentials=credentials, server_cert=server_cert, work_bits=args.work_bits)
     if args.close:
         client.close(
-            str(address), args.port, protocol, knock_port=args.knock_port, source_address=args.source, family=family
+            str(address), args.port, protocol, knock_port=args.knock_port, source_address=args.source, family=family,
+            via=args.via,
         )
         print(f"asked {where} to close {target} for this host")
         return 0
@@ -182,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     opened = client.knock(
         str(address), args.port, protocol, verify=verify, timeout=args.timeout, retries=args.retries,
         duration=args.duration, knock_port=args.knock_port, source_address=args.source, family=family,
+        via=args.via,
     )
     if not verify:
         why = "UDP cannot be confirmed" if protocol is Protocol.UDP and not args.no_verify else "not verified"

@@ -2,11 +2,12 @@
 
 It runs no parser of network bytes and no crypto.  It listens to its workers, one socketpair each,
 re-checks each request (:func:`privsep.parse_request`), refuses a knock it has applied before (a replay
-that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`),
-and applies everything the workers asked for since its last turn as one batch (one nftables
-transaction).  It closes grants when their time is up and retries a close that fails, answers
-``status`` on the root-only control socket, keeps the CRLs (verifying every CRL before it is used or
-written) and hands them to the workers, the whole set in one message.
+that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`)
+or that another server of its fleet applied (:class:`~sknock.server.replaystore.ReplayGate`), and applies
+everything the workers asked for since its last turn as one batch (one nftables transaction).  It closes
+grants when their time is up and retries a close that fails, answers ``status`` on the root-only control
+socket, keeps the CRLs (verifying every CRL before it is used or written) and hands them to the workers,
+the whole set in one message.
 
 Failing closed is arranged so that nothing the monitor or its children do can open a port:
 
@@ -48,6 +49,7 @@ from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
+from .replaystore import LocalReplayStore, ReplayGate
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -159,6 +161,7 @@ class Monitor:
         instance: socket.socket | None = None,
         carried: Iterable[tuple[Opening, float]] = (),
         ledger: GrantLedger | None = None,
+        replay: ReplayGate | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -182,6 +185,7 @@ class Monitor:
         if self.ledger is not None:
             self._reopen_ledger(now, wall_clock())
         self.journal = journal or KnockJournal(None, capacity=NONCE_CAPACITY, now=wall_clock(), window=window)
+        self.replay = replay or ReplayGate(LocalReplayStore())  # the fleet's shared replay memory, if any
         # Children: workers given as channels (tests, or forked by the caller) are never respawned.
         self.children: list[Child] = []
         pids = list(worker_pids) + [0] * (len(channels) - len(worker_pids))
@@ -395,6 +399,8 @@ class Monitor:
                          "restart)", request.opening.address)
                 continue
             fresh[key] = request
+        if fresh and self.replay.store.shared:
+            self._claim_shared(fresh, wall)
         try:
             taken = journal.record(((key, r.expires) for key, r in fresh.items()), wall)
         except OSError as exc:
@@ -436,6 +442,25 @@ class Monitor:
                 entry[1].append(port)
         self._log_applied(knocks.values(), known)
         self._ledger_dirty = True
+
+    def _claim_shared(self, fresh: dict[bytes, GrantRequest], wall: float) -> None:
+        """Claim ``fresh`` in the fleet's shared replay store; drop from it what another server applied, and what
+        the store cannot confirm when the fallback refuses it (see :mod:`~sknock.server.replaystore`)."""
+        verdicts = self.replay.admit([(key, r.expires) for key, r in fresh.items()], wall, self.clock())
+        unconfirmed = []
+        for (key, request), verdict in zip(list(fresh.items()), verdicts, strict=True):
+            if verdict is True:
+                continue
+            del fresh[key]
+            if verdict is False:
+                log.info("refused knock from %s: replay (its nonce was granted by another server of the fleet)",
+                         request.opening.address)
+            else:
+                unconfirmed.append(str(request.opening.address))
+        for start in range(0, len(unconfirmed), LOG_GROUP):
+            log.warning("refused knock(s) from %s: unconfirmed (the shared replay store %s cannot say whether "
+                        "another server granted them)", ", ".join(unconfirmed[start : start + LOG_GROUP]),
+                        self.replay.store.name)
 
     @staticmethod
     def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:
@@ -661,6 +686,7 @@ class Monitor:
     def _spawn(self, child: Child) -> None:
         assert self.spawn is not None
         child.respawn_at = None
+        self.replay.store.disconnect()  # no child may inherit the connection to the shared store
         try:
             pid, channel = self.spawn(child.role, child.index, self._own_fds())
         except (OSError, SknockError) as exc:
@@ -730,6 +756,7 @@ class Monitor:
             "revocation": "crl" if self.crl is not None and len(self.crl) else "none",
             "crl_next_update": min(updates).isoformat() if updates else None,  # the earliest of the set
             "crls": self._crl_status(),
+            "replay_store": self.replay.status(now),
             "grants": [
                 {
                     "address": str(e.opening.address),
