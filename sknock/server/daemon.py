@@ -491,7 +491,7 @@ def run(config_path: str | Path) -> int:
     keep = monitor_capabilities(server.firewall.name)
     try:
         kept = restrict_monitor(keep)
-    except PrivilegeError as exc:  # nothing opened yet: the policy stays, closed
+    except PrivilegeError as exc:  # the firewall policy stays in place: closed
         print(f"sknock-server: {exc}", file=sys.stderr)
         _close_captures(captures)
         return 2
