@@ -95,15 +95,17 @@ def check_deployment(server: Server, *, now: dt.datetime | None = None) -> None:
 
 def check_root_access(config: ServerConfig) -> None:
     """What the monitor reads or writes after it has dropped CAP_DAC_OVERRIDE (it stays uid 0): the CRL
-    files (re-read on SIGHUP; a fetched one is written beside), the state folder (journal, ledger) and
-    the log file's folder.  Each must be reachable by root through the mode bits -- as the owner, its
-    group, or anyone -- as it is when root owns it."""
+    files (re-read on SIGHUP; a fetched one is written beside), the state folder (journal, ledger), the
+    replay store's CA file and the log file's folder.  Each must be reachable by root through the mode
+    bits -- as the owner, its group, or anyone -- as it is when root owns it."""
     for source in config.crl_sources:
         if source.file.exists():
             _root_may(config, "crlFile", source.file, 4)
         if source.url is not None:
             _root_may(config, "crlFile", source.file.parent, 3)
     _root_may(config, "stateDir", config.state_dir, 3)
+    if config.replay_store_ca_file is not None:  # read again at each TLS connection to the store
+        _root_may(config, "replayStoreCaFile", config.replay_store_ca_file, 4)
     if config.log_file is not None:
         _root_may(config, "logFile", config.log_file.parent, 3)
         if config.log_file.exists():
