@@ -375,6 +375,15 @@ def test_a_knock_is_verified_under_the_filter(pki: TestPKI) -> None:
     assert result["random"] == 16
 
 
+def test_without_the_seccomp_binding_a_start_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sknock.server import sandbox
+
+    monkeypatch.setattr(sandbox, "_pyseccomp", None)
+    monkeypatch.setattr(sandbox, "_MISSING", "No module named 'pyseccomp'", raising=False)
+    with pytest.raises(PrivilegeError, match="pyseccomp or libseccomp2 is missing"):
+        sandbox.require_seccomp()
+
+
 # -- the CRL fetcher's looser filter ----------------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ from .preflight import check_credentials
 from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair
 from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
-from .sandbox import sandbox_fetcher, sandbox_worker
+from .sandbox import require_seccomp, sandbox_fetcher, sandbox_worker
 from .worker import Capture, Worker
 
 __all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall", "make_replay_store",
@@ -158,6 +158,7 @@ def _knock_port_set(config: ServerConfig) -> PortSet:
 
 def prepare(config: ServerConfig) -> Server:
     """Load and check everything; change nothing.  Raises SknockError subclasses with clear messages."""
+    require_seccomp()
     credentials = load_server_pfx(config.server_pfx_file, config.pfx_password)
     check_credentials(config, credentials)
     cas = list(credentials.ca_certificates)

@@ -50,7 +50,8 @@ except (ImportError, RuntimeError, OSError) as _exc:  # no pyseccomp, or no libs
     _pyseccomp = None
     _MISSING = str(_exc)
 
-__all__ = ["WORKER_SYSCALLS", "FETCHER_SYSCALLS", "FETCHER_KILLS", "sandbox_worker", "sandbox_fetcher"]
+__all__ = ["WORKER_SYSCALLS", "FETCHER_SYSCALLS", "FETCHER_KILLS", "sandbox_worker", "sandbox_fetcher",
+           "require_seccomp"]
 
 #: Calls a worker makes after its set-up (x86-64 and aarch64 names; a name this architecture lacks is skipped).
 WORKER_SYSCALLS = (
@@ -105,6 +106,12 @@ def _seccomp() -> Any:
     if _pyseccomp is None:
         raise PrivilegeError(f"the seccomp filter cannot be loaded: pyseccomp or libseccomp2 is missing ({_MISSING})")
     return _pyseccomp
+
+
+def require_seccomp() -> None:
+    """Raise :class:`PrivilegeError` now if the filters could not be loaded later (pyseccomp or libseccomp2
+    missing): a start and ``--check-config`` say so in one line, instead of every worker failing."""
+    _seccomp()
 
 
 def _resolve(sc: Any, name: str) -> int | None:
