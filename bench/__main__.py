@@ -103,6 +103,7 @@ def main() -> int:
                 vk = folder / "verifier-knocks.bin"
                 lab.build_knocks(pki, vk, 1000, time.time(), None)
                 results["verifier"] = micro.verifier_rate(pki, read_knocks(vk, 1000))
+                results["sandbox"] = micro.sandbox_cost(pki, read_knocks(vk, 1000))
                 results["client"] = micro.client_figures(net, pki)
             for name in args.only.split(","):
                 if name in ("nftables", "iptables"):

@@ -266,6 +266,7 @@ class Server(ServerProcesses):
             "stateDir": str(folder / "state"),
             "firewallBackend": backend,
             "firewallPolicy": "drop",
+            "user": "nobody",  # a bench machine may have no sknock user
             "protectedPorts": f"tcp/{PROTECTED_TCP},udp/{PROBE_UDP}",
             # Knocks are built before the timed part; the widest clock window keeps them fresh through
             # the run.  It changes no per-knock work (the replay cache holds each nonce longer).

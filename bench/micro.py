@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 import statistics
 import subprocess
 import time
@@ -57,17 +58,22 @@ def crypto_bound(seconds: float = 3.0) -> dict[str, float]:
     return {"per_second_one_core": one, "per_second_all_cores": all_cores, "cores": cores}
 
 
-def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
-    """KnockVerifier.precheck and complete on prebuilt knocks, no I/O: what the worker's Python pipeline
-    can do."""
+def _verifier(pki: Pki) -> KnockVerifier:
+    """The server's verifier for the bench PKI, as the server builds it."""
     creds = load_server_pfx(pki.server_pfx, PASSWORD)
     cas = list(creds.ca_certificates)
     crl = load_crl(pki.crl.read_bytes(), cas, source=str(pki.crl))
-    verifier = KnockVerifier(
+    return KnockVerifier(
         server_key=creds.key, server_certificate=creds.certificate,
         trust=ClientVerifier(cas, [], [crl], require_crl=True, accept_stale_crl=True),
         policy=VerifierPolicy(timestamp_threshold=300, default_duration=600),
     )
+
+
+def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
+    """KnockVerifier.precheck and complete on prebuilt knocks, no I/O: what the worker's Python pipeline
+    can do."""
+    verifier = _verifier(pki)
     src = ipaddress.ip_address("198.19.0.1")
     now = time.time()
     stages = {"precheck": 0.0, "complete": 0.0}
@@ -84,6 +90,57 @@ def verifier_rate(pki: Pki, knocks: list[bytes]) -> dict[str, float]:
     total = stages["precheck"] + stages["complete"]
     return {"knocks": ok, "per_second": ok / total, "precheck_us": 1e6 * stages["precheck"] / ok,
             "complete_us": 1e6 * stages["complete"] / ok}
+
+
+def _worker_cpu(verifier: KnockVerifier, knocks: list[bytes], sandboxed: bool) -> float:
+    """In a forked child (filtered or not): each knock through a datagram socket, the verifier, and a
+    message on a SEQPACKET channel -- a worker's syscalls and work for one grant.  Returns the child's CPU
+    seconds (user + system) for the loop."""
+    from sknock.server.sandbox import sandbox_worker
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            if sandboxed:
+                sandbox_worker()
+            src = ipaddress.ip_address("198.19.0.1")
+            now = time.time()
+            start = time.process_time()  # CLOCK_PROCESS_CPUTIME_ID: ns, where os.times() counts 10 ms ticks
+            for knock in knocks:
+                wire[0].send(knock)
+                grant = verifier.complete(verifier.precheck(wire[1].recv(65535), now), src, now)
+                channel[0].send(bytes(64) + grant.nonce)
+                channel[1].recv(4096)
+            os.write(write_end, repr(time.process_time() - start).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the {'sandboxed ' if sandboxed else ''}child failed ({status})")
+    return float(out)
+
+
+def sandbox_cost(pki: Pki, knocks: list[bytes], rounds: int = 7) -> dict[str, float]:
+    """CPU per knock of a worker's loop with and without its seccomp filter (sknock.server.sandbox),
+    alternating, each in a fresh child; CPU time, not wall clock (the machine is shared).  Medians."""
+    verifier = _verifier(pki)
+    plain: list[float] = []
+    filtered: list[float] = []
+    for _ in range(rounds):
+        plain.append(_worker_cpu(verifier, knocks, False) / len(knocks))
+        filtered.append(_worker_cpu(verifier, knocks, True) / len(knocks))
+    without, with_filter = statistics.median(plain), statistics.median(filtered)
+    return {"knocks": len(knocks), "rounds": rounds, "us_without": 1e6 * without, "us_with": 1e6 * with_filter,
+            "overhead_percent": 100 * (with_filter - without) / without,
+            "us_without_each": [1e6 * x for x in plain], "us_with_each": [1e6 * x for x in filtered]}
 
 
 def client_figures(net: TestNet, pki: Pki) -> dict[str, float]:

@@ -182,7 +182,13 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{_f(1e6 / cb['per_second_one_core'] if cb.get('per_second_one_core') else None, '{:.0f}')} µs |",
                   f"| sknock verifier (KnockVerifier.precheck+complete, no I/O), one core | "
                   f"{_f(ver.get('per_second'))}/s (precheck {_f(ver.get('precheck_us'), '{:.1f}')} µs, "
-                  f"complete {_f(ver.get('complete_us'), '{:.0f}')} µs) |", ""]
+                  f"complete {_f(ver.get('complete_us'), '{:.0f}')} µs) |"]
+        sb = results.get("sandbox", {})
+        if sb:
+            lines += [f"| worker loop CPU per knock (socket, verifier, channel) without / with its seccomp filter, "
+                      f"median of {sb.get('rounds')} | {_f(sb.get('us_without'), '{:.0f}')} / "
+                      f"{_f(sb.get('us_with'), '{:.0f}')} µs ({_f(sb.get('overhead_percent'), '{:+.1f}')} %) |"]
+        lines += [""]
     head = "| figure | target | " + " | ".join(servers) + " |"
     lines += ["## Servers (grants seen in the kernel)", "", head, "|" + " --- |" * (2 + len(servers))]
 

@@ -107,6 +107,7 @@ def main() -> int:
             f"firewallPolicy = drop\nprotectedPorts = tcp/{PORT}\nPORT_OPEN_DURATION_IN_SECONDS = {WINDOW}\n"
             f"controlSocket = {folder / 'control.sock'}\n"
             f"stateDir = {folder / 'state'}\n"
+            "user = nobody\n"  # a demo machine may have no sknock user (sknock-server install-service makes it)
         )
         log = folder / "server.log"
         service = net.server.popen(PY, "-m", "http.server", str(PORT), "--bind", "::",

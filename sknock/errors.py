@@ -20,7 +20,9 @@ these (``tests/test_errors.py`` checks this list against the code):
   ``reason`` is one of that module's ``REASONS``, counted by the capture, never raised past it);
 * ``sknock.server.capture.CaptureError``: a capture socket cannot be opened;
 * ``sknock.server.privsep.PrivsepError``: a message between a worker and the monitor (the server's root
-  process) is malformed, or privileges cannot be dropped;
+  process) is malformed;
+* ``sknock.server.privileges.PrivilegeError``: privileges cannot be dropped (the monitor's capabilities,
+  a child's user), or its seccomp filter cannot be loaded;
 * ``sknock.server.firewall.base.FirewallError``: a firewall backend cannot do what was asked;
 * ``sknock.server.control.ControlError``: the control socket cannot be opened or does not answer;
 * ``sknock.server.ledger.LedgerError``: the grant ledger cannot be read;

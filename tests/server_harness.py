@@ -62,11 +62,13 @@ class RunningServer:
 
     @classmethod
     def start(
-        cls, net: TestNet, pki: TestPKI, *, wait: bool = True, private: bool = False, **options: str
+        cls, net: TestNet, pki: TestPKI, *, wait: bool = True, private: bool = False,
+        script: tuple[str, ...] = (), **options: str
     ) -> RunningServer:
         """Write a config (pki's server1 credentials and CRL, plus ``options``) and start the server
         in ``net.server``.  Waits for 'worker ready' unless ``wait`` is False.  ``private``: a root-only
-        folder and files, and the password in a file (see the module docstring)."""
+        folder and files, and the password in a file (see the module docstring).  ``script``: another
+        entry point and its first arguments, for a test-only variant of the server."""
         folder = _root_only_dir() if private else _world_readable_dir()
         shutil.copy(pki.server.pfx, folder / "server.pfx")
         shutil.copy(pki.ca_dir / "crl.der", folder / "crl.der")
@@ -84,6 +86,7 @@ class RunningServer:
             "stateDir": str(folder / "state"),
             "firewallPolicy": "drop",
             "logLevel": "DEBUG",
+            "user": "nobody",  # the test machine may have no sknock user
             **options,
         }
         config = folder / "config.ini"
@@ -93,7 +96,8 @@ class RunningServer:
         log = folder / "server.log"
         with log.open("wb") as out:
             process = net.server.popen(
-                PY, str(REPO / "server" / "knock-server.py"), "-c", str(config), stdout=out, stderr=subprocess.STDOUT,
+                PY, *(script or (str(REPO / "server" / "knock-server.py"),)), "-c", str(config), stdout=out,
+                stderr=subprocess.STDOUT,
                 env=ENV,
             )
         server = cls(net, folder, config, log, process, Path(values["controlSocket"]), values)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -60,6 +62,7 @@ class Site:
             "protectedPorts": "tcp/8080",
             "controlSocket": str(self.folder / "run" / "control.sock"),
             "stateDir": str(self.folder / "state"),
+            "user": "nobody",
         }
         merged = {k: v for k, v in {**base, **values}.items() if v != ""}
         self.count += 1
@@ -316,3 +319,29 @@ def test_the_server_script_too(site: Site) -> None:
     result = subprocess.run([sys.executable, "-c", code, str(site.config())], capture_output=True, text=True,
                             timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": ""})
     one_line(result, "pip install 'sknock[server]'")
+
+
+# -- what the monitor reaches after it drops CAP_DAC_OVERRIDE --------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the check runs as root, as the server does")
+@pytest.mark.parametrize("key", ["crlFile", "stateDir"])
+def test_a_file_root_reaches_only_through_dac_override_is_refused(site: Site, key: str) -> None:
+    nobody = pwd.getpwnam("nobody")
+    folder = site.folder / "elsewhere"
+    folder.mkdir(mode=0o700)
+    if key == "crlFile":
+        shutil.copy(site.folder / "crl.der", folder / "crl.der")
+        os.chown(folder / "crl.der", nobody.pw_uid, nobody.pw_gid)
+        (folder / "crl.der").chmod(0o600)
+        values = {"crlFile": str(folder / "crl.der")}
+    else:
+        values = {"stateDir": str(folder)}
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    message = site.problem(**values)
+    assert f"{key}: the server (root, without CAP_DAC_OVERRIDE" in message
+    assert str(folder) in message and f"owner uid {nobody.pw_uid}" in message
+    os.chown(folder, 0, 0)  # root's again: fine
+    if key == "crlFile":
+        os.chown(folder / "crl.der", 0, 0)
+    site.check(**values)

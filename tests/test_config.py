@@ -40,6 +40,7 @@ MINIMAL = f"""[DEFAULT]
 serverPFXFile = certs/server.pfx
 crlFile = certs/crl.der
 PFXPasswd = {SECRET}
+user = nobody
 """
 
 
@@ -82,7 +83,9 @@ def test_minimal_config_gets_the_original_defaults(site: Path) -> None:
     assert cfg.require_source_address is False
     assert cfg.max_open_duration == 300
     assert cfg.work_bits == 12
-    assert cfg.user == "nobody"
+    assert cfg.user == "nobody"  # as MINIMAL says: the test machine may have no sknock user
+    default = load_config(write(site, MINIMAL.replace("user = nobody\n", ""), "no-user.ini"), check_files=False)
+    assert default.user == "sknock"
     assert cfg.control_socket == Path("/run/sknock/control.sock")
 
 
@@ -110,9 +113,10 @@ logLevel = debug
 requireSourceAddress = true
 maxOpenDuration = 600
 workBits = 20
-user = root
+user = daemon
 controlSocket = run/ctl.sock
 """,
+        base=MINIMAL.replace("user = nobody\n", ""),
     )
     assert cfg.knockpacket_min_length == 900
     assert cfg.port_open_duration == 30
@@ -135,7 +139,7 @@ controlSocket = run/ctl.sock
     assert cfg.require_source_address is True
     assert cfg.max_open_duration == 600
     assert cfg.work_bits == 20
-    assert cfg.user == "root"
+    assert cfg.user == "daemon"
     assert cfg.control_socket == site / "run" / "ctl.sock"
 
 
@@ -206,7 +210,7 @@ def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(
 
 def test_absolute_paths_stay(site: Path) -> None:
     pfx = site / "certs" / "server.pfx"
-    base = f"[DEFAULT]\nserverPFXFile = {pfx}\ncrlFile = certs/crl.der\nPFXPasswd = x\n"
+    base = f"[DEFAULT]\nserverPFXFile = {pfx}\ncrlFile = certs/crl.der\nPFXPasswd = x\nuser = nobody\n"
     assert load(site, base=base).server_pfx_file == pfx
 
 
@@ -234,7 +238,7 @@ def test_comments_and_case_sensitive_keys(site: Path) -> None:
 
 # -- passwords ----------------------------------------------------------------------------------
 
-NO_PASSWORD = "[DEFAULT]\nserverPFXFile = certs/server.pfx\ncrlFile = certs/crl.der\n"
+NO_PASSWORD = "[DEFAULT]\nserverPFXFile = certs/server.pfx\ncrlFile = certs/crl.der\nuser = nobody\n"
 
 
 def test_password_from_file_is_its_first_line(site: Path) -> None:
@@ -372,6 +376,10 @@ def test_not_utf8(site: Path) -> None:
         ("logFile = nowhere/x.log", "logFile", "does not exist"),
         ("user = no body", "user", "not a valid user name"),
         ("user = sknock-no-such-user", "user", "does not exist"),
+        ("user = sknock-no-such-user", "user", "create it with `sknock-server install-service`"),
+        ("user = sknock-no-such-user", "user", "useradd --system"),
+        ("user = root", "user", "is root (uid 0)"),
+        ("user = 0", "user", "is root (uid 0)"),
         ("openCommand = /bin/true %IP% %PORT%", "openCommand", "only used with firewallBackend = command"),
         ("workBits = 1\n  2", "workBits", "several lines"),
         # an indented line after the ignored SIGNATURE_SIZE would be its value, and firewallPolicy silently unset
@@ -381,7 +389,8 @@ def test_not_utf8(site: Path) -> None:
     ],
 )
 def test_bad_values(site: Path, line: str, key: str, words: str) -> None:
-    message = error_of(site, line + "\n")
+    base = MINIMAL.replace("user = nobody\n", "") if line.startswith("user") else MINIMAL  # user set once
+    message = error_of(site, line + "\n", base=base)
     assert f": {key}: " in message
     assert words in message
 

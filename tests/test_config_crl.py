@@ -19,7 +19,7 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-BASE = "[DEFAULT]\nserverPFXFile = certs/server.pfx\nPFXPasswd = x\n"
+BASE = "[DEFAULT]\nserverPFXFile = certs/server.pfx\nPFXPasswd = x\nuser = nobody\n"
 
 
 def load(site: Path, body: str, **kw: object) -> ServerConfig:

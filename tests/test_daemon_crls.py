@@ -59,7 +59,7 @@ class TwoLevel:
         path.write_text(
             "[DEFAULT]\n"
             f"serverPFXFile = {self.issuing.directory / 'server' / 'gw.pfx'}\n"
-            f"PFXPasswd = {PASSWORD}\n"
+            f"PFXPasswd = {PASSWORD}\nuser = nobody\n"
             "firewallBackend = command\nopenCommand = true %IP%\ncloseCommand = true %IP%\n" + body
         )
         return path

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
-import os
-import pwd
-import select
 import struct
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +20,6 @@ from sknock.server.privsep import (
     MAX_MESSAGE,
     GrantRequest,
     PrivsepError,
-    drop_privileges,
     encode_request,
     parse_request,
     printable_client,
@@ -304,110 +297,3 @@ def test_oversize_and_truncated() -> None:
     assert "exceeds" in refused(b"{" * 100_000)
     for junk in (b"", b"\x01", message()[: LAYOUT.size - 1], b"open 1.2.3.4 tcp 22"):
         assert "shorter" in refused(junk)
-
-
-# -- drop_privileges --------------------------------------------------------------------------------------------------
-
-
-def _in_child(body: Any, timeout: float = 20) -> dict[str, Any]:
-    """Run ``body()`` in a forked child; return the dict it returns (or its exception's text)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover -- the child
-        code = 0
-        try:
-            os.close(read_end)
-            try:
-                result = body()
-            except BaseException as exc:  # noqa: BLE001 -- report anything to the parent
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_end, json.dumps(result).encode())
-        except BaseException:  # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-        for _ in range(200):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            raise AssertionError("the child did not finish")
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
-
-
-def _drop_and_look() -> dict[str, Any]:
-    uid, gid = drop_privileges("nobody")
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    try:
-        os.setuid(0)
-        regained = True
-    except PermissionError:
-        regained = False
-    try:
-        os.setgroups([0])
-        groups_regained = True
-    except PermissionError:
-        groups_regained = False
-    return {
-        "returned": [uid, gid],
-        "ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
-        "resuid": list(os.getresuid()),
-        "groups": os.getgroups(),
-        "no_new_privs": status["NoNewPrivs"].strip(),
-        "cap_eff": status["CapEff"].strip(),
-        "regained": regained,
-        "groups_regained": groups_regained,
-    }
-
-
-def test_drop_privileges_really_drops_for_good() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to drop privileges")
-    nobody = pwd.getpwnam("nobody")
-    result = _in_child(_drop_and_look)
-    assert "error" not in result, result
-    assert result["returned"] == [nobody.pw_uid, nobody.pw_gid]
-    assert result["ids"] == [nobody.pw_uid, nobody.pw_uid, nobody.pw_gid, nobody.pw_gid]
-    assert result["resuid"] == [nobody.pw_uid] * 3  # no saved uid 0 to go back to
-    assert result["groups"] == []
-    assert result["no_new_privs"] == "1"
-    assert int(result["cap_eff"], 16) == 0
-    assert result["regained"] is False and result["groups_regained"] is False
-    assert os.geteuid() == 0  # the test process itself is untouched
-
-
-@pytest.mark.parametrize("user", ["root", "no-such-user-sknock-test"])
-def test_drop_privileges_refuses_root_and_unknown_users(user: str) -> None:
-    if user == "root" and pwd.getpwnam("root").pw_uid != 0:
-        pytest.skip("no root user here")
-
-    def attempt() -> dict[str, Any]:
-        try:
-            drop_privileges(user)
-        except Exception as exc:  # noqa: BLE001
-            return {"type": type(exc).__name__, "message": str(exc), "uid": os.getuid()}
-        return {"type": None, "uid": os.getuid()}
-
-    before = os.getuid()
-    result = _in_child(attempt)
-    assert result["type"] == "PrivsepError"
-    assert ("is root" if user == "root" else "does not exist") in result["message"]
-    assert result["uid"] == before  # nothing was changed before refusing

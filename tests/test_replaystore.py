@@ -357,7 +357,7 @@ def write_config(folder: Path, **values: str) -> Path:
 
     (folder / "server.pfx").write_bytes(b"")
     config = folder / "config.ini"
-    values = {"serverPFXFile": "server.pfx", "PFXPasswd": PASSWORD, "revocation": "none", **values}
+    values = {"serverPFXFile": "server.pfx", "PFXPasswd": PASSWORD, "revocation": "none", "user": "nobody", **values}
     config.write_text("[DEFAULT]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     return config
 

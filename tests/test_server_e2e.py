@@ -344,6 +344,7 @@ def write_config(folder: Path, pki: TestPKI, **values: str) -> Path:
         "crlFile": "crl.der",
         "controlSocket": str(folder / "control.sock"),
         "stateDir": str(folder / "state"),
+        "user": "nobody",
         **options("nftables", "drop"),
     }
     config = folder / f"config{len(list(folder.glob('config*')))}.ini"

@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import socket
 import struct
@@ -74,6 +75,7 @@ _ETH_P_ALL = 0x0003
 _SO_ATTACH_FILTER = 26
 _SO_RCVBUFFORCE = 33
 _SO_LOCK_FILTER = 44
+_SIOCGIFINDEX = 0x8933
 _IP_PKTINFO = 8
 _SOL_PACKET = 263
 _PACKET_FANOUT = 18
@@ -232,19 +234,22 @@ class PacketCapture(_Receiver):
         elif version == 6 and len(data) > 48 and data[6] in self._plain_v6 and self._is_copy(data[48:], data[8:24]):
             return None
         try:
-            return parse_datagram(data, ifindex=self._index(address[0]), icmp=self._icmp)
+            return parse_datagram(data, ifindex=self._index(sock, address[0]), icmp=self._icmp)
         except PacketError as error:
             self.stats[error.reason] += 1
             return None
 
-    def _index(self, name: str) -> int:
+    def _index(self, sock: socket.socket, name: str) -> int:
         """Interface index for the name recvfrom reports (Python resolves the kernel's index to a
-        name); cached, 0 when the interface vanished meanwhile."""
+        name); cached, 0 when the interface vanished meanwhile.  Asked of the capture socket itself
+        (SIOCGIFINDEX): socket.if_nametoindex would open a new socket, which the worker's seccomp
+        filter forbids."""
         index = self._ifindex.get(name)
         if index is None:
             try:
-                index = socket.if_nametoindex(name)
-            except OSError:
+                request = struct.pack("16si", name.encode()[:15], 0)
+                index = struct.unpack_from("i", fcntl.ioctl(sock.fileno(), _SIOCGIFINDEX, request), 16)[0]
+            except (OSError, UnicodeError):
                 return 0
             if len(self._ifindex) >= _MAX_NAME_CACHE:
                 self._ifindex.clear()

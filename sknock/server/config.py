@@ -731,8 +731,10 @@ OPTIONS: tuple[Option, ...] = (
         section=_DAEMON,
     ),
     Option(
-        "user", "user", "nobody", _user,
-        doc="The unprivileged user the daemon drops to after setup; must exist (or be a numeric uid).",
+        "user", "user", "sknock", _user,
+        doc="The unprivileged system user the workers and the CRL fetcher run as; must exist (a name or a "
+        "numeric uid in the user database) and must not be root. `sknock-server install-service` creates "
+        "`sknock`; `nobody` works but is shared with other daemons.",
         section=_DAEMON,
     ),
     Option(
@@ -1221,11 +1223,28 @@ def _check_files(config: ServerConfig, parsed: Mapping[str, Any]) -> None:
         _check_readable(path, "replayStoreCaFile", config.replay_store_ca_file)
     if config.log_file is not None:
         _check_folder(path, "logFile", config.log_file)
-    if not config.user.isdigit():
-        try:
-            pwd.getpwnam(config.user)
-        except KeyError:
-            raise _error(path, "user", f"user {config.user!r} does not exist on this system") from None
+    _check_user(path, config.user)
+
+
+#: How to make the default user: what the error for a missing ``user`` says.
+_USER_FIX = (
+    "create it with `sknock-server install-service` (which also installs the service) or "
+    "`useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {user}`"
+)
+
+
+def _check_user(path: Path, user: str) -> None:
+    """``user`` is in the user database and is not root: the workers parse what anyone on the network sends.
+    Root is refused rather than warned about: a worker refuses to run as root anyway, so the server would
+    start and then serve nobody."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise _error(path, "user", f"user {user!r} does not exist on this system: {_USER_FIX.format(user=user)}"
+                     ) from None
+    if entry.pw_uid == 0:
+        raise _error(path, "user", f"user {user!r} is root (uid 0): the workers must run as an unprivileged user "
+                     "(the default is sknock)")
 
 
 # -- the options tables of docs/configuration.md -----------------------------------------------------------

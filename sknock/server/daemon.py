@@ -6,11 +6,13 @@ second server refuses to start and leaves the first alone); read the journal of 
 the firewall (replacing the policy a previous run or the boot ruleset left, keeping its live grants);
 open the capture sockets and the control socket; then hand over to the monitor, which forks:
 
-* the workers, which drop to the unprivileged ``user`` and run :class:`~sknock.server.worker.Worker`:
-  they read packets, run the parser and the crypto, and ask for grants;
-* with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged too: it downloads the CRLs and hands the
-  bytes to the monitor, so that no worker ever waits on the network;
-* the monitor itself (:class:`~sknock.server.monitor.Monitor`) keeps root: it re-checks and applies
+* the workers, which drop to the unprivileged ``user`` (:mod:`~sknock.server.privileges`), load their
+  seccomp filter (:mod:`~sknock.server.sandbox`) and run :class:`~sknock.server.worker.Worker`: they read
+  packets, run the parser and the crypto, and ask for grants;
+* with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged and filtered too: it downloads the CRLs
+  and hands the bytes to the monitor, so that no worker ever waits on the network;
+* the monitor itself (:class:`~sknock.server.monitor.Monitor`) stays uid 0 with only the capabilities it
+  uses (:func:`~sknock.server.privileges.monitor_capabilities`): it re-checks and applies
   the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
   child that dies, and on a stop leaves the firewall policy in place.
 """
@@ -55,8 +57,10 @@ from .ledger import GrantLedger
 from .localaddr import DestinationFilter
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .preflight import check_credentials
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
+from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair
 from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
+from .sandbox import require_seccomp, sandbox_fetcher, sandbox_worker
 from .worker import Capture, Worker
 
 __all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall", "make_replay_store",
@@ -154,6 +158,7 @@ def _knock_port_set(config: ServerConfig) -> PortSet:
 
 def prepare(config: ServerConfig) -> Server:
     """Load and check everything; change nothing.  Raises SknockError subclasses with clear messages."""
+    require_seccomp()
     credentials = load_server_pfx(config.server_pfx_file, config.pfx_password)
     check_credentials(config, credentials)
     cas = list(credentials.ca_certificates)
@@ -334,11 +339,14 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     # Blocking again: a send waits while the monitor catches up (back-pressure); the loop reads it with
     # MSG_DONTWAIT.  A non-blocking send would fail on a full channel under a burst and end the worker.
     channel.settimeout(None)
-    log.info("worker %d/%d running as %s (uid %d, gid %d)", index + 1, config.workers, config.user, uid, gid)
     destinations = None
     if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
         destinations = DestinationFilter(config.knock_destinations.local, config.knock_destinations.extra)
-    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations).run()
+    worker = Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations)
+    sandbox_worker()  # from here on: no new file, socket or program (sknock.server.sandbox)
+    log.info("worker %d/%d running as %s (uid %d, gid %d) under its seccomp filter", index + 1, config.workers,
+             config.user, uid, gid)
+    worker.run()
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
@@ -372,7 +380,8 @@ def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda *_: state.update(now=True))
-    log.info("CRL fetcher running as %s: %s every %d min", config.user, ", ".join(urls),
+    sandbox_fetcher()
+    log.info("CRL fetcher running as %s under its seccomp filter: %s every %d min", config.user, ", ".join(urls),
              config.crl_update_interval_minutes)
     for job in jobs:
         job.run()  # at start, and again on SIGHUP (which also restarts the interval)
@@ -480,7 +489,18 @@ def run(config_path: str | Path) -> int:
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
         replay=replay,
     )
-    log.info("monitor running (pid %d); starting %d worker(s)", os.getpid(), config.workers)
+    keep = monitor_capabilities(server.firewall.name)
+    try:
+        kept = restrict_monitor(keep)
+    except PrivilegeError as exc:  # the firewall policy stays in place: closed
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        _close_captures(captures)
+        return 2
+    if kept.beyond(keep):
+        log.warning("started without CAP_SETPCAP: the bounding set keeps %s (the unit's CapabilityBoundingSet= "
+                    "should name only what the monitor keeps, see docs/privileges.md)", kept.beyond(keep))
+    log.info("monitor running (pid %d) with %s; starting %d worker(s)", os.getpid(), kept.describe(),
+             config.workers)
     code = monitor.run()
     _close_captures(captures)
     log.info("stopped (exit %d)", code)

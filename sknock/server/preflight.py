@@ -12,8 +12,11 @@ naming the config file, the option, the file it names and what to do:
   lives with, because refusing to start over it would lock out every client at once -- a CA certificate
   out of date (every client it issued is refused), a CRL past its nextUpdate (revocations since then are
   missed), a local ``crlUrl`` whose CRL does not load or verify (the server keeps refusing it), and a
-  ``stateDir`` or control-socket folder that cannot be made (the start would fail).  ``--check-config``
-  is where the operator asks whether all is well, so there these are errors (exit 2).
+  ``stateDir`` or control-socket folder that cannot be made (the start would fail), and a file the
+  monitor reads or writes after its start (``crlFile``, ``stateDir``, ``logFile``) that root could
+  reach only through CAP_DAC_OVERRIDE, which the monitor drops once it is set up
+  (:func:`check_root_access`, docs/privileges.md).  ``--check-config`` is where the operator asks
+  whether all is well, so there these are errors (exit 2).
 
 Nothing here needs a file to be readable by anyone but the user running the check: root, for a server,
 reads its 0600 files in 0700 folders (the monitor reads the CRL itself; no worker opens a file).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +42,7 @@ from .config import CrlSource, ServerConfig
 if TYPE_CHECKING:
     from .daemon import Server
 
-__all__ = ["check_credentials", "check_deployment", "MAX_CRL_BYTES"]
+__all__ = ["check_credentials", "check_deployment", "check_root_access", "MAX_CRL_BYTES"]
 
 #: A CRL larger than this is not read (the same bound as the monitor's).
 MAX_CRL_BYTES = 4 << 20
@@ -85,6 +89,49 @@ def check_deployment(server: Server, *, now: dt.datetime | None = None) -> None:
     config = server.config
     _check_folder(config, "stateDir", config.state_dir)
     _check_folder(config, "controlSocket", config.control_socket.parent)
+    if os.geteuid() == 0:
+        check_root_access(config)
+
+
+def check_root_access(config: ServerConfig) -> None:
+    """What the monitor reads or writes after it has dropped CAP_DAC_OVERRIDE (it stays uid 0): the CRL
+    files (re-read on SIGHUP; a fetched one is written beside), the state folder (journal, ledger), the
+    replay store's CA file and the log file's folder.  Each must be reachable by root through the mode
+    bits -- as the owner, its group, or anyone -- as it is when root owns it."""
+    for source in config.crl_sources:
+        if source.file.exists():
+            _root_may(config, "crlFile", source.file, 4)
+        if source.url is not None:
+            _root_may(config, "crlFile", source.file.parent, 3)
+    _root_may(config, "stateDir", config.state_dir, 3)
+    if config.replay_store_ca_file is not None:  # read again at each TLS connection to the store
+        _root_may(config, "replayStoreCaFile", config.replay_store_ca_file, 4)
+    if config.log_file is not None:
+        _root_may(config, "logFile", config.log_file.parent, 3)
+        if config.log_file.exists():
+            _root_may(config, "logFile", config.log_file, 2)
+
+
+def _root_may(config: ServerConfig, key: str, path: Path, want: int) -> None:
+    """Root without CAP_DAC_OVERRIDE may ``want`` (4 read, 2 write, 1 search, as mode bits) on ``path``
+    (or, when it does not exist yet, make it in its nearest existing folder), and search every folder on
+    the way."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing, want = existing.parent, 3
+    groups = {os.getegid(), *os.getgroups()}
+    folders = [existing, *existing.parents] if existing.is_dir() else list(existing.parents)
+    checks = [(existing, want), *((folder, 1) for folder in folders if folder != existing)]
+    for item, bits in checks:
+        st = item.stat()
+        shift = 6 if st.st_uid == 0 else 3 if st.st_gid in groups else 0
+        if (st.st_mode >> shift) & bits != bits:
+            need = "/".join(name for bit, name in ((4, "read"), (2, "write"), (1, "search")) if bits & bit)
+            raise ConfigError(
+                f"{config.source}: {key}: the server (root, without CAP_DAC_OVERRIDE after its start) could not "
+                f"{need} {item}: owner uid {st.st_uid}, group {st.st_gid}, mode {stat.S_IMODE(st.st_mode):o}; "
+                "make it root's (chown root) or let its mode allow it (docs/privileges.md)"
+            )
 
 
 def _check_cas(server: Server, now: dt.datetime) -> None:

@@ -1,5 +1,5 @@
-"""Privilege separation: the channels between the monitor and its unprivileged children, the
-messages on them, and the privilege drop itself.
+"""Privilege separation: the channels between the monitor and its unprivileged children and the
+messages on them (the privilege drop itself is :mod:`sknock.server.privileges`).
 
 The worker reads packets and runs the parser and crypto as an unprivileged user.  It asks the monitor
 (root, CAP_NET_ADMIN) to open or close a grant with one small fixed-layout binary datagram over a
@@ -30,11 +30,8 @@ difference is a large share of the monitor's one core.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import mmap
-import os
-import pwd
 import socket
 import struct
 from dataclasses import dataclass
@@ -46,7 +43,7 @@ from ..ports import Protocol
 from .firewall.base import Opening
 
 __all__ = [
-    "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
+    "GrantRequest", "PrivsepError", "encode_request", "parse_request", "MAX_MESSAGE",
     "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE", "receive_buffer",
 ]
 
@@ -63,7 +60,7 @@ _PROTOCOLS = {int(p): p for p in Protocol}
 
 
 class PrivsepError(SknockError):
-    """A message between the worker and the monitor is malformed, or privileges cannot be dropped."""
+    """A message between the worker and the monitor is malformed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,35 +196,3 @@ def receive_buffer() -> mmap.mmap:
     grant messages that fill a monitor's day touch one page, not the 4 MiB a zeroed bytearray would."""
     return mmap.mmap(-1, MAX_CRL_MESSAGE + len(CRL_PREFIX))
 
-
-_PR_SET_NO_NEW_PRIVS = 38
-
-
-def drop_privileges(user: str) -> tuple[int, int]:
-    """Become ``user`` for good: no supplementary groups, its gid and uid, and no way back through
-    setuid binaries (PR_SET_NO_NEW_PRIVS).  Sockets opened before keep working.  Returns (uid, gid)."""
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise PrivsepError(f"user {user!r} does not exist") from None
-    uid, gid = entry.pw_uid, entry.pw_gid
-    if uid == 0:
-        raise PrivsepError(f"user {user!r} is root: the worker must run unprivileged")
-    try:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as exc:
-        raise PrivsepError(f"cannot drop privileges to {user} ({uid}:{gid}): {exc}") from None
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise PrivsepError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
-    if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
-        raise PrivsepError("privileges were not dropped")
-    try:
-        os.setuid(0)
-    except PermissionError:
-        pass
-    else:
-        raise PrivsepError("could regain root after dropping privileges")
-    return uid, gid
