@@ -137,8 +137,8 @@ def sknock_logger() -> Iterator[None]:
 def test_check_config_shows_the_choice(pki: TwoLevel, capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config(pki.config(f"crlFile = {pki.root_crl}, {pki.issuing_crl}\n")) == 0
     out = capsys.readouterr()
-    assert (f"revocation crl: 2 CRL(s): CN=Two Level Root from {pki.root_crl}; CN=issuing from {pki.issuing_crl})"
-            in out.out)
+    assert (f"revocation crl: 2 CRL(s): CN=Two Level Root from {pki.root_crl}; CN=issuing from {pki.issuing_crl}; "
+            "replay store local)" in out.out)
     assert "revocation = none" not in out.err
     assert check_config(pki.config("revocation = none\n")) == 0
     out = capsys.readouterr()
