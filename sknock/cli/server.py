@@ -49,8 +49,10 @@ _COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    commands = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<17}", subsequent_indent=" " * 19, break_on_hyphens=False)
-                         for name, text in _COMMANDS.items())
+    commands = "\n".join(
+        textwrap.fill(text, 100, initial_indent=f"  {name:<17}", subsequent_indent=" " * 19, break_on_hyphens=False)
+        for name, text in _COMMANDS.items()
+    )
     p = argparse.ArgumentParser(
         prog="sknock-server",
         description="sknock knock server: certificate-authenticated single-packet authorization.",
