@@ -124,3 +124,37 @@ def test_log_file_reopened_on_sighup_keeps_every_process_and_the_fields(pki: Tes
     for file in folder.iterdir():
         file.unlink()
     folder.rmdir()
+
+
+#: Sets PR_SET_MDWE (PR_MDWE_REFUSE_EXEC_GAIN: no mapping may become writable and executable, or gain
+#: execute later; what MemoryDenyWriteExecute=yes enforces with seccomp), then runs the command.  Inherited
+#: by every process forked or executed after it (Linux 6.3 and later).
+_MDWE = ("import ctypes, os, sys\n"
+         "libc = ctypes.CDLL(None, use_errno=True)\n"
+         "if libc.prctl(65, 1, 0, 0, 0) != 0: sys.exit(97)\n"
+         "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_the_server_works_without_writable_executable_memory(pki: TestPKI, backend: str) -> None:
+    """The unit's MemoryDenyWriteExecute=yes: cryptography, cffi/ctypes and libnftables / python-iptables
+    never need a W+X mapping, so a knock is still verified and granted under the kernel's equivalent."""
+    require_netns()
+    import subprocess
+    import sys
+
+    if subprocess.run([sys.executable, "-c", _MDWE, "/bin/true"], check=False).returncode != 0:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    from tests.server_harness import PY, knock_from_client
+
+    with TestNet.create("skm") as net:
+        plain_popen = net.server.popen
+        net.server.popen = lambda *args, **kw: plain_popen(PY, "-c", _MDWE, *args, **kw)  # type: ignore[method-assign]
+        with RunningServer.start(net, pki, protectedPorts="tcp/2005", workers="2", firewallBackend=backend) as server:
+            net.server.popen = plain_popen  # type: ignore[method-assign]
+            server.serve_tcp(2005)
+            assert not server.reachable(2005)
+            knock_from_client(net, pki.alice, pki, 2005)
+            server.wait_log("granted tcp/2005")
+            assert server.reachable(2005)
+            assert server.stop() == 0
