@@ -126,32 +126,41 @@ def test_log_file_reopened_on_sighup_keeps_every_process_and_the_fields(pki: Tes
     folder.rmdir()
 
 
-#: Sets PR_SET_MDWE (PR_MDWE_REFUSE_EXEC_GAIN: no mapping may become writable and executable, or gain
-#: execute later; what MemoryDenyWriteExecute=yes enforces with seccomp), then runs the command.  Inherited
-#: by every process forked or executed after it (Linux 6.3 and later).
-_MDWE = ("import ctypes, os, sys\n"
-         "libc = ctypes.CDLL(None, use_errno=True)\n"
-         "if libc.prctl(65, 1, 0, 0, 0) != 0: sys.exit(97)\n"
-         "os.execv(sys.argv[1], sys.argv[1:])\n")
+SANDBOX = Path(__file__).with_name("unit_sandbox.py")
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-seccomp
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
-def test_the_server_works_without_writable_executable_memory(pki: TestPKI, backend: str) -> None:
-    """The unit's MemoryDenyWriteExecute=yes: cryptography, cffi/ctypes and libnftables / python-iptables
-    never need a W+X mapping, so a knock is still verified and granted under the kernel's equivalent."""
+def test_the_server_works_inside_the_units_sandbox(pki: TestPKI, backend: str, tmp_path: Path) -> None:
+    """What of the unit one process can impose on itself (tests/unit_sandbox.py): its capability bounding
+    set, NoNewPrivileges, its SystemCallFilter as a seccomp allow list, and MemoryDenyWriteExecute as
+    PR_SET_MDWE (cryptography, cffi/ctypes, libnftables and python-iptables never need W+X memory).  The
+    server still sets up its firewall, captures, verifies a knock and grants it."""
     require_netns()
+    import shutil
     import subprocess
-    import sys
 
-    if subprocess.run([sys.executable, "-c", _MDWE, "/bin/true"], check=False).returncode != 0:
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    from sknock.server.service import unit_text
     from tests.server_harness import PY, knock_from_client
 
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze to expand the unit's syscall groups")
+    unit = tmp_path / "sknock-server.service"
+    unit.write_text(unit_text(Path(PY).parent / "sknock-server"))
+    wrapper = [SYSTEM_PYTHON, str(SANDBOX), str(unit)]
+    if subprocess.run([*wrapper, "/bin/true"], check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot impose the unit's sandbox here (needs python3-seccomp and Linux 6.3+ for PR_SET_MDWE)")
+    refused = subprocess.run([*wrapper, PY, "-c", "import os; os.sched_setaffinity(0, {0})"], check=False,
+                             capture_output=True, text=True)
+    assert "Operation not permitted" in refused.stderr  # the filter is on: ~@resources answers EPERM
     with TestNet.create("skm") as net:
         plain_popen = net.server.popen
-        net.server.popen = lambda *args, **kw: plain_popen(PY, "-c", _MDWE, *args, **kw)  # type: ignore[method-assign]
+        net.server.popen = lambda *args, **kw: plain_popen(*wrapper, *args, **kw)  # type: ignore[method-assign]
         with RunningServer.start(net, pki, protectedPorts="tcp/2005", workers="2", firewallBackend=backend) as server:
             net.server.popen = plain_popen  # type: ignore[method-assign]
+            bounding = int(next(line for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines()
+                                if line.startswith("CapBnd:")).split()[1], 16)
+            assert bounding == (1 << 5) | (1 << 6) | (1 << 7) | (1 << 12) | (1 << 13)  # the sandbox holds
             server.serve_tcp(2005)
             assert not server.reachable(2005)
             knock_from_client(net, pki.alice, pki, 2005)
