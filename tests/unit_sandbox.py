@@ -12,6 +12,7 @@ Exit 97 when something cannot be imposed (the caller skips), else it becomes COM
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -24,7 +25,9 @@ PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_MDWE = 24, 38, 65
 
 def unit_values(path: str, key: str) -> list[str]:
     values: list[str] = []
-    for line in open(path, encoding="utf-8"):
+    with open(path, encoding="utf-8") as lines:
+        text = lines.read().splitlines()
+    for line in text:
         if line.startswith(key + "="):
             value = line.split("=", 1)[1].strip()
             values = [] if not value else values + [value]
@@ -67,7 +70,8 @@ def main() -> int:
 
     libc = ctypes.CDLL(None, use_errno=True)
     keep = {CAPS[c] for value in unit_values(unit, "CapabilityBoundingSet") for c in value.split()}
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    with open("/proc/sys/kernel/cap_last_cap") as cap_last:
+        last = int(cap_last.read())
     for cap in range(last + 1):
         if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             return 97
@@ -77,10 +81,8 @@ def main() -> int:
         return 97
     rules = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
     for name in sorted(allowed(unit)):
-        try:
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # a name libseccomp does not know here
             rules.add_rule(seccomp.ALLOW, name)
-        except (RuntimeError, ValueError, OSError):
-            pass  # a name this architecture or libseccomp does not know
     rules.load()
     os.execvp(command[0], command)
     return 97
