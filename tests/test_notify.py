@@ -126,3 +126,11 @@ def test_the_monitor_says_ready_only_once_its_children_run_and_watchdog_only_whi
     assert notifier.sent[-1]["STOPPING"] == "1"
     for child in children:
         child.close()
+
+
+def test_the_status_line_without_revocation_says_so() -> None:
+    from sknock.server.crl_refresh import CrlSet
+
+    monitor = Monitor(firewall=RecordingFirewall(), max_duration=60, crl=CrlSet([]), clock=lambda: 0.0,
+                      wall_clock=lambda: 1_800_000_000.0)
+    assert monitor.status_line() == "0 open grant(s); 0/0 worker(s); no CRL checked (revocation none)"

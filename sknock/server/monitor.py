@@ -765,7 +765,7 @@ class Monitor:
     def status_line(self) -> str:
         """The one line ``systemctl status`` shows: open grants, running workers, the age of the oldest CRL."""
         crls = self.crls()
-        if self.crl is None:
+        if self.crl is None or not len(self.crl):
             crl = "no CRL checked (revocation none)"
         elif not crls:
             crl = "no CRL yet"
