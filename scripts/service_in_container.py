@@ -44,10 +44,16 @@ def step(message: str, started: float) -> None:
 
 
 def make_venv() -> None:
-    if (VENV / "bin" / "sknock-server").exists():
+    """A venv with sknock installed editable (this checkout, bound read-only into the container), remade
+    when pyproject.toml changes."""
+    stamp = VENV / ".pyproject"
+    want = (REPO / "pyproject.toml").read_text()
+    if (VENV / "bin" / "sknock-server").exists() and stamp.exists() and stamp.read_text() == want:
         return
+    shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"{REPO}[server]"], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "-e", f"{REPO}[server]"], check=True)
+    stamp.write_text(want)
 
 
 def make_tree() -> Path:
@@ -154,6 +160,14 @@ def main() -> int:
         result = inside(server, "install-service", check=True)
         print(result.stdout, end="")
         expect("enabled sknock-server.service" in result.stdout, "install-service enabled the unit")
+        broken = inside("systemctl", "start", "sknock-server")  # before the credentials are in place
+        expect(broken.returncode != 0, "a start without the server's credentials fails")
+        early = inside("journalctl", "-u", "sknock-server", "-o", "json", "--no-pager",
+                       "--output-fields=PRIORITY,MESSAGE").stdout
+        failed = [line for line in early.splitlines() if "sknock-server: " in line]
+        expect(bool(failed) and all('"PRIORITY":"3"' in line for line in failed),
+               f"its one line is in the journal as an error: {failed[:1]}")
+        inside("systemctl", "reset-failed", "sknock-server")
         etc = tree / "etc" / "sknock"
         shutil.copy(pki.server.pfx, etc / "server.pfx")
         (etc / "pfx.pass").write_text(PASSWORD + "\n")
@@ -206,6 +220,8 @@ def main() -> int:
         granted = [line for line in journal.splitlines() if "granted tcp/2005 to 198.18.0.2" in line]
         expect(bool(granted) and '"PRIORITY":"6"' in granted[0], f"the journal has the grant at priority 6: "
                                                                    f"{granted[:1]}")
+        unprefixed = [line for line in journal.splitlines() if "sknock-server: " in line and "MESSAGE" in line]
+        expect(all('"PRIORITY":"3"' in line for line in unprefixed), "lines without a prefix are errors")
         reload = inside("systemctl", "reload", "sknock-server")
         time.sleep(1)
         reloaded = "SIGHUP: reading the CRL" in inside("journalctl", "-u", "sknock-server", "--no-pager").stdout

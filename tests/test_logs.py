@@ -157,3 +157,30 @@ def test_a_childs_lines_go_through_the_monitor_into_the_current_file(tmp_path: P
     output.reopen()  # SIGHUP after logrotate: the child's line, still in the pipe, lands in the new file
     assert output.pump() > 0
     assert f"sknock[{pid}] INFO sknock.worker: refused knock from 198.18.0.9: replay" in path.read_text()
+
+
+def test_under_the_journal_unprefixed_stderr_lines_become_errors(tmp_path: Path) -> None:
+    import sys
+
+    from sknock.server.logs import PriorityStream, journal_stderr
+
+    out = tmp_path / "journal"
+    saved = sys.stderr
+    with out.open("w") as stream:
+        sys.stderr = stream
+        try:
+            assert not journal_stderr({})  # not the journal: left alone
+            assert journal_stderr(_journal_env(stream))
+            assert isinstance(sys.stderr, PriorityStream)
+            assert not journal_stderr(_journal_env(stream))  # once
+            setup_logging(_config(tmp_path), environ=_journal_env(stream))
+            print("sknock-server: must run as root", file=sys.stderr)
+            log.info("granted")
+            sys.stderr.write("Traceback (most recent call last):\n  File ")
+            sys.stderr.write("x\n")
+            sys.stderr.flush()
+        finally:
+            sys.stderr = saved
+    assert out.read_text().splitlines() == [
+        "<3>sknock-server: must run as root", f"<6>sknock[{os.getpid()}] INFO sknock.test: granted",
+        "<3>Traceback (most recent call last):", "<3>  File x"]

@@ -207,6 +207,12 @@ def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sknock-server``: parse ``argv`` and run the command; returns the exit code."""
+    try:
+        from ..server.logs import journal_stderr
+
+        journal_stderr()  # under systemd: the lines printed on a failure reach the journal as errors
+    except ModuleNotFoundError:
+        pass  # without the server's dependencies: _missing_dependency says so below
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
     try:

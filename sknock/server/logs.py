@@ -34,6 +34,8 @@ from .config import LogFormat, ServerConfig
 
 __all__ = [
     "LogOutput",
+    "PriorityStream",
+    "journal_stderr",
     "JournalFormatter",
     "JsonFormatter",
     "PLAIN_FORMAT",
@@ -163,6 +165,44 @@ def under_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bo
         return (info.st_dev, info.st_ino) == (int(device), int(inode))
     except (ValueError, OSError, AttributeError):
         return False
+
+
+class PriorityStream:
+    """stderr under the journal: each line without a ``<N>`` prefix gets ``<3>`` (error).  Such lines are
+    what the command line prints when it cannot start (a bad configuration, not root) and tracebacks;
+    without a prefix journald would file them at info.  Lines of the log keep their own priority."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        """Prefix each complete line that has no priority; keep a partial line until its newline."""
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            prefixed = len(line) >= 3 and line[0] == "<" and line[1].isdigit() and line[2] == ">"
+            self.stream.write(("" if prefixed else "<3>") + line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the stream (a partial line stays until its newline)."""
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        """The journal stream's descriptor."""
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def journal_stderr(environ: Mapping[str, str] = os.environ) -> bool:
+    """Under the journal, make ``sys.stderr`` a :class:`PriorityStream`; True if it did."""
+    if isinstance(sys.stderr, PriorityStream) or not under_journal(sys.stderr, environ):
+        return False
+    sys.stderr = PriorityStream(sys.stderr)
+    return True
 
 
 class LogOutput:
