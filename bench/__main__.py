@@ -1,11 +1,12 @@
 """sknock's benchmark: measures, reports, never fails on a number.  Run by bench/run.sh, as root, from
 the repository's root:
 
-    python -m bench [--quick] [--only nftables,iptables,fwknopd] [--profile]
+    python -m bench [--quick] [--only nftables,redis,iptables,fwknopd] [--profile]
 
 One run, one machine: the crypto bound and the client's costs in-process, then for each server (sknock
-with nftables, sknock with iptables, fwknopd with iptables) a series of phases, each against a freshly
-started server in a fresh pair of namespaces' server host.  Knocks are built before the timed part and
+with nftables, the same with a Redis replay store (bench/fleet.py), sknock with iptables, fwknopd with
+iptables) a series of phases, each against a freshly started server in a fresh pair of namespaces' server
+host.  Knocks are built before the timed part and
 sent from distinct source addresses; a grant counts when it is in the kernel.  Results go to
 bench/results/<date>-<time>.{json,md,png}; the table is printed.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import cryptography
 
-from bench import fwknop, lab, micro, report
+from bench import fleet, fwknop, lab, micro, report
 from bench.phases import Phases, run_plan, sknock_plan
 from bench.sender import read_knocks
 from tests.netns import TestNet, netns_available
@@ -64,7 +65,7 @@ def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small counts, to try the harness")
-    p.add_argument("--only", default="nftables,iptables,fwknopd")
+    p.add_argument("--only", default="nftables,redis,iptables,fwknopd")
     p.add_argument("--profile", action="store_true",
                    help="one more 20,000 burst with py-spy on the monitor and a worker")
     p.add_argument("--no-micro", action="store_true")
@@ -106,6 +107,8 @@ def main() -> int:
             for name in args.only.split(","):
                 if name in ("nftables", "iptables"):
                     run_sknock(name, pki, net, folder, args, started, results)
+                elif name == "redis":
+                    fleet.run(pki, net, folder, args, started, results)
                 elif name == "fwknopd":
                     try:
                         fwknop.run(net, folder, args, started, results)

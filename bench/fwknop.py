@@ -189,7 +189,9 @@ class FwknopPhases(Phases):
         finally:
             self.knocks = main
 
-    def server(self, expiry: bool = False) -> Fwknopd:
+    def server(self, expiry: bool = False, icmp: bool = False) -> Fwknopd:
+        if icmp:
+            raise ValueError("fwknopd takes SPA packets over UDP only")
         self.last = Fwknopd(self.net, self.keys, EXPIRY_TIMEOUT if expiry else LOAD_TIMEOUT)
         return self.last
 

@@ -314,13 +314,15 @@ class Server(ServerProcesses):
 
 
 def send_knocks(net: TestNet, knocks: Path, *, rate: float = 0, count: int = 0, first: int = 0,
-                timeout: float = 180, port: int = 0) -> tuple[dict[str, Any], list[float]]:
-    """Run the sender in the client namespace; returns its summary and the send time of each knock."""
+                timeout: float = 180, port: int = 0, icmp: bool = False) -> tuple[dict[str, Any], list[float]]:
+    """Run the sender in the client namespace; returns its summary and the send time of each knock.
+    ``icmp``: the knocks go in ICMP echo requests (the server must take that carrier)."""
     out = Path(tempfile.mkstemp(prefix="sknock-bench-times-")[1])
     try:
         result = net.client.run(PY, "-m", "bench.sender", "--server", net.server.ipv4, "--knocks", str(knocks),
                                 "--rate", str(rate), "--count", str(count), "--first", str(first),
-                                "--dest-port", str(port), "--out", str(out), timeout=timeout, check=False)
+                                "--dest-port", str(port), "--out", str(out), *(["--icmp"] if icmp else []),
+                                timeout=timeout, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"sender failed: {result.stderr[-2000:]}")
         times = array.array("d")

@@ -59,10 +59,11 @@ class Phases:
         self.net, self.pki, self.backend = net, pki, backend
         self.knocks, self.expiry_knocks = knocks, expiry_knocks
 
-    def server(self, expiry: bool = False) -> lab.ServerProcesses:
-        """A freshly started server (a context manager that stops it)."""
+    def server(self, expiry: bool = False, icmp: bool = False) -> lab.ServerProcesses:
+        """A freshly started server (a context manager that stops it); ``icmp``: with the ICMP carrier
+        (``knockCarriers = udp, icmp``)."""
         assert self.pki is not None
-        return lab.Server.start(self.net, self.pki, self.backend)
+        return lab.Server.start(self.net, self.pki, self.backend, **({"knockCarriers": "udp, icmp"} if icmp else {}))
 
     def watch(self, limit: float) -> KernelWatcher:
         """A started watcher of the grants in the server's kernel, for at most ``limit`` s."""
@@ -78,13 +79,16 @@ class Phases:
             return [seen[i] if i < len(seen) else None for i in range(count)]
         return [watcher.opened.get(lab.source_text(first + i)) for i in range(count)]
 
-    def run_load(self, count: int, rate: float, *, label: str, scale: bool = False) -> dict[str, Any]:
+    def run_load(self, count: int, rate: float, *, label: str, scale: bool = False, icmp: bool = False
+                 ) -> dict[str, Any]:
         """``count`` knocks at ``rate`` a second (0: as fast as the sender can) to a fresh server: grants
         a second, latency, and the server's CPU time from the first knock until the grants stopped
-        (``server_cpu``); with ``scale``, its memory and the per-packet cost before and after."""
+        (``server_cpu``); with ``scale``, its memory and the per-packet cost before and after; with
+        ``icmp``, the knocks go in echo requests to a server that takes the ICMP carrier."""
         limit = self.wait_extra + (count / rate if rate else 0)
-        with self.server() as server:
-            out: dict[str, Any] = {"label": label, "knocks": count, "rate": rate or "max"}
+        with self.server(icmp=icmp) as server:
+            out: dict[str, Any] = {"label": label, "knocks": count, "rate": rate or "max", "carrier": "icmp" if icmp
+                                   else "udp"}
             if scale:
                 out["probe_0_grants"] = self.probe()
                 out["rss_kib_0_grants"] = sum(server.rss_kib().values())
@@ -97,7 +101,7 @@ class Phases:
             try:
                 cpu_start, cpu_wall = server.cpu_times(), time.monotonic()
                 summary, times = lab.send_knocks(self.net, self.knocks, rate=rate, count=count,
-                                                 port=self.knock_port)
+                                                 port=self.knock_port, icmp=icmp)
                 out["wait_end"] = watcher.wait_quiet(count, limit=limit)
                 cpu = server.cpu_since(cpu_start)
                 cpu["wall_s"] = time.monotonic() - cpu_wall
@@ -214,11 +218,13 @@ class Phases:
                              "when the monitor's delete reached the kernel")
                     if self.backend == "nftables" else "the monitor's rule delete"}
 
-    def flood(self, kind: str, seconds: float = 10.0) -> dict[str, Any]:
+    def flood(self, kind: str, seconds: float = 10.0, icmp: bool = False) -> dict[str, Any]:
         """Valid knocks at 10/s from distinct sources while one sender floods as fast as it can: junk
-        (``kind`` "junk") or copies of one valid knock ("replay", the knock file's 501st)."""
+        (``kind`` "junk") or copies of one valid knock ("replay", the knock file's 501st).  ``icmp``: the
+        flood and the valid knocks are echo requests, to a server that takes the ICMP carrier."""
         valid = int(10 * seconds)
-        with self.server():
+        carrier = ["--icmp"] if icmp else []
+        with self.server(icmp=icmp):
             watcher = self.watch(seconds + 40)
             flood_file = None
             args = ["--junk", "1024"]
@@ -229,12 +235,12 @@ class Phases:
             stats = Path(tempfile.mkstemp(prefix="sknock-bench-flood-")[1])
             flooder = self.net.client.popen(lab.PY, "-m", "bench.sender", "--server", self.net.server.ipv4, *args,
                                             "--seconds", str(seconds + 1), "--out", str(stats),
-                                            "--dest-port", str(self.knock_port),
+                                            "--dest-port", str(self.knock_port), *carrier,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(0.5)
                 summary, times = lab.send_knocks(self.net, self.knocks, rate=10, count=valid, first=FLOOD_FIRST,
-                                                 port=self.knock_port)
+                                                 port=self.knock_port, icmp=icmp)
                 flooder.wait(seconds + 30)
                 # (the rule count's poller has always waited 3 s for a change, the event watchers 2 s)
                 watcher.wait_quiet(valid, quiet=3.0 if isinstance(watcher, LegacyCounter) else 2.0, limit=15)
@@ -255,7 +261,8 @@ class Phases:
             else:
                 granted = self.grants(watcher, FLOOD_FIRST, valid)
             lat = [g - t for g, t in zip(granted, times, strict=True) if g is not None]
-            return {"kind": kind, "valid_sent": summary["sent"], "valid_granted": len(lat),
+            return {"kind": kind, "carrier": "icmp" if icmp else "udp",
+                    "valid_sent": summary["sent"], "valid_granted": len(lat),
                     "share_granted": len(lat) / valid, "latency": latency_summary(lat),
                     "flood_pps": flood_stats.get("rate"), "flood_packets": flood_stats.get("sent")}
 
@@ -275,12 +282,26 @@ def sknock_plan(ph: Phases, *, quick: bool, profile: bool) -> Plan:
         ("burst-20000", lambda: ph.repeated(BURST_REPEATS, lambda: ph.run_load(big, 0, label="burst-20000"))),
         ("flood-junk", lambda: ph.flood("junk")),
         ("flood-replay", lambda: ph.flood("replay")),
+        # The ICMP carrier (knockCarriers = udp, icmp): the same floods and a latency figure, the knocks
+        # and the flood in echo requests.
+        ("rate-1000-icmp", lambda: ph.run_load(2000, 1000, label="rate-1000-icmp", icmp=True)),
+        ("flood-junk-icmp", lambda: ph.flood("junk", icmp=True)),
+        ("flood-replay-icmp", lambda: ph.flood("replay", icmp=True)),
     ]
+    if ph.backend == "nftables":
+        # ssh NAME true through the knock against ssh with the port open (bench/sshlogin.py)
+        plan.append(("ssh-login", lambda: _ssh_login(ph, 20)))
     if profile:
         # The burst once more, with py-spy sampling the monitor and a worker: sampling takes CPU from the
         # server, so these figures are not the throughput figures (burst-20000 runs unprofiled).
         plan.append(("profile", lambda: ph.run_load(big, 0, label="profile")))
     return plan
+
+
+def _ssh_login(ph: Phases, logins: int) -> dict[str, Any]:
+    from bench import sshlogin  # it builds on this module
+
+    return sshlogin.run(ph, logins)
 
 
 def run_plan(key: str, plan: Plan, phases: dict[str, Any], started: float, only: str = "",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SERVERS = ["sknock-nftables", "sknock-iptables", "fwknopd-iptables"]
+SERVERS = ["sknock-nftables", "sknock-nftables-redis", "sknock-iptables", "fwknopd-iptables"]
 
 
 def _f(value: Any, fmt: str = "{:.0f}") -> str:
@@ -67,6 +67,13 @@ def _lat(ph: dict[str, Any]) -> str:
     lat = ph["latency"]
     return f"{_f(lat['p50_ms'], '{:.1f}')} / {_f(lat['p90_ms'], '{:.1f}')} / {_f(lat['p99_ms'], '{:.1f}')} / " \
            f"{_f(lat['max_ms'], '{:.1f}')}"
+
+
+def _flood(ph: dict[str, Any]) -> str:
+    """A flood phase: the share of valid knocks granted, their latency, the flood's rate."""
+    return (f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
+            f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
+            f"flood {_f(ph['flood_pps'])} pps")
 
 
 def _cpu(cpu: dict[str, Any]) -> str:
@@ -202,14 +209,13 @@ def markdown(results: dict[str, Any]) -> str:
         row("2. latency ms p50/p90/p99/max at 10/s (100 knocks)", "", "rate-10", _lat)
     row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
     row("2. latency ms p50/p90/p99/max at 1,000/s", "p99 <= 5 ms", "rate-1000", _lat)
+    row("2. ... over ICMP (echo requests, knockCarriers = udp, icmp)", "", "rate-1000-icmp", _lat)
     row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
-        lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
-                   f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
-                   f"flood {_f(ph['flood_pps'])} pps")
+        _flood)
     row("3. replay flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-replay",
-        lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
-                   f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
-                   f"flood {_f(ph['flood_pps'])} pps")
+        _flood)
+    row("3. junk flood over ICMP (echo requests; valid knocks too)", ">= 99 %", "flood-junk-icmp", _flood)
+    row("3. replay flood over ICMP (echo requests; valid knocks too)", ">= 99 %", "flood-replay-icmp", _flood)
     row("4. time to 10,000 grants (10,000 knocks sent at 2,500/s)", "", "scale-10000",
         lambda ph: f"{_f(ph['time_to_10000_s'], '{:.2f}')} s ({ph['granted']} granted)" if ph.get("time_to_10000_s")
         else f"not reached: {ph['granted']} granted in {_f(ph.get('phase_seconds'))} s"
@@ -232,6 +238,17 @@ def markdown(results: dict[str, Any]) -> str:
                   f"({_f(cl.get('knockclient_knock_ms_max'), '{:.1f}')}) |",
                   f"| knock(..., verify=False), loads the PKCS#12 each call, median of 5 | "
                   f"{_f(cl.get('knock_function_ms_p50'), '{:.1f}')} |"]
+    ssh = results.get("servers", {}).get("sknock-nftables", {}).get("phases", {}).get("ssh-login", {})
+    if ssh.get("knocked"):
+        lines += ["", "## ssh through the knock (sknock-knock ssh-proxy, nftables; issue 12)", "",
+                  f"| `ssh NAME true`, {ssh['logins']} logins each, alternating | median ms | p90 ms |",
+                  "| --- | --- | --- |",
+                  f"| through the knock (ProxyCommand, fdpass) | {_f(ssh['knocked']['p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['knocked']['p90_ms'], '{:.0f}')} |",
+                  f"| port already open, same sshd | {_f(ssh['direct']['p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['direct']['p90_ms'], '{:.0f}')} |",
+                  f"| added by the knock (pairwise) | {_f(ssh['added_p50_ms'], '{:.0f}')} | "
+                  f"{_f(ssh['added_p90_ms'], '{:.0f}')} |"]
     lines += ["", "## Targets", ""]
     nft = results.get("servers", {}).get("sknock-nftables", {}).get("phases", {})
     best = nft.get("burst-20000", {}).get("grants_per_s")
@@ -256,6 +273,9 @@ def markdown(results: dict[str, Any]) -> str:
         ("<= 100 MB RSS at 10,000 grants (resident, shared pages once)",
          _ok(nft.get("scale-10000", {}), lambda p: _resident(p) <= 100 * 1024),
          _f(_resident(nft.get("scale-10000", {})) / 1024, "{:.0f} MB")),
+        ("the knock adds <= 100 ms to ssh NAME true (median, pairwise)",
+         _ok(nft.get("ssh-login", {}), lambda p: p["added_p50_ms"] <= 100),
+         _f(nft.get("ssh-login", {}).get("added_p50_ms"), "{:.0f} ms")),
     ]
     lines += ["| target (sknock, nftables) | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {_verdict(ok)} |" for t, ok, m in checks]

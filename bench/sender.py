@@ -4,6 +4,7 @@
     python -m bench.sender --server 198.18.7.1 --junk SIZE --seconds S --out STATS   (flood)
     python -m bench.sender --server 198.18.7.1 --replay FILE --seconds S --out STATS (flood of replays)
     python -m bench.sender --server 198.18.7.1 --probe N --out /dev/null              (per-packet cost)
+    ... --icmp: knocks and floods carried as the data of ICMP echo requests (the ICMP carrier)
 
 Knocks: FILE holds datagrams built beforehand, each framed by :func:`frame` (the one definition of the
 knock file format, used by every writer and reader of these files); datagram i is sent from its own source
@@ -15,6 +16,10 @@ after a one-line JSON summary on stdout.
 
 Flood: the same datagram size (random bytes, or one captured knock replayed) from rotating sources,
 as fast as one process can, for a bounded time and count.
+
+``--icmp``: each datagram goes as the data of an ICMP echo request (:func:`sknock.carrier.echo_request`,
+built before the timed part) through a raw socket, its source chosen with IP_PKTINFO as for UDP.  The
+only import from sknock is that small module (no cryptography), so the sender still starts fast.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import socket
 import struct
 import sys
 import time
+
+from sknock.carrier import echo_request
 
 IP_PKTINFO = 8
 SOURCE_NET = int(ipaddress.IPv4Address("198.19.0.0"))
@@ -61,10 +68,19 @@ def read_knocks(path: str | os.PathLike[str], limit: int | None = None) -> list[
     return out
 
 
-def make_socket() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def make_socket(icmp: bool = False) -> socket.socket:
+    """A UDP socket, or with ``icmp`` a raw ICMP socket (root), with a large send buffer."""
+    if icmp:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     return s
+
+
+def carried(datagram: bytes, index: int, icmp: bool) -> bytes:
+    """What is sent for ``datagram``: itself over UDP, or an echo request carrying it."""
+    return echo_request(datagram, version=4, identifier=index, sequence=index >> 16) if icmp else datagram
 
 
 def send_one(s: socket.socket, payload: bytes, src: bytes, server: str, port: int) -> bool:
@@ -86,7 +102,8 @@ def knocks(args: argparse.Namespace) -> dict[str, object]:
     datagrams = read_knocks(args.knocks)
     if args.count:
         datagrams = datagrams[: args.count]
-    s = make_socket()
+    datagrams = [carried(d, i, args.icmp) for i, d in enumerate(datagrams)]
+    s = make_socket(args.icmp)
     times = array.array("d", bytes(8 * len(datagrams)))
     failed = 0
     t0 = time.monotonic() + 0.05
@@ -110,8 +127,8 @@ def knocks(args: argparse.Namespace) -> dict[str, object]:
 
 
 def flood(args: argparse.Namespace) -> dict[str, object]:
-    payload = read_knocks(args.replay)[0] if args.replay else os.urandom(args.junk)
-    s = make_socket()
+    payload = carried(read_knocks(args.replay)[0] if args.replay else os.urandom(args.junk), 1, args.icmp)
+    s = make_socket(args.icmp)
     s.setblocking(False)
     sent = dropped = 0
     start = time.monotonic()
@@ -163,6 +180,7 @@ def main() -> int:
     p.add_argument("--probe", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--port", type=int, default=9999, help="the probe's destination port")
+    p.add_argument("--icmp", action="store_true", help="carry knocks and floods in ICMP echo requests")
     p.add_argument("--dest-port", type=int, default=0,
                    help="one destination port for knocks and floods (fwknopd's 62201); 0: rotating ports")
     args = p.parse_args()

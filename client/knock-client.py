@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """The proof-of-concept client, like the original sKnock's ``client/knock-client.py``.
 
-    python client/knock-client.py -p 2000 server.example        # the original's call
-    python client/knock-client.py -4 -u -p 8000 server.example
+    python client/knock-client.py --pfx alice.pfx --server-cert server.cer -p 2000 server.example
+    python client/knock-client.py -4 -u -p 8000 gateway        # a named server of client.ini
 
 A thin wrapper: it runs from a checkout without installing, by putting the repository root on
 ``sys.path``, and hands everything to :func:`sknock.cli.knock.main` (``sknock-knock --help`` lists the
-options; the defaults point at certificates/devpki/ in this checkout).
+options; there are no default files: give --pfx and --server-cert, or a named server).
 """
 
 import sys

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certificate import ports_general_name
-from .credentials import SERVER_CURVES
+from .credentials import SERVER_CURVES, client_key_problem
 from .errors import CAError, CredentialError
 from .fileio import write_atomic
 from .ports import PortSet
@@ -346,22 +346,71 @@ class CertificateAuthority:
         """
         self._ensure_new(name)
         key = _new_key(key_type)
+        cert = self._client_certificate(name, key.public_key(), ports, days, not_before, not_after)
+        self._write_pfx(self.directory / "client" / f"{name}.pfx", name, key, cert, pfx_password)
+        self._record(Entry(name, "client", cert.serial_number, cert.not_valid_after_utc, str(ports or ""), None))
+        return cert
+
+    def issue_client_for_request(
+        self,
+        name: str,
+        ports: PortSet | None,
+        request: x509.CertificateSigningRequest,
+        *,
+        days: int = 365,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Issue a client certificate for the key of a certificate request made elsewhere (on a token: the
+        private key never comes here) to ``client/NAME.cer`` (DER) and ``client/NAME.pem``.
+
+        The request's signature must verify (whoever made it holds the key) and its key must be one a
+        client signs knocks with (:func:`~sknock.credentials.client_key_problem`).  Only its key is used:
+        the subject is CN=NAME and the extensions are the same as :meth:`issue_client` gives, whatever the
+        request asks for."""
+        self._ensure_new(name)
+        for existing in (self.directory / "client" / f"{name}.cer", self.directory / "client" / f"{name}.pem"):
+            if existing.exists():
+                raise CAError(f"{existing} already exists: a client named {name!r} was issued before")
+        try:
+            valid = request.is_signature_valid
+            public = request.public_key()
+        except Exception as exc:  # noqa: BLE001 -- an algorithm or key cryptography cannot read
+            raise CAError(f"the request for {name!r} cannot be checked ({type(exc).__name__})") from None
+        if not valid:
+            raise CAError(f"the request for {name!r}: its signature does not verify")
+        problem = client_key_problem(public)
+        if problem is not None:
+            raise CAError(f"the request for {name!r}: {problem}")
+        cert = self._client_certificate(name, public, ports, days, not_before, not_after)
+        client_dir = self.directory / "client"
+        write_atomic(client_dir / f"{name}.cer", cert.public_bytes(serialization.Encoding.DER))
+        write_atomic(client_dir / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        self._record(Entry(name, "client", cert.serial_number, cert.not_valid_after_utc, str(ports or ""), None))
+        return cert
+
+    def _client_certificate(
+        self,
+        name: str,
+        public: Any,
+        ports: PortSet | None,
+        days: int,
+        not_before: dt.datetime | None,
+        not_after: dt.datetime | None,
+    ) -> x509.Certificate:
         builder = (
-            self._builder(name, key.public_key(), not_before, not_after, days)
+            self._builder(name, public, not_before, not_after, days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             # keyAgreement like the original, where it means something (EC keys).
             .add_extension(
-                _key_usage(digital_signature=True, key_agreement=isinstance(key, ec.EllipticCurvePrivateKey)),
+                _key_usage(digital_signature=True, key_agreement=isinstance(public, ec.EllipticCurvePublicKey)),
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         if ports is not None:
             builder = builder.add_extension(x509.SubjectAlternativeName([ports_general_name(ports)]), critical=False)
-        cert = builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
-        self._write_pfx(self.directory / "client" / f"{name}.pfx", name, key, cert, pfx_password)
-        self._record(Entry(name, "client", cert.serial_number, cert.not_valid_after_utc, str(ports or ""), None))
-        return cert
+        return builder.sign(self.key, self._sign_algorithm())  # type: ignore[arg-type]
 
     def issue_intermediate(
         self, name: str, ca_password: bytes, *, days: int = 1825, out: str | os.PathLike[str] | None = None

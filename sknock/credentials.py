@@ -7,12 +7,17 @@ knocks with ECDH, so its key must be an EC key on a curve of the protocol's suit
 client only signs, so EC, Ed25519 and RSA (2048 bits or more) all work.  So does the profile of a
 server's certificate (:func:`server_certificate_problem`), which the server checks on its own and the
 client on the one it is given.
+
+A client's key may also live on a PKCS#11 token: :func:`load_client_credentials` takes a ``pkcs11:`` URI
+wherever a .pfx path is accepted (the CLI, profiles, the library) and hands back credentials whose key is
+then a :class:`~sknock.token.TokenSigner` (see :mod:`sknock.token`).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,15 +29,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .certificate import describe_name, tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
-from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey
+from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, KnockSigner
 
 __all__ = [
     "ClientCredentials",
     "ServerCredentials",
     "load_client_pfx",
+    "load_client_credentials",
+    "client_key_problem",
     "load_server_pfx",
     "load_certificate",
     "load_certificates",
+    "load_certificate_request",
     "resolve_password",
     "SERVER_CURVES",
     "CLIENT_CURVES",
@@ -52,9 +60,10 @@ _MAX_FILE_SIZE = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class ClientCredentials:
-    """A client's signing key, its certificate, and the CA certificates that came with it."""
+    """A client's signing key (in memory, or a signer on a token), its certificate, and the CA
+    certificates that came with it."""
 
-    key: ClientKey
+    key: ClientKey | KnockSigner
     certificate: x509.Certificate
     ca_certificates: tuple[x509.Certificate, ...]
 
@@ -142,20 +151,92 @@ def load_client_pfx(path: str | os.PathLike[str], password: str | bytes | None) 
     """Load a client's PKCS#12: an EC (P-256 or larger), Ed25519 or RSA (>= 2048 bits) key, its
     certificate, and CA certificates."""
     key, cert, cas = _load_pkcs12(path, password, "client PKCS#12")
-    ok = (
-        (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in CLIENT_CURVES)
-        or isinstance(key, ed25519.Ed25519PrivateKey)
-        or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= _MIN_RSA_BITS)
-    )
-    if not ok:
-        raise CredentialError(
-            f"client PKCS#12 {path}: unsupported key type {_describe(key)}; "
-            "a client needs EC P-256/P-384/P-521, Ed25519 or RSA of 2048 bits or more"
-        )
+    problem = client_key_problem(key)
+    if problem is not None:
+        raise CredentialError(f"client PKCS#12 {path}: {problem}")
     assert isinstance(key, ClientKey)
     if not _key_matches(key, cert):
         raise CredentialError(f"client PKCS#12 {path}: the private key does not match the certificate")
     return ClientCredentials(key, cert, cas)
+
+
+def client_key_problem(key: object) -> str | None:
+    """Why ``key`` (private or public) cannot sign knocks, in a few words; None when it can: EC P-256,
+    P-384 or P-521, Ed25519, or RSA of 2048 bits or more (what the server verifies)."""
+    ok = (
+        (isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.name in CLIENT_CURVES)
+        or isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey)
+        or (isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS)
+    )
+    if ok:
+        return None
+    return (f"unsupported key type {_describe(key)}; "
+            "a client needs EC P-256/P-384/P-521, Ed25519 or RSA of 2048 bits or more")
+
+
+#: Where a secret (a .pfx password or a token PIN) comes from when it is needed: the bytes, or a function
+#: asked with a prompt that names what it is for (the CLIs pass one over :func:`resolve_password`).
+Secret = str | bytes | Callable[[str], bytes] | None
+
+
+def load_client_credentials(
+    spec: str | os.PathLike[str],
+    secret: Secret = None,
+    *,
+    certificate: str | os.PathLike[str] | None = None,
+) -> ClientCredentials:
+    """A client's credentials from ``spec``: a PKCS#12 file (``secret`` is its password) or a ``pkcs11:``
+    URI (RFC 7512) naming a key on a token (``secret`` is the PIN, unless the URI carries one).
+
+    A callable ``secret`` is called only when the secret is needed, with a prompt naming the file or
+    token.  For a token, the client certificate is ``certificate`` (a file) when given, else the one the
+    token holds with the key's id; the key and certificate are checked to match.  Everything that fails
+    is a :class:`CredentialError` (:class:`~sknock.errors.TokenError` for a token) of one line."""
+    from .token import is_pkcs11_uri
+
+    if is_pkcs11_uri(spec):
+        return _load_token_credentials(str(spec), secret, certificate)
+    if certificate is not None:
+        raise CredentialError(f"client PKCS#12 {spec}: holds its certificate; a separate certificate file is "
+                              "only for a key on a token")
+    password = secret(f"Password for {spec}: ") if callable(secret) else secret
+    return load_client_pfx(spec, password)
+
+
+def _load_token_credentials(
+    uri: str, secret: Secret, certificate: str | os.PathLike[str] | None
+) -> ClientCredentials:
+    from .token import open_token_key
+
+    pin: Callable[[str], bytes] | None
+    if callable(secret):
+        pin = secret
+    elif secret is None:
+        pin = None
+    else:
+        given = _password_bytes(secret)
+        pin = lambda _prompt: given or b""  # noqa: E731
+    # A certificate file is read before the token is touched: a typo costs no PIN attempt.
+    cert_from_file = load_certificate(certificate) if certificate is not None else None
+    found = open_token_key(uri, pin)
+    signer = found.signer
+    try:
+        cert = cert_from_file or found.certificate
+        if cert is None:
+            raise CredentialError(f"{signer.uri.describe()}: no certificate on the token with the key's id; "
+                                  "give the certificate file (sknock-ca client NAME --csr FILE wrote it)")
+        public = cert.public_key()
+        problem = client_key_problem(public)
+        if problem is not None:
+            raise CredentialError(f"{signer.uri.describe()}: certificate {describe_name(cert.subject)}: {problem}")
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise CredentialError(f"{signer.uri.describe()}: certificate {describe_name(cert.subject)} is not "
+                                  "for an EC key, as the token's is")
+        signer.bind(public)
+    except BaseException:
+        signer.close()
+        raise
+    return ClientCredentials(signer, cert, ())
 
 
 def _describe(key: object) -> str:
@@ -223,6 +304,18 @@ def load_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
             return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise CredentialError(f"certificate {path}: not a PEM or DER certificate ({exc})") from None
+
+
+def load_certificate_request(path: str | os.PathLike[str]) -> x509.CertificateSigningRequest:
+    """Load a PKCS#10 certificate request, PEM or DER (its signature is the CA's to check:
+    :meth:`sknock.ca.CertificateAuthority.issue_client_for_request`)."""
+    data = _read(path, "certificate request")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(data)
+        return x509.load_der_x509_csr(data)
+    except ValueError as exc:
+        raise CredentialError(f"certificate request {path}: not a PEM or DER PKCS#10 request ({exc})") from None
 
 
 def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:

@@ -6,9 +6,10 @@ what sknock means to raise and let real bugs surface. Each error carries a messa
 it names the file, key or value and the reason.
 
 Defined here: the errors of the library an application or a CLI calls -- the protocol and the verifier
-(:class:`KnockRefused` with its :class:`Reason`), ports, credentials, certificates, the client, the CA
-(:class:`CAError`) and the server configuration (:class:`ConfigError`, raised by the config and the
-capture alike).
+(:class:`KnockRefused` with its :class:`Reason`), ports, credentials (keys on a PKCS#11 token too:
+:class:`TokenError`), certificates, the client (with its configuration file of named servers,
+:class:`ProfileError`), the CA (:class:`CAError`) and the server configuration (:class:`ConfigError`,
+raised by the config and the capture alike).
 
 Defined with their edge: an error that one edge of the server raises, and that only the server's own
 processes and its command line meet (they catch :class:`SknockError`), stays in that edge's module,
@@ -24,6 +25,8 @@ these (``tests/test_errors.py`` checks this list against the code):
 * ``sknock.server.control.ControlError``: the control socket cannot be opened or does not answer;
 * ``sknock.server.ledger.LedgerError``: the grant ledger cannot be read;
 * ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace;
+* ``sknock.server.replaystore.ReplayStoreError``: the fleet's shared replay store (Redis) cannot confirm a
+  claim; the monitor's replay gate turns it into refused (or, by choice, locally checked) knocks;
 * ``sknock.server.service.InstallError``: ``sknock-server install-service`` cannot do one of its steps.
 
 Not sknock errors: ``sknock.server.firewall.nfnetlink.NetlinkError`` is an ``OSError`` (a kernel's
@@ -45,6 +48,7 @@ __all__ = [
     "PortSpecError",
     "CredentialError",
     "ServerCertificateError",
+    "TokenError",
     "CertificateError",
     "KnockRefused",
     "Reason",
@@ -53,6 +57,8 @@ __all__ = [
     "ClientError",
     "NotAuthorizedError",
     "ResolveError",
+    "ProfileError",
+    "CarrierUnavailableError",
     "CAError",
 ]
 
@@ -73,6 +79,12 @@ class CredentialError(SknockError):
 class ServerCertificateError(CredentialError):
     """A certificate given as a server's is not fit to be one: a CA's, a client's, or one whose key knocks
     cannot be encrypted to.  Raised before anything is sent (client) or started (server)."""
+
+
+class TokenError(CredentialError):
+    """A client key on a PKCS#11 token cannot be used: a malformed ``pkcs11:`` URI (the message names the
+    attribute), a module that does not load, no such token or key, a wrong or locked PIN, a token that
+    refuses to sign.  One line naming the token or module and the reason (``sknock.token``)."""
 
 
 #: Characters at most of a refusal's detail or a certificate error's message (see :func:`log_safe`).
@@ -104,6 +116,16 @@ class NotAuthorizedError(ClientError):
 
 class ResolveError(ClientError):
     """The server's host name does not resolve (to an address of the requested family)."""
+
+
+class ProfileError(ClientError):
+    """The client's configuration file of named servers (:mod:`sknock.clientconfig`) is invalid, or names
+    no such server; the message names the file, the section (the server) and the key."""
+
+
+class CarrierUnavailableError(ClientError):
+    """The carrier asked for cannot be used here: over ICMP, this user may open neither a ping socket
+    (``net.ipv4.ping_group_range``) nor a raw socket (``CAP_NET_RAW``).  Raised before anything is sent."""
 
 
 class ConfigError(SknockError):

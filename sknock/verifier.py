@@ -116,7 +116,9 @@ class _Authentic:
 
 class _Knock:
     """What is known of one body digest: the sources admitted to the expensive stage, its verdict once
-    known, and whether a copy was granted."""
+    known, and whether a copy was granted.  A granted knock is final for every source, so its verdict and
+    sources are let go then: the memory holds a granted knock for its whole window, and every copy of it
+    is refused on ``granted`` alone."""
 
     __slots__ = ("expiry", "sources", "verdict", "granted")
 
@@ -125,6 +127,12 @@ class _Knock:
         self.sources: list[IPAddress] = [] if source is None else [source]
         self.verdict: _Authentic | KnockRefused | None = None
         self.granted = False
+
+    def grant(self) -> None:
+        """A copy was granted: nothing but ``granted`` is read any more."""
+        self.granted = True
+        self.verdict = None
+        self.sources.clear()
 
 
 class KnockMemory:
@@ -261,6 +269,8 @@ class KnockVerifier:
 
     def _complete(self, pre: Prechecked, source: IPAddress, now: float) -> Grant:
         knock = self._seen_digests.get(pre.body_digest, now)
+        if knock is not None and knock.granted:  # a copy that waited while the first was granted
+            raise KnockRefused(Reason.REPLAY_SEEN)
         verdict = None if knock is None else knock.verdict
         cached = verdict is not None
         if verdict is None:
@@ -273,8 +283,6 @@ class KnockVerifier:
                 knock.verdict = verdict
         if isinstance(verdict, KnockRefused):
             raise KnockRefused(verdict.reason, verdict.detail)
-        if knock is not None and knock.granted:
-            raise KnockRefused(Reason.REPLAY_SEEN)
         return self._grant(verdict, source, now, knock, recheck=cached)
 
     def _authenticate(self, pre: Prechecked, now: float) -> _Authentic:
@@ -315,7 +323,7 @@ class KnockVerifier:
         if not self._seen_nonces.add(request.nonce, request.timestamp_ms / 1000 + self._window, now):
             raise KnockRefused(Reason.OVERLOAD, "replay cache full")
         if knock is not None:
-            knock.granted = True
+            knock.grant()
         duration = min(float(request.duration or self.policy.default_duration), self.policy.max_duration)
         return Grant(
             action=request.action,

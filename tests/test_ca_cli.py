@@ -346,3 +346,79 @@ def test_passwords_never_printed(cli: CLI) -> None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+# -- client NAME --csr FILE: a certificate for a key made elsewhere ---------------------------------
+
+
+def _csr(tmp: Path, name: str, key: object, subject: str = "CN=whatever", der: bool = False) -> Path:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(subject))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)  # asked, never granted
+        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())  # type: ignore[arg-type]
+    )
+    path = tmp / f"{name}.csr"
+    path.write_bytes(request.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ec-p256", "ec-p384", "ed25519", "rsa-2048"])
+def test_client_from_a_request_gets_the_clients_profile_and_no_pfx(cli: CLI, tmp_path: Path, kind: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    key: object = {
+        "ec-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "ec-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+        "ed25519": ed25519.Ed25519PrivateKey.generate,
+        "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
+    }[kind]()
+    name = f"req-{kind}"
+    out = cli.ok("client", name, "--allow", "tcp/22,udp/9000", "--csr", str(_csr(tmp_path, name, key, der=True)))
+    cer = cli.dir / "client" / f"{name}.cer"
+    assert str(cer) in out
+    assert not (cli.dir / "client" / f"{name}.pfx").exists()
+    assert not (cli.dir / "client" / f"{name}.pfx.pass").exists()
+    cert = load_certificate(cer)
+    assert load_certificate(cli.dir / "client" / f"{name}.pem") == cert
+    assert cert.public_key() == key.public_key()  # type: ignore[attr-defined]
+    assert cert.subject.rfc4514_string() == f"CN={name}"  # the CA names it, not the request
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # The same trust and the same ports as a client the CA made a key for.
+    verified = ClientVerifier([load_certificate(cli.dir / "ca.cer")], [], []).verify(cert, _now())
+    assert verified.ports == parse_ports("tcp/22,udp/9000")
+    entries = {e["name"]: e for e in json.loads((cli.dir / "index.json").read_text())["entries"]}
+    assert entries[name]["kind"] == "client"
+    assert parse_ports(entries[name]["ports"]) == parse_ports("tcp/22,udp/9000")
+
+
+def test_requests_the_ca_refuses(cli: CLI, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    weak = _csr(tmp_path, "weak", rsa.generate_private_key(65537, 1024))
+    cli.fails("client", "weak", "--allow", "tcp/22", "--csr", str(weak), match="unsupported key type RSA 1024")
+    small = _csr(tmp_path, "small", ec.generate_private_key(ec.SECP224R1()))
+    cli.fails("client", "small", "--allow", "tcp/22", "--csr", str(small), match="unsupported key type EC secp224r1")
+    # A request whose signature does not verify: someone else's key in it.
+    good = x509.load_pem_x509_csr(_csr(tmp_path, "good", ec.generate_private_key(ec.SECP256R1())).read_bytes())
+    raw = bytearray(good.public_bytes(Encoding.DER))
+    raw[-5] ^= 0x01  # inside the signature's integers
+    forged = tmp_path / "forged.csr"
+    forged.write_bytes(bytes(raw))
+    cli.fails("client", "forged", "--allow", "tcp/22", "--csr", str(forged), match="does not verify")
+    junk = tmp_path / "junk.csr"
+    junk.write_text("-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n")
+    cli.fails("client", "junk", "--allow", "tcp/22", "--csr", str(junk),
+              match=f"certificate request {junk}: not a PEM or DER PKCS#10 request")
+    cli.fails("client", "nofile", "--allow", "tcp/22", "--csr", str(tmp_path / "nope.csr"),
+              match=f"certificate request {tmp_path / 'nope.csr'}: no such file")
+    ok = _csr(tmp_path, "kt", ec.generate_private_key(ec.SECP256R1()))
+    cli.fails("client", "kt", "--allow", "tcp/22", "--csr", str(ok), "--key-type", "ed25519",
+              match="--key-type makes a new key; with --csr the key is the request's")
+    cli.fails("client", "alice", "--allow", "tcp/22", "--csr", str(ok), match="a certificate named 'alice' already")
+    names = [e["name"] for e in json.loads((cli.dir / "index.json").read_text())["entries"]]
+    assert not {"weak", "small", "forged", "junk", "nofile", "kt"} & set(names)

@@ -514,3 +514,67 @@ def test_a_failed_send_is_a_client_error(pki: TestPKI) -> None:
         with pytest.raises(ClientError, match=f"cannot send the knock to 127.0.0.1 udp/{port_of(sock)}"):
             alice_client(pki).send(b"x" * 70_000, ipaddress.ip_address("127.0.0.1"), port_of(sock))
         assert_nothing_arrives(sock)
+
+
+def test_async_knock_leaves_the_event_loop_free(own: OwnPKI, reserved: dict[str, int]) -> None:
+    """While an AsyncKnockClient knocks and waits for a port that stays closed, other tasks run: the
+    loop never stalls for long (signing runs in an executor, sending and connecting on the loop)."""
+    client = AsyncKnockClient(client_pfx=own.client_pfx, pfx_password=PASSWORD, server_cert=own.server_cer,
+                              clock=at(NOW))
+
+    async def run(knock_port: int) -> tuple[bool, float, int]:
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.005)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        tick = asyncio.create_task(ticker())
+        opened = await client.knock("127.0.0.1", reserved["closed4"], knock_port=knock_port, timeout=1.0, retries=2)
+        tick.cancel()
+        return opened, max(gaps), len(gaps)
+
+    with udp_listener() as sock:
+        opened, worst, ticks = asyncio.run(run(port_of(sock)))
+        receive(sock), receive(sock)
+    assert opened is False
+    assert ticks > 50  # the ticker ran throughout the second the knocks waited
+    assert worst < 0.25, f"the event loop stalled for {worst:.3f} s"
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    import inspect
+
+    import sknock.client as module
+
+    found: list[tuple[str, object]] = []
+    for name in module.__all__:
+        value = getattr(module, name)
+        if inspect.isfunction(value):
+            found.append((name, value))
+        elif inspect.isclass(value):
+            found.append((name, value))
+            found += [(f"{name}.{m}", f) for m, f in vars(value).items()
+                      if not m.startswith("_") and callable(getattr(value, m))]
+    return found
+
+
+@pytest.mark.parametrize(("name", "value"), _public_callables(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_public_name_documents_its_arguments_result_and_errors(name: str, value: object) -> None:
+    """help(sknock.client.knock) and the like say what to pass, what comes back and what is raised."""
+    import inspect
+
+    function = getattr(value, "__func__", value)
+    doc = " ".join((inspect.getdoc(function) or "").split())
+    assert doc, f"{name} has no docstring"
+    by_reference = "as for" in doc or "the same arguments" in doc or "Arguments as" in doc
+    if inspect.isclass(function):
+        return
+    for parameter in inspect.signature(function).parameters:
+        if parameter not in ("self", "cls") and not by_reference:
+            assert f"``{parameter}``" in doc or f":param {parameter}:" in doc, f"{name}: {parameter} undocumented"
+    assert "raise" in doc.lower() or "errors" in doc, f"{name}: exceptions not documented"

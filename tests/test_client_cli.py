@@ -68,6 +68,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SKNOCK_PFX_PASSWORD"}
     env["PYTHONPATH"] = str(REPO)
+    env["XDG_CONFIG_HOME"] = str(cwd / "no-config")  # no user's client.ini: only what the test says
     if env_password is not None:
         env["SKNOCK_PFX_PASSWORD"] = env_password
     command = [sys.executable, str(script)] if script else [sys.executable, "-m", "sknock.cli.knock"]
@@ -91,6 +92,14 @@ def one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> s
     return lines[0]
 
 
+def status(result: subprocess.CompletedProcess[str]) -> str:
+    """The status line: on stderr, since stdout is not a terminal here (a pipe stays clean)."""
+    assert result.stdout == "", result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def alice_args(pki: TestPKI, *more: str) -> list[str]:
     return ["--pfx", str(pki.alice.pfx), "--server-cert", str(pki.server.cer), *more]
 
@@ -110,8 +119,7 @@ def test_udp_knock_sent_with_password_file_is_granted(pki: TestPKI, password_fil
         data, source = receive(sock)
         assert_nothing_arrives(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
-    assert result.stderr == ""
+    assert status(result) == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
     grant = pki_verifier(pki).check(data, source, time.time())
     assert grant.ports == ((Protocol.UDP, 8000),)
     assert grant.duration == 30.0
@@ -125,7 +133,7 @@ def test_no_verify_with_password_from_the_environment(pki: TestPKI, tmp_path: Pa
         result = run(args, cwd=tmp_path, env_password=PASSWORD)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"knock for tcp/2003 sent to {host} (not verified)"
+    assert status(result) == f"knock for tcp/2003 sent to {host} (not verified)"
     assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2003),)
 
 
@@ -147,7 +155,7 @@ def test_verified_open(
         result = run([*args, "--timeout", "10", host], cwd=tmp_path)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"tcp/{port} is open on {host}"
+    assert status(result) == f"tcp/{port} is open on {host}"
     grant = own.verifier().check(data, source, time.time())
     assert grant.ports == ((Protocol.TCP, port),)
 
@@ -158,7 +166,7 @@ def test_close(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
         result = run([*args, "--knock-port", str(port_of(sock)), "localhost", "-4"], cwd=tmp_path)
         data, source = receive(sock)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "asked localhost (127.0.0.1) to close tcp/2004 for this host"
+    assert status(result) == "asked localhost (127.0.0.1) to close tcp/2004 for this host"
     assert pki_verifier(pki).check(data, source, time.time()).action is Action.CLOSE
 
 
@@ -183,8 +191,7 @@ def test_not_opened(own: OwnPKI, password_file: Path, reserved: dict[str, int], 
         receive(sock)  # two knocks, as many as --retries
         assert_nothing_arrives(sock)
     assert result.returncode == 1, result
-    assert result.stdout.strip() == f"tcp/{port} on 127.0.0.1 did not open within 0.6 s (2 knock(s) sent)"
-    assert result.stderr == ""
+    assert status(result) == f"tcp/{port} on 127.0.0.1 did not open within 0.6 s (2 knock(s) sent)"
 
 
 # -- exit 2: one line, no traceback ----------------------------------------------------------------
@@ -212,7 +219,7 @@ def test_wrong_password_from_file_and_from_environment(pki: TestPKI, tmp_path: P
 
 def test_no_password_without_a_terminal(pki: TestPKI, tmp_path: Path) -> None:
     result = run(alice_args(pki, "-p", "22", "127.0.0.1"), cwd=tmp_path)
-    one_error_line(result, "no password", "SKNOCK_PFX_PASSWORD")
+    one_error_line(result, f"no password for {pki.alice.pfx}: give --password-file FILE", "SKNOCK_PFX_PASSWORD")
 
 
 def test_missing_password_file(pki: TestPKI, tmp_path: Path) -> None:
@@ -267,7 +274,7 @@ def test_unresolvable_host(
     ("args", "needle"),
     [
         (["127.0.0.1"], "the following arguments are required: -p/--port"),
-        (["-p", "22"], "the following arguments are required: HOST"),
+        (["-p", "22"], "the following arguments are required: TARGET"),
         (["-p", "0", "127.0.0.1"], "port must be 1..65535, not 0"),
         (["-p", "ssh", "127.0.0.1"], "port must be a whole number, not 'ssh'"),
         (["-p", "22", "--knock-port", "70000", "127.0.0.1"], "knock port must be 1..65535"),
@@ -297,13 +304,6 @@ def test_help_exits_zero(tmp_path: Path) -> None:
 # -- in-process ------------------------------------------------------------------------------------
 
 
-def test_default_paths_prefer_the_checkout_then_the_current_directory() -> None:
-    assert knock_cli.default_path(Path("docs/protocol.md")) == REPO / "docs" / "protocol.md"
-    assert knock_cli.default_path(Path("no/such/file.pfx")) == Path("no/such/file.pfx")
-    assert Path("certificates/devpki/client/client.pfx") == knock_cli.DEFAULT_PFX
-    assert Path("certificates/devpki/server/server.cer") == knock_cli.DEFAULT_SERVER_CERT
-
-
 def test_main_returns_the_exit_status(pki: TestPKI, password_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with udp_listener() as sock:
         args = alice_args(pki, "--password-file", str(password_file), "-u", "-p", "8000", "--knock-port")
@@ -311,5 +311,107 @@ def test_main_returns_the_exit_status(pki: TestPKI, password_file: Path, capsys:
         receive(sock)
     assert knock_cli.main(alice_args(pki, "--password-file", str(password_file), "-p", "23", "127.0.0.1")) == 2
     out, err = capsys.readouterr()
-    assert out.startswith("knock for udp/8000 sent")
-    assert err.count("\n") == 1 and "does not authorize tcp/23" in err
+    assert out == ""  # not a terminal: the status line went to stderr
+    first, second = err.splitlines()
+    assert first.startswith("knock for udp/8000 sent")
+    assert second.startswith("sknock-knock: error: ") and "does not authorize tcp/23" in second
+
+
+# -- named servers (the client configuration file) ----------------------------------------------------------
+
+
+def write_ini(path: Path, pki: TestPKI, password_file: Path, **keys: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    path.write_text(
+        f"[lab]\nhost = 127.0.0.1\nserverCert = {pki.server.cer}\ncredentials = {pki.alice.pfx}\n"
+        f"passwordFile = {password_file}\n{extra}"
+    )
+    return path
+
+
+def test_a_named_server_from_the_users_file_knocks_its_ports(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    with udp_listener() as sock:
+        # run() points XDG_CONFIG_HOME at CWD/no-config: the user's file is there
+        write_ini(tmp_path / "no-config" / "sknock" / "client.ini", pki, password_file,
+                  ports="udp/8000, udp/8000", knockPort=port_of(sock))
+        result = run(["lab"], cwd=tmp_path)
+        data, source = receive(sock)
+        assert_nothing_arrives(sock)
+    assert result.returncode == 0, result
+    assert status(result) == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
+    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.UDP, 8000),)
+
+
+def test_a_named_server_with_another_port_and_options_that_override(
+    pki: TestPKI, password_file: Path, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text(WRONG + "\n")
+    ini = write_ini(tmp_path / "elsewhere.ini", pki, wrong, ports="tcp/22", knockPort=9, family=6)
+    with udp_listener() as sock:
+        # -p, --no-verify, -4, --knock-port and --password-file all override the file
+        args = ["--config", str(ini), "lab", "-p", "2003", "--no-verify", "-4", "--knock-port", str(port_of(sock))]
+        result = run([*args, "--password-file", str(password_file), "--quiet"], cwd=tmp_path)
+        data, source = receive(sock)
+    assert result.returncode == 0, result
+    assert result.stdout == "" and result.stderr == ""  # --quiet
+    assert pki_verifier(pki).check(data, source, time.time()).ports == ((Protocol.TCP, 2003),)
+
+
+def test_a_named_server_without_ports_needs_p(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", pki, password_file)
+    result = run(["--config", str(ini), "lab"], cwd=tmp_path)
+    one_error_line(result, "-p/--port", f"the named server lab in {ini} has no ports")
+
+
+def test_a_bad_configuration_file_is_one_line(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", pki, password_file, knockPort="seventy")
+    result = run(["--config", str(ini), "lab", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, f"{ini}: [lab]: knockPort: port must be 1..65535, not 'seventy'")
+    result = run(["--config", str(tmp_path / "none.ini"), "lab", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, "none.ini: no such client configuration file")
+
+
+def test_without_credentials_the_error_says_how_to_give_them(tmp_path: Path) -> None:
+    result = run(["-p", "22", "127.0.0.1"], cwd=tmp_path)
+    one_error_line(result, "no client credentials for 127.0.0.1: give --pfx FILE, or name a server")
+
+
+def test_a_target_that_is_neither_a_named_server_nor_a_host(tmp_path: Path) -> None:
+    ini = tmp_path / "c.ini"
+    ini.write_text("[gateway]\nhost = 127.0.0.1\n")
+    result = run(["--config", str(ini), "gatewya", "-p", "22"], cwd=tmp_path)
+    one_error_line(result, "cannot resolve 'gatewya'", f"; nor is it a named server of {ini}")
+
+
+def test_the_status_line_goes_to_stdout_on_a_terminal(pki: TestPKI, password_file: Path, tmp_path: Path) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "SKNOCK_PFX_PASSWORD"}
+    env.update(PYTHONPATH=str(REPO), XDG_CONFIG_HOME=str(tmp_path / "none"))
+    with udp_listener() as sock:
+        args = alice_args(pki, "--password-file", str(password_file), "-u", "-p", "8000")
+        main_fd, terminal = pty.openpty()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "sknock.cli.knock", *args, "--knock-port", str(port_of(sock)), "127.0.0.1"],
+                env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=120,
+            )
+            os.close(terminal)
+            seen = b""
+            while chunk := _read_pty(main_fd):
+                seen += chunk
+        finally:
+            os.close(main_fd)
+        receive(sock)
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert seen.decode().strip() == "knock for udp/8000 sent to 127.0.0.1 (UDP cannot be confirmed)"
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1024)
+    except OSError:  # EIO: the terminal's other end is closed and everything was read
+        return b""

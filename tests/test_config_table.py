@@ -77,7 +77,8 @@ def test_config_ini_lists_every_option_with_its_default() -> None:
 def test_the_table_fills_every_attribute_once() -> None:
     attrs = [option.attr for option in OPTIONS if option.attr is not None]
     assert len(attrs) == len(set(attrs))
-    read_together = {"source", "crl_file", "crl_url", "crl_sources", "pfx_password", "pfx_password_source", "notices"}
+    read_together = {"source", "crl_file", "crl_url", "crl_sources", "pfx_password", "pfx_password_source", "notices",
+                     "replay_store_password"}
     assert set(attrs) | read_together == {f.name for f in dataclasses.fields(ServerConfig)}
     assert not set(attrs) & read_together
     assert len({option.key for option in OPTIONS}) == len(OPTIONS)

@@ -241,6 +241,46 @@ def test_batch_rule_holds_only_under_load() -> None:
     assert rule.hold(100.03) == 0
 
 
+def test_a_held_batch_is_not_woken_by_each_message_and_takes_what_came_meanwhile(setup) -> None:  # type: ignore[no-untyped-def]
+    """Under load a batch is held for the rest of the interval; the workers' messages do not wake the
+    monitor then (each would cost a turn, and the sender the wake-up), and what they sent during the hold
+    joins the batch when it ends."""
+    import selectors
+
+    monitor, firewall, workers, clock = setup
+    waited: list[float] = []
+
+    class Waiting(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+        """Waits on the timeline: the test's clock moves by the time waited."""
+
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            waited.append(timeout or 0.0)
+            clock.now += timeout or 0.0
+            return super().select(0)
+
+    monitor._selector = selectors.DefaultSelector()
+    for child in monitor.children:
+        monitor._selector.register(child.channel, selectors.EVENT_READ, child)
+    monitor._holding = Waiting()
+    try:
+        monitor._batch.applied(clock.now, 100)  # a batch of 100 just now: busy, the next one is held
+        for i in range(3):
+            workers[0].send(request("open", A, 2000 + i, bytes([i + 1]) * 16))
+        monitor.turn(0)  # reads the three, holds them
+        assert not firewall.batches and len(monitor._pending) == 3
+        for i in range(3, 5):
+            workers[1].send(request("open", A, 2000 + i, bytes([i + 1]) * 16))
+        timeout = monitor._timeout()
+        assert 0 < timeout <= 0.001
+        monitor.turn(timeout)  # waits out the hold without the channels, then reads them and applies
+        assert waited == [timeout]
+        assert len(firewall.batches) == 1 and len(firewall.batches[0][0]) == 5
+        assert len(monitor.grants) == 5 and not monitor._pending
+    finally:
+        monitor._selector.close()
+        monitor._holding.close()
+
+
 # -- closes that happen --------------------------------------------------------------------------------
 
 

@@ -20,6 +20,9 @@ from hypothesis import strategies as st
 from sknock.ports import Protocol
 from sknock.server.firewall.base import Opening
 from sknock.server.privsep import (
+    CRL_PREFIX,
+    MAX_CRL_MESSAGE,
+    MAX_ID_CACHE,
     MAX_MESSAGE,
     GrantRequest,
     PrivsepError,
@@ -27,6 +30,7 @@ from sknock.server.privsep import (
     encode_request,
     parse_request,
     printable_client,
+    receive_buffer,
 )
 
 MAX = 3600.0
@@ -86,6 +90,40 @@ def test_revocation_ids_travel_with_the_request() -> None:
     assert parse_request(data, max_duration=MAX).revocation_ids == ids
     assert "revocation id count 9" in refused(message(ids=[(b"\x01" * 32, 1)] * 9))
     assert "shorter than its 2 revocation id(s)" in refused(message(count=2, ids=[(b"\x01" * 32, 1)], client=b""))
+
+
+def test_a_client_s_revocation_ids_are_parsed_once_and_shared() -> None:
+    ids = ((b"\x01" * 32, 77), (b"\x02" * 32, -5))
+    cache: dict[bytes, tuple[tuple[bytes, int], ...]] = {}
+    first = parse_request(message(ids=list(ids)), max_duration=MAX, id_cache=cache)
+    again = parse_request(message(ids=list(ids), port=23, nonce=bytes(16)), max_duration=MAX, id_cache=cache)
+    assert first.revocation_ids == again.revocation_ids == ids
+    assert again.revocation_ids is first.revocation_ids  # one tuple for every grant of the client
+    assert parse_request(message(ids=list(ids)), max_duration=MAX) == first  # the same request without a cache
+    other = parse_request(message(ids=[(b"\x01" * 32, 78)]), max_duration=MAX, id_cache=cache)
+    assert other.revocation_ids == ((b"\x01" * 32, 78),)
+    # bounded: whatever a worker sends, the cache never holds more than MAX_ID_CACHE lists
+    for serial in range(MAX_ID_CACHE + 10):
+        assert parse_request(message(ids=[(b"\x05" * 32, serial)]), max_duration=MAX,
+                             id_cache=cache).revocation_ids == ((b"\x05" * 32, serial),)
+        assert len(cache) <= MAX_ID_CACHE
+
+
+def test_the_receive_buffer_holds_the_largest_message_and_is_reused() -> None:
+    import socket
+
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with here, there:
+        for end in (here, there):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
+        buffer = receive_buffer()
+        largest = CRL_PREFIX + os.urandom(MAX_CRL_MESSAGE)
+        there.send(largest)
+        assert bytes(memoryview(buffer)[: here.recv_into(buffer)]) == largest
+        there.send(message())  # a short message after a long one: only its own bytes are read
+        size = here.recv_into(buffer)
+        assert parse_request(bytes(memoryview(buffer)[:size]), max_duration=MAX) == ALICE
 
 
 # -- hostile input: anything is a GrantRequest or a PrivsepError ------------------------------------------------

@@ -56,7 +56,8 @@ def test_revocation_none_lets_the_original_dev_pki_knock(pki: TestPKI, tmp_path:
             capture_output=True, text=True, env=ENV, timeout=60,
         )
         assert client.returncode == 0, (client.stdout, client.stderr)
-        assert client.stdout.strip() == f"tcp/2000 is open on {net.server.ipv4}"
+        assert client.stdout == ""  # not a terminal: the status line goes to stderr
+        assert client.stderr.strip() == f"tcp/2000 is open on {net.server.ipv4}"
         server.wait_log(f"granted tcp/2000 to {net.client.ipv4} (CN=sKnock Test Client")
         assert server.reachable(2000)
         assert not server.reachable(3000)  # only what was knocked for

@@ -8,7 +8,8 @@ prompt.  A new .pfx never shares the CA's password: one equal to it is refused, 
 ``NAME.pfx.pass``, so that handing someone a .pfx and its password never hands them the CA.
 A new intermediate CA's key gets its own password (``--new-ca-password-file``,
 ``$SKNOCK_NEW_CA_PASSWORD`` or a prompt), never its parent's: whoever runs the intermediate does not
-learn the root's.
+learn the root's.  ``client NAME --csr FILE`` issues for a key made elsewhere (on a token): no key, no
+.pfx, no password but the CA's.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import NoReturn
 from cryptography import x509
 
 from .. import ca as ca_lib
-from ..credentials import resolve_password
+from ..credentials import load_certificate_request, resolve_password
 from ..errors import CAError, CredentialError, SknockError
-from ..ports import parse_ports
+from ..ports import PortSet, parse_ports
 
 PROG = "sknock-ca"
 NEW_PFX_ENV = "SKNOCK_NEW_PFX_PASSWORD"
@@ -214,15 +215,34 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     ports = parse_ports(args.allow)
+    if args.csr is not None:
+        return _cmd_client_csr(args, ports)
     authority = _open(args)
     issued: list[x509.Certificate] = []
 
     def issue(password: bytes) -> None:
-        issued.append(authority.issue_client(args.name, ports, password, days=args.days, key_type=args.key_type))
+        issued.append(authority.issue_client(
+            args.name, ports, password, days=args.days, key_type=args.key_type or "ec-p256"
+        ))
 
     pfx = _issue(args, authority, "client", issue)
     print(f"issued client {args.name} for {ports} (serial {issued[0].serial_number:x})")
     print(f"  {pfx}")
+    return 0
+
+
+def _cmd_client_csr(args: argparse.Namespace, ports: PortSet) -> int:
+    """``client NAME --csr FILE``: a certificate for a key made elsewhere (a token's); no .pfx, no password."""
+    if args.key_type is not None:
+        raise _Usage("--key-type makes a new key; with --csr the key is the request's")
+    request = load_certificate_request(args.csr)  # a bad file is reported before the CA password is asked for
+    authority = _open(args)
+    cert = authority.issue_client_for_request(args.name, ports, request, days=args.days)
+    cer = authority.directory / "client" / f"{args.name}.cer"
+    print(f"issued client {args.name} for {ports} (serial {cert.serial_number:x}) for the key of {args.csr}")
+    print(f"  {cer} (DER), {cer.with_suffix('.pem')}")
+    print(f"next: put {cer.name} on the token beside the key (same id), or give it to sknock-knock with the "
+          "pkcs11: URI (docs/client.md, Keys on a token)")
     return 0
 
 
@@ -305,7 +325,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--allow", required=True, help="ports the client may open, e.g. tcp/22,udp/8000-8010")
     p.add_argument("--days", type=_positive, default=365)
-    p.add_argument("--key-type", choices=ca_lib.KEY_TYPES, default="ec-p256")
+    p.add_argument("--key-type", choices=ca_lib.KEY_TYPES, default=None, help="the new key's type (ec-p256)")
+    p.add_argument("--csr", type=Path, default=None, metavar="FILE",
+                   help="issue for the key of this certificate request (PEM or DER; e.g. made on a token) "
+                        "instead of making a key and a .pfx: writes client/NAME.cer and NAME.pem")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("intermediate", parents=[common], help="create an intermediate CA under this one")

@@ -1,39 +1,47 @@
 """``sknock-knock``: knock on a server's door from the command line (also ``python -m sknock.cli.knock``).
 
-    sknock-knock -p 22 server.example              # open tcp/22, confirm by connecting
+    sknock-knock gateway                           # a named server (client.ini): knock its ports
+    sknock-knock gateway -p 443                    # another port on it
+    sknock-knock --pfx a.pfx --server-cert s.cer -p 22 server.example
     sknock-knock -u -p 8000 server.example         # open udp/8000 (cannot be confirmed: sent = success)
     sknock-knock --close -p 22 server.example      # close tcp/22 for this host now
+    sknock-knock --via icmp gateway                # the knock in a ping (echo request), not UDP
+    sknock-knock ssh-proxy %n %h %p                # as an ssh ProxyCommand (see sknock.sshproxy)
 
-Exit status: 0 the port opened (or, with ``-u``, ``--no-verify`` or ``--close``, the knock was sent);
-1 it did not open within the timeout; 2 bad input (usage, files, password, a server certificate that is
-not a server's, a port the certificate does not name, a host that does not resolve, a knock that cannot be
-sent), reported as one line on stderr.
-The PKCS#12 password never comes from the command line: ``--password-file``, ``$SKNOCK_PFX_PASSWORD``,
-or a prompt when stdin is a terminal.
+A named server is a section of the client configuration file (:mod:`sknock.clientconfig`); options on the
+command line override what it says.  Exit status: 0 the port(s) opened (or, with ``-u``, ``--no-verify``
+or ``--close``, the knock was sent); 1 it did not open within the timeout; 2 bad input (usage, files,
+password, a server certificate that is not a server's, a port the certificate does not name, a host that
+does not resolve, a knock that cannot be sent), reported as one line on stderr.
+The status line goes to stdout on a terminal, else to stderr (so stdout stays clean for a pipe), and
+nowhere with ``--quiet``.
+The PKCS#12 password never comes from the command line: ``--password-file``, the named server's password
+source, ``$SKNOCK_PFX_PASSWORD``, or a prompt when stdin is a terminal.  ``--pfx`` (and a named server's
+``credentials``) also takes a ``pkcs11:`` URI (a key on a token, :mod:`sknock.token`); its PIN comes from
+the URI's pin-source, ``--password-file``, the named server's password source, ``$SKNOCK_TOKEN_PIN`` or a
+prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ..client import DEFAULT_WORK_BITS, KnockClient, load_server_certificate, resolve
-from ..credentials import resolve_password
-from ..errors import CredentialError, SknockError
+from ..carrier import Carrier
+from ..client import KnockClient, load_server_certificate, resolve
+from ..clientconfig import PASSWORD_ENV, Profile, default_files, find_profile
+from ..errors import CredentialError, ResolveError, SknockError
 from ..ports import Protocol
 from ..protocol.request import MAX_DURATION
-from ..protocol.wire import MAX_WORK_BITS
+from ..protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
+from ..token import is_pkcs11_uri
 
 PROG = "sknock-knock"
-PASSWORD_ENV = "SKNOCK_PFX_PASSWORD"  # noqa: S105 -- the variable's name, not a password
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_DEVPKI = Path("certificates") / "devpki"
-DEFAULT_PFX = _DEVPKI / "client" / "client.pfx"
-DEFAULT_SERVER_CERT = _DEVPKI / "server" / "server.cer"
 _MAX_RETRIES = 100
 
 
@@ -44,13 +52,6 @@ class _Usage(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise _Usage(message)
-
-
-def default_path(relative: Path) -> Path:
-    """``relative`` inside the repository checkout this module runs from, when it exists there;
-    else relative to the current directory (an installed package has no certificates beside it)."""
-    in_repo = _REPO_ROOT / relative
-    return in_repo if in_repo.exists() else relative
 
 
 def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
@@ -91,25 +92,38 @@ def _must_exist(path: Path, what: str, option: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    user_file = default_files()[1]
     p = _Parser(
         prog=PROG,
-        description="Send one sknock knock (a signed, encrypted UDP datagram) asking HOST to open a port for you.",
+        description="Send one sknock knock (a signed, encrypted UDP datagram) asking a server to open a port for "
+        f"you.  TARGET is a named server of the client configuration file ({user_file}, /etc/sknock/client.ini, "
+        "or --config FILE), or a host name or address.  Also: sknock-knock ssh-proxy NAME HOST PORT (an ssh "
+        "ProxyCommand; see sknock-knock ssh-proxy --help).",
         epilog="Exit status: 0 opened (or sent, with -u, --no-verify or --close), 1 did not open, 2 bad input. "
-        f"Password: --password-file, else ${PASSWORD_ENV}, else a prompt on a terminal.",
+        f"Password: --password-file, else the named server's, else ${PASSWORD_ENV}, else a prompt on a terminal.",
     )
-    p.add_argument("host", metavar="HOST", help="the knock server: a name or an IPv4/IPv6 address")
+    p.add_argument("target", metavar="TARGET", help="a named server, or the knock server's name or IPv4/IPv6 address")
     p.add_argument(
-        "-p", "--port", required=True, metavar="PORT", type=_int_in(1, 65535, "port"), help="the port to open"
+        "-p", "--port", metavar="PORT", type=_int_in(1, 65535, "port"),
+        help="the port to open (default: the named server's ports)",
     )
-    p.add_argument("-u", "--udp", action="store_true", help="open a UDP port (default TCP)")
+    p.add_argument("-u", "--udp", action="store_true", help="open a UDP port (default TCP, or the named server's)")
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=4, help="use IPv4 only")
     fam.add_argument("-6", dest="family", action="store_const", const=6, help="use IPv6 only")
-    p.add_argument("--pfx", type=Path, metavar="FILE", help=f"client PKCS#12 (default {DEFAULT_PFX})")
+    p.add_argument("--config", type=Path, metavar="FILE", help="read named servers from FILE only")
     p.add_argument(
-        "--server-cert", type=Path, metavar="FILE", help=f"server certificate, DER or PEM ({DEFAULT_SERVER_CERT})"
+        "--pfx", metavar="FILE|URI", help="client PKCS#12, or a pkcs11: URI of a key on a token (default: the named "
+        "server's credentials)"
     )
-    p.add_argument("--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password")
+    p.add_argument("--client-cert", type=Path, metavar="FILE", help="with a pkcs11: URI: the client certificate "
+                   "(default: the one on the token with the key's id)")
+    p.add_argument(
+        "--server-cert", type=Path, metavar="FILE", help="server certificate, DER or PEM (default: the named server's)"
+    )
+    p.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="file whose first line is the PKCS#12 password (token PIN)"
+    )
     p.add_argument("--no-verify", action="store_true", help="do not confirm by connecting: exit 0 once sent")
     p.add_argument(
         "--knock-port",
@@ -119,12 +133,19 @@ def _parser() -> argparse.ArgumentParser:
         help="UDP port to send the knock to (default: random per knock; the server listens on all)",
     )
     p.add_argument(
+        "--via",
+        choices=[c.value for c in Carrier],
+        default=None,
+        help="what carries the knock: udp (default) or icmp, an echo request (for networks that let only ping "
+        "out; the server needs knockCarriers = udp, icmp)",
+    )
+    p.add_argument(
         "--source",
         type=_source,
-        default="any",
+        default=None,
         metavar="auto|any|ADDR",
         help="bind the knock to a source address: any (default; works behind NAT), auto (this host's "
-        "address towards HOST) or an address",
+        "address towards the server) or an address",
     )
     p.add_argument(
         "--duration",
@@ -135,69 +156,144 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--close", action="store_true", help="ask the server to close the port for this host now")
     p.add_argument(
-        "--timeout", type=_seconds, default=10.0, metavar="S", help="seconds to wait for the port to open in all (10)"
+        "--timeout", type=_seconds, default=None, metavar="S", help="seconds to wait for the port to open in all (10)"
     )
     p.add_argument(
         "--retries",
         type=_int_in(1, _MAX_RETRIES, "retries"),
-        default=3,
+        default=None,
         metavar="N",
         help="knocks to send at most while the port stays closed (3)",
     )
     p.add_argument(
         "--work-bits",
         type=_int_in(0, MAX_WORK_BITS, "work bits"),
-        default=DEFAULT_WORK_BITS,
+        default=None,
         metavar="N",
         help=f"proof of work to attach; at least the server's minimum ({DEFAULT_WORK_BITS})",
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="print no status line (errors still go to stderr)")
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
-    protocol = Protocol.UDP if args.udp else Protocol.TCP
-    target = f"{protocol.label}/{args.port}"
-    pfx: Path = args.pfx if args.pfx is not None else default_path(DEFAULT_PFX)
-    server_cert: Path = args.server_cert if args.server_cert is not None else default_path(DEFAULT_SERVER_CERT)
-    # Resolve first: a host that does not resolve is reported before any password is asked for, and
-    # every retry goes to the same address.
-    family, address = resolve(args.host, args.family)
-    where = args.host if args.host == str(address) else f"{args.host} ({address})"
-    # Missing files are reported before a password is asked for.
-    _must_exist(pfx, "client PKCS#12", "--pfx")
-    _must_exist(server_cert, "server certificate", "--server-cert")
-    # A CA's or a client's certificate given as the server's is reported before a password is asked for.
-    load_server_certificate(server_cert)
-    password = resolve_password(
-        args.password_file, env_var=PASSWORD_ENV, prompt=f"Password for {pfx}: ", interactive=sys.stdin.isatty()
-    )
-    client = KnockClient(client_pfx=pfx, pfx_password=password, server_cert=server_cert, work_bits=args.work_bits)
-    if args.close:
-        client.close(
-            str(address), args.port, protocol, knock_port=args.knock_port, source_address=args.source, family=family
+def profile_for(target: str, config: Path | None) -> Profile:
+    """The named server ``target`` (or the one whose host it is), else a server known by its host alone."""
+    return find_profile(target, config, host=target) or Profile(name=target, file=None, host=target)
+
+
+def with_options(profile: Profile, args: argparse.Namespace) -> Profile:
+    """``profile`` with what the command line says instead (the command line overrides everything)."""
+    changes: dict[str, object] = {}
+    if args.password_file is not None:  # replaces the file's password source, whichever it was
+        changes.update(password_file=args.password_file, password=None, password_env=None, password_keyring=False)
+    for option, attr in (
+        ("pfx", "credentials"), ("client_cert", "client_cert"), ("server_cert", "server_cert"), ("family", "family"),
+        ("source", "source"), ("knock_port", "knock_port"), ("timeout", "timeout"), ("retries", "retries"),
+        ("work_bits", "work_bits"),
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            changes[attr] = value
+    if args.via is not None:
+        changes["via"] = Carrier.parse(args.via)
+        if changes["via"] is Carrier.ICMP and args.knock_port is None:
+            changes["knock_port"] = None  # the named server's UDP knock port means nothing in a ping
+    changed = dataclasses.replace(profile, **changes)  # type: ignore[arg-type]
+    if changed.via is Carrier.ICMP and changed.knock_port is not None:
+        raise _Usage("--knock-port names a UDP port: it cannot be used with --via icmp")
+    return changed
+
+
+def _ports(profile: Profile, args: argparse.Namespace) -> tuple[tuple[Protocol, int], ...]:
+    if args.port is not None:
+        return ((Protocol.UDP if args.udp else profile.protocol, args.port),)
+    ports = profile.default_ports()
+    if not ports:
+        named = f" (the named server {profile.name} in {profile.file} has no ports)" if profile.file else ""
+        raise _Usage(f"the following arguments are required: -p/--port{named}")
+    return tuple((Protocol.UDP, n) if args.udp else (proto, n) for proto, n in ports)
+
+
+def _files(profile: Profile) -> tuple[str, Path]:
+    """The credentials spec and the server certificate, checked to exist before a password is asked for."""
+    if profile.credentials is None:
+        raise CredentialError(
+            f"no client credentials for {profile.name}: give --pfx FILE, or name a server of the client "
+            f"configuration file ({default_files()[1]})"
         )
-        print(f"asked {where} to close {target} for this host")
+    if not is_pkcs11_uri(profile.credentials):
+        _must_exist(Path(profile.credentials), "client PKCS#12", "--pfx")
+    if profile.server_cert is None:
+        raise CredentialError(f"no server certificate for {profile.name}: give --server-cert FILE")
+    _must_exist(profile.server_cert, "server certificate", "--server-cert")
+    return profile.credentials, profile.server_cert
+
+
+def status_printer(quiet: bool) -> Callable[[str], None]:
+    """Where the status line goes: stdout on a terminal, else stderr; nowhere when ``quiet``."""
+    stream = sys.stdout if sys.stdout.isatty() else sys.stderr
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=stream, flush=True)
+
+    return say
+
+
+def _run(args: argparse.Namespace) -> int:
+    say = status_printer(args.quiet)
+    profile = with_options(profile_for(args.target, args.config), args)
+    ports = _ports(profile, args)
+    # Resolve first: a host that does not resolve is reported before any password is asked for, and
+    # every knock and retry goes to the same address.
+    try:
+        family, address = resolve(profile.host, profile.family)
+    except ResolveError as exc:
+        if profile.file is not None:
+            raise
+        files = [args.config] if args.config is not None else default_files()
+        raise ResolveError(f"{exc}; nor is it a named server of {' or '.join(map(str, files))}") from None
+    where = profile.host if profile.host == str(address) else f"{profile.host} ({address})"
+    # Missing files, and a CA's or a client's certificate given as the server's, are reported before a
+    # password is asked for.
+    _, server_cert = _files(profile)
+    load_server_certificate(server_cert)
+    client = KnockClient.for_profile(profile, interactive=sys.stdin.isatty())
+    arguments = {**profile.knock_arguments(), "family": family}
+    if args.close:
+        for protocol, port in ports:
+            client.close(str(address), port, protocol, knock_port=profile.knock_port,
+                         source_address=profile.source, family=family, via=profile.via)
+            say(f"asked {where} to close {protocol.label}/{port} for this host")
         return 0
-    verify = not args.no_verify and protocol is Protocol.TCP
-    opened = client.knock(
-        str(address), args.port, protocol, verify=verify, timeout=args.timeout, retries=args.retries,
-        duration=args.duration, knock_port=args.knock_port, source_address=args.source, family=family,
-    )
-    if not verify:
-        why = "UDP cannot be confirmed" if protocol is Protocol.UDP and not args.no_verify else "not verified"
-        print(f"knock for {target} sent to {where} ({why})")
-        return 0
-    if opened:
-        print(f"{target} is open on {where}")
-        return 0
-    print(f"{target} on {where} did not open within {args.timeout:g} s ({args.retries} knock(s) sent)")
-    return 1
+    status = 0
+    for protocol, port in ports:
+        target = f"{protocol.label}/{port}"
+        verify = not args.no_verify and protocol is Protocol.TCP
+        opened = client.knock(str(address), port, protocol, verify=verify, duration=args.duration, **arguments)
+        if not verify:
+            why = "UDP cannot be confirmed" if protocol is Protocol.UDP and not args.no_verify else "not verified"
+            say(f"knock for {target} sent to {where} ({why})")
+        elif opened:
+            say(f"{target} is open on {where}")
+        else:
+            say(f"{target} on {where} did not open within {profile.timeout:g} s ({profile.retries} knock(s) sent)")
+            status = 1
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``sknock-knock``; return the exit status (0 opened/sent, 1 not opened, 2 bad input)."""
+    """Run ``sknock-knock``; return the exit status (0 opened/sent, 1 not opened, 2 bad input).
+
+    ``sknock-knock ssh-proxy ...`` runs :func:`sknock.sshproxy.main`.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["ssh-proxy"]:
+        from ..sshproxy import main as ssh_proxy
+
+        return ssh_proxy(arguments[1:])
     try:
-        return _run(_parser().parse_args(argv))
+        return _run(_parser().parse_args(arguments))
     except _Usage as exc:
         print(f"{PROG}: error: {exc} (see {PROG} --help)", file=sys.stderr)
     except SknockError as exc:

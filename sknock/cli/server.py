@@ -113,6 +113,18 @@ def status(config_path: Path) -> int:
             stale = "  STALE: past its next update" if c.get("stale") else ""
             print(f"CRL of {c['issuer']}: issued {c['issued']}, next update {c['next_update']}, "
                   f"{c['revoked']} revoked, from {c['source']}{stale}")
+    store = answer.get("replay_store")
+    if isinstance(store, dict) and store.get("shared"):
+        if store.get("state") == "ok":
+            health = "ok"
+        else:
+            what = "refusing knocks" if store.get("fallback") == "refuse" else "checking knocks on this server alone"
+            health = f"DOWN for {store.get('down_for')} s, {what}: {store.get('last_error')}"
+        print(f"replay store {store.get('store')}: {health} ({store.get('claimed')} claimed, {store.get('replays')} "
+              f"replays refused, {store.get('refused_unconfirmed')} refused and {store.get('granted_unconfirmed')} "
+              f"granted unconfirmed, {store.get('outages')} outage(s))")
+    elif isinstance(store, dict):
+        print("replay store local (this server's own memory)")
     if grants:
         print(f"{'ADDRESS':<40} {'PORT':<10} {'EXPIRES IN':>10}  CLIENT")
         for g in grants:
@@ -178,7 +190,7 @@ def boot_ruleset(config_path: Path) -> int:
 def check_config(config_path: Path) -> int:
     """``--check-config``: load and check everything a start would, plus :func:`check_deployment`; change
     nothing.  Exit 0 with ``configuration OK``, or 2 with one line naming the file and the reason."""
-    from ..server.daemon import load, revocation_summary
+    from ..server.daemon import load, replay_store_summary, revocation_summary
     from ..server.preflight import check_deployment
 
     try:
@@ -190,8 +202,13 @@ def check_config(config_path: Path) -> int:
     config = server.config
     for notice in config.notices:
         logging.getLogger("sknock.server").warning("%s", notice)
+    try:
+        store = replay_store_summary(config)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        return 2
     print(f"sknock-server: {config.source}: configuration OK (firewall backend {server.firewall.name}; "
-          f"{revocation_summary(server)})")
+          f"{revocation_summary(server)}; {store})")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -43,6 +44,10 @@ __all__ = [
     "OpenedKnock",
     "ClientKey",
     "ClientPublicKey",
+    "KnockSigner",
+    "SoftwareSigner",
+    "as_signer",
+    "ecdsa_signature_size",
     "fingerprint",
     "suite_for_curve",
     "seal_knock",
@@ -61,6 +66,60 @@ SIGNATURE_DOMAIN = b"sknock/v1/signature"
 ClientKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 #: Their public halves, as a client certificate carries them.
 ClientPublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+
+@runtime_checkable
+class KnockSigner(Protocol):
+    """What signs a knock: a key in memory (:class:`SoftwareSigner`) or one that never leaves a token
+    (``sknock.token.TokenSigner``).  ``sign`` returns the signature exactly as the wire carries it (DER
+    ECDSA-SHA256, Ed25519, or RSA-PSS-SHA256: see the module docstring), so the format does not depend on
+    where the key lives; ``signature_size`` is the most bytes it may take (to size the datagram)."""
+
+    def public_key(self) -> ClientPublicKey:
+        """The public half, as the client certificate carries it."""
+        ...
+
+    def sign(self, message: bytes) -> bytes:
+        """The signature over ``message`` (the whole message: the signer hashes it)."""
+        ...
+
+    @property
+    def signature_size(self) -> int:
+        """The largest signature this signer makes, in bytes."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SoftwareSigner:
+    """A :data:`ClientKey` held in memory, as a :class:`KnockSigner`."""
+
+    key: ClientKey
+
+    def public_key(self) -> ClientPublicKey:
+        """The key's public half."""
+        return self.key.public_key()
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` as the protocol says for this kind of key."""
+        return _sign(self.key, message)
+
+    @property
+    def signature_size(self) -> int:
+        """The largest signature this key makes (DER worst case for ECDSA)."""
+        return _signature_size(self.key)
+
+
+def as_signer(key: ClientKey | KnockSigner) -> KnockSigner:
+    """``key`` as a :class:`KnockSigner`: a key in memory is wrapped, a signer is returned as it is."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
+        return SoftwareSigner(key)
+    return key
+
+
+def ecdsa_signature_size(curve: ec.EllipticCurve) -> int:
+    """The largest DER ECDSA signature on ``curve``: two integers of the curve's size, each with a possible
+    leading zero, in a SEQUENCE (the lengths fit one byte up to P-384, two for P-521)."""
+    return 2 * ((curve.key_size + 7) // 8) + 9
 
 
 def suite_for_curve(curve: ec.EllipticCurve) -> Suite:
@@ -117,22 +176,25 @@ def verify_signature(public_key: object, signature: bytes, message: bytes) -> No
 
 def _signature_size(key: ClientKey) -> int:
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return 2 * ((key.curve.key_size + 7) // 8) + 9  # DER worst case
+        return ecdsa_signature_size(key.curve)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return 64
     return (key.key_size + 7) // 8
 
 
-def max_certificate_size(client_key: ClientKey, n_ports: int = 1, suite: Suite = SUITES[SUITE_P256]) -> int:
-    """The largest client certificate (DER bytes) that fits a knock for this key and number of ports."""
+def max_certificate_size(
+    client_key: ClientKey | KnockSigner, n_ports: int = 1, suite: Suite = SUITES[SUITE_P256]
+) -> int:
+    """The largest client certificate (DER bytes) that fits a knock for this key (or signer) and number
+    of ports."""
     fixed = 8 + 16 + 1 + 1 + 16 + 4 + 1 + 3 * n_ports + 2 + 2  # request with an IPv6 address, lengths
-    return BUCKETS[-1] - suite.overhead - fixed - _signature_size(client_key)
+    return BUCKETS[-1] - suite.overhead - fixed - as_signer(client_key).signature_size
 
 
 def seal_knock(
     request: KnockRequest,
     *,
-    client_key: ClientKey,
+    client_key: ClientKey | KnockSigner,
     client_certificate: bytes,
     server_public_key: ec.EllipticCurvePublicKey,
     server_fingerprint: bytes,
@@ -140,7 +202,9 @@ def seal_knock(
     ephemeral_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
     """Build one knock datagram.  ``request.timestamp_ms`` carries the caller's clock; the only other
-    inputs from outside are randomness (the ephemeral key, unless given, and the request's nonce)."""
+    inputs from outside are randomness (the ephemeral key, unless given, and the request's nonce).
+    ``client_key`` is a key in memory or any :class:`KnockSigner` (a token): the datagram is the same."""
+    signer = as_signer(client_key)
     suite = suite_for_curve(server_public_key.curve)
     ephemeral_key = ephemeral_key or ec.generate_private_key(suite.curve)
     if ephemeral_key.curve.name != suite.curve.name:
@@ -150,14 +214,18 @@ def seal_knock(
     )
     header = Header(VERSION, suite.id, work_bits, 0, request.timestamp_ms // 1000, server_fingerprint[:4], 0)
     signed = signed_part(request, client_certificate)
-    signature = _sign(client_key, _signed_message(header, ephemeral, server_fingerprint, signed))
+    signature = signer.sign(_signed_message(header, ephemeral, server_fingerprint, signed))
+    if len(signature) > signer.signature_size:
+        raise KnockBuildError(
+            f"the signer made a signature of {len(signature)} bytes, more than its {signer.signature_size}"
+        )
     needed = suite.overhead + len(signed) + 2 + len(signature)
     bucket = next((size for size in BUCKETS if size >= needed), None)
     if bucket is None:
         raise KnockBuildError(
             f"the knock would need {needed} bytes but one datagram carries at most {BUCKETS[-1]}: "
             f"the client certificate ({len(client_certificate)} bytes DER) is too large; "
-            f"at most {max_certificate_size(client_key, len(request.ports), suite)} bytes fit"
+            f"at most {max_certificate_size(signer, len(request.ports), suite)} bytes fit"
         )
     plaintext = encode_plaintext(signed, signature, bucket - suite.overhead)
     return seal_plaintext(

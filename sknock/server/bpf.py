@@ -22,6 +22,14 @@ packet and keeps only what may be a knock, so that userspace never copies the re
 7. the UDP length field is at least ``8 + min_payload``, with ``knock_shape`` exactly ``8 +`` one of
    :data:`~sknock.protocol.wire.BUCKETS`, and no larger than the bytes present.
 
+With ``icmp`` (the ICMP carrier, :mod:`sknock.carrier`), echo requests pass too: IPv4 protocol 1 (not a
+fragment, any IHL >= 5) or, after the same walk of IPv6 extension headers, ICMPv6 (58); type 8 (IPv4) or
+128 (IPv6), code 0; the knock after the 8-byte echo header is held to the same shape as in step 6; and
+as ICMP has no length field, the IP length fields stand in for step 7: the IP datagram's end (IPv4 total
+length, or 40 + IPv6 payload length) less the echo header's offset is ``8 +`` a bucket (at least
+``8 + min_payload``), and that end lies within the bytes present.  ``ports`` do not apply (ICMP has
+none).  Without ``icmp`` the program is exactly the UDP-only one, instruction for instruction.
+
 Everything the filter passes is parsed again, strictly, by :mod:`sknock.server.packet`, and the knock
 header by :func:`sknock.protocol.wire.precheck`; the filter is a cheap first cut, not the validation.
 The shape check exists for floods: random bytes of a knock's size would otherwise each cost a receive
@@ -41,6 +49,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..carrier import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST
 from ..errors import ConfigError
 from ..protocol import wire
 from .packet import MAX_EXTENSION_HEADERS
@@ -69,6 +78,8 @@ _PACKET_HOST = 0
 _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
 _UDP = 17
+_ICMP = 1
+_ICMPV6 = 58
 _IPV6_WALKED = (0, 43, 60)  # hop-by-hop, routing, destination options
 _UDP_HEADER = 8
 # The knock header the filter checks (docs/protocol.md): magic, version, suite, work_bits, flags.
@@ -155,13 +166,15 @@ def build_filter(
     ports: Sequence[tuple[int, int]] | None,
     max_packet: int = DEFAULT_MAX_PACKET,
     knock_shape: bool = True,
+    icmp: bool = False,
 ) -> tuple[Instruction, ...]:
     """The filter program for an ``AF_PACKET``/``SOCK_DGRAM`` socket (see the module docstring).
 
     ``ports`` holds inclusive ``(first, last)`` UDP destination port ranges, or ``None`` for any.
     ``min_payload`` is the smallest UDP payload passed; ``knock_shape`` also requires a payload of
     exactly a bucket size with a version-1 knock header (magic, version, known suite, flags 0), which
-    makes ``min_payload`` moot unless it exceeds a bucket size.
+    makes ``min_payload`` moot unless it exceeds a bucket size.  ``icmp`` also passes ICMP and ICMPv6
+    echo requests carrying a knock (the module docstring says how they are checked).
     Raises :class:`~sknock.errors.ConfigError` for values no packet could satisfy sensibly.
     """
     if not 0 <= min_payload <= 65535 - 8:
@@ -193,12 +206,13 @@ def build_filter(
     a.op(_ALU | _AND | _K, 0xF0)
     a.jump(_JMP | _JEQ | _K, 0x40, None, "drop")
     a.op(_LD | _B | _ABS, 9)
-    a.jump(_JMP | _JEQ | _K, _UDP, None, "drop")
-    a.op(_LD | _H | _ABS, 6)
-    a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
-    a.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
-    a.op(_MISC | _TXA)
-    a.jump(_JMP | _JGE | _K, 20, "udp", "drop")
+    a.jump(_JMP | _JEQ | _K, _UDP, None, "icmp4_proto" if icmp else "drop")
+    _ipv4_whole(a, "udp")
+    if icmp:  # the same checks with ICMP in place of UDP; A holds the protocol
+        a.label("icmp4_proto")
+        a.jump(_JMP | _JEQ | _K, _ICMP, None, "drop")
+        _ipv4_whole(a, None)
+        a.goto("icmp4")
     # IPv6
     a.label("not4")
     a.jump(_JMP | _JEQ | _K, _ETH_P_IPV6, None, "drop")
@@ -209,6 +223,8 @@ def build_filter(
     a.op(_LD | _B | _ABS, 6)  # A: next header
     for step in range(MAX_EXTENSION_HEADERS):
         a.jump(_JMP | _JEQ | _K, _UDP, "udp", None)
+        if icmp:
+            a.jump(_JMP | _JEQ | _K, _ICMPV6, "icmp6", None)
         for header in _IPV6_WALKED:
             a.jump(_JMP | _JEQ | _K, header, f"ext{step}", None)
         a.goto("drop")
@@ -220,9 +236,16 @@ def build_filter(
         a.op(_ST, 0)  # M[0] = offset of the following header
         a.op(_LD | _B | _IND, 0)  # A = its type
         a.op(_LDX | _W | _MEM, 0)
-    a.jump(_JMP | _JEQ | _K, _UDP, "udp", "drop")
+    if icmp:
+        a.jump(_JMP | _JEQ | _K, _UDP, "udp", None)
+        a.jump(_JMP | _JEQ | _K, _ICMPV6, "icmp6", "drop")
+    else:
+        a.jump(_JMP | _JEQ | _K, _UDP, "udp", "drop")
     a.label("drop")
     a.op(_RET | _K, 0)
+    if icmp:  # a far jump past the UDP checks, whose port ranges may be many
+        a.label("icmp6")
+        a.goto("icmp6_tail")
     # UDP header at X.
     a.label("udp")
     if ranges is not None:
@@ -243,25 +266,9 @@ def build_filter(
         # junk fails the first test, so it costs the kernel a handful of instructions and Python
         # nothing.  The loads stay inside the UDP datagram: its length is checked below to be a
         # bucket size (>= 6) and within the packet.
-        a.op(_LD | _W | _IND, _UDP_HEADER)
-        a.op(_ALU | _AND | _K, 0xFFFFFF00)
-        a.jump(_JMP | _JEQ | _K, int.from_bytes(_KNOCK_PREFIX + b"\0", "big"), None, "reject")
-        a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_SUITE_OFFSET)
-        suites = sorted(wire.SUITES)
-        for suite in suites[:-1]:
-            a.jump(_JMP | _JEQ | _K, suite, "suite_ok", None)
-        a.jump(_JMP | _JEQ | _K, suites[-1], None, "reject")
-        a.label("suite_ok")
-        a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_FLAGS_OFFSET)
-        a.jump(_JMP | _JEQ | _K, 0, None, "reject")
+        _knock_shape(a, "suite_ok", "reject")
     a.op(_LD | _H | _IND, 4)  # UDP length
-    a.jump(_JMP | _JGE | _K, _UDP_HEADER + min_payload, None, "reject")
-    if knock_shape:
-        buckets = sorted(set(wire.BUCKETS))
-        for size in buckets[:-1]:
-            a.jump(_JMP | _JEQ | _K, _UDP_HEADER + size, "length_ok", None)
-        a.jump(_JMP | _JEQ | _K, _UDP_HEADER + buckets[-1], None, "reject")
-        a.label("length_ok")
+    _knock_length(a, min_payload, knock_shape, "length_ok", "reject")
     a.op(_ST, 1)
     a.op(_LD | _W | _LEN)
     a.op(_ALU | _SUB | _X)  # bytes from the UDP header to the end of the packet
@@ -270,6 +277,80 @@ def build_filter(
     a.op(_RET | _K, max_packet)
     a.label("reject")
     a.op(_RET | _K, 0)
+    if icmp:
+        _icmp_tail(a, min_payload=min_payload, max_packet=max_packet, knock_shape=knock_shape)
     program = a.resolve()
     assert len(program) <= _BPF_MAXINSNS
     return program
+
+
+def _ipv4_whole(a: _Assembler, then: str | None) -> None:
+    """Not a fragment, and X = the IPv4 header's length (IHL >= 5); then on to ``then`` (None: the next
+    instruction), else to "drop"."""
+    a.op(_LD | _H | _ABS, 6)
+    a.jump(_JMP | _JSET | _K, 0x3FFF, "drop", None)
+    a.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
+    a.op(_MISC | _TXA)
+    a.jump(_JMP | _JGE | _K, 20, then, "drop")
+
+
+def _knock_shape(a: _Assembler, suite_ok: str, reject: str) -> None:
+    """The knock header's shape (magic, version, suite, flags), read at X + 8: after the UDP or echo header."""
+    a.op(_LD | _W | _IND, _UDP_HEADER)
+    a.op(_ALU | _AND | _K, 0xFFFFFF00)
+    a.jump(_JMP | _JEQ | _K, int.from_bytes(_KNOCK_PREFIX + b"\0", "big"), None, reject)
+    a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_SUITE_OFFSET)
+    suites = sorted(wire.SUITES)
+    for suite in suites[:-1]:
+        a.jump(_JMP | _JEQ | _K, suite, suite_ok, None)
+    a.jump(_JMP | _JEQ | _K, suites[-1], None, reject)
+    a.label(suite_ok)
+    a.op(_LD | _B | _IND, _UDP_HEADER + _KNOCK_FLAGS_OFFSET)
+    a.jump(_JMP | _JEQ | _K, 0, None, reject)
+
+
+def _knock_length(a: _Assembler, min_payload: int, knock_shape: bool, length_ok: str, reject: str) -> None:
+    """A holds a UDP or echo message's length, header included: at least ``8 + min_payload``, and with
+    ``knock_shape`` exactly 8 + a bucket size; falls through when it is."""
+    a.jump(_JMP | _JGE | _K, _UDP_HEADER + min_payload, None, reject)
+    if knock_shape:
+        buckets = sorted(set(wire.BUCKETS))
+        for size in buckets[:-1]:
+            a.jump(_JMP | _JEQ | _K, _UDP_HEADER + size, length_ok, None)
+        a.jump(_JMP | _JEQ | _K, _UDP_HEADER + buckets[-1], None, reject)
+        a.label(length_ok)
+
+
+def _icmp_tail(a: _Assembler, *, min_payload: int, max_packet: int, knock_shape: bool) -> None:
+    """The ICMP carrier's checks, after the UDP ones: the echo request's type and code and the IP
+    datagram's end, for IPv4 ("icmp4") and IPv6 ("icmp6_tail"), X at the ICMP header; then what both
+    share ("icmp_end", A = the datagram's end)."""
+    a.label("icmp4")
+    a.op(_LD | _B | _IND, 0)
+    a.jump(_JMP | _JEQ | _K, ICMP_ECHO_REQUEST, None, "icmp_reject")
+    a.op(_LD | _B | _IND, 1)
+    a.jump(_JMP | _JEQ | _K, 0, None, "icmp_reject")
+    a.op(_LD | _H | _ABS, 2)  # IPv4 total length: the datagram's end
+    a.goto("icmp_end")
+    a.label("icmp6_tail")
+    a.op(_LD | _B | _IND, 0)
+    a.jump(_JMP | _JEQ | _K, ICMPV6_ECHO_REQUEST, None, "icmp_reject")
+    a.op(_LD | _B | _IND, 1)
+    a.jump(_JMP | _JEQ | _K, 0, None, "icmp_reject")
+    a.op(_LD | _H | _ABS, 4)
+    a.op(_ALU | _ADD | _K, 40)  # IPv6 payload length + its fixed header: the datagram's end
+    a.label("icmp_end")
+    a.op(_ST, 2)  # M[2] = end of the IP datagram
+    if knock_shape:
+        _knock_shape(a, "icmp_suite_ok", "icmp_reject")
+    a.op(_LD | _MEM, 2)
+    a.op(_ALU | _SUB | _X)  # the echo message's length: from its header to the datagram's end
+    if not knock_shape:  # an end before the header wraps around; the bucket sizes rule that out otherwise
+        a.jump(_JMP | _JGT | _K, 0xFFFF, "icmp_reject", None)
+    _knock_length(a, min_payload, knock_shape, "icmp_length_ok", "icmp_reject")
+    a.op(_LD | _W | _LEN)
+    a.op(_LDX | _W | _MEM, 2)
+    a.jump(_JMP | _JGE | _X, 0, None, "icmp_reject")  # the datagram's end is within the packet
+    a.op(_RET | _K, max_packet)
+    a.label("icmp_reject")
+    a.op(_RET | _K, 0)

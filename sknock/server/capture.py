@@ -8,7 +8,9 @@ Two receivers with one shape (``filenos()`` for a worker's selector, ``receive()
   and netfilter's netdev ingress hook, and long before the IP layer, the ``inet`` input hooks and the
   UDP socket lookup.  So the server sees knocks to ports that no socket listens on and that the
   firewall drops, and the host answers nothing: no ICMP port-unreachable leaks that a server exists.
-  A classic BPF filter (:mod:`sknock.server.bpf`) keeps everything else in the kernel.
+  A classic BPF filter (:mod:`sknock.server.bpf`) keeps everything else in the kernel.  With ``icmp``
+  it also takes knocks carried in ICMP/ICMPv6 echo requests (:mod:`sknock.carrier`), which only a
+  packet capture can see.
 * :func:`open_udp_capture` -- plain bound UDP sockets, for hosts where raw capture is not wanted.
   The port is then open (and visible to a scanner only by silence, since UDP never answers).
 
@@ -201,10 +203,14 @@ class _Receiver:
 class PacketCapture(_Receiver):
     """Knock datagrams seen by ``AF_PACKET`` sockets, whatever the firewall does with them."""
 
-    def __init__(self, sockets: list[socket.socket], max_packet: int) -> None:
+    def __init__(self, sockets: list[socket.socket], max_packet: int, icmp: bool = False) -> None:
         super().__init__(sockets)
         self._bufsize = max_packet
         self._ifindex: dict[str, int] = {}
+        self._icmp = icmp
+        # Next headers after which an IPv6 knock's payload starts at byte 48: UDP, and ICMPv6 (whose echo
+        # header is 8 bytes too) when that carrier is on.
+        self._plain_v6 = (17, 58) if icmp else (17,)
 
     def __enter__(self) -> PacketCapture:
         return self
@@ -217,15 +223,16 @@ class PacketCapture(_Receiver):
             self.stats["not-host"] += 1
             return None
         # An exact copy of a remembered payload: where the payload starts in a plain IPv4 or IPv6
-        # packet, without trusting the header (a wrong guess only misses the shortcut).
+        # packet, without trusting the header (a wrong guess only misses the shortcut).  UDP and echo
+        # headers are both 8 bytes.
         version = data[0] >> 4 if data else 0
         if version == 4:
             if self._is_copy(data[(data[0] & 0x0F) * 4 + 8 :], data[12:16]):
                 return None
-        elif version == 6 and len(data) > 48 and data[6] == 17 and self._is_copy(data[48:], data[8:24]):
+        elif version == 6 and len(data) > 48 and data[6] in self._plain_v6 and self._is_copy(data[48:], data[8:24]):
             return None
         try:
-            return parse_datagram(data, ifindex=self._index(address[0]))
+            return parse_datagram(data, ifindex=self._index(address[0]), icmp=self._icmp)
         except PacketError as error:
             self.stats[error.reason] += 1
             return None
@@ -294,6 +301,7 @@ def open_packet_capture(
     rcvbuf: int = DEFAULT_RCVBUF,
     max_packet: int = DEFAULT_MAX_PACKET,
     fanout_group: int | None = None,
+    icmp: bool = False,
 ) -> PacketCapture:
     """Open one filtered ``AF_PACKET`` socket per interface in ``interfaces`` (``None``: one socket
     for all interfaces, including ones that appear later).
@@ -305,10 +313,13 @@ def open_packet_capture(
     ``fanout_group``: open one capture per worker with the same group number, and the kernel shares
     the packets among them (PACKET_FANOUT by flow hash, so one source's packets go to one worker, with
     rollover to another when a worker's buffer is full).  Each interface uses group number + its index.
+
+    ``icmp``: also capture knocks carried in ICMP and ICMPv6 echo requests (``knockCarriers = udp, icmp``);
+    ``ports`` do not apply to them.
     """
     if fanout_group is not None and not 0 <= fanout_group <= 0xFFFF - len(interfaces or [None]):
         raise ConfigError(f"fanout group {fanout_group} out of range")
-    program = build_filter(min_payload=min_payload, ports=ports, max_packet=max_packet)
+    program = build_filter(min_payload=min_payload, ports=ports, max_packet=max_packet, icmp=icmp)
     if interfaces is not None:
         if not interfaces:
             raise ConfigError("an empty interface list would capture nothing; pass None for all")
@@ -346,7 +357,7 @@ def open_packet_capture(
         for sock in sockets:
             sock.close()
         raise CaptureError(f"cannot open packet capture: {error.strerror or error}") from error
-    return PacketCapture(sockets, max_packet)
+    return PacketCapture(sockets, max_packet, icmp)
 
 
 def open_udp_capture(*, bind: Sequence[tuple[str, int]]) -> UdpCapture:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+from ..carrier import Carrier
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..ports import PortSet, Protocol, parse_ports
@@ -43,6 +44,7 @@ from ..protocol.wire import DEFAULT_WORK_BITS
 from .firewall.base import PolicyMode
 from .firewall.command import TemplateError, split_template
 from .firewall.detect import FirewallBackend
+from .replaystore import DEFAULT_TIMEOUT_MS, Fallback, StoreAddress, parse_store_address
 
 __all__ = [
     "ServerConfig",
@@ -62,6 +64,7 @@ __all__ = [
     "update_doc",
     "MIN_RECV_BUFFER",
     "MAX_UDP_KNOCK_PORTS",
+    "Fallback",
 ]
 
 #: The smallest receive buffer that holds any knock as captured: the packet is read whole, IP header
@@ -85,6 +88,9 @@ _NO_REVOCATION_NOTICE = (
     "expires; use it only with short-lived certificates or a PKI that never publishes CRLs"
 )
 _PASSWORD_KEYS = ("PFXPasswd", "PFXPasswdFile", "PFXPasswdEnv")
+_STORE_PASSWORD_IN_URL_NOTICE = (  # a notice about a password, not one
+    "replayStore puts the replay store's password in the config file; use replayStorePasswordFile in production"  # noqa: S105
+)
 
 
 class Revocation(enum.StrEnum):
@@ -161,6 +167,7 @@ class ServerConfig:
     knock_destinations: KnockDestinations | None  # None: any destination address
     knock_ports: tuple[tuple[int, int], ...] | None  # inclusive (first, last) UDP ports; None: any
     capture_mode: CaptureMode
+    knock_carriers: tuple[Carrier, ...]  # UDP always, then ICMP when taken (in Carrier's order)
     protected_ports: PortSet | None  # None: all ports
     emergency_ssh: bool
     ca_file: Path | None
@@ -177,6 +184,13 @@ class ServerConfig:
     revocation: Revocation = Revocation.CRL
     crl_sources: tuple[CrlSource, ...] = ()  # every CRL source, in the file's order (empty: revocation = none)
     notices: tuple[str, ...] = ()
+    # -- the fleet's shared replay store (docs/fleet.md) --
+    replay_store: StoreAddress | None = None  # None: local, this server's own memory only
+    replay_store_password: str | None = field(default=None, repr=False)  # from replayStorePasswordFile or the URL
+    replay_store_password_file: Path | None = None
+    replay_store_ca_file: Path | None = None
+    replay_store_timeout_ms: int = DEFAULT_TIMEOUT_MS
+    replay_store_fallback: Fallback = Fallback.REFUSE
 
     def describe(self) -> str:
         """One ``key = value`` line per option, in the file's spelling and the order of :data:`OPTIONS`,
@@ -326,6 +340,20 @@ def _knock_ports(f: _Field, text: str) -> tuple[tuple[int, int], ...] | None:
     return tuple((span.first, span.last) for span in ports.ranges)
 
 
+def _knock_carriers(f: _Field, text: str) -> tuple[Carrier, ...]:
+    """knockCarriers: a comma list of carriers, which must include udp (it cannot be turned off)."""
+    items = [item.strip().lower() for item in text.split(",")]
+    if any(not item for item in items):
+        raise f.fail(f"{text!r} has an empty entry")
+    allowed = "|".join(c.value for c in Carrier)
+    unknown = next((item for item in items if item not in set(allowed.split("|"))), None)
+    if unknown is not None:
+        raise f.fail(f"{unknown!r} is not a carrier (write a comma list of {allowed}, e.g. udp, icmp)")
+    if Carrier.UDP.value not in items:
+        raise f.fail(f"{text!r} leaves out udp, which is always taken: write udp, or udp, icmp")
+    return tuple(c for c in Carrier if c.value in items)
+
+
 def _protected_ports(f: _Field, text: str) -> PortSet | None:
     if text.lower() == "all":
         return None
@@ -382,6 +410,15 @@ def _crl_url(f: _Field, text: str) -> str:
 
 def _is_local(url: str) -> bool:
     return not urlsplit(url).scheme
+
+
+def _replay_store(f: _Field, text: str) -> StoreAddress | None:
+    if text.lower() == "local":
+        return None
+    try:
+        return parse_store_address(text)
+    except ValueError as exc:
+        raise f.fail(str(exc)) from None
 
 
 def _log_level(f: _Field, text: str) -> str:
@@ -452,7 +489,8 @@ class Option:
 
 
 _RECEPTION, _FIREWALL, _CREDENTIALS, _DAEMON = "Knock reception", "Firewall", "Credentials and revocation", "Daemon"
-SECTIONS = (_RECEPTION, _FIREWALL, _CREDENTIALS, _DAEMON)  # the docs tables, in this order
+_FLEET = "Fleet: the shared replay store"
+SECTIONS = (_RECEPTION, _FIREWALL, _CREDENTIALS, _DAEMON, _FLEET)  # the docs tables, in this order
 
 #: Every option, in the order of the shipped config.ini and of docs/configuration.md.
 OPTIONS: tuple[Option, ...] = (
@@ -535,6 +573,17 @@ OPTIONS: tuple[Option, ...] = (
             "must then name ports (not `any`), at most 256 of them."
         ),
         section=_RECEPTION,
+    ),
+    Option(
+        "knockCarriers", "knock_carriers", "udp", _knock_carriers,
+        doc=(
+            "What may carry a knock: `udp`, or `udp, icmp` to take knocks in ICMP and ICMPv6 echo requests "
+            "too (`sknock-knock --via icmp`, for clients on networks that let only ping out; needs "
+            "`captureMode = packet`). The ICMP carrier has no ports, so `knockPorts` does not apply to it; "
+            "sknock sends no echo reply (the host's kernel and firewall decide whether one goes out). With "
+            "`udp` alone the kernel filter is exactly the UDP-only one."
+        ),
+        section=_RECEPTION, fmt=", ".join,
     ),
     Option(
         "requireSourceAddress", "require_source_address", "no", _boolean,
@@ -719,6 +768,54 @@ OPTIONS: tuple[Option, ...] = (
         ),
         section=_DAEMON,
     ),
+    # -- Fleet: the shared replay store --
+    Option(
+        "replayStore", "replay_store", "local", _replay_store,
+        doc=(
+            "`local`: this server remembers the knocks it applied (`stateDir`), nothing is shared. "
+            "`redis://HOST:PORT/DB` (`rediss://` for TLS): servers that may see the same knocks (an HA pair "
+            "sharing one server certificate, anycast, a load balancer) also claim each knock in one Redis or "
+            "Valkey with `SET key 1 NX PX`, and a knock one of them applied is refused by all the others. The "
+            "key is a hash: no client data reaches Redis. Needs `pip install 'sknock[fleet]'`. See "
+            "[docs/fleet.md](fleet.md)."
+        ),
+        section=_FLEET, absent="local",
+    ),
+    Option(
+        "replayStorePasswordFile", "replay_store_password_file", None, _path,
+        doc=(
+            "A file whose first line is the replay store's password (Redis `requirepass`, or the ACL user named "
+            "in the URL). Must not be readable by group or others. Only with a `redis://` or `rediss://` "
+            "`replayStore`, and not with a password in its URL (which works, with a notice)."
+        ),
+        section=_FLEET,
+    ),
+    Option(
+        "replayStoreCaFile", "replay_store_ca_file", None, _path,
+        doc=(
+            "With `rediss://`: the CA certificate(s) (PEM) the store's TLS certificate must chain to, and its "
+            "name must match the URL's host. Not set: the system's CAs."
+        ),
+        section=_FLEET,
+    ),
+    Option(
+        "replayStoreTimeout", "replay_store_timeout_ms", str(DEFAULT_TIMEOUT_MS), _Integer(10, 2000),
+        doc=(
+            "Milliseconds the monitor waits for the store (to connect, and for each answer) before it counts "
+            "the store as down. 10..2000. While it is down it is asked again at most every 2 s; the knocks in "
+            "between are decided at once by `replayStoreFallback`."
+        ),
+        section=_FLEET,
+    ),
+    Option(
+        "replayStoreFallback", "replay_store_fallback", "refuse", _Choice(Fallback),
+        doc=(
+            "While the store cannot confirm a knock: `refuse` it (fail closed; `emergencySSH` keeps the admin's "
+            "way in), or `local`: grant it on this server's own replay memory, with an ERROR line and a counter "
+            "in `status` (a knock replayed to another server during the outage may then be granted there too)."
+        ),
+        section=_FLEET,
+    ),
 )
 
 _KEYS = tuple(option.key for option in OPTIONS)
@@ -870,6 +967,52 @@ def _password(
         raise _error(path, key, str(exc)) from None
 
 
+def _store_password(path: Path, parsed: Mapping[str, Any], check_files: bool) -> tuple[str | None, list[str]]:
+    """The replay store's password: from replayStorePasswordFile (root-only), or the URL; (password, notices)."""
+    address: StoreAddress | None = parsed["replayStore"]
+    key = "replayStorePasswordFile"
+    file: Path | None = parsed[key]
+    if address is None:
+        for other in (key, "replayStoreCaFile"):
+            if parsed[other] is not None:
+                raise _error(path, other, "is set, but replayStore = local shares nothing: set replayStore, or "
+                             "remove it")
+        return None, []
+    notices = []
+    if not _is_ip(address.host):
+        notices.append(f"replayStore names the host {address.host}: it is resolved at every (re)connect, and a "
+                       "resolver that does not answer holds the monitor for its own timeout (seconds), beyond "
+                       "replayStoreTimeout; an IP address avoids that")
+    if parsed["replayStoreCaFile"] is not None and not address.tls:
+        raise _error(path, "replayStoreCaFile", f"is only used with rediss:// (TLS), and replayStore is {address}")
+    if file is None:
+        if address.password is None:
+            return None, notices
+        return address.password, [*notices, _STORE_PASSWORD_IN_URL_NOTICE]
+    if address.password is not None:
+        raise _error(path, key, "is set, and replayStore has a password in its URL too: give the password one way")
+    if not check_files:
+        return None, notices
+    _check_readable(path, key, file)
+    mode = file.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise _error(path, key, f"{file} is readable by others than its owner (mode {mode:o}): chmod 600 {file}")
+    try:
+        return resolve_password(file).decode("utf-8"), notices
+    except CredentialError as exc:
+        raise _error(path, key, str(exc)) from None
+    except UnicodeDecodeError:
+        raise _error(path, key, f"the first line of {file} is not UTF-8") from None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def load_config(
     path: str | Path,
     *,
@@ -896,6 +1039,8 @@ def load_config(
     crl_sources = _crl_sources(config_path, parsed)
     password, password_source, password_notices = _password(config_path, parsed, environ, check_files)
     notices.extend(password_notices)
+    store_password, store_notices = _store_password(config_path, parsed, check_files)
+    notices.extend(store_notices)
 
     config = ServerConfig(
         source=config_path,
@@ -905,6 +1050,7 @@ def load_config(
         pfx_password=password,
         pfx_password_source=password_source,
         notices=tuple(notices),
+        replay_store_password=store_password,
         **{option.attr: parsed[option.key] for option in OPTIONS if option.attr is not None},
     )
     for rule in _RULES:
@@ -1013,6 +1159,12 @@ def _check_emergency_ssh(config: ServerConfig) -> None:
 def _check_udp_capture(config: ServerConfig) -> None:
     if config.capture_mode is not CaptureMode.UDP:
         return
+    if Carrier.ICMP in config.knock_carriers:
+        raise _error(
+            config.source, "knockCarriers",
+            "icmp needs captureMode = packet: captureMode = udp receives on UDP sockets, which never see an "
+            "echo request; use captureMode = packet, or knockCarriers = udp",
+        )
     if config.interfaces is not None:
         raise _error(
             config.source, "interfaces",
@@ -1083,6 +1235,8 @@ def _check_files(config: ServerConfig, parsed: Mapping[str, Any]) -> None:
             _check_folder(path, "crlFile", crl_source.file)
     if config.ca_file is not None:
         _check_readable(path, "caFile", config.ca_file)
+    if config.replay_store_ca_file is not None:
+        _check_readable(path, "replayStoreCaFile", config.replay_store_ca_file)
     if config.log_file is not None:
         _check_folder(path, "logFile", config.log_file)
     if not config.user.isdigit():

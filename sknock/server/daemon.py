@@ -35,6 +35,7 @@ from pathlib import Path
 import schedule
 from cryptography import x509
 
+from ..carrier import Carrier
 from ..credentials import ServerCredentials, load_certificates, load_server_pfx
 from ..errors import CertificateError, ConfigError, Reason, SknockError
 from ..logsafe import log_safe
@@ -57,9 +58,11 @@ from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .notify import notifier_from_environment, watchdog_interval
 from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
+from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
 from .worker import Capture, Worker
 
-__all__ = ["Server", "load", "prepare", "run", "teardown", "make_server_firewall"]
+__all__ = ["Server", "load", "prepare", "run", "teardown", "make_server_firewall", "make_replay_store",
+           "replay_store_summary"]
 
 log = logging.getLogger("sknock.server")
 JOURNAL_NAME = "replay.journal"
@@ -242,6 +245,7 @@ def _open_captures(config: ServerConfig) -> list[Capture]:
                     min_payload=config.knockpacket_min_length,
                     max_packet=config.recv_buffer,
                     fanout_group=group,
+                    icmp=Carrier.ICMP in config.knock_carriers,
                 )
             )
     except SknockError:
@@ -440,6 +444,13 @@ def run(config_path: str | Path) -> int:
         log.info("kept %d live grant(s) from before this start", len(carried))
     crl = _monitor_crl(server)
     _report_missing_crls(server, crl)
+    try:
+        replay = ReplayGate(make_replay_store(config), fallback=config.replay_store_fallback)
+    except SknockError as exc:
+        print(f"sknock-server: {exc}", file=sys.stderr)
+        _close_captures(captures)
+        return 2
+    _begin_replay_store(replay.store)
     # Everything made so far (modules, keys, the verifier's trust) lives as long as the server: keep
     # the garbage collector from walking it, which would write to every page of it in each forked
     # process and turn shared pages into private copies: without the freeze the server's processes
@@ -461,6 +472,7 @@ def run(config_path: str | Path) -> int:
         instance=instance,
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
+        replay=replay,
         notifier=notifier_from_environment(),
         watchdog=watchdog_interval(),
         reopen_log=logs.reopen if logs is not None else None,
@@ -511,6 +523,49 @@ def revocation_summary(server: Server) -> str:
         name = log_safe(signer.subject.rfc4514_string()) if signer is not None else "?"
         parts.append(f"{name} from {source.url or source.file}")
     return f"revocation crl: {len(parts)} CRL(s): " + "; ".join(parts)
+
+
+def make_replay_store(config: ServerConfig) -> ReplayStore:
+    """The replay store ``replayStore`` names (no connection yet).  ConfigError when it needs the ``redis``
+    package and that is not installed."""
+    if config.replay_store is None:
+        return LocalReplayStore()
+    try:
+        import redis  # noqa: F401 -- only to say now, not at the first knock, that it is missing
+    except ImportError:
+        raise ConfigError(f"{config.source}: replayStore: {config.replay_store} needs the redis package: "
+                          "pip install 'sknock[fleet]'") from None
+    return RedisReplayStore(config.replay_store, password=config.replay_store_password,
+                            ca_file=config.replay_store_ca_file, timeout=config.replay_store_timeout_ms / 1000,
+                            window=float(config.timestamp_threshold))
+
+
+def _begin_replay_store(store: ReplayStore) -> None:
+    """Say at the start which replay store is used; a shared one notes when its memory began (not fatal when
+    it cannot: the monitor's gate handles a store that is down)."""
+    if not isinstance(store, RedisReplayStore):
+        return
+    try:
+        since = store.begin(time.time())
+    except ReplayStoreError as exc:
+        log.error("%s: not reachable at the start; knocks are decided by replayStoreFallback until it is", exc)
+        return
+    log.info("replay store %s: shared, its memory began at %s (knocks that could have been claimed before "
+             "then are not confirmed)", store.name, dt.datetime.fromtimestamp(since, dt.UTC).isoformat())
+
+
+def replay_store_summary(config: ServerConfig) -> str:
+    """What --check-config says about the replay store; for a shared one, whether a PING is answered now (one
+    try, ``replayStoreTimeout`` at most).  Unreachable is said, not an error: the store may be down for a while."""
+    store = make_replay_store(config)
+    if not isinstance(store, RedisReplayStore):
+        return "replay store local"
+    try:
+        took = store.ping()
+    except ReplayStoreError as exc:
+        return (f"{exc}: NOT reachable now, and while it is not, knocks are "
+                f"{'refused' if config.replay_store_fallback == 'refuse' else 'checked on this server alone'}")
+    return f"replay store {store.name}: PING answered in {took * 1000:.1f} ms"
 
 
 def _report_missing_crls(server: Server, crls: CrlSet) -> None:

@@ -2,11 +2,12 @@
 
 It runs no parser of network bytes and no crypto.  It listens to its workers, one socketpair each,
 re-checks each request (:func:`privsep.parse_request`), refuses a knock it has applied before (a replay
-that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`),
-and applies everything the workers asked for since its last turn as one batch (one nftables
-transaction).  It closes grants when their time is up and retries a close that fails, answers
-``status`` on the root-only control socket, keeps the CRLs (verifying every CRL before it is used or
-written) and hands them to the workers, the whole set in one message.
+that reached another worker, or one captured before a restart: :class:`~sknock.server.journal.KnockJournal`)
+or that another server of its fleet applied (:class:`~sknock.server.replaystore.ReplayGate`), and applies
+everything the workers asked for since its last turn as one batch (one nftables transaction).  It closes
+grants when their time is up and retries a close that fails, answers ``status`` on the root-only control
+socket, keeps the CRLs (verifying every CRL before it is used or written) and hands them to the workers,
+the whole set in one message.
 
 Failing closed is arranged so that nothing the monitor or its children do can open a port:
 
@@ -48,7 +49,8 @@ from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
 from .notify import Heartbeat, Notifier
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request, receive_buffer
+from .replaystore import LocalReplayStore, ReplayGate
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -171,6 +173,7 @@ class Monitor:
         instance: socket.socket | None = None,
         carried: Iterable[tuple[Opening, float]] = (),
         ledger: GrantLedger | None = None,
+        replay: ReplayGate | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
@@ -203,6 +206,7 @@ class Monitor:
         if self.ledger is not None:
             self._reopen_ledger(now, wall_clock())
         self.journal = journal or KnockJournal(None, capacity=NONCE_CAPACITY, now=wall_clock(), window=window)
+        self.replay = replay or ReplayGate(LocalReplayStore())  # the fleet's shared replay memory, if any
         # Children: workers given as channels (tests, or forked by the caller) are never respawned.
         self.children: list[Child] = []
         pids = list(worker_pids) + [0] * (len(channels) - len(worker_pids))
@@ -213,7 +217,8 @@ class Monitor:
         self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
-        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+        self._buffer = receive_buffer()
+        self._ids: IdCache = {}  # revocation ids parsed before: one tuple per client, shared by its grants
         self._running = True
         self._hangup = False
         self._batch = BatchRule()
@@ -222,6 +227,8 @@ class Monitor:
         self._next_watch = now
         self._next_crl = now + crl_interval
         self._selector: selectors.BaseSelector | None = None
+        # What a held batch waits on: the selector without the workers' channels (see turn()).
+        self._holding: selectors.BaseSelector | None = None
         self._revoked: frozenset[RevocationId] = frozenset()
         self._note_revocations()
         self.exit_code = 0
@@ -258,16 +265,18 @@ class Monitor:
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.hangup)
         self._selector = selector = selectors.DefaultSelector()
+        self._holding = holding = selectors.DefaultSelector()
         try:
             for child in self.children:
                 if child.channel is not None:
                     selector.register(child.channel, selectors.EVENT_READ, child)
-            if self.control is not None:
-                selector.register(self.control.socket, selectors.EVENT_READ, "control")
-            if self.instance is not None:
-                selector.register(self.instance, selectors.EVENT_READ, "instance")
-            if self.log_relay is not None:
-                selector.register(self.log_relay.fileno(), selectors.EVENT_READ, "log")
+            for both in (selector, holding):
+                if self.control is not None:
+                    both.register(self.control.socket, selectors.EVENT_READ, "control")
+                if self.instance is not None:
+                    both.register(self.instance, selectors.EVENT_READ, "instance")
+                if self.log_relay is not None:  # the children's log lines flow while a batch is held too
+                    both.register(self.log_relay.fileno(), selectors.EVENT_READ, "log")
             self._start_children()
             self._tell_manager(self.clock())
             failures = 0
@@ -285,7 +294,8 @@ class Monitor:
         finally:
             self.shutdown()
             selector.close()
-            self._selector = None
+            holding.close()
+            self._selector = self._holding = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
@@ -304,9 +314,15 @@ class Monitor:
         return max(0.0, min(wake) - now)
 
     def turn(self, timeout: float) -> None:
-        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due."""
+        """One pass of the loop: wait at most ``timeout`` on the selector, then do what is due.
+
+        While a batch is held (:class:`BatchRule`) the workers' channels are not watched: each message
+        would wake the monitor for a turn that only queues it, and the worker that sent it would pay for
+        the wake-up.  What they send meanwhile is read when the hold ends, before the batch is applied."""
         assert self._selector is not None
-        for key, _ in self._selector.select(timeout):
+        held = self._holding is not None and bool(self._pending) and self._batch.hold(self.clock()) > 0
+        selector = self._holding if held and self._holding is not None else self._selector
+        for key, _ in selector.select(timeout):
             if key.data == "control":
                 if self.control is not None:
                     self.control.serve_one({"status": lambda _: self.status(), "close": self.close_command})
@@ -324,6 +340,10 @@ class Monitor:
         if self._pending:
             now = self.clock()
             if self._batch.hold(now) <= 0:
+                if held:  # what the workers sent during the hold joins the batch
+                    for child in list(self.children):
+                        if child.channel is not None:
+                            self._pending += self.read(child.channel)
                 pending, self._pending = self._pending, []
                 self.apply(pending)
                 self._batch.applied(self.clock(), len(pending))
@@ -386,7 +406,7 @@ class Monitor:
             if data is None:
                 break
             try:
-                requests.append(parse_request(data, max_duration=self.max_duration))
+                requests.append(parse_request(data, max_duration=self.max_duration, id_cache=self._ids))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests
@@ -425,6 +445,8 @@ class Monitor:
                          "restart)", request.opening.address, extra=_refusal(request, "replay"))
                 continue
             fresh[key] = request
+        if fresh and self.replay.store.shared:
+            self._claim_shared(fresh, wall)
         try:
             taken = journal.record(((key, r.expires) for key, r in fresh.items()), wall)
         except OSError as exc:
@@ -467,6 +489,25 @@ class Monitor:
                 entry[1].append(port)
         self._log_applied(knocks.values(), known)
         self._ledger_dirty = True
+
+    def _claim_shared(self, fresh: dict[bytes, GrantRequest], wall: float) -> None:
+        """Claim ``fresh`` in the fleet's shared replay store; drop from it what another server applied, and what
+        the store cannot confirm when the fallback refuses it (see :mod:`~sknock.server.replaystore`)."""
+        verdicts = self.replay.admit([(key, r.expires) for key, r in fresh.items()], wall, self.clock())
+        unconfirmed = []
+        for (key, request), verdict in zip(list(fresh.items()), verdicts, strict=True):
+            if verdict is True:
+                continue
+            del fresh[key]
+            if verdict is False:
+                log.info("refused knock from %s: replay (its nonce was granted by another server of the fleet)",
+                         request.opening.address)
+            else:
+                unconfirmed.append(str(request.opening.address))
+        for start in range(0, len(unconfirmed), LOG_GROUP):
+            log.warning("refused knock(s) from %s: unconfirmed (the shared replay store %s cannot say whether "
+                        "another server granted them)", ", ".join(unconfirmed[start : start + LOG_GROUP]),
+                        self.replay.store.name)
 
     @staticmethod
     def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:
@@ -703,6 +744,7 @@ class Monitor:
     def _spawn(self, child: Child) -> None:
         assert self.spawn is not None
         child.respawn_at = None
+        self.replay.store.disconnect()  # no child may inherit the connection to the shared store
         try:
             pid, channel = self.spawn(child.role, child.index, self._own_fds())
         except (OSError, SknockError) as exc:
@@ -800,6 +842,7 @@ class Monitor:
             "revocation": "crl" if self.crl is not None and len(self.crl) else "none",
             "crl_next_update": min(updates).isoformat() if updates else None,  # the earliest of the set
             "crls": self._crl_status(),
+            "replay_store": self.replay.status(now),
             "grants": [
                 {
                     "address": str(e.opening.address),

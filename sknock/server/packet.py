@@ -1,4 +1,4 @@
-"""Parse one captured IP datagram into a UDP :class:`Datagram`, or refuse it with a reason.
+"""Parse one captured IP datagram into a knock-carrying :class:`Datagram`, or refuse it with a reason.
 
 The packet capture (``capture.py``) reads from an ``AF_PACKET``/``SOCK_DGRAM`` socket, which hands us
 the packet starting at the IP header whatever the link type.  That tap runs *before* the kernel's IP
@@ -17,10 +17,15 @@ socket, and only the plain forms of it":
   ESP or any other header is refused.
 * UDP: a length field of at least 8 and no larger than the IP payload (a shorter one is honoured and
   the rest ignored, as the kernel does).
+* ICMP, only when the caller takes the ICMP carrier (``icmp=True``; :mod:`sknock.carrier`): over IPv4
+  protocol 1 with an echo request (type 8), over IPv6 next header 58 with an ICMPv6 echo request (type
+  128), code 0 in both, and the 8-byte echo header present; the knock is the rest of the IP payload
+  (ICMP has no length field of its own).  Any other ICMP message is refused (``not-echo``).  Without
+  ``icmp``, ICMP is a transport like any other that is not UDP (``not-udp``).
 * Source addresses that cannot be answered (unspecified, multicast, IPv4 limited broadcast:
   :func:`~sknock.addresses.is_bad_source`) are refused: a knock from them could only be forged.
 
-UDP checksums are deliberately *not* verified.  On the receive side of veth pairs, loopback and
+UDP and ICMP checksums are deliberately *not* verified.  On the receive side of veth pairs, loopback and
 offloading NICs the packet socket sees packets with ``CHECKSUM_PARTIAL`` or already-verified
 checksums whose field holds only the pseudo-header sum, so a software check would refuse good knocks.
 A corrupted knock costs nothing: the knock is authenticated encryption plus a signature, so it fails
@@ -35,6 +40,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from ..addresses import IPAddress, is_bad_source
+from ..carrier import ECHO_HEADER, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, Carrier, internet_checksum
 from ..errors import SknockError
 
 __all__ = ["Datagram", "PacketError", "parse_datagram", "MAX_EXTENSION_HEADERS", "REASONS"]
@@ -51,11 +57,14 @@ REASONS = (
     "bad-length",  # a length field contradicts another (total length < IHL, UDP length, jumbogram)
     "fragment",  # any fragment, IPv4 or IPv6
     "ext-header",  # an IPv6 extension header we refuse (see the module docstring)
-    "not-udp",  # the transport is not UDP
+    "not-udp",  # the transport is not UDP (nor, with the ICMP carrier, ICMP)
+    "not-echo",  # with the ICMP carrier: an ICMP message other than an echo request with code 0
     "bad-source",  # a source address no knock can come from
 )
 
 _UDP = 17
+_ICMP = 1
+_ICMPV6 = 58
 _HOP_BY_HOP = 0
 _ROUTING = 43
 _FRAGMENT = 44
@@ -69,9 +78,11 @@ _UDP_HEADER = struct.Struct("!HHHH")
 
 
 class Datagram(NamedTuple):
-    """One UDP datagram as received: who sent it, to which address and port, on which interface.
+    """One knock-carrying datagram as received: who sent it, to which address and port, on which interface,
+    by which carrier.
 
-    ``ifindex`` is 0 when the receiver does not know the interface.  A named tuple rather than a
+    ``ifindex`` is 0 when the receiver does not know the interface.  Over ICMP (``carrier`` is
+    :attr:`~sknock.carrier.Carrier.ICMP`) there are no ports: both are 0.  A named tuple rather than a
     frozen dataclass: one is made per captured packet, and this costs a third as much.
     """
 
@@ -81,18 +92,21 @@ class Datagram(NamedTuple):
     source_port: int
     dest_port: int
     ifindex: int
+    carrier: Carrier = Carrier.UDP
 
 
 class PacketError(SknockError):
-    """A captured packet is not a plain UDP datagram for us.  ``reason`` is one of :data:`REASONS`."""
+    """A captured packet is not a plain UDP datagram (or, with the ICMP carrier, echo request) for us.
+    ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(f"{reason}: {message}" if message else reason)
         self.reason = reason
 
 
-def parse_datagram(data: bytes, *, ifindex: int = 0) -> Datagram:
-    """Parse ``data``, which starts at the IP header, into a :class:`Datagram`.
+def parse_datagram(data: bytes, *, ifindex: int = 0, icmp: bool = False) -> Datagram:
+    """Parse ``data``, which starts at the IP header, into a :class:`Datagram`: a UDP datagram, or with
+    ``icmp`` also an ICMP/ICMPv6 echo request (the ICMP carrier).
 
     Raises :class:`PacketError` for anything else; never any other exception.
     """
@@ -100,13 +114,13 @@ def parse_datagram(data: bytes, *, ifindex: int = 0) -> Datagram:
         raise PacketError("truncated", "empty packet")
     version = data[0] >> 4
     if version == 4:
-        return _parse_ipv4(data, ifindex)
+        return _parse_ipv4(data, ifindex, icmp)
     if version == 6:
-        return _parse_ipv6(data, ifindex)
+        return _parse_ipv6(data, ifindex, icmp)
     raise PacketError("not-ip", f"IP version {version}")
 
 
-def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
+def _parse_ipv4(data: bytes, ifindex: int, icmp: bool) -> Datagram:
     if len(data) < _IPV4_HEADER.size:
         raise PacketError("truncated", f"{len(data)} bytes is shorter than an IPv4 header")
     vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4_HEADER.unpack_from(data)
@@ -118,7 +132,7 @@ def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
     if header_len == 20:  # the usual case, without options: one precompiled unpack
         checksum_ok = _fold(sum(_IPV4_WORDS.unpack_from(data))) == 0
     else:
-        checksum_ok = _internet_checksum(data[:header_len]) == 0
+        checksum_ok = internet_checksum(data[:header_len]) == 0
         _check_ipv4_options(data[20:header_len])
     if not checksum_ok:
         raise PacketError("ipv4-checksum", "IPv4 header checksum mismatch")
@@ -128,11 +142,12 @@ def _parse_ipv4(data: bytes, ifindex: int) -> Datagram:
         raise PacketError("truncated", f"IPv4 total length {total} but {len(data)} bytes captured")
     if frag & 0x3FFF:  # MF flag or a fragment offset
         raise PacketError("fragment", "IPv4 fragment")
-    if proto != _UDP:
+    if proto != _UDP and not (icmp and proto == _ICMP):
         raise PacketError("not-udp", f"IPv4 protocol {proto}")
     if is_bad_source(src):
         raise PacketError("bad-source", f"source {IPv4Address(src)}")
-    return _parse_udp(data, header_len, total, IPv4Address(int.from_bytes(src, "big")), IPv4Address(dst), ifindex)
+    source = IPv4Address(int.from_bytes(src, "big"))
+    return _parse_transport(data, proto, header_len, total, source, IPv4Address(dst), ifindex)
 
 
 _IPV4_WORDS = struct.Struct("!10H")
@@ -158,20 +173,13 @@ def _check_ipv4_options(options: bytes) -> None:
         i += length
 
 
-def _internet_checksum(data: bytes) -> int:
-    """RFC 1071 ones'-complement sum, folded and complemented; 0 over a header with a good checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    return _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
-
-
 def _fold(total: int) -> int:
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
 
 
-def _parse_ipv6(data: bytes, ifindex: int) -> Datagram:
+def _parse_ipv6(data: bytes, ifindex: int, icmp: bool) -> Datagram:
     if len(data) < 40:
         raise PacketError("truncated", f"{len(data)} bytes is shorter than an IPv6 header")
     payload_len = int.from_bytes(data[4:6], "big")
@@ -183,7 +191,7 @@ def _parse_ipv6(data: bytes, ifindex: int) -> Datagram:
     next_header = data[6]
     offset = 40
     for count in range(MAX_EXTENSION_HEADERS + 1):
-        if next_header == _UDP:
+        if next_header == _UDP or (icmp and next_header == _ICMPV6):
             break
         if count == MAX_EXTENSION_HEADERS:
             raise PacketError("ext-header", f"more than {MAX_EXTENSION_HEADERS} extension headers")
@@ -212,7 +220,7 @@ def _parse_ipv6(data: bytes, ifindex: int) -> Datagram:
     source = data[8:24]
     if is_bad_source(source):
         raise PacketError("bad-source", f"source {IPv6Address(source)}")
-    return _parse_udp(data, offset, end, IPv6Address(source), IPv6Address(data[24:40]), ifindex)
+    return _parse_transport(data, next_header, offset, end, IPv6Address(source), IPv6Address(data[24:40]), ifindex)
 
 
 def _check_ipv6_options(options: bytes, header: int) -> None:
@@ -235,15 +243,28 @@ def _check_ipv6_options(options: bytes, header: int) -> None:
         i += 2 + length
 
 
-def _parse_udp(
+#: The echo request's type for each ICMP protocol number the parser takes.
+_ECHO_REQUEST = {_ICMP: ICMP_ECHO_REQUEST, _ICMPV6: ICMPV6_ECHO_REQUEST}
+
+
+def _parse_transport(
     data: bytes,
+    proto: int,
     start: int,
     end: int,
     source: IPAddress,
     destination: IPAddress,
     ifindex: int,
 ) -> Datagram:
-    """The UDP datagram in ``data[start:end]`` (the IP payload), read in place."""
+    """The UDP datagram, or (``proto`` ICMP or ICMPv6) the echo request, in ``data[start:end]`` (the IP
+    payload), read in place.  An echo request's data, the knock, runs to ``end``: ICMP has no length."""
+    if proto != _UDP:
+        if end - start < ECHO_HEADER.size:
+            raise PacketError("truncated", f"echo header needs 8 bytes, {end - start} present")
+        kind, code = data[start], data[start + 1]
+        if kind != _ECHO_REQUEST[proto] or code != 0:
+            raise PacketError("not-echo", f"ICMP type {kind} code {code}")
+        return Datagram(bytes(data[start + ECHO_HEADER.size : end]), source, destination, 0, 0, ifindex, Carrier.ICMP)
     if end - start < _UDP_HEADER.size:
         raise PacketError("truncated", f"UDP header needs 8 bytes, {end - start} present")
     source_port, dest_port, length, _checksum = _UDP_HEADER.unpack_from(data, start)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import os
 import pwd
 import socket
@@ -46,7 +47,7 @@ from .firewall.base import Opening
 
 __all__ = [
     "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
-    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair",
+    "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE", "receive_buffer",
 ]
 
 _LAYOUT = struct.Struct("!BBBBHdd16s16sB")
@@ -114,8 +115,17 @@ def encode_request(request: GrantRequest) -> bytes:
     ) + printable_client(request.client).encode()
 
 
-def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
-    """Strictly parse and re-check one message from the worker."""
+#: Revocation ids parsed before, by their bytes in a message (see :func:`parse_request`).
+IdCache = dict[bytes, tuple[tuple[bytes, int], ...]]
+MAX_ID_CACHE = 4096  # distinct id lists kept; the cache is emptied when it is full
+
+
+def parse_request(data: bytes, *, max_duration: float, id_cache: IdCache | None = None) -> GrantRequest:
+    """Strictly parse and re-check one message from the worker.
+
+    ``id_cache`` (the caller's, bounded by MAX_ID_CACHE) maps the bytes of a message's revocation ids to
+    their parsed tuple: a client's knocks all carry the same ids, so they are parsed once and every grant
+    of that client shares one tuple instead of holding its own copy."""
     if len(data) > MAX_MESSAGE:
         raise PrivsepError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if len(data) < _LAYOUT.size:
@@ -154,10 +164,16 @@ def parse_request(data: bytes, *, max_duration: float) -> GrantRequest:
     end = _LAYOUT.size + count * _ID.size
     if len(data) < end:
         raise PrivsepError(f"message of {len(data)} bytes is shorter than its {count} revocation id(s)")
-    ids = tuple(
-        (issuer, int.from_bytes(serial, "big", signed=True))
-        for issuer, serial in _ID.iter_unpack(data[_LAYOUT.size : end])
-    )
+    raw_ids = data[_LAYOUT.size : end]
+    ids = id_cache.get(raw_ids) if id_cache is not None else None
+    if ids is None:
+        ids = tuple(
+            (issuer, int.from_bytes(serial, "big", signed=True)) for issuer, serial in _ID.iter_unpack(raw_ids)
+        )
+        if id_cache is not None:
+            if len(id_cache) >= MAX_ID_CACHE:
+                id_cache.clear()
+            id_cache[raw_ids] = ids
     try:
         client = data[end:].decode()
     except UnicodeDecodeError:
@@ -175,6 +191,13 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_CRL_MESSAGE + 4096)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_CRL_MESSAGE + 4096)
     return pair
+
+
+def receive_buffer() -> mmap.mmap:
+    """A buffer for receiving any one channel message (a CRL set at most), to be reused for every message.
+    Anonymous memory: a page costs resident memory only once a message has been written to it, so the
+    grant messages that fill a monitor's day touch one page, not the 4 MiB a zeroed bytearray would."""
+    return mmap.mmap(-1, MAX_CRL_MESSAGE + len(CRL_PREFIX))
 
 
 _PR_SET_NO_NEW_PRIVS = 38

@@ -29,7 +29,7 @@ from ..verifier import Grant, KnockVerifier
 from .firewall.base import Opening
 from .localaddr import DestinationFilter
 from .packet import Datagram
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, encode_request
+from .privsep import CRL_PREFIX, GrantRequest, encode_request, receive_buffer
 
 __all__ = ["Worker", "WorkerLimits", "RefusalLog"]
 
@@ -135,7 +135,7 @@ class Worker:
         self.channel = channel
         self.on_crl = on_crl
         self.destinations = destinations  # None: any destination address (the capture's own filter only)
-        self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
+        self._buffer = receive_buffer()
         self.limits = limits
         self.clock = clock
         self.queue: collections.deque[tuple[Prechecked, IPAddress]] = collections.deque()
