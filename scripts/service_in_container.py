@@ -237,7 +237,6 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             nspawn.kill()
             nspawn.wait(10)
-        subprocess.run(["pkill", "-KILL", "--ns", str(nspawn.pid), "-x", "nothing"], check=False)  # no-op guard
         if not args.keep:
             shutil.rmtree(tree, ignore_errors=True)
             log_path.unlink(missing_ok=True)
