@@ -116,14 +116,13 @@ def test_an_existing_config_naming_another_user_is_kept_and_its_user_used(tmp_pa
 
 
 def test_not_enabled_without_systemd_says_why(tmp_path: Path) -> None:
-    root = _fake_root(tmp_path)
-    steps: list[str] = []
     from sknock.server import service
 
+    steps: list[str] = []
     assert not service._enable(Path("/"), True, lambda a: subprocess.CompletedProcess(a, 0), lambda: False, steps)
+    assert len(steps) == 1 and steps[0].startswith("installed but not enabled: ")
     if shutil.which("systemctl"):
-        assert steps == [steps[0]] and steps[0].startswith("installed but not enabled: systemd is not running")
-    assert root.exists()
+        assert "systemd is not running this machine" in steps[0]
 
 
 def test_an_executable_under_home_is_refused(tmp_path: Path) -> None:
@@ -141,8 +140,10 @@ def test_the_unit_passes_systemd_analyze_verify_and_security(tmp_path: Path) -> 
                               capture_output=True, text=True, timeout=60)
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d) (\w+)", security.stdout)
     assert score is not None, security.stdout
-    assert float(score.group(1)) <= 3.0, score.group(0)  # docs/service.md records it; "OK" or better
-    assert score.group(0) in (REPO / "docs/service.md").read_text()
+    assert float(score.group(1)) <= 3.0, score.group(0)  # "OK" or better
+    version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True).stdout
+    if version.startswith("systemd 252 "):  # Debian 12's, whose score docs/service.md records
+        assert score.group(0) in (REPO / "docs/service.md").read_text()
 
 
 def test_help_explains_every_command_and_shows_no_path_of_the_install(capsys: pytest.CaptureFixture[str]) -> None:
