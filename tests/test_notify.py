@@ -134,3 +134,11 @@ def test_the_status_line_without_revocation_says_so() -> None:
     monitor = Monitor(firewall=RecordingFirewall(), max_duration=60, crl=CrlSet([]), clock=lambda: 0.0,
                       wall_clock=lambda: 1_800_000_000.0)
     assert monitor.status_line() == "0 open grant(s); 0/0 worker(s); no CRL checked (revocation none)"
+
+
+def test_the_notify_variables_are_dropped_once_read() -> None:
+    from sknock.server.notify import forget_environment
+
+    environ = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1", "PATH": "/usr/bin"}
+    forget_environment(environ)
+    assert environ == {"PATH": "/usr/bin"}

@@ -55,7 +55,7 @@ from .ledger import GrantLedger
 from .localaddr import DestinationFilter
 from .logs import LogOutput, setup_logging
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
-from .notify import notifier_from_environment, watchdog_interval
+from .notify import forget_environment, notifier_from_environment, watchdog_interval
 from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
 from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
@@ -457,6 +457,8 @@ def run(config_path: str | Path) -> int:
     # together keep noticeably more distinct resident memory under load.
     logs = server.logs
     relay = logs is not None and logs.start_relay()
+    notifier, watchdog = notifier_from_environment(), watchdog_interval()
+    forget_environment()
     gc.freeze()
     monitor = Monitor(
         firewall=server.firewall,
@@ -473,8 +475,8 @@ def run(config_path: str | Path) -> int:
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
         replay=replay,
-        notifier=notifier_from_environment(),
-        watchdog=watchdog_interval(),
+        notifier=notifier,
+        watchdog=watchdog,
         reopen_log=logs.reopen if logs is not None else None,
         log_relay=logs if relay else None,
     )

@@ -16,11 +16,12 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Notifier", "SocketNotifier", "Heartbeat", "notifier_from_environment", "watchdog_interval", "NOTIFY_SOCKET"]
+__all__ = ["Notifier", "SocketNotifier", "Heartbeat", "notifier_from_environment", "watchdog_interval",
+           "forget_environment", "NOTIFY_SOCKET"]
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 _log = logging.getLogger("sknock.notify")
@@ -79,6 +80,13 @@ class SocketNotifier:
 def notifier_from_environment(environ: Mapping[str, str] = os.environ) -> SocketNotifier:
     """A notifier for ``$NOTIFY_SOCKET`` (a no-op one when it is not set)."""
     return SocketNotifier(environ.get(NOTIFY_SOCKET))
+
+
+def forget_environment(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Drop the notify variables once read, so that the processes the monitor forks (and whatever they run)
+    do not inherit the address (systemd's ``NotifyAccess=main`` would ignore them anyway)."""
+    for name in (NOTIFY_SOCKET, "WATCHDOG_USEC", "WATCHDOG_PID"):
+        environ.pop(name, None)
 
 
 def watchdog_interval(environ: Mapping[str, str] = os.environ, pid: int | None = None) -> float | None:
