@@ -26,9 +26,10 @@ these (``tests/test_errors.py`` checks this list against the code):
 * ``sknock.server.firewall.base.FirewallError``: a firewall backend cannot do what was asked;
 * ``sknock.server.control.ControlError``: the control socket cannot be opened or does not answer;
 * ``sknock.server.ledger.LedgerError``: the grant ledger cannot be read;
-* ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace.
+* ``sknock.server.instance.AlreadyRunning``: another knock server holds this network namespace;
 * ``sknock.server.replaystore.ReplayStoreError``: the fleet's shared replay store (Redis) cannot confirm a
-  claim; the monitor's replay gate turns it into refused (or, by choice, locally checked) knocks.
+  claim; the monitor's replay gate turns it into refused (or, by choice, locally checked) knocks;
+* ``sknock.server.service.InstallError``: ``sknock-server install-service`` cannot do one of its steps.
 
 Not sknock errors: ``sknock.server.firewall.nfnetlink.NetlinkError`` is an ``OSError`` (a kernel's
 answer) that the nftables backend turns into a ``FirewallError``;

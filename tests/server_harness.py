@@ -63,12 +63,13 @@ class RunningServer:
     @classmethod
     def start(
         cls, net: TestNet, pki: TestPKI, *, wait: bool = True, private: bool = False,
-        script: tuple[str, ...] = (), **options: str
+        script: tuple[str, ...] = (), env: dict[str, str] | None = None, **options: str,
     ) -> RunningServer:
         """Write a config (pki's server1 credentials and CRL, plus ``options``) and start the server
         in ``net.server``.  Waits for 'worker ready' unless ``wait`` is False.  ``private``: a root-only
         folder and files, and the password in a file (see the module docstring).  ``script``: another
-        entry point and its first arguments, for a test-only variant of the server."""
+        entry point and its first arguments, for a test-only variant of the server.  ``env``: more
+        environment variables for the server (NOTIFY_SOCKET...)."""
         folder = _root_only_dir() if private else _world_readable_dir()
         shutil.copy(pki.server.pfx, folder / "server.pfx")
         shutil.copy(pki.ca_dir / "crl.der", folder / "crl.der")
@@ -98,7 +99,7 @@ class RunningServer:
             process = net.server.popen(
                 PY, *(script or (str(REPO / "server" / "knock-server.py"),)), "-c", str(config), stdout=out,
                 stderr=subprocess.STDOUT,
-                env=ENV,
+                env={**ENV, **(env or {})},
             )
         server = cls(net, folder, config, log, process, Path(values["controlSocket"]), values)
         if wait:

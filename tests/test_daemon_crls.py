@@ -142,7 +142,8 @@ def test_check_config_shows_the_choice(pki: TwoLevel, capsys: pytest.CaptureFixt
     assert "revocation = none" not in out.err
     assert check_config(pki.config("revocation = none\n")) == 0
     out = capsys.readouterr()
-    assert "configuration OK (firewall backend command; revocation none: no CRL is checked; replay store local)" in out.out
+    assert ("configuration OK (firewall backend command; revocation none: no CRL is checked; replay store local)"
+            in out.out)
     assert "WARNING" in out.err and "revocation = none: no CRL is checked" in out.err
     assert check_config(pki.config(f"crlFile = {pki.issuing_crl}\n")) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,12 +1,14 @@
-"""``sknock-server``: run the knock server, check its configuration, or list its open grants.
+"""``sknock-server``: run the knock server, install it as a service, check its configuration, or act on
+the running server.
 
-    sknock-server [-c config.ini]                  run (as root)
-    sknock-server [-c config.ini] --check-config   validate and exit (0 good, 2 bad)
-    sknock-server [-c config.ini] status           the grants open now (root: the control socket is 0600)
-    sknock-server [-c config.ini] close --client SUBJECT | --serial N | --address ADDR
+    sknock-server [-c CONFIG] [run]                run the server (as root; the default)
+    sknock-server [-c CONFIG] --check-config       validate and exit (0 good, 2 bad)
+    sknock-server [-c CONFIG] status               the grants open now (root: the control socket is 0600)
+    sknock-server [-c CONFIG] close --client SUBJECT | --serial N | --address ADDR
                                                    close those open grants now (root)
-    sknock-server [-c config.ini] teardown         remove sknock's firewall policy (the server must be stopped)
-    sknock-server [-c config.ini] boot-ruleset     print sknock's policy as nft text, for the host's ruleset at boot
+    sknock-server [-c CONFIG] teardown             remove sknock's firewall policy (the server must be stopped)
+    sknock-server [-c CONFIG] boot-ruleset         print sknock's policy as nft text, for the host's ruleset at boot
+    sknock-server install-service [--root DIR]     /etc/sknock, the workers' user, the systemd unit (as root)
 
 Stopping the server (SIGTERM, Ctrl-C, a crash) leaves its firewall policy in place, so the protected
 ports stay closed; ``teardown`` is the one way to remove it.
@@ -20,40 +22,72 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SknockError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config.ini"
+#: The configuration ``install-service`` writes, and the one used when ``-c`` is not given (if it exists).
+SYSTEM_CONFIG = Path("/etc/sknock/config.ini")
+
+_COMMANDS = {
+    "run": "run the server (the default): as root; it logs to stderr, the journal or logFile, and stops on "
+           "SIGTERM leaving its firewall policy in place; SIGHUP refreshes the CRL and reopens logFile",
+    "status": "print the backend, the CRLs and the grants open now (asks the running server; root)",
+    "close": "close the open grants of one client or address now: --client, --serial or --address (root); a "
+             "revoked client's grants close by themselves at the CRL refresh",
+    "teardown": "remove sknock's firewall policy, which a stop leaves in place (refused while the server runs)",
+    "boot-ruleset": "print the policy as nft text to include in /etc/nftables.conf, so the ports are closed "
+                    "from boot, before the server starts",
+    "install-service": "as root: write a commented /etc/sknock/config.ini (never overwriting one), make the "
+                       "unprivileged system user it names, install the systemd unit sknock-server.service "
+                       "and enable it (see docs/service.md)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sknock-server", description="sknock knock server")
+    commands = "\n".join(
+        textwrap.fill(text, 100, initial_indent=f"  {name:<17}", subsequent_indent=" " * 19, break_on_hyphens=False)
+        for name, text in _COMMANDS.items()
+    )
+    p = argparse.ArgumentParser(
+        prog="sknock-server",
+        description="sknock knock server: certificate-authenticated single-packet authorization.",
+        epilog=f"commands:\n{commands}\n",
+        formatter_class=_Formatter,
+    )
     p.add_argument(
-        "-c", "--config", default=None, help=f"configuration file (default: {DEFAULT_CONFIG} or ./config.ini)"
+        "-c", "--config", default=None,
+        help=f"configuration file (default: {SYSTEM_CONFIG} when it exists, else ./config.ini)",
     )
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
-    p.add_argument(
-        "command", nargs="?", choices=["run", "status", "close", "teardown", "boot-ruleset"], default="run",
-        help="run the server (default); status: the grants open now; close: close the open grants of a "
-             "client or an address now (a revoked client's grants close by themselves on the CRL refresh); "
-             "teardown: remove sknock's firewall "
-             "policy, which a stop leaves in place (refused while the server runs); boot-ruleset: print the "
-             "policy as nft text to include in /etc/nftables.conf, so the ports are closed from boot",
-    )
+    p.add_argument("command", nargs="?", choices=list(_COMMANDS), default="run", metavar="COMMAND",
+                   help="one of: " + ", ".join(_COMMANDS) + " (below)")
     which = p.add_argument_group("close: which grants (exactly one)")
     which.add_argument("--client", help="a client certificate's subject as status shows it, or its CN")
     which.add_argument("--serial", help="a client certificate's serial number (decimal, or hex with 0x)")
     which.add_argument("--address", help="a source address")
+    install = p.add_argument_group("install-service")
+    install.add_argument("--root", type=Path, default=Path("/"),
+                         help="install into this tree instead of / (an image, a package, a test)")
+    install.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"),
+                         help="where the unit goes, under --root (default: /etc/systemd/system)")
+    install.add_argument("--exec", dest="executable", type=Path, default=None,
+                         help="the sknock-server the unit runs (default: this one, by its absolute path)")
     return p
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's list of commands as written."""
 
 
 def _config_path(given: str | None) -> Path:
     if given:
         return Path(given)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else Path("config.ini")
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else Path("config.ini")
 
 
 def status(config_path: Path) -> int:
@@ -190,6 +224,12 @@ def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sknock-server``: parse ``argv`` and run the command; returns the exit code."""
+    try:
+        from ..server.logs import journal_stderr
+
+        journal_stderr()  # under systemd: the lines printed on a failure reach the journal as errors
+    except ModuleNotFoundError:
+        pass  # without the server's dependencies: _missing_dependency says so below
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
     try:
@@ -202,7 +242,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def install(args: argparse.Namespace) -> int:
+    """``sknock-server install-service``: see :mod:`sknock.server.service`.  Exit 0 (each step said in one
+    line), or 2 with one line naming what could not be done."""
+    from ..server.service import install_service
+
+    if args.root == Path("/") and os.geteuid() != 0:
+        print("sknock-server: install-service must run as root (or give --root DIR)", file=sys.stderr)
+        return 2
+    try:
+        done = install_service(args.root, executable=args.executable, unit_dir=args.unit_dir)
+    except (SknockError, OSError) as exc:
+        print(f"sknock-server: install-service: {exc}", file=sys.stderr)
+        return 2
+    for step in done.steps:
+        print(f"sknock-server: {step}")
+    return 0
+
+
 def _command(args: argparse.Namespace, path: Path) -> int:
+    if args.command == "install-service":
+        return install(args)
     if args.command == "status":
         return status(path)
     if args.command == "close":

@@ -51,6 +51,7 @@ __all__ = [
     "PolicyMode",
     "FirewallBackend",
     "CaptureMode",
+    "LogFormat",
     "KnockDestinations",
     "Revocation",
     "CrlSource",
@@ -106,6 +107,13 @@ class CrlSource:
 
     file: Path
     url: str | None
+
+
+class LogFormat(enum.StrEnum):
+    """How log lines look: ``plain`` text, or one ``json`` object per line (sknock.server.logs)."""
+
+    PLAIN = "plain"
+    JSON = "json"
 
 
 class CaptureMode(enum.StrEnum):
@@ -165,6 +173,7 @@ class ServerConfig:
     ca_file: Path | None
     log_file: Path | None  # None: stderr
     log_level: str
+    log_format: LogFormat
     require_source_address: bool
     max_open_duration: int
     work_bits: int
@@ -728,6 +737,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "logLevel", "log_level", "INFO", _log_level,
         doc="`DEBUG`, `INFO`, `WARNING` or `ERROR` (any case).",
+        section=_DAEMON,
+    ),
+    Option(
+        "logFormat", "log_format", "plain", _Choice(LogFormat),
+        doc=(
+            "`plain`: one line of text per event. `json`: one JSON object per line (time, level, event, source, "
+            "client subject and serial, ports, reason) for a SIEM. Under systemd either goes to the journal "
+            "with its level and without a second timestamp; see [docs/service.md](service.md)."
+        ),
         section=_DAEMON,
     ),
     Option(

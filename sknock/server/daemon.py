@@ -55,7 +55,9 @@ from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
 from .ledger import GrantLedger
 from .localaddr import DestinationFilter
+from .logs import LogOutput, setup_logging
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
+from .notify import forget_environment, notifier_from_environment, watchdog_interval
 from .preflight import check_credentials
 from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair
@@ -63,7 +65,7 @@ from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayS
 from .sandbox import require_seccomp, sandbox_fetcher, sandbox_worker
 from .worker import Capture, Worker
 
-__all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall", "make_replay_store",
+__all__ = ["Server", "load", "prepare", "run", "teardown", "make_server_firewall", "make_replay_store",
            "replay_store_summary"]
 
 log = logging.getLogger("sknock.server")
@@ -90,6 +92,7 @@ class Server:
     intermediates: list[x509.Certificate]
     crls: list[HeldCrl | None]  # the CRL in hand at the start for each of config.crl_sources
     firewall: Firewall
+    logs: LogOutput | None = None  # where the log goes (set by load())
 
     def trust(self, crls: Sequence[x509.CertificateRevocationList]) -> ClientVerifier:
         """The client verifier for ``crls``.  With ``revocation = crl`` a CRL is required of every CA in a
@@ -119,21 +122,6 @@ class Server:
                 require_source_address=c.require_source_address,
             ),
         )
-
-
-def setup_logging(config: ServerConfig | None, level: str = "INFO") -> None:
-    """Send sknock's log to the configured ``logFile`` (or stderr) at the configured level; ``level`` is used
-    without a configuration."""
-    handler: logging.Handler
-    if config is not None and config.log_file is not None:
-        handler = logging.FileHandler(config.log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s sknock[%(process)d] %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("sknock")
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level if config is not None else level)
-    root.propagate = False
 
 
 def _split_cas(cas: Sequence[x509.Certificate]) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
@@ -289,6 +277,8 @@ def _spawner(server: Server, captures: list[Capture]) -> Spawner:
         if pid == 0:
             code = 0
             try:
+                if server.logs is not None:
+                    server.logs.in_child()  # before anything is logged: a logFile's lines go through the monitor
                 monitor_end.close()
                 for fd in fds:
                     with contextlib.suppress(OSError):
@@ -408,8 +398,10 @@ def load(config_path: str | Path) -> Server:
     """What a start and ``--check-config`` both do first: read the configuration, send the log where it
     says, and load and check everything it names (changing nothing).  Raises SknockError subclasses."""
     config = load_config(config_path)
-    setup_logging(config)
-    return prepare(config)
+    logs = setup_logging(config)
+    server = prepare(config)
+    server.logs = logs
+    return server
 
 
 def run(config_path: str | Path) -> int:
@@ -440,7 +432,7 @@ def run(config_path: str | Path) -> int:
         return 2
     for notice in config.notices:
         log.warning("%s", notice)
-    log.info("starting: %s", config.describe())
+    log.info("starting: %s", "; ".join(config.describe().splitlines()))
     if journal.problem:
         log.error("%s: knocks applied before this start are unknown, so every knock signed before %s is "
                   "refused (one timestamp window)", journal.problem,
@@ -472,6 +464,10 @@ def run(config_path: str | Path) -> int:
     # the garbage collector from walking it, which would write to every page of it in each forked
     # process and turn shared pages into private copies: without the freeze the server's processes
     # together keep noticeably more distinct resident memory under load.
+    logs = server.logs
+    relay = logs is not None and logs.start_relay()
+    notifier, watchdog = notifier_from_environment(), watchdog_interval()
+    forget_environment()
     gc.freeze()
     monitor = Monitor(
         firewall=server.firewall,
@@ -488,6 +484,10 @@ def run(config_path: str | Path) -> int:
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
         replay=replay,
+        notifier=notifier,
+        watchdog=watchdog,
+        reopen_log=logs.reopen if logs is not None else None,
+        log_relay=logs if relay else None,
     )
     keep = monitor_capabilities(server.firewall.name)
     try:

@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography import x509
 
@@ -48,6 +48,7 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
+from .notify import Heartbeat, Notifier
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request, receive_buffer
 from .replaystore import LocalReplayStore, ReplayGate
 
@@ -68,6 +69,17 @@ STOP_GRACE = 5.0  # seconds a child has to exit after SIGTERM before SIGKILL
 MAX_LOOP_FAILURES = 50  # unexpected errors in a row before the monitor gives up (exit 1; the policy stays)
 
 Role = Literal["worker", "crl fetcher"]
+
+
+class LogRelay(Protocol):
+    """The pipe the children write their log lines into, with a logFile (:class:`sknock.server.logs.LogOutput`)."""
+
+    def fileno(self) -> int:
+        """The read end, to wait on."""
+
+    def pump(self) -> int:
+        """Copy what is waiting into the log; the bytes copied."""
+
 #: Forks a child of ``role`` number ``index``; the child closes ``fds`` (the monitor's own sockets) first.
 #: Returns the child's pid and the monitor's end of its channel.
 Spawner = Callable[[Role, int, Sequence[int]], tuple[int, socket.socket]]
@@ -164,8 +176,17 @@ class Monitor:
         replay: ReplayGate | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+        watchdog: float | None = None,
+        reopen_log: Callable[[], None] | None = None,
+        log_relay: LogRelay | None = None,
     ) -> None:
         self.firewall = firewall
+        # The service manager (systemd's notify socket), told READY, STATUS and WATCHDOG by self.heartbeat.
+        self.notifier = notifier
+        self.heartbeat = Heartbeat(watchdog=watchdog)
+        self.reopen_log = reopen_log  # SIGHUP: reopen logFile (logrotate)
+        self.log_relay = log_relay  # with a logFile: the children's lines, copied into it here
         self.max_duration = max_duration
         self.spawn = spawn
         self.control = control
@@ -254,7 +275,10 @@ class Monitor:
                     both.register(self.control.socket, selectors.EVENT_READ, "control")
                 if self.instance is not None:
                     both.register(self.instance, selectors.EVENT_READ, "instance")
+                if self.log_relay is not None:  # the children's log lines flow while a batch is held too
+                    both.register(self.log_relay.fileno(), selectors.EVENT_READ, "log")
             self._start_children()
+            self._tell_manager(self.clock())
             failures = 0
             while self._running:
                 try:
@@ -304,6 +328,9 @@ class Monitor:
                     self.control.serve_one({"status": lambda _: self.status(), "close": self.close_command})
             elif key.data == "instance":
                 self._answer_instance_probe()
+            elif key.data == "log":
+                if self.log_relay is not None:
+                    self.log_relay.pump()
             else:
                 child: Child = key.data
                 if child.role == "worker":
@@ -327,10 +354,13 @@ class Monitor:
             self.watch()
         if self._hangup:
             self._hangup = False
+            if self.reopen_log is not None:
+                self.reopen_log()
             self.refresh_crl(now_requested=True)
         elif self.crl is not None and self.crl.local() and now >= self._next_crl:
             self.refresh_crl()
         self._respawn_due(now)
+        self._tell_manager(now)
         if self._ledger_dirty and self.ledger is not None:
             self._ledger_dirty = False
             try:
@@ -407,12 +437,12 @@ class Monitor:
             if revoked and not revoked.isdisjoint(request.revocation_ids):
                 # verified by a worker that did not have the newest CRL yet
                 log.info("refused knock from %s: cert-revoked (%s; the monitor's CRL)", request.opening.address,
-                         request.client)
+                         request.client, extra=_refusal(request, "cert-revoked"))
                 continue
             key = request.replay_key
             if key in fresh or journal.seen(key, request.expires, wall):
                 log.info("refused knock from %s: replay (its nonce was granted by another worker or before a "
-                         "restart)", request.opening.address)
+                         "restart)", request.opening.address, extra=_refusal(request, "replay"))
                 continue
             fresh[key] = request
         if fresh and self.replay.store.shared:
@@ -426,7 +456,8 @@ class Monitor:
         final: dict[Opening, GrantRequest] = {}
         for index, request in enumerate(fresh.values()):
             if index >= taken:
-                log.warning("refused knock from %s: overload (replay memory full)", request.opening.address)
+                log.warning("refused knock from %s: overload (replay memory full)", request.opening.address,
+                            extra=_refusal(request, "overload"))
                 continue
             final[request.opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
@@ -483,18 +514,22 @@ class Monitor:
         """Every applied knock, by address and client, once the firewall has it.  Knocks for the same
         ports and duration share a line (at most LOG_GROUP of them): at thousands of grants a second, a
         log record per knock cost the monitor as much as the firewall itself."""
-        groups: dict[tuple[str, str, float, bool], list[str]] = {}
+        groups: dict[tuple[str, str, float, bool], list[GrantRequest]] = {}
         for request, ports in knocks:
             key = (request.op, ",".join(ports), request.duration, request.opening in known)
-            groups.setdefault(key, []).append(f"{request.opening.address} ({request.client})")
-        for (op, port_list, duration, extending), who in groups.items():
-            for start in range(0, len(who), LOG_GROUP):
-                clients = ", ".join(who[start : start + LOG_GROUP])
+            groups.setdefault(key, []).append(request)
+        for (op, port_list, duration, extending), requests in groups.items():
+            for start in range(0, len(requests), LOG_GROUP):
+                part = requests[start : start + LOG_GROUP]
+                clients = ", ".join(f"{r.opening.address} ({r.client})" for r in part)
+                # the same facts as fields, for logFormat = json (the plain line stays as it was)
+                extra = _who(part, "close-request" if op == "close" else "grant")
+                extra.update(ports=port_list.split(","), duration=duration)
                 if op == "close":
-                    log.info("closing %s for %s at its request", port_list, clients)
+                    log.info("closing %s for %s at its request", port_list, clients, extra=extra)
                 else:
                     log.info("granted %s to %s for %g s%s", port_list, clients, duration,
-                             ", extending an open grant" if extending else "")
+                             ", extending an open grant" if extending else "", extra=extra)
 
     def _apply(
         self, opens: list[tuple[Opening, float]], closes: list[Opening], known: set[Opening] | None = None
@@ -524,7 +559,9 @@ class Monitor:
                 log.error("could not close %s/%d for %s; it stays listed as overdue and is retried in %g s",
                           opening.protocol.label, opening.port, opening.address, delay)
             else:
-                log.info("closed %s/%d for %s: window ended", opening.protocol.label, opening.port, opening.address)
+                log.info("closed %s/%d for %s: window ended", opening.protocol.label, opening.port, opening.address,
+                         extra={"event": "expiry", "source": str(opening.address),
+                                "ports": [f"{opening.protocol.label}/{opening.port}"]})
 
     def watch(self) -> None:
         """Put sknock's firewall back if something else removed or rewrote it (``nft flush ruleset``,
@@ -625,7 +662,10 @@ class Monitor:
             else:
                 self.grants.close(opening)
                 closed.append(entry)
-                log.warning("closed %s: %s", what, why)
+                log.warning("closed %s: %s", what, why,
+                            extra={"event": "close", "source": str(opening.address), "subject": entry.client,
+                                   "serial": entry.serial, "ports": [f"{opening.protocol.label}/{opening.port}"],
+                                   "reason": why})
         return closed
 
     def close_command(self, arguments: dict[str, Any]) -> dict[str, object]:
@@ -697,6 +737,8 @@ class Monitor:
             fds.append(self.control.socket.fileno())
         if self.instance is not None:
             fds.append(self.instance.fileno())
+        if self.log_relay is not None:
+            fds.append(self.log_relay.fileno())
         return fds
 
     def _spawn(self, child: Child) -> None:
@@ -755,6 +797,34 @@ class Monitor:
         with contextlib.suppress(OSError):
             conn, _ = self.instance.accept()
             conn.close()
+
+    # -- the service manager --------------------------------------------------------------------------
+
+    def all_running(self) -> bool:
+        """Every child (each worker, and the CRL fetcher if any) is running now: its channel is open."""
+        return all(c.channel is not None for c in self._all_children())
+
+    def status_line(self) -> str:
+        """The one line ``systemctl status`` shows: open grants, running workers, the age of the oldest CRL."""
+        crls = self.crls()
+        if self.crl is None or not len(self.crl):
+            crl = "no CRL checked (revocation none)"
+        elif not crls:
+            crl = "no CRL yet"
+        else:
+            age = self.wall_clock() - min(c.last_update_utc.timestamp() for c in crls)
+            crl = f"oldest CRL issued {_duration(age)} ago"
+        running = sum(1 for c in self.children if c.channel is not None)
+        return f"{len(self.grants)} open grant(s); {running}/{len(self.children)} worker(s); {crl}"
+
+    def _tell_manager(self, now: float) -> None:
+        """Send what :attr:`heartbeat` says is due: READY once every child runs, STATUS, WATCHDOG."""
+        if self.notifier is None:
+            return
+        fields = self.heartbeat.fields(now, ready=self.all_running(), alive=self.all_running(),
+                                       status=self.status_line())
+        if fields:
+            self.notifier.send(**fields)
 
     # -- status and stop -----------------------------------------------------------------------------
 
@@ -817,6 +887,8 @@ class Monitor:
         the door.  Grants end on time in the kernel; a backend that cannot end them by itself has them
         closed now."""
         self._running = False
+        if self.notifier is not None:
+            self.notifier.send(STOPPING="1", STATUS="stopping; the firewall policy stays in place")
         children = [c for c in self._all_children() if c.pid]
         for child in children:
             _signal(child.pid, signal.SIGTERM)
@@ -827,6 +899,8 @@ class Monitor:
             if child.channel is not None:
                 child.channel.close()
                 child.channel = None
+        if self.log_relay is not None:
+            self.log_relay.pump()  # the children's last lines
         if not self.firewall.kernel_expiry:
             self._close_now(self.grants.entries(),
                             f"the server stops, and {self.firewall.name} cannot end a grant on time by itself")
@@ -860,6 +934,28 @@ def _matcher(key: str, value: object) -> Callable[[GrantEntry], bool]:
     return lambda e: e.client in wanted or not wanted.isdisjoint(e.client.split(","))
 
 
+def _serial(request: GrantRequest) -> int | None:
+    """The client certificate's serial number (the first revocation id is the client's own)."""
+    return request.revocation_ids[0][1] if request.revocation_ids else None
+
+
+def _who(requests: Sequence[GrantRequest], event: str) -> dict[str, Any]:
+    """The structured fields of a log line about ``requests``: each one's source, subject and serial (and
+    at the top level too when the line is about one knock)."""
+    grants = [{"source": str(r.opening.address), "subject": r.client, "serial": _serial(r)} for r in requests]
+    extra: dict[str, Any] = {"event": event, "grants": grants}
+    if len(grants) == 1:
+        extra.update(grants[0])
+    return extra
+
+
+def _refusal(request: GrantRequest, reason: str) -> dict[str, Any]:
+    """The structured fields of a refusal the monitor makes (see :mod:`sknock.server.logs`)."""
+    opening = request.opening
+    return {"event": "refusal", "reason": reason, "source": str(opening.address), "subject": request.client,
+            "serial": _serial(request), "ports": [f"{opening.protocol.label}/{opening.port}"]}
+
+
 def _describe(entry: GrantEntry) -> str:
     opening = entry.opening
     return f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
@@ -876,6 +972,15 @@ def _describe_crl(crl: object) -> str:
         name = "<undecodable name>"
     return (f"of {name} (issued {issued.isoformat() if issued else '?'}, next update "
             f"{next_update.isoformat() if next_update else 'none'})")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``5 h``, ``3 d``: a CRL's age for the status line."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _signal(pid: int, sig: int) -> None:

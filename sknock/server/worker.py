@@ -106,7 +106,10 @@ class RefusalLog:
             if isinstance(source, bytes):
                 source = ipaddress.ip_address(source)
             what = refusal.value if isinstance(refusal, Reason) else refusal
-            log.log(level, "refused knock from %s: %s", source, what)
+            reason = refusal if isinstance(refusal, Reason) else refusal.reason
+            detail = refusal.detail if isinstance(refusal, KnockRefused) and refusal.detail else None
+            log.log(level, "refused knock from %s: %s", source, what,
+                    extra={"event": "refusal", "source": str(source), "reason": reason.value, "detail": detail})
         else:
             self._suppressed += 1
 
