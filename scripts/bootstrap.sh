@@ -12,9 +12,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # the interoperability test, ping/nc for the tests' network checks; the servers the tests start for real:
 # SoftHSM2 and OpenSC's pkcs11-tool (client keys on a PKCS#11 token), redis-server (the shared replay
 # store, docs/fleet.md), OpenSSH client and server (the ssh ProxyCommand end-to-end test and the
-# benchmark's ssh phase); libseccomp2 for the workers' seccomp filter (pyseccomp loads it).
+# benchmark's ssh phase); libseccomp2 for the workers' seccomp filter (pyseccomp loads it);
+# systemd-container (systemd-nspawn) to run the unit under a real systemd (tests/test_service_container.py).
 debs=(python3 python3-venv nftables libnftables1 iptables iproute2 openssl iputils-ping netcat-openbsd procps
-      softhsm2 opensc redis-server openssh-server openssh-client libseccomp2)
+      softhsm2 opensc redis-server openssh-server openssh-client libseccomp2 systemd-container)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 from tests.pki import PASSWORD, build_pki  # noqa: E402
 
 VENV = REPO / ".nspawn" / "venv"
-ETC_FILES = ("passwd", "group", "shadow", "gshadow", "login.defs", "nsswitch.conf", "protocols", "services")
+ETC_FILES = ("passwd", "group", "shadow", "gshadow", "login.defs", "nsswitch.conf", "protocols", "services",
+             "ld.so.cache", "ld.so.conf")  # a Debian /etc has the loader cache: ctypes finds libseccomp by it
 
 
 def step(message: str, started: float) -> None:
