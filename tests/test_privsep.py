@@ -30,7 +30,7 @@ from sknock.server.privsep import (
 )
 
 MAX = 3600.0
-LAYOUT = struct.Struct("!BBBBHdd16s16sB")  # written out again here, as the docstring of privsep.py states it
+LAYOUT = struct.Struct("!BBBBHddd16s16sB")  # written out again here, as the docstring of privsep.py states it
 ID = struct.Struct("!32s21s")
 GOOD: dict[str, Any] = {
     "op": 1,
@@ -40,6 +40,7 @@ GOOD: dict[str, Any] = {
     "port": 22,
     "duration": 15.0,
     "expires": 1767225607.5,
+    "received": 0.0,
     "address": bytes([198, 18, 0, 2]) + bytes(12),
     "nonce": bytes.fromhex("00112233445566778899aabbccddeeff"),
     "ids": [],
@@ -54,7 +55,7 @@ ALICE = GrantRequest(
 def message(**changes: Any) -> bytes:
     f = {**GOOD, **changes}
     fixed = LAYOUT.pack(f["op"], f["family"], f["protocol"], f["reserved"], f["port"], f["duration"], f["expires"],
-                        f["address"], f["nonce"], f.get("count", len(f["ids"])))
+                        f["received"], f["address"], f["nonce"], f.get("count", len(f["ids"])))
     ids = b"".join(ID.pack(issuer, serial.to_bytes(21, "big", signed=True)) for issuer, serial in f["ids"])
     return fixed + ids + f["client"]
 
