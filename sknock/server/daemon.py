@@ -10,6 +10,8 @@ open the capture sockets and the control socket; then hand over to the monitor, 
   they read packets, run the parser and the crypto, and ask for grants;
 * with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged too: it downloads the CRLs and hands the
   bytes to the monitor, so that no worker ever waits on the network;
+* with ``metricsListen``, the metrics server, unprivileged too: it answers Prometheus scrapes on the
+  socket the root process bound at start, from the figures the monitor sends it each second;
 * the monitor itself (:class:`~sknock.server.monitor.Monitor`) keeps root: it re-checks and applies
   the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
   child that dies, and on a stop leaves the firewall policy in place.
@@ -51,7 +53,8 @@ from .firewall.detect import FirewallBackend
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
 from .ledger import GrantLedger
-from .localaddr import DestinationFilter
+from .localaddr import DestinationFilter, host_addresses
+from .metrics import StatsReporter, open_listener
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .preflight import check_credentials
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
@@ -268,9 +271,9 @@ def _close_captures(captures: Sequence[Capture]) -> None:
             os.close(fd)
 
 
-def _spawner(server: Server, captures: list[Capture]) -> Spawner:
-    """Forks the monitor's children.  A child closes the monitor's sockets and the captures that are
-    not its own, drops its privileges, and never returns into the monitor's code."""
+def _spawner(server: Server, captures: list[Capture], listener: socket.socket | None = None) -> Spawner:
+    """Forks the monitor's children.  A child closes the monitor's sockets and the captures (and the
+    metrics socket) that are not its own, drops its privileges, and never returns into the monitor's code."""
 
     def spawn(role: Role, index: int, fds: Sequence[int]) -> tuple[int, socket.socket]:
         monitor_end, child_end = channel_pair()
@@ -284,10 +287,16 @@ def _spawner(server: Server, captures: list[Capture]) -> Spawner:
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+                if listener is not None and role != "metrics server":
+                    listener.close()
                 if role == "worker":
                     own = captures[index]
                     _close_captures([c for c in captures if c is not own])
                     _run_worker(server, own, child_end, index)
+                elif role == "metrics server":
+                    assert listener is not None
+                    _close_captures(captures)
+                    _run_metrics_server(server, listener, child_end)
                 else:
                     _close_captures(captures)
                     _run_crl_fetcher(server, child_end)
@@ -334,7 +343,38 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     destinations = None
     if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
         destinations = DestinationFilter(config.knock_destinations.local, config.knock_destinations.extra)
-    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations).run()
+    reporter = StatsReporter() if config.metrics_listen is not None else None
+    Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations,
+           reporter=reporter).run()
+
+
+def _run_metrics_server(server: Server, listener: socket.socket, channel: socket.socket) -> None:
+    """Serve the metrics as the unprivileged user (see :mod:`sknock.server.metrics`)."""
+    from .metrics import serve
+
+    drop_privileges(server.config.user)
+    serve(listener, channel)
+
+
+def _metrics_listener(config: ServerConfig) -> socket.socket | None:
+    """The metrics server's socket, bound now as root (None: metrics off).  Warns when its address is on
+    an interface knocks are captured on: the metrics are then as reachable as the knocks are, unless the
+    firewall (a protected port) says otherwise."""
+    listen = config.metrics_listen
+    if listen is None:
+        return None
+    if not listen.address.is_loopback:
+        ifindex = host_addresses().get(listen.address)
+        capturing = (
+            config.capture_mode is CaptureMode.UDP
+            or config.interfaces is None
+            or ifindex in {socket.if_nametoindex(name) for name in config.interfaces}
+        )
+        if capturing:
+            log.warning("metricsListen %s: that address is on an interface knocks are captured on; whoever can "
+                        "reach it can read the metrics unless the firewall closes tcp/%d to them (protectedPorts)",
+                        listen, listen.port)
+    return open_listener(listen.address, listen.port)
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
@@ -438,11 +478,19 @@ def run(config_path: str | Path) -> int:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
     try:
+        listener = _metrics_listener(config)
+    except (SknockError, OSError) as exc:
+        print(f"sknock-server: {config.source}: {exc}", file=sys.stderr)
+        _close_captures(captures)
+        return 2
+    try:
         carried = _firewall_checked(server)
         control = ControlServer(config.control_socket)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         _close_captures(captures)
+        if listener is not None:
+            listener.close()
         return 2
     if carried:
         log.info("kept %d live grant(s) from before this start", len(carried))
@@ -453,10 +501,12 @@ def run(config_path: str | Path) -> int:
     # process and turn shared pages into private copies: without the freeze the server's processes
     # together keep noticeably more distinct resident memory under load.
     gc.freeze()
+    from .capture import kernel_drops
+
     monitor = Monitor(
         firewall=server.firewall,
         max_duration=float(config.max_open_duration),
-        spawn=_spawner(server, captures),
+        spawn=_spawner(server, captures, listener),
         workers=config.workers,
         fetcher=bool(crl.fetched()),
         window=float(config.timestamp_threshold),
@@ -467,10 +517,14 @@ def run(config_path: str | Path) -> int:
         instance=instance,
         carried=carried,
         ledger=GrantLedger(config.state_dir / LEDGER_NAME),
+        metrics_server=listener is not None,
+        capture_drops=partial(kernel_drops, sorted({fd for c in captures for fd in c.filenos()})),
     )
     log.info("monitor running (pid %d); starting %d worker(s)", os.getpid(), config.workers)
     code = monitor.run()
     _close_captures(captures)
+    if listener is not None:
+        listener.close()
     log.info("stopped (exit %d)", code)
     return code
 

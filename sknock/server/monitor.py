@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 
-from ..errors import SknockError
+from ..errors import Reason, SknockError
 from ..logsafe import log_safe
 from ..trust import RevocationId, revocation_id
 from .control import ControlServer
@@ -47,7 +47,8 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, PrivsepError, parse_request
+from .metrics import REPORT_INTERVAL, Metrics, crl_figures
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, STATS_PREFIX, GrantRequest, PrivsepError, parse_request, parse_stats
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -65,7 +66,7 @@ MAX_RESTART_DELAY = 30.0
 STOP_GRACE = 5.0  # seconds a child has to exit after SIGTERM before SIGKILL
 MAX_LOOP_FAILURES = 50  # unexpected errors in a row before the monitor gives up (exit 1; the policy stays)
 
-Role = Literal["worker", "crl fetcher"]
+Role = Literal["worker", "crl fetcher", "metrics server"]
 #: Forks a child of ``role`` number ``index``; the child closes ``fds`` (the monitor's own sockets) first.
 #: Returns the child's pid and the monitor's end of its channel.
 Spawner = Callable[[Role, int, Sequence[int]], tuple[int, socket.socket]]
@@ -121,7 +122,7 @@ class BatchRule:
 
 @dataclass(eq=False)
 class Child:
-    """A process the monitor forked and keeps alive: a worker, or the CRL fetcher."""
+    """A process the monitor forked and keeps alive: a worker, the CRL fetcher or the metrics server."""
 
     role: Role
     index: int
@@ -159,6 +160,8 @@ class Monitor:
         instance: socket.socket | None = None,
         carried: Iterable[tuple[Opening, float]] = (),
         ledger: GrantLedger | None = None,
+        metrics_server: bool = False,
+        capture_drops: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -190,6 +193,11 @@ class Monitor:
             self.children.append(Child("worker", index, pid, channel))
         self.children += [Child("worker", len(self.children) + i) for i in range(workers)]  # spawned by run()
         self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
+        # The counts are kept whether or not they are served (a few integer additions per batch).
+        self.metrics = Metrics()
+        self._metrics_server: Child | None = Child("metrics server", 0) if metrics_server else None
+        self._capture_drops = capture_drops
+        self._next_snapshot = now
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
         self._buffer = bytearray(MAX_CRL_MESSAGE + len(CRL_PREFIX))
@@ -292,6 +300,8 @@ class Monitor:
                 child: Child = key.data
                 if child.role == "worker":
                     self._pending += self.read(key.fileobj)  # type: ignore[arg-type]
+                elif child.role == "metrics server":
+                    self._read_metrics_server(child)
                 else:
                     self._read_fetcher(child)
         if self._pending:
@@ -311,6 +321,9 @@ class Monitor:
         elif self.crl is not None and self.crl.local() and now >= self._next_crl:
             self.refresh_crl()
         self._respawn_due(now)
+        if self._metrics_server is not None and now >= self._next_snapshot:
+            self._next_snapshot = now + REPORT_INTERVAL
+            self._send_snapshot(self._metrics_server)
         if self._ledger_dirty and self.ledger is not None:
             self._ledger_dirty = False
             try:
@@ -356,7 +369,10 @@ class Monitor:
             if data is None:
                 break
             try:
-                requests.append(parse_request(data, max_duration=self.max_duration))
+                if data.startswith(STATS_PREFIX):
+                    self.metrics.add_worker(parse_stats(data))
+                else:
+                    requests.append(parse_request(data, max_duration=self.max_duration))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests
@@ -388,11 +404,13 @@ class Monitor:
                 # verified by a worker that did not have the newest CRL yet
                 log.info("refused knock from %s: cert-revoked (%s; the monitor's CRL)", request.opening.address,
                          request.client)
+                self.metrics.refuse(Reason.CERT_REVOKED)
                 continue
             key = request.replay_key
             if key in fresh or journal.seen(key, request.expires, wall):
                 log.info("refused knock from %s: replay (its nonce was granted by another worker or before a "
                          "restart)", request.opening.address)
+                self.metrics.refuse(Reason.REPLAY)
                 continue
             fresh[key] = request
         try:
@@ -400,11 +418,13 @@ class Monitor:
         except OSError as exc:
             log.error("refused %d knock request(s): cannot record them in %s (%s); a knock that is not "
                       "recorded could be replayed after a restart", len(fresh), journal.path, exc)
+            self.metrics.refuse(Reason.INTERNAL_ERROR, len(fresh))
             return
         final: dict[Opening, GrantRequest] = {}
         for index, request in enumerate(fresh.values()):
             if index >= taken:
                 log.warning("refused knock from %s: overload (replay memory full)", request.opening.address)
+                self.metrics.refuse(Reason.OVERLOAD)
                 continue
             final[request.opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
@@ -416,6 +436,7 @@ class Monitor:
             except OSError as exc:
                 log.error("refused %d knock request(s): cannot record them in %s (%s); a grant that is not "
                           "recorded would stay open if the server were killed", len(opens), self.ledger.path, exc)
+                self.metrics.refuse(Reason.INTERNAL_ERROR, len(final))
                 return
         known = {o for o, _ in opens if o in grants}
         failed = {opening for opening, _ in self._apply(opens, closes, known)} if final else set()
@@ -435,6 +456,7 @@ class Monitor:
             else:
                 entry[1].append(port)
         self._log_applied(knocks.values(), known)
+        self.metrics.applied(knocks.values(), now)
         self._ledger_dirty = True
 
     @staticmethod
@@ -477,6 +499,7 @@ class Monitor:
             return
         failed = {opening for opening, _ in self._apply([], due)}
         self._ledger_dirty = True
+        self.metrics.close("expiry", len(due) - len(failed))
         for opening in due:
             if opening in failed:
                 delay = self.grants.close_failed(opening, now)
@@ -541,6 +564,7 @@ class Monitor:
 
     def _adopt(self, results: Sequence[RefreshResult]) -> None:
         """Hand the set to the workers when a refresh brought a new CRL."""
+        self.metrics.crl_refreshed(r.status for r in results)
         updated = [r.crl for r in results if r.status == "updated"]
         if not updated:
             return
@@ -565,10 +589,11 @@ class Monitor:
         the CRLs in hand now revoke."""
         revoked = self._revoked
         doomed = [e for e in self.grants.entries() if not revoked.isdisjoint(e.revocation_ids)]
-        self._close_now(doomed, "its certificate, or a CA above it, is revoked by the new CRL")
+        self._close_now(doomed, "its certificate, or a CA above it, is revoked by the new CRL", "revocation")
 
-    def _close_now(self, entries: Sequence[GrantEntry], why: str) -> list[GrantEntry]:
-        """Close ``entries`` in the firewall now; a close that fails stays listed, overdue, and is retried."""
+    def _close_now(self, entries: Sequence[GrantEntry], why: str, cause: str) -> list[GrantEntry]:
+        """Close ``entries`` in the firewall now; a close that fails stays listed, overdue, and is retried.
+        ``cause`` is the metrics' name for ``why`` (:data:`~sknock.server.metrics.CLOSE_CAUSES`)."""
         if not entries:
             return []
         failed = {opening for opening, _ in self._apply([], [e.opening for e in entries])}
@@ -585,6 +610,7 @@ class Monitor:
                 self.grants.close(opening)
                 closed.append(entry)
                 log.warning("closed %s: %s", what, why)
+        self.metrics.close(cause, len(closed))
         return closed
 
     def close_command(self, arguments: dict[str, Any]) -> dict[str, object]:
@@ -599,7 +625,7 @@ class Monitor:
         except ValueError as exc:
             return {"error": f"close --{key}: {exc}"}
         entries = [e for e in self.grants.entries() if match(e)]
-        closed = self._close_now(entries, f"closed by the operator (close --{key} {value})")
+        closed = self._close_now(entries, f"closed by the operator (close --{key} {value})", "operator")
         return {"closed": [_describe(e) for e in closed],
                 "failed": [_describe(e) for e in entries if e not in closed]}
 
@@ -635,16 +661,36 @@ class Monitor:
         else:
             log.error("refused a malformed message from the CRL fetcher (%d bytes)", len(data))
 
+    # -- metrics -------------------------------------------------------------------------------------
+
+    def _send_snapshot(self, child: Child) -> None:
+        """The figures now, to the metrics server; skipped while it is not running or not reading."""
+        if child.channel is None:
+            return
+        crls = crl_figures(self.crl.refreshers, self.wall_clock()) if self.crl is not None else []
+        drops = self._capture_drops() if self._capture_drops is not None else 0
+        snapshot = self.metrics.snapshot(grants_open=len(self.grants), crls=crls, capture_drops=drops)
+        with contextlib.suppress(OSError):  # full: the next one will do; gone: its channel says so
+            child.channel.send(snapshot.encode())
+
+    def _read_metrics_server(self, child: Child) -> None:
+        """The metrics server sends nothing: its channel readable means it has gone (or misbehaves)."""
+        assert child.channel is not None
+        data = self._receive(child.channel)
+        if data is not None:
+            log.error("ignored a message of %d bytes from the metrics server", len(data))
+
     # -- children ------------------------------------------------------------------------------------
 
     def _all_children(self) -> list[Child]:
-        return self.children + ([self._fetcher] if self._fetcher is not None else [])
+        return self.children + [c for c in (self._fetcher, self._metrics_server) if c is not None]
 
     def _start_children(self) -> None:
         if self.spawn is None:
             return
-        if self._fetcher is not None:
-            self._spawn(self._fetcher)
+        for helper in (self._fetcher, self._metrics_server):
+            if helper is not None:
+                self._spawn(helper)
         for child in self.children:
             if not child.pid:
                 self._spawn(child)
@@ -693,6 +739,8 @@ class Monitor:
         if not self._running or self.spawn is None:
             log.error("%s has gone (%s); the firewall policy stays in place", child.name, how)
             return
+        if child.role == "worker":
+            self.metrics.worker_restarts += 1
         now = self.clock()
         while child.starts and child.starts[0] < now - RESTART_WINDOW:
             child.starts.popleft()
@@ -786,7 +834,7 @@ class Monitor:
                 child.channel = None
         if not self.firewall.kernel_expiry:
             self._close_now(self.grants.entries(),
-                            f"the server stops, and {self.firewall.name} cannot end a grant on time by itself")
+                            f"the server stops, and {self.firewall.name} cannot end a grant on time by itself", "stop")
             if self.ledger is not None:
                 try:
                     self._save_ledger()  # what could not be closed stays recorded for the next start
