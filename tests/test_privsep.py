@@ -124,6 +124,7 @@ _fields = {
     "port": st.integers(0, 65535),
     "duration": st.floats(allow_nan=True, allow_infinity=True),
     "expires": st.floats(allow_nan=True, allow_infinity=True),
+    "received": st.floats(allow_nan=True, allow_infinity=True),
     "address": st.binary(min_size=16, max_size=16)
     | st.ip_addresses(v=4).map(lambda a: a.packed + bytes(12))
     | st.sampled_from([bytes(16), bytes([224, 0, 0, 1]) + bytes(12), b"\xff" * 4 + bytes(12), v6("ff02::1")]),
@@ -152,6 +153,7 @@ _requests = st.builds(
     client=st.text(max_size=300),
     nonce=st.binary(min_size=16, max_size=16),
     expires=st.floats(0, 2**40, exclude_max=True),
+    received=st.floats(0, 2**40, exclude_max=True),
 )
 
 
@@ -165,7 +167,7 @@ def test_round_trip(request: GrantRequest) -> None:
     assert len(data) <= MAX_MESSAGE
     back = parse_request(data, max_duration=MAX)
     assert (back.op, back.opening, back.duration) == (request.op, request.opening, request.duration)
-    assert (back.nonce, back.expires) == (request.nonce, request.expires)
+    assert (back.nonce, back.expires, back.received) == (request.nonce, request.expires, request.received)
     assert back.client == printable_client(request.client)
     assert len(back.client) == min(200, len(request.client))
 
@@ -194,6 +196,11 @@ def test_a_long_non_ascii_subject_still_fits_one_message() -> None:
 @pytest.mark.parametrize("expires", [-1.0, float(2**40), math.nan, math.inf, -math.inf])
 def test_bad_nonce_expiries(expires: float) -> None:
     assert "expir" in refused(message(expires=expires))
+
+
+@pytest.mark.parametrize("received", [-1.0, float(2**40), math.nan, math.inf, -math.inf])
+def test_bad_receipt_times(received: float) -> None:
+    assert "receipt time" in refused(message(received=received))
 
 
 def test_replay_key_leaves_out_the_address() -> None:

@@ -267,6 +267,12 @@ class SnapshotCollector:
 def open_listener(address: IPAddress, port: int) -> socket.socket:
     """The metrics server's listening TCP socket, bound now (by the root process, at start).  Raises
     ConfigError naming ``metricsListen`` when the kernel refuses."""
+    try:  # now, as root: the metrics server drops its privileges before it could read the package
+        import prometheus_client.exposition  # noqa: F401
+        import prometheus_client.openmetrics.exposition  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"metricsListen: the metrics need prometheus_client ({exc}): install sknock[server]"
+                          ) from None
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
