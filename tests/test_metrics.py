@@ -228,3 +228,17 @@ def test_kernel_drops_counts_what_a_full_receive_buffer_lost() -> None:
         assert 0 < drops <= 200
         assert kernel_drops([receiver.fileno()]) == drops  # read without resetting
         receiver.recv(1000)  # still a working socket: kernel_drops left it open
+
+
+def test_the_docs_and_the_dashboard_name_exactly_the_metrics_served() -> None:
+    import re
+
+    collector = SnapshotCollector()
+    collector.snapshot = Metrics().snapshot(grants_open=0, crls=[CrlFigures("x", 1.0, 1.0)])
+    samples = {sample.name for family in collector.collect() for sample in family.samples}
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    table = set(re.findall(r"^\| `(sknock_\w+)`", (docs / "metrics.md").read_text(), re.MULTILINE))
+    histogram = "sknock_knock_to_grant_seconds"
+    assert table == {s for s in samples if not s.startswith(histogram)} | {histogram}
+    dashboard = set(re.findall(r"sknock_\w+", (docs / "grafana-sknock.json").read_text())) - {"sknock"}
+    assert dashboard <= samples, dashboard - samples
