@@ -202,6 +202,16 @@ def markdown(results: dict[str, Any]) -> str:
         row("2. latency ms p50/p90/p99/max at 10/s (100 knocks)", "", "rate-10", _lat)
     row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
     row("2. latency ms p50/p90/p99/max at 1,000/s", "p99 <= 5 ms", "rate-1000", _lat)
+    if any("burst-20000+metrics" in results["servers"][s].get("phases", {}) or "rate-1000+metrics" in
+           results["servers"][s].get("phases", {}) for s in servers):
+        row("6. burst 20,000 with metrics on (off: row 1 above)", "a few % at most", "burst-20000+metrics", _grants)
+        row("6. server CPU per grant, burst 20,000, metrics on", "", "burst-20000+metrics",
+            lambda ph: _cpu(ph["server_cpu"]))
+        row("6. 2,000 at 5,000/s with metrics on", "", "rate-5000+metrics", _grants)
+        row("6. latency ms p50/p90/p99/max at 1,000/s, metrics on", "", "rate-1000+metrics", _lat)
+        row("6. what the server's own metrics counted, burst 20,000 (received / granted)", "", "burst-20000+metrics",
+            lambda ph: f"{_f(ph['metrics'].get('sknock_knocks_received_total'))} / "
+                       f"{_f(ph['metrics'].get('sknock_knocks_granted_total'))}")
     row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
         lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
                    f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
