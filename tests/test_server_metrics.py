@@ -5,9 +5,13 @@ against what was sent; a worker killed, and the totals kept; and with metrics of
 from __future__ import annotations
 
 import os
+import pwd
+import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -148,3 +152,33 @@ def test_metrics_off_means_no_listening_socket(pki: TestPKI) -> None:
     with TestNet.create("skn") as net, RunningServer.start(net, pki, workers="1") as server:
         assert listening_tcp(net) == []
         assert "metrics server" not in server.log_text()
+
+
+def test_the_metrics_server_runs_unprivileged(metered: tuple[TestNet, RunningServer]) -> None:
+    net, server = metered
+    pids = [int(m) for m in re.findall(r"metrics server running: pid (\d+)", server.log_text())]
+    status = Path(f"/proc/{pids[-1]}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert uids == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    assert "CapEff:\t0000000000000000" in status
+
+
+def test_a_metrics_port_in_use_stops_the_start(pki: TestPKI) -> None:
+    require_netns()
+    with TestNet.create("skp") as net:
+        holder = net.server.popen(PY, "-c", (
+            "import socket, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 9465)); s.listen(1); print('held', flush=True)\n"
+            "time.sleep(60)\n"), stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+            server = RunningServer.start(net, pki, wait=False, metricsListen=LISTEN)
+            try:
+                assert server.process.wait(30) == 2
+                assert "metricsListen: cannot listen on 127.0.0.1:9465: Address already in use" in server.log_text()
+                assert "sknock" not in server.nft_ruleset()  # nothing was changed
+            finally:
+                server.cleanup()
+        finally:
+            holder.kill()
+            holder.wait(5)
