@@ -242,3 +242,60 @@ def test_the_docs_and_the_dashboard_name_exactly_the_metrics_served() -> None:
     assert table == {s for s in samples if not s.startswith(histogram)} | {histogram}
     dashboard = set(re.findall(r"sknock_\w+", (docs / "grafana-sknock.json").read_text())) - {"sknock"}
     assert dashboard <= samples, dashboard - samples
+
+
+# -- the monitor's counting, through real socketpairs ----------------------------------------------------
+
+
+def test_the_monitor_counts_grants_refusals_closes_and_sums_the_workers(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    from sknock.ports import Protocol
+    from sknock.server.firewall.base import Opening
+    from sknock.server.monitor import Monitor
+    from sknock.server.privsep import GrantRequest, encode_request
+    from tests.test_monitor import Clock, RecordingFirewall
+
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    clock = Clock()
+    monitor = Monitor(firewall=RecordingFirewall(), channels=[p[0] for p in pairs], max_duration=3600, clock=clock,
+                      wall_clock=lambda: 1_900_000_000.0)
+    workers = [p[1] for p in pairs]
+    address = ipaddress.ip_address("198.18.0.2")
+
+    def knock(op: str, port: int, nonce: bytes, received: float = 0.0) -> bytes:
+        return encode_request(GrantRequest(op, Opening(address, Protocol.TCP, port), 15.0, "CN=alice", nonce,  # type: ignore[arg-type]
+                                           2_000_000_000.0, (), received))
+
+    def turn() -> None:
+        requests = []
+        for channel in monitor.channels:
+            requests += monitor.read(channel)
+        monitor.apply(requests)
+
+    stale = tuple(3 if r is Reason.STALE else 0 for r in REASONS)
+    workers[0].send(encode_stats(WorkerStats(7, stale)))
+    workers[1].send(encode_stats(WorkerStats(4, stale)))
+    workers[0].send(knock("open", 80, b"x" * 16, clock.now - 0.004))  # one knock, two ports: one grant
+    workers[0].send(knock("open", 443, b"x" * 16, clock.now - 0.004))
+    workers[0].send(knock("open", 22, b"y" * 16, clock.now - 0.0015))
+    workers[1].send(knock("open", 22, b"y" * 16, clock.now - 0.0015))  # the same knock at another worker: replay
+    workers[1].send(b"STS\0" + bytes(10))  # malformed: refused, not counted
+    caplog.set_level("ERROR", logger="sknock.monitor")
+    turn()
+    assert any("malformed" in r.getMessage() for r in caplog.records)
+    snap = monitor.metrics.snapshot(grants_open=len(monitor.grants))
+    assert (snap.received, snap.granted, snap.grants_open) == (11, 2, 3)
+    assert snap.refused["stale"] == 6 and snap.refused["replay"] == 1 and sum(snap.refused.values()) == 7
+    assert snap.latency_count == 2
+    assert snap.latency_buckets[LATENCY_BUCKETS.index(0.002)] == 1  # 1.5 ms
+    assert snap.latency_buckets[LATENCY_BUCKETS.index(0.005)] == 1  # 4 ms
+
+    workers[0].send(knock("close", 443, b"z" * 16))
+    turn()
+    clock.now += 16
+    monitor.expire()
+    closed = monitor.metrics.snapshot(grants_open=len(monitor.grants)).closed
+    assert closed["close_request"] == 1 and closed["expiry"] == 2 and len(monitor.grants) == 0
+    for end in workers + monitor.channels:
+        end.close()
