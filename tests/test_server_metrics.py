@@ -182,3 +182,13 @@ def test_a_metrics_port_in_use_stops_the_start(pki: TestPKI) -> None:
         finally:
             holder.kill()
             holder.wait(5)
+
+
+def test_a_crl_refresh_is_counted(metered: tuple[TestNet, RunningServer]) -> None:
+    net, server = metered
+    unchanged = 'sknock_crl_refresh_total{result="unchanged"}'
+    before = scrape(net)[unchanged]
+    mark = server.mark()
+    server.process.send_signal(signal.SIGHUP)  # the monitor re-reads crlFile: the same CRL
+    server.wait_log("SIGHUP: reading the CRL", since=mark)
+    wait_for(net, {unchanged: before + 1})
