@@ -80,16 +80,8 @@ class Phases:
         listen = self.options.get("metricsListen")
         if not listen:
             return {}
-        code = ("import urllib.request, sys\n"
-                f"sys.stdout.write(urllib.request.urlopen('http://{listen}/metrics', timeout=10).read().decode())\n")
-        text = self.net.server.run(lab.PY, "-c", code, timeout=30).stdout
-        wanted = ("sknock_knocks_received_total", "sknock_knocks_granted_total", "sknock_knock_to_grant_seconds_sum",
-                  "sknock_knock_to_grant_seconds_count", "sknock_capture_drops_total")
-        figures = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in wanted:
-                figures[name] = float(value)
+        run = self.net.server.run(lab.PY, "-m", "bench.scrape", listen, timeout=30)
+        figures: dict[str, float] = json.loads(run.stdout.strip().splitlines()[-1])
         return figures
 
     def watch(self, limit: float) -> KernelWatcher:

@@ -149,6 +149,16 @@ def _memory(ph: dict[str, Any]) -> str:
             f"{_mb(ph['resident_kib_0_grants'])}, RSS summed {_mb(ph['rss_kib_0_grants'])}")
 
 
+def _counted(ph: dict[str, Any]) -> str:
+    """The server's own figures (scraped after a +metrics phase)."""
+    m = ph["metrics"]
+    refused = {k.split('"')[1]: v for k, v in m.items() if k.startswith("sknock_knocks_refused_total{")}
+    reasons = ", ".join(f"{reason} {_f(count)}" for reason, count in sorted(refused.items()))
+    return (f"{_f(m.get('sknock_knocks_received_total'))} / {_f(m.get('sknock_knocks_granted_total'))} / "
+            f"{_f(sum(refused.values()))}{f' ({reasons})' if reasons else ''}; "
+            f"{_f(m.get('sknock_capture_drops_total'))}")
+
+
 def markdown(results: dict[str, Any]) -> str:
     servers = [s for s in SERVERS if s in results.get("servers", {})]
     merged = sorted({f"{s} ({results['servers'][s]['from_run']})" for s in servers
@@ -209,9 +219,8 @@ def markdown(results: dict[str, Any]) -> str:
             lambda ph: _cpu(ph["server_cpu"]))
         row("6. 2,000 at 5,000/s with metrics on", "", "rate-5000+metrics", _grants)
         row("6. latency ms p50/p90/p99/max at 1,000/s, metrics on", "", "rate-1000+metrics", _lat)
-        row("6. what the server's own metrics counted, burst 20,000 (received / granted)", "", "burst-20000+metrics",
-            lambda ph: f"{_f(ph['metrics'].get('sknock_knocks_received_total'))} / "
-                       f"{_f(ph['metrics'].get('sknock_knocks_granted_total'))}")
+        row("6. what the server's own metrics counted, burst 20,000: received / granted / refused; kernel drops",
+            "", "burst-20000+metrics", _counted)
     row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
         lambda ph: f"{_f(100 * ph['share_granted'], '{:.0f}')} % ({ph['valid_granted']}/{ph['valid_sent']}), "
                    f"{_f(ph['latency']['p50_ms'], '{:.1f}')}/{_f(ph['latency']['p99_ms'], '{:.1f}')} ms; "
