@@ -299,3 +299,14 @@ def test_the_monitor_counts_grants_refusals_closes_and_sums_the_workers(tmp_path
     assert closed["close_request"] == 1 and closed["expiry"] == 2 and len(monitor.grants) == 0
     for end in workers + monitor.channels:
         end.close()
+
+
+def test_kernel_drops_skips_what_is_not_a_socket(tmp_path: Path) -> None:
+    import os
+
+    fd = os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)
+    try:
+        assert kernel_drops([fd]) == 0
+        os.fstat(fd)  # still open: kernel_drops closes nothing
+    finally:
+        os.close(fd)

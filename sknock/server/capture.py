@@ -97,7 +97,10 @@ def kernel_drops(fds: Sequence[int]) -> int:
     read without resetting it and without privilege.  A socket that cannot say counts 0."""
     total = 0
     for fd in fds:
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket (any more)
+            continue
         try:
             total += _MEMINFO.unpack_from(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))[8]
         except (OSError, struct.error):

@@ -323,7 +323,10 @@ class Monitor:
         self._respawn_due(now)
         if self._metrics_server is not None and now >= self._next_snapshot:
             self._next_snapshot = now + REPORT_INTERVAL
-            self._send_snapshot(self._metrics_server)
+            try:
+                self._send_snapshot(self._metrics_server)
+            except Exception:  # a bug in the metrics must not count toward stopping the monitor
+                log.exception("cannot send the metrics a snapshot")
         if self._ledger_dirty and self.ledger is not None:
             self._ledger_dirty = False
             try:
