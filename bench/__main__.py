@@ -70,8 +70,8 @@ def main() -> int:
                    help="one more 20,000 burst with py-spy on the monitor and a worker")
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--metrics", action="store_true",
-                   help="run sknock-nftables' 1,000/s, 5,000/s and 20,000-burst phases twice, the second time with "
-                        "metrics on (NAME+metrics), side by side in the table")
+                   help="run sknock-nftables' 1,000/s, 5,000/s, scale and 20,000-burst phases twice, the second "
+                        "time with metrics on (NAME+metrics), side by side in the table")
     p.add_argument("--phases", default="", help="comma-separated phase names to run (default: all), e.g. "
                                                 "burst-20000,flood-replay; for trying a change, not for the README")
     p.add_argument("--merge", action="append", default=[], metavar="RESULTS.json",

@@ -27,9 +27,9 @@ RUN_LIMIT = 18 * 60  # seconds: phases not started by then are skipped (and said
 BURST_REPEATS = 3  # the 20,000 burst, each on a fresh server; the median is reported
 FLOOD_FIRST = 20_000  # the floods' valid knocks come from sources 20,000 and up, not used by the load phases
 METRICS_LISTEN = "127.0.0.1:9465"  # the server namespace's loopback: what the +metrics phases turn on
-#: The phases run twice with --metrics, the second time with metrics on ("NAME+metrics"): throughput and
-#: latency, side by side in one run.
-METRICS_TWINS = ("rate-1000", "rate-5000", "burst-20000")
+#: The phases run twice with --metrics, the second time with metrics on ("NAME+metrics"): throughput,
+#: latency and memory, side by side in one run.
+METRICS_TWINS = ("rate-1000", "rate-5000", "scale-10000", "burst-20000")
 
 Phase = Callable[[], dict[str, Any]]
 Plan = list[tuple[str, Phase]]

@@ -219,6 +219,8 @@ def markdown(results: dict[str, Any]) -> str:
             lambda ph: _cpu(ph["server_cpu"]))
         row("6. 2,000 at 5,000/s with metrics on", "", "rate-5000+metrics", _grants)
         row("6. latency ms p50/p90/p99/max at 1,000/s, metrics on", "", "rate-1000+metrics", _lat)
+        row("6. server memory at 10,000 grants, metrics on (the metrics server included)", "", "scale-10000+metrics",
+            _memory)
         row("6. what the server's own metrics counted, burst 20,000: received / granted / refused; kernel drops",
             "", "burst-20000+metrics", _counted)
     row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
