@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -310,3 +311,48 @@ def test_kernel_drops_skips_what_is_not_a_socket(tmp_path: Path) -> None:
         os.fstat(fd)  # still open: kernel_drops closes nothing
     finally:
         os.close(fd)
+
+
+# -- the CRL fetcher's results ------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=12) | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
+    lambda t: b"RES\0" + bytes(t)))
+def test_any_bytes_give_a_fetch_result_or_a_privsep_error(data: bytes) -> None:
+    from sknock.server.privsep import FETCH_STATUSES, encode_fetch_result, parse_fetch_result
+
+    try:
+        source, status = parse_fetch_result(data)
+    except PrivsepError:
+        return
+    assert status in FETCH_STATUSES and encode_fetch_result(source, status) == data
+
+
+def test_the_fetchers_results_are_counted_for_its_sources_only(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from sknock.server.crl_refresh import CrlRefresher, CrlSet
+    from sknock.server.monitor import Child, Monitor
+    from sknock.server.privsep import encode_fetch_result
+    from tests.test_monitor import RecordingFirewall
+
+    def refuse(data: bytes) -> Any:
+        raise ValueError("not a CRL")
+
+    crls = CrlSet([CrlRefresher("https://ca.example/crl.der", tmp_path / "a.crl", refuse, read_existing=False),
+                   CrlRefresher(str(tmp_path / "local.crl"), tmp_path / "b.crl", refuse, read_existing=False)])
+    monitor = Monitor(firewall=RecordingFirewall(), max_duration=60, crl=crls)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    fetcher = Child("crl fetcher", 0, 0, ours)
+    caplog.set_level("ERROR", logger="sknock.monitor")
+    for message in (encode_fetch_result(0, "failed"), encode_fetch_result(0, "unchanged"),
+                    encode_fetch_result(1, "updated"),  # source 1 is a file the monitor reads itself: ignored
+                    b"RES\0\0\7"):  # malformed
+        theirs.send(message)
+        monitor._read_fetcher(fetcher)
+    assert monitor.metrics.crl_refreshes == {"updated": 0, "unchanged": 1, "failed": 1}
+    assert any("malformed" in r.getMessage() for r in caplog.records)
+    monitor.offer_crl(b"junk", 0)  # bytes the monitor refuses count as a failed refresh too
+    assert monitor.metrics.crl_refreshes["failed"] == 2
+    ours.close()
+    theirs.close()

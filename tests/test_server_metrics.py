@@ -9,52 +9,21 @@ import pwd
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.netns import TestNet, require_netns
 from tests.pki import TestPKI
-from tests.server_harness import PY, RunningServer, client_script, run_in_client
+from tests.server_harness import METRICS, PY, RunningServer, client_script, run_in_client
+from tests.server_harness import scrape_metrics as scrape
+from tests.server_harness import wait_for_metrics as wait_for
 
 pytestmark = pytest.mark.root
 
-LISTEN = "127.0.0.1:9465"
+LISTEN = METRICS
 PORTS = (2001, 2002, 2003)
-
-SCRAPE = (
-    "import sys, urllib.request\n"
-    "sys.stdout.write(urllib.request.urlopen('http://{listen}/metrics', timeout=5).read().decode())\n"
-)
-
-
-def scrape(net: TestNet, listen: str = LISTEN) -> dict[str, float]:
-    """Every sample of the endpoint, keyed ``name{label="value",...}`` (labels sorted)."""
-    text = net.server.run(PY, "-c", SCRAPE.format(listen=listen), timeout=20).stdout
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
-def wait_for(net: TestNet, expected: dict[str, float], timeout: float = 15) -> dict[str, float]:
-    """Scrape until every figure in ``expected`` is there (workers report each second, the monitor
-    snapshots each second); fail with the difference."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(net)
-        wrong = {k: (samples.get(k), v) for k, v in expected.items() if samples.get(k) != v}
-        if not wrong:
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"metrics (got, wanted): {wrong}")
-        time.sleep(0.5)
-
 
 def listening_tcp(net: TestNet) -> list[str]:
     """The TCP sockets listening in the server namespace (local address:port in /proc's hex form)."""

@@ -46,7 +46,7 @@ from ..trust import ClientVerifier, cas_without_crl, crl_signer, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, CrlSource, Revocation, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, schedule_refresh, split_crl_set
+from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, RefreshResult, schedule_refresh, split_crl_set
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
 from .firewall.detect import FirewallBackend
@@ -57,7 +57,7 @@ from .localaddr import DestinationFilter, host_addresses
 from .metrics import StatsReporter, open_listener
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .preflight import check_credentials
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, drop_privileges, encode_fetch_result
 from .worker import Capture, Worker
 
 __all__ = ["Server", "load", "prepare", "run", "teardown", "setup_logging", "make_server_firewall"]
@@ -402,7 +402,10 @@ def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
         held = server.crls[index]
         if held is not None:
             refresher.seed(held.crl, held.data)
-        jobs.append(schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, clock))
+        def report(result: RefreshResult, index: int = index) -> None:
+            channel.send(encode_fetch_result(index, result.status))  # for the metrics
+
+        jobs.append(schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, clock, report))
         urls.append(source.url)
     state = {"running": True, "now": False}
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))

@@ -48,7 +48,17 @@ from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
 from .metrics import REPORT_INTERVAL, Metrics, crl_figures
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, STATS_PREFIX, GrantRequest, PrivsepError, parse_request, parse_stats
+from .privsep import (
+    CRL_PREFIX,
+    FETCH_RESULT_PREFIX,
+    MAX_CRL_MESSAGE,
+    STATS_PREFIX,
+    GrantRequest,
+    PrivsepError,
+    parse_fetch_result,
+    parse_request,
+    parse_stats,
+)
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
 
@@ -552,7 +562,9 @@ class Monitor:
         if now_requested:
             log.info("SIGHUP: reading the CRL from %s now", ", ".join(self.crl.sources[i] for i in local))
         self._next_crl = self.clock() + self.crl_interval
-        self._adopt(self.crl.refresh(self._now_utc(), local))
+        results = self.crl.refresh(self._now_utc(), local)
+        self.metrics.crl_refreshed(r.status for r in results)
+        self._adopt(results)
 
     def offer_crl(self, data: bytes, source: int = 0) -> None:
         """CRL bytes from the CRL fetcher for URL source number ``source`` (unprivileged: trusted for
@@ -563,11 +575,13 @@ class Monitor:
         if source not in self.crl.fetched():
             log.error("refused a CRL from the CRL fetcher for source %d, which is not a URL it fetches", source)
             return
-        self._adopt([self.crl.accept(source, data, self._now_utc())])
+        result = self.crl.accept(source, data, self._now_utc())
+        if result.status == "failed":  # the fetcher's own result says how the download went
+            self.metrics.crl_refreshed(["failed"])
+        self._adopt([result])
 
     def _adopt(self, results: Sequence[RefreshResult]) -> None:
         """Hand the set to the workers when a refresh brought a new CRL."""
-        self.metrics.crl_refreshed(r.status for r in results)
         updated = [r.crl for r in results if r.status == "updated"]
         if not updated:
             return
@@ -661,6 +675,14 @@ class Monitor:
         if data.startswith(CRL_PREFIX) and len(data) >= start:
             (source,) = FETCHED_HEADER.unpack_from(data, len(CRL_PREFIX))
             self.offer_crl(data[start:], source)
+        elif data.startswith(FETCH_RESULT_PREFIX):
+            try:
+                source, status = parse_fetch_result(data)
+            except PrivsepError as exc:
+                log.error("refused a malformed message from the CRL fetcher: %s", exc)
+                return
+            if self.crl is not None and source in self.crl.fetched():
+                self.metrics.crl_refreshed([status])
         else:
             log.error("refused a malformed message from the CRL fetcher (%d bytes)", len(data))
 

@@ -33,6 +33,11 @@ the totals it keeps for the metrics (:mod:`sknock.server.metrics`)::
     "STS\0" | reason count u8 (the number of errors.Reason values) | received u64
     then refused u64 per errors.Reason, in the enum's order
 
+``FETCH_RESULT_PREFIX`` + what one download of the CRL fetcher came to, for the metrics (the bytes of
+a new CRL come first, in their own message)::
+
+    "RES\0" | source index u8 | status u8 (0 updated, 1 unchanged, 2 failed)
+
 Binary rather than JSON because the monitor reads one message per grant: parsing JSON and an
 address in text costs many times a fixed-layout unpack, and at thousands of grants a second that
 difference is a large share of the monitor's one core.
@@ -57,6 +62,7 @@ from .firewall.base import Opening
 __all__ = [
     "GrantRequest", "PrivsepError", "encode_request", "parse_request", "drop_privileges", "MAX_MESSAGE",
     "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "STATS_PREFIX", "WorkerStats", "encode_stats", "parse_stats",
+    "FETCH_RESULT_PREFIX", "FETCH_STATUSES", "encode_fetch_result", "parse_fetch_result",
 ]
 
 _LAYOUT = struct.Struct("!BBBBHddd16s16sB")
@@ -67,6 +73,9 @@ STATS_PREFIX = b"STS\0"
 _REASONS = tuple(Reason)
 _STATS = struct.Struct(f"!4sB{1 + len(_REASONS)}Q")
 MAX_STATS_DELTA = 2**40  # more than any worker counts between two messages
+FETCH_RESULT_PREFIX = b"RES\0"
+FETCH_STATUSES = ("updated", "unchanged", "failed")
+_FETCH_RESULT = struct.Struct("!4sBB")
 MAX_CRL_MESSAGE = 4 << 20
 MAX_CLIENT = 200  # characters
 MAX_MESSAGE = _LAYOUT.size + MAX_IDS * _ID.size + 4 * MAX_CLIENT
@@ -197,6 +206,22 @@ class WorkerStats:
 def encode_stats(stats: WorkerStats) -> bytes:
     """One stats message (``STATS_PREFIX`` and the fixed layout in the module's docstring)."""
     return _STATS.pack(STATS_PREFIX, len(_REASONS), stats.received, *stats.refused)
+
+
+def encode_fetch_result(source: int, status: str) -> bytes:
+    """The CRL fetcher's word on one download from source number ``source``."""
+    return _FETCH_RESULT.pack(FETCH_RESULT_PREFIX, source, FETCH_STATUSES.index(status))
+
+
+def parse_fetch_result(data: bytes) -> tuple[int, str]:
+    """Strictly parse a fetch result: (source index, status).  The caller checks the index is a source
+    the fetcher downloads."""
+    if len(data) != _FETCH_RESULT.size:
+        raise PrivsepError(f"fetch result of {len(data)} bytes, not {_FETCH_RESULT.size}")
+    prefix, source, status = _FETCH_RESULT.unpack(data)
+    if prefix != FETCH_RESULT_PREFIX or status >= len(FETCH_STATUSES):
+        raise PrivsepError(f"bad fetch result (status {status})")
+    return source, FETCH_STATUSES[status]
 
 
 def parse_stats(data: bytes) -> WorkerStats:
