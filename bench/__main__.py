@@ -49,7 +49,8 @@ def run_sknock(backend: str, pki: lab.Pki, net: TestNet, folder: Path, args: arg
     res["build_seconds"] = lab.build_knocks(pki, knocks, 2000 if args.quick else 20000, stamp, None)
     lab.build_knocks(pki, expiry, 1000, stamp, 2)
     ph = Phases(net, pki, backend, knocks, expiry)
-    run_plan(key, sknock_plan(ph, quick=args.quick, profile=args.profile), res["phases"], started, args.phases)
+    plan = sknock_plan(ph, quick=args.quick, profile=args.profile, metrics=args.metrics and backend == "nftables")
+    run_plan(key, plan, res["phases"], started, args.phases)
 
 
 def merge(results: dict[str, Any], earlier: dict[str, Any], name: str) -> None:
@@ -69,6 +70,9 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="one more 20,000 burst with py-spy on the monitor and a worker")
     p.add_argument("--no-micro", action="store_true")
+    p.add_argument("--metrics", action="store_true",
+                   help="run sknock-nftables' 1,000/s, 5,000/s, scale and 20,000-burst phases twice, the second "
+                        "time with metrics on (NAME+metrics), side by side in the table")
     p.add_argument("--phases", default="", help="comma-separated phase names to run (default: all), e.g. "
                                                 "burst-20000,flood-replay; for trying a change, not for the README")
     p.add_argument("--merge", action="append", default=[], metavar="RESULTS.json",

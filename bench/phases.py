@@ -26,6 +26,10 @@ from tests.netns import TestNet
 RUN_LIMIT = 18 * 60  # seconds: phases not started by then are skipped (and said so)
 BURST_REPEATS = 3  # the 20,000 burst, each on a fresh server; the median is reported
 FLOOD_FIRST = 20_000  # the floods' valid knocks come from sources 20,000 and up, not used by the load phases
+METRICS_LISTEN = "127.0.0.1:9465"  # the server namespace's loopback: what the +metrics phases turn on
+#: The phases run twice with --metrics, the second time with metrics on ("NAME+metrics"): throughput,
+#: latency and memory, side by side in one run.
+METRICS_TWINS = ("rate-1000", "rate-5000", "scale-10000", "burst-20000")
 
 Phase = Callable[[], dict[str, Any]]
 Plan = list[tuple[str, Phase]]
@@ -55,15 +59,32 @@ class Phases:
     knock_port = 0  # 0: the sender's rotating ports (sknock sniffs them all); fwknopd: 62201
     wait_extra = 60.0  # seconds to wait for grants after the last knock is due
 
-    def __init__(self, net: TestNet, pki: lab.Pki | None, backend: str, knocks: Path, expiry_knocks: Path) -> None:
+    def __init__(self, net: TestNet, pki: lab.Pki | None, backend: str, knocks: Path, expiry_knocks: Path,
+                 options: dict[str, str] | None = None) -> None:
         self.net, self.pki, self.backend = net, pki, backend
         self.knocks, self.expiry_knocks = knocks, expiry_knocks
+        self.options = options or {}  # more server options (metricsListen for the +metrics phases)
+
+    def with_options(self, **options: str) -> Phases:
+        """The same phases against servers started with ``options`` too."""
+        return Phases(self.net, self.pki, self.backend, self.knocks, self.expiry_knocks, {**self.options, **options})
 
     def server(self, expiry: bool = False, icmp: bool = False) -> lab.ServerProcesses:
         """A freshly started server (a context manager that stops it); ``icmp``: with the ICMP carrier
         (``knockCarriers = udp, icmp``)."""
         assert self.pki is not None
-        return lab.Server.start(self.net, self.pki, self.backend, **({"knockCarriers": "udp, icmp"} if icmp else {}))
+        options = {**self.options, **({"knockCarriers": "udp, icmp"} if icmp else {})}
+        return lab.Server.start(self.net, self.pki, self.backend, **options)
+
+    def scrape(self) -> dict[str, float]:
+        """The server's own metrics (when ``metricsListen`` is set): what it counted, beside what the kernel
+        showed; the scrape also shows the metrics server answered under load."""
+        listen = self.options.get("metricsListen")
+        if not listen:
+            return {}
+        run = self.net.server.run(lab.PY, "-m", "bench.scrape", listen, timeout=30)
+        figures: dict[str, float] = json.loads(run.stdout.strip().splitlines()[-1])
+        return figures
 
     def watch(self, limit: float) -> KernelWatcher:
         """A started watcher of the grants in the server's kernel, for at most ``limit`` s."""
@@ -105,6 +126,9 @@ class Phases:
                 out["wait_end"] = watcher.wait_quiet(count, limit=limit)
                 cpu = server.cpu_since(cpu_start)
                 cpu["wall_s"] = time.monotonic() - cpu_wall
+                if self.options.get("metricsListen"):
+                    time.sleep(2.5)  # workers report each second, the monitor snapshots each second
+                    out["metrics"] = self.scrape()
             finally:
                 watcher.stop()
                 if profilers:
@@ -267,8 +291,9 @@ class Phases:
                     "flood_pps": flood_stats.get("rate"), "flood_packets": flood_stats.get("sent")}
 
 
-def sknock_plan(ph: Phases, *, quick: bool, profile: bool) -> Plan:
-    """sknock's phases, in order (``quick``: small counts; ``profile``: one more burst with py-spy)."""
+def sknock_plan(ph: Phases, *, quick: bool, profile: bool, metrics: bool = False) -> Plan:
+    """sknock's phases, in order (``quick``: small counts; ``profile``: one more burst with py-spy;
+    ``metrics``: each of METRICS_TWINS again right after it, with metrics on, as ``NAME+metrics``)."""
     big = 2000 if quick else 20000
     plan: Plan = [
         ("burst-2000", lambda: ph.run_load(2000, 0, label="burst-2000")),
@@ -291,6 +316,11 @@ def sknock_plan(ph: Phases, *, quick: bool, profile: bool) -> Plan:
     if ph.backend == "nftables":
         # ssh NAME true through the knock against ssh with the port open (bench/sshlogin.py)
         plan.append(("ssh-login", lambda: _ssh_login(ph, 20)))
+    if metrics:
+        on = ph.with_options(metricsListen=METRICS_LISTEN)
+        twins = dict(sknock_plan(on, quick=quick, profile=False))
+        plan = [step for name, fn in plan
+                for step in [(name, fn)] + ([(f"{name}+metrics", twins[name])] if name in METRICS_TWINS else [])]
     if profile:
         # The burst once more, with py-spy sampling the monitor and a worker: sampling takes CPU from the
         # server, so these figures are not the throughput figures (burst-20000 runs unprofiled).

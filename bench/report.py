@@ -156,6 +156,16 @@ def _memory(ph: dict[str, Any]) -> str:
             f"{_mb(ph['resident_kib_0_grants'])}, RSS summed {_mb(ph['rss_kib_0_grants'])}")
 
 
+def _counted(ph: dict[str, Any]) -> str:
+    """The server's own figures (scraped after a +metrics phase)."""
+    m = ph["metrics"]
+    refused = {k.split('"')[1]: v for k, v in m.items() if k.startswith("sknock_knocks_refused_total{")}
+    reasons = ", ".join(f"{reason} {_f(count)}" for reason, count in sorted(refused.items()))
+    return (f"{_f(m.get('sknock_knocks_received_total'))} / {_f(m.get('sknock_knocks_granted_total'))} / "
+            f"{_f(sum(refused.values()))}{f' ({reasons})' if reasons else ''}; "
+            f"{_f(m.get('sknock_capture_drops_total'))}")
+
+
 def markdown(results: dict[str, Any]) -> str:
     servers = [s for s in SERVERS if s in results.get("servers", {})]
     merged = sorted({f"{s} ({results['servers'][s]['from_run']})" for s in servers
@@ -216,6 +226,17 @@ def markdown(results: dict[str, Any]) -> str:
     row("2. latency ms p50/p90/p99/max at 100/s", "", "rate-100", _lat)
     row("2. latency ms p50/p90/p99/max at 1,000/s", "p99 <= 5 ms", "rate-1000", _lat)
     row("2. ... over ICMP (echo requests, knockCarriers = udp, icmp)", "", "rate-1000-icmp", _lat)
+    if any("burst-20000+metrics" in results["servers"][s].get("phases", {}) or "rate-1000+metrics" in
+           results["servers"][s].get("phases", {}) for s in servers):
+        row("6. burst 20,000 with metrics on (off: row 1 above)", "a few % at most", "burst-20000+metrics", _grants)
+        row("6. server CPU per grant, burst 20,000, metrics on", "", "burst-20000+metrics",
+            lambda ph: _cpu(ph["server_cpu"]))
+        row("6. 2,000 at 5,000/s with metrics on", "", "rate-5000+metrics", _grants)
+        row("6. latency ms p50/p90/p99/max at 1,000/s, metrics on", "", "rate-1000+metrics", _lat)
+        row("6. server memory at 10,000 grants, metrics on (the metrics server included)", "", "scale-10000+metrics",
+            _memory)
+        row("6. what the server's own metrics counted, burst 20,000: received / granted / refused; kernel drops",
+            "", "burst-20000+metrics", _counted)
     row("3. junk flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-junk",
         _flood)
     row("3. replay flood: valid granted (10/s), latency p50/p99 ms", ">= 99 %", "flood-replay",

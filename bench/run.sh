@@ -2,7 +2,8 @@
 # The benchmark (issue 4): installs what it needs, runs every figure, prints the table and writes
 # bench/results/<date>.{json,md,png}.  Needs root (network namespaces, the kernel firewall): re-executes
 # with sudo.  Takes about 11 minutes; never fails on a number.  Arguments go to `python -m bench`
-# (--quick for a small trial run, --only nftables,iptables, --profile for py-spy on the server).
+# (--quick for a small trial run, --only nftables,iptables, --profile for py-spy on the server,
+# --metrics for the throughput and latency phases again with metrics on).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,4 +24,4 @@ fi
 python="${BENCH_PYTHON:-.venv/bin/python}"
 "$python" -c "import matplotlib" 2>/dev/null || "$python" -m pip install -q matplotlib
 [ -x "$(dirname "$python")/py-spy" ] || "$python" -m pip install -q py-spy || echo "bench: no py-spy (no profile)"
-exec "$python" -m bench --profile "$@"
+exec "$python" -m bench --profile --metrics "$@"

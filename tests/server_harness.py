@@ -29,12 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.netns import TestNet
 from tests.pki import PASSWORD, TestPKI
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+METRICS = "127.0.0.1:9465"  # metricsListen for the tests that turn the metrics on (the server namespace's loopback)
 
 
 def _world_readable_dir() -> Path:
@@ -239,3 +242,36 @@ def knock_from_client(
 
 def read_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+_SCRAPE = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen('http://{listen}/metrics', timeout=5).read().decode())\n"
+)
+
+
+def scrape_metrics(net: TestNet, listen: str = METRICS) -> dict[str, float]:
+    """Every sample of the endpoint, keyed ``name{label="value",...}`` (labels sorted)."""
+    text = net.server.run(PY, "-c", _SCRAPE.format(listen=listen), timeout=20).stdout
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def wait_for_metrics(
+    net: TestNet, expected: dict[str, float], timeout: float = 15, listen: str = METRICS
+) -> dict[str, float]:
+    """Scrape until every figure in ``expected`` is there (workers report each second, the monitor
+    snapshots each second); fail with the difference."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape_metrics(net, listen)
+        wrong = {k: (samples.get(k), v) for k, v in expected.items() if samples.get(k) != v}
+        if not wrong:
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics (got, wanted): {wrong}")
+        time.sleep(0.5)

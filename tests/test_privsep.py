@@ -28,7 +28,7 @@ from sknock.server.privsep import (
 )
 
 MAX = 3600.0
-LAYOUT = struct.Struct("!BBBBHdd16s16sB")  # written out again here, as the docstring of privsep.py states it
+LAYOUT = struct.Struct("!BBBBHddd16s16sB")  # written out again here, as the docstring of privsep.py states it
 ID = struct.Struct("!32s21s")
 GOOD: dict[str, Any] = {
     "op": 1,
@@ -38,6 +38,7 @@ GOOD: dict[str, Any] = {
     "port": 22,
     "duration": 15.0,
     "expires": 1767225607.5,
+    "received": 0.0,
     "address": bytes([198, 18, 0, 2]) + bytes(12),
     "nonce": bytes.fromhex("00112233445566778899aabbccddeeff"),
     "ids": [],
@@ -52,7 +53,7 @@ ALICE = GrantRequest(
 def message(**changes: Any) -> bytes:
     f = {**GOOD, **changes}
     fixed = LAYOUT.pack(f["op"], f["family"], f["protocol"], f["reserved"], f["port"], f["duration"], f["expires"],
-                        f["address"], f["nonce"], f.get("count", len(f["ids"])))
+                        f["received"], f["address"], f["nonce"], f.get("count", len(f["ids"])))
     ids = b"".join(ID.pack(issuer, serial.to_bytes(21, "big", signed=True)) for issuer, serial in f["ids"])
     return fixed + ids + f["client"]
 
@@ -155,6 +156,7 @@ _fields = {
     "port": st.integers(0, 65535),
     "duration": st.floats(allow_nan=True, allow_infinity=True),
     "expires": st.floats(allow_nan=True, allow_infinity=True),
+    "received": st.floats(allow_nan=True, allow_infinity=True),
     "address": st.binary(min_size=16, max_size=16)
     | st.ip_addresses(v=4).map(lambda a: a.packed + bytes(12))
     | st.sampled_from([bytes(16), bytes([224, 0, 0, 1]) + bytes(12), b"\xff" * 4 + bytes(12), v6("ff02::1")]),
@@ -183,6 +185,7 @@ _requests = st.builds(
     client=st.text(max_size=300),
     nonce=st.binary(min_size=16, max_size=16),
     expires=st.floats(0, 2**40, exclude_max=True),
+    received=st.floats(0, 2**40, exclude_max=True),
 )
 
 
@@ -196,7 +199,7 @@ def test_round_trip(request: GrantRequest) -> None:
     assert len(data) <= MAX_MESSAGE
     back = parse_request(data, max_duration=MAX)
     assert (back.op, back.opening, back.duration) == (request.op, request.opening, request.duration)
-    assert (back.nonce, back.expires) == (request.nonce, request.expires)
+    assert (back.nonce, back.expires, back.received) == (request.nonce, request.expires, request.received)
     assert back.client == printable_client(request.client)
     assert len(back.client) == min(200, len(request.client))
 
@@ -225,6 +228,11 @@ def test_a_long_non_ascii_subject_still_fits_one_message() -> None:
 @pytest.mark.parametrize("expires", [-1.0, float(2**40), math.nan, math.inf, -math.inf])
 def test_bad_nonce_expiries(expires: float) -> None:
     assert "expir" in refused(message(expires=expires))
+
+
+@pytest.mark.parametrize("received", [-1.0, float(2**40), math.nan, math.inf, -math.inf])
+def test_bad_receipt_times(received: float) -> None:
+    assert "receipt time" in refused(message(received=received))
 
 
 def test_replay_key_leaves_out_the_address() -> None:

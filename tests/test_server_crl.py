@@ -23,7 +23,8 @@ from sknock.fileio import write_atomic
 from sknock.ports import parse_ports
 from tests.netns import TestNet, require_netns
 from tests.pki import PASSWORD_BYTES, TestPKI
-from tests.server_harness import PY, RunningServer, client_script, run_in_client
+from tests.server_harness import METRICS, PY, RunningServer, client_script, run_in_client
+from tests.server_harness import wait_for_metrics as wait_for
 
 pytestmark = pytest.mark.root
 
@@ -171,7 +172,7 @@ def test_crl_from_a_url_refreshed_on_sighup(pki: TestPKI, own_ca: OwnCA) -> None
             first = own_ca.crl_bytes
             web.publish(first)
             web.start()
-            with _server(net, pki, own_ca, crlFile=str(crl_file), crlUrl=web.url) as server:
+            with _server(net, pki, own_ca, crlFile=str(crl_file), crlUrl=web.url, metricsListen=METRICS) as server:
                 k = Knocker(net, server, own_ca)
                 server.wait_log(f"CRL updated from {web.url} into {crl_file}")
                 assert crl_file.read_bytes() == first
@@ -220,6 +221,11 @@ def test_crl_from_a_url_refreshed_on_sighup(pki: TestPKI, own_ca: OwnCA) -> None
                 assert crl_file.read_bytes() == revoked
                 k.revoked("carol", 2009)
                 k.granted("dave", 2009)
+                # Every download counted as the fetcher found it: the first and the SIGHUP's new CRL, then
+                # the wrong signature, the older CRL and the site gone.
+                refreshes = 'sknock_crl_refresh_total{{result="{}"}}'
+                wait_for(net, {refreshes.format("updated"): 2.0, refreshes.format("unchanged"): 0.0,
+                               refreshes.format("failed"): 3.0}, listen=METRICS)
                 assert server.stop() == 0
         finally:
             web.stop()

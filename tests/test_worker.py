@@ -155,7 +155,7 @@ def test_accept_queues_only_what_passes_the_cheap_checks(
     worker.accept(good, SOURCE, now + 1)  # and from the first source again: replay, at once
     # The copy from elsewhere waits too (the knock might be bound to OTHER: a copy sent first from
     # SOURCE must not burn it), and is decided from the first one's verdict, without a public-key operation.
-    assert [source for _, source in worker.queue] == [SOURCE, OTHER]
+    assert [source for _, source, _ in worker.queue] == [SOURCE, OTHER]
     assert capture.remembered == [(good, SOURCE), (good, OTHER)]
     assert worker.verifier.counters == {"bad-magic": 1, "stale": 1, "replay-seen": 1}
     assert received(channel[1]) == []  # nothing reaches the monitor before work()

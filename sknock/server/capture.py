@@ -63,6 +63,7 @@ __all__ = [
     "open_packet_capture",
     "open_udp_capture",
     "DEFAULT_RCVBUF",
+    "kernel_drops",
 ]
 
 #: Receive buffer per socket: room for thousands of knocks while the workers verify signatures.
@@ -81,6 +82,8 @@ _SOL_PACKET = 263
 _PACKET_FANOUT = 18
 _PACKET_FANOUT_HASH = 0
 _PACKET_FANOUT_FLAG_ROLLOVER = 0x1000
+_SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")  # sk_meminfo; SK_MEMINFO_DROPS is the ninth
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _REJECT_ALL = (Instruction(0x06, 0, 0, 0),)  # ret #0
@@ -90,6 +93,25 @@ _MAX_COPIES_KEPT = 4096
 
 def _packed(text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text.split("%", 1)[0])
+
+
+def kernel_drops(fds: Sequence[int]) -> int:
+    """Packets the kernel dropped on the capture sockets ``fds`` since they were opened (their receive
+    buffer was full): the socket's drop counter (``SO_MEMINFO``), the same for AF_PACKET and UDP sockets,
+    read without resetting it and without privilege.  A socket that cannot say counts 0."""
+    total = 0
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket (any more)
+            continue
+        try:
+            total += _MEMINFO.unpack_from(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))[8]
+        except (OSError, struct.error):
+            pass
+        finally:
+            sock.detach()
+    return total
 
 
 class CaptureError(SknockError):

@@ -53,6 +53,7 @@ __all__ = [
     "CaptureMode",
     "LogFormat",
     "KnockDestinations",
+    "MetricsListen",
     "Revocation",
     "CrlSource",
     "Option",
@@ -134,6 +135,18 @@ class KnockDestinations:
         return ", ".join((["local"] if self.local else []) + [str(a) for a in self.extra])
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsListen:
+    """Where the Prometheus metrics are served: an IP address (never a name, never the wildcard) and a
+    TCP port."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -191,6 +204,7 @@ class ServerConfig:
     replay_store_ca_file: Path | None = None
     replay_store_timeout_ms: int = DEFAULT_TIMEOUT_MS
     replay_store_fallback: Fallback = Fallback.REFUSE
+    metrics_listen: MetricsListen | None = None  # None: no metrics
 
     def describe(self) -> str:
         """One ``key = value`` line per option, in the file's spelling and the order of :data:`OPTIONS`,
@@ -361,6 +375,33 @@ def _protected_ports(f: _Field, text: str) -> PortSet | None:
         return parse_ports(text)
     except PortSpecError as exc:
         raise f.fail(f"{exc} (write 'all' or a list like tcp/22,tcp/3389)") from None
+
+
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+
+
+def _metrics_listen(f: _Field, text: str) -> MetricsListen:
+    """``PORT`` (on 127.0.0.1), ``ADDRESS:PORT`` or ``[IPV6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise f.fail(f"{text!r}: write an IPv6 address in brackets, as [::1]:9465")
+    if not _PORT_RE.match(port) or not 1 <= int(port) <= 65535:
+        raise f.fail(f"{text!r}: the port must be 1..65535 (write 9465, 127.0.0.1:9465 or [::1]:9465)")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise f.fail(f"{host!r} is not an IP address (a host name is not taken: it could resolve to a "
+                     "knock-facing address)") from None
+    if address.is_unspecified:
+        raise f.fail(f"{text!r} would serve the metrics on every address, the knock-facing ones too: name the "
+                     "address of the interface Prometheus scrapes from")
+    if address.is_multicast:
+        raise f.fail(f"{address} is a multicast address")
+    return MetricsListen(address, int(port))
 
 
 def _command(f: _Field, text: str) -> str:
@@ -759,6 +800,16 @@ OPTIONS: tuple[Option, ...] = (
         "controlSocket", "control_socket", "/run/sknock/control.sock", _path,
         doc="Path of the monitor's control socket (`sknock-server status`, `close`); its folder is made 0700.",
         section=_DAEMON,
+    ),
+    Option(
+        "metricsListen", "metrics_listen", None, _metrics_listen,
+        doc=(
+            "Serve Prometheus metrics over HTTP here ([docs/metrics.md](metrics.md)): a port (on 127.0.0.1), "
+            "`ADDRESS:PORT` or `[IPV6]:PORT`; not set: no metrics, no socket. An IP address, never a host name "
+            "nor `0.0.0.0`/`::`, nor a `knockDestinations` address; an address on an interface knocks are "
+            "captured on gets a warning at start. Served by an unprivileged process."
+        ),
+        section=_DAEMON, absent="(off)", doc_default="— (off)",
     ),
     Option(
         "stateDir", "state_dir", "/var/lib/sknock", _path,
@@ -1187,6 +1238,16 @@ def _check_udp_capture(config: ServerConfig) -> None:
         )
 
 
+def _check_metrics_listen(config: ServerConfig) -> None:
+    listen, destinations = config.metrics_listen, config.knock_destinations
+    if listen is not None and destinations is not None and listen.address in destinations.extra:
+        raise _error(
+            config.source, "metricsListen",
+            f"{listen.address} is a knock destination (knockDestinations): the metrics must not be served on "
+            "the knock-facing side; use 127.0.0.1 or a management address",
+        )
+
+
 #: Run in this order on the built configuration; the first that fails is the error.
 _RULES: tuple[Callable[[ServerConfig], None], ...] = (
     _check_buffer,
@@ -1198,6 +1259,7 @@ _RULES: tuple[Callable[[ServerConfig], None], ...] = (
     _check_protected_ports_policy,
     _check_emergency_ssh,
     _check_udp_capture,
+    _check_metrics_listen,
 )
 
 

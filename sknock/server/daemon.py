@@ -11,6 +11,8 @@ open the capture sockets and the control socket; then hand over to the monitor, 
   packets, run the parser and the crypto, and ask for grants;
 * with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged and filtered too: it downloads the CRLs
   and hands the bytes to the monitor, so that no worker ever waits on the network;
+* with ``metricsListen``, the metrics server, unprivileged too: it answers Prometheus scrapes on the
+  socket the root process bound at start, from the figures the monitor sends it each second;
 * the monitor itself (:class:`~sknock.server.monitor.Monitor`) stays uid 0 with only the capabilities it
   uses (:func:`~sknock.server.privileges.monitor_capabilities`): it re-checks and applies
   the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
@@ -47,20 +49,21 @@ from ..trust import ClientVerifier, cas_without_crl, crl_signer, load_crl
 from ..verifier import KnockVerifier, VerifierPolicy
 from .config import CaptureMode, CrlSource, Revocation, ServerConfig, load_config
 from .control import ControlServer
-from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, schedule_refresh, split_crl_set
+from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, RefreshResult, schedule_refresh, split_crl_set
 from .firewall import Firewall, FirewallPolicy, make_firewall
 from .firewall.base import Opening
 from .firewall.detect import FirewallBackend
 from .instance import AlreadyRunning, claim, running_pid
 from .journal import KnockJournal
 from .ledger import GrantLedger
-from .localaddr import DestinationFilter
+from .localaddr import DestinationFilter, host_addresses
 from .logs import LogOutput, setup_logging
+from .metrics import StatsReporter, open_listener
 from .monitor import NONCE_CAPACITY, Monitor, Role, Spawner
 from .notify import forget_environment, notifier_from_environment, watchdog_interval
 from .preflight import check_credentials
 from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair
+from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, encode_fetch_result
 from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
 from .sandbox import require_seccomp, sandbox_fetcher, sandbox_worker
 from .worker import Capture, Worker
@@ -265,9 +268,9 @@ def _close_captures(captures: Sequence[Capture]) -> None:
             os.close(fd)
 
 
-def _spawner(server: Server, captures: list[Capture]) -> Spawner:
-    """Forks the monitor's children.  A child closes the monitor's sockets and the captures that are
-    not its own, drops its privileges, and never returns into the monitor's code."""
+def _spawner(server: Server, captures: list[Capture], listener: socket.socket | None = None) -> Spawner:
+    """Forks the monitor's children.  A child closes the monitor's sockets and the captures (and the
+    metrics socket) that are not its own, drops its privileges, and never returns into the monitor's code."""
 
     def spawn(role: Role, index: int, fds: Sequence[int]) -> tuple[int, socket.socket]:
         monitor_end, child_end = channel_pair()
@@ -283,10 +286,16 @@ def _spawner(server: Server, captures: list[Capture]) -> Spawner:
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+                if listener is not None and role != "metrics server":
+                    listener.close()
                 if role == "worker":
                     own = captures[index]
                     _close_captures([c for c in captures if c is not own])
                     _run_worker(server, own, child_end, index)
+                elif role == "metrics server":
+                    assert listener is not None
+                    _close_captures(captures)
+                    _run_metrics_server(server, listener, child_end)
                 else:
                     _close_captures(captures)
                     _run_crl_fetcher(server, child_end)
@@ -332,11 +341,42 @@ def _run_worker(server: Server, capture: Capture, channel: socket.socket, index:
     destinations = None
     if config.capture_mode is CaptureMode.PACKET and config.knock_destinations is not None:
         destinations = DestinationFilter(config.knock_destinations.local, config.knock_destinations.extra)
-    worker = Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations)
+    reporter = StatsReporter() if config.metrics_listen is not None else None
+    worker = Worker(verifier=verifier, capture=capture, channel=channel, on_crl=adopt, destinations=destinations,
+                    reporter=reporter)
     sandbox_worker()  # from here on: no new file, socket or program (sknock.server.sandbox)
     log.info("worker %d/%d running as %s (uid %d, gid %d) under its seccomp filter", index + 1, config.workers,
              config.user, uid, gid)
     worker.run()
+
+
+def _run_metrics_server(server: Server, listener: socket.socket, channel: socket.socket) -> None:
+    """Serve the metrics as the unprivileged user (see :mod:`sknock.server.metrics`)."""
+    from .metrics import serve
+
+    drop_privileges(server.config.user)
+    serve(listener, channel)
+
+
+def _metrics_listener(config: ServerConfig) -> socket.socket | None:
+    """The metrics server's socket, bound now as root (None: metrics off).  Warns when its address is on
+    an interface knocks are captured on: the metrics are then as reachable as the knocks are, unless the
+    firewall (a protected port) says otherwise."""
+    listen = config.metrics_listen
+    if listen is None:
+        return None
+    if not listen.address.is_loopback:
+        ifindex = host_addresses().get(listen.address)
+        capturing = (
+            config.capture_mode is CaptureMode.UDP
+            or config.interfaces is None
+            or ifindex in {socket.if_nametoindex(name) for name in config.interfaces}
+        )
+        if capturing:
+            log.warning("metricsListen %s: that address is on an interface knocks are captured on; whoever can "
+                        "reach it can read the metrics unless the firewall closes tcp/%d to them (protectedPorts)",
+                        listen, listen.port)
+    return open_listener(listen.address, listen.port)
 
 
 def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
@@ -364,7 +404,10 @@ def _run_crl_fetcher(server: Server, channel: socket.socket) -> None:
         held = server.crls[index]
         if held is not None:
             refresher.seed(held.crl, held.data)
-        jobs.append(schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, clock))
+        def report(result: RefreshResult, index: int = index) -> None:
+            channel.send(encode_fetch_result(index, result.status))  # for the metrics
+
+        jobs.append(schedule_refresh(refresher, config.crl_update_interval_minutes, scheduler, clock, report))
         urls.append(source.url)
     state = {"running": True, "now": False}
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
@@ -443,11 +486,19 @@ def run(config_path: str | Path) -> int:
         print(f"sknock-server: {exc}", file=sys.stderr)
         return 2
     try:
+        listener = _metrics_listener(config)
+    except (SknockError, OSError) as exc:
+        print(f"sknock-server: {config.source}: {exc}", file=sys.stderr)
+        _close_captures(captures)
+        return 2
+    try:
         carried = _firewall_checked(server)
         control = ControlServer(config.control_socket)
     except SknockError as exc:
         print(f"sknock-server: {exc}", file=sys.stderr)
         _close_captures(captures)
+        if listener is not None:
+            listener.close()
         return 2
     if carried:
         log.info("kept %d live grant(s) from before this start", len(carried))
@@ -469,10 +520,12 @@ def run(config_path: str | Path) -> int:
     notifier, watchdog = notifier_from_environment(), watchdog_interval()
     forget_environment()
     gc.freeze()
+    from .capture import kernel_drops
+
     monitor = Monitor(
         firewall=server.firewall,
         max_duration=float(config.max_open_duration),
-        spawn=_spawner(server, captures),
+        spawn=_spawner(server, captures, listener),
         workers=config.workers,
         fetcher=bool(crl.fetched()),
         window=float(config.timestamp_threshold),
@@ -488,6 +541,8 @@ def run(config_path: str | Path) -> int:
         watchdog=watchdog,
         reopen_log=logs.reopen if logs is not None else None,
         log_relay=logs if relay else None,
+        metrics_server=listener is not None,
+        capture_drops=partial(kernel_drops, sorted({fd for c in captures for fd in c.filenos()})),
     )
     keep = monitor_capabilities(server.firewall.name)
     try:
@@ -503,6 +558,8 @@ def run(config_path: str | Path) -> int:
              config.workers)
     code = monitor.run()
     _close_captures(captures)
+    if listener is not None:
+        listener.close()
     log.info("stopped (exit %d)", code)
     return code
 

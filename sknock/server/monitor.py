@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 
 from cryptography import x509
 
-from ..errors import SknockError
+from ..errors import Reason, SknockError
 from ..logsafe import log_safe
 from ..trust import RevocationId, revocation_id
 from .control import ControlServer
@@ -48,8 +48,21 @@ from .firewall.base import Firewall, Opening
 from .grants import GrantEntry, GrantTable
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
+from .metrics import REPORT_INTERVAL, Metrics, crl_figures
 from .notify import Heartbeat, Notifier
-from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, GrantRequest, IdCache, PrivsepError, parse_request, receive_buffer
+from .privsep import (
+    CRL_PREFIX,
+    FETCH_RESULT_PREFIX,
+    MAX_CRL_MESSAGE,
+    STATS_PREFIX,
+    GrantRequest,
+    IdCache,
+    PrivsepError,
+    parse_fetch_result,
+    parse_request,
+    parse_stats,
+    receive_buffer,
+)
 from .replaystore import LocalReplayStore, ReplayGate
 
 __all__ = ["Monitor", "Child", "BatchRule", "RecentRate", "CRL_PREFIX", "MAX_CRL_MESSAGE", "MAX_BATCH"]
@@ -68,7 +81,7 @@ MAX_RESTART_DELAY = 30.0
 STOP_GRACE = 5.0  # seconds a child has to exit after SIGTERM before SIGKILL
 MAX_LOOP_FAILURES = 50  # unexpected errors in a row before the monitor gives up (exit 1; the policy stays)
 
-Role = Literal["worker", "crl fetcher"]
+Role = Literal["worker", "crl fetcher", "metrics server"]
 
 
 class LogRelay(Protocol):
@@ -135,7 +148,7 @@ class BatchRule:
 
 @dataclass(eq=False)
 class Child:
-    """A process the monitor forked and keeps alive: a worker, or the CRL fetcher."""
+    """A process the monitor forked and keeps alive: a worker, the CRL fetcher or the metrics server."""
 
     role: Role
     index: int
@@ -174,6 +187,8 @@ class Monitor:
         carried: Iterable[tuple[Opening, float]] = (),
         ledger: GrantLedger | None = None,
         replay: ReplayGate | None = None,
+        metrics_server: bool = False,
+        capture_drops: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
@@ -215,6 +230,11 @@ class Monitor:
             self.children.append(Child("worker", index, pid, channel))
         self.children += [Child("worker", len(self.children) + i) for i in range(workers)]  # spawned by run()
         self._fetcher: Child | None = Child("crl fetcher", 0) if fetcher else None
+        # The counts are kept whether or not they are served (a few integer additions per batch).
+        self.metrics = Metrics()
+        self._metrics_server: Child | None = Child("metrics server", 0) if metrics_server else None
+        self._capture_drops = capture_drops
+        self._next_snapshot = now
         self._by_channel: dict[socket.socket, Child] = {c.channel: c for c in self.children if c.channel}
         # One receive buffer, reused: a fresh 4 MiB bytes object per message would cost more than a grant.
         self._buffer = receive_buffer()
@@ -335,6 +355,8 @@ class Monitor:
                 child: Child = key.data
                 if child.role == "worker":
                     self._pending += self.read(key.fileobj)  # type: ignore[arg-type]
+                elif child.role == "metrics server":
+                    self._read_metrics_server(child)
                 else:
                     self._read_fetcher(child)
         if self._pending:
@@ -361,6 +383,12 @@ class Monitor:
             self.refresh_crl()
         self._respawn_due(now)
         self._tell_manager(now)
+        if self._metrics_server is not None and now >= self._next_snapshot:
+            self._next_snapshot = now + REPORT_INTERVAL
+            try:
+                self._send_snapshot(self._metrics_server)
+            except Exception:  # a bug in the metrics must not count toward stopping the monitor
+                log.exception("cannot send the metrics a snapshot")
         if self._ledger_dirty and self.ledger is not None:
             self._ledger_dirty = False
             try:
@@ -406,7 +434,10 @@ class Monitor:
             if data is None:
                 break
             try:
-                requests.append(parse_request(data, max_duration=self.max_duration, id_cache=self._ids))
+                if data.startswith(STATS_PREFIX):
+                    self.metrics.add_worker(parse_stats(data))
+                else:
+                    requests.append(parse_request(data, max_duration=self.max_duration, id_cache=self._ids))
             except PrivsepError as exc:
                 log.error("refused a malformed request from a worker: %s", exc)
         return requests
@@ -438,11 +469,13 @@ class Monitor:
                 # verified by a worker that did not have the newest CRL yet
                 log.info("refused knock from %s: cert-revoked (%s; the monitor's CRL)", request.opening.address,
                          request.client, extra=_refusal(request, "cert-revoked"))
+                self.metrics.refuse(Reason.CERT_REVOKED)
                 continue
             key = request.replay_key
             if key in fresh or journal.seen(key, request.expires, wall):
                 log.info("refused knock from %s: replay (its nonce was granted by another worker or before a "
                          "restart)", request.opening.address, extra=_refusal(request, "replay"))
+                self.metrics.refuse(Reason.REPLAY)
                 continue
             fresh[key] = request
         if fresh and self.replay.store.shared:
@@ -452,12 +485,14 @@ class Monitor:
         except OSError as exc:
             log.error("refused %d knock request(s): cannot record them in %s (%s); a knock that is not "
                       "recorded could be replayed after a restart", len(fresh), journal.path, exc)
+            self.metrics.refuse(Reason.INTERNAL_ERROR, len(fresh))
             return
         final: dict[Opening, GrantRequest] = {}
         for index, request in enumerate(fresh.values()):
             if index >= taken:
                 log.warning("refused knock from %s: overload (replay memory full)", request.opening.address,
                             extra=_refusal(request, "overload"))
+                self.metrics.refuse(Reason.OVERLOAD)
                 continue
             final[request.opening] = request
         opens = [(o, r.duration) for o, r in final.items() if r.op == "open"]
@@ -469,6 +504,7 @@ class Monitor:
             except OSError as exc:
                 log.error("refused %d knock request(s): cannot record them in %s (%s); a grant that is not "
                           "recorded would stay open if the server were killed", len(opens), self.ledger.path, exc)
+                self.metrics.refuse(Reason.INTERNAL_ERROR, len(final))
                 return
         known = {o for o, _ in opens if o in grants}
         failed = {opening for opening, _ in self._apply(opens, closes, known)} if final else set()
@@ -488,6 +524,7 @@ class Monitor:
             else:
                 entry[1].append(port)
         self._log_applied(knocks.values(), known)
+        self.metrics.applied(knocks.values(), now)
         self._ledger_dirty = True
 
     def _claim_shared(self, fresh: dict[bytes, GrantRequest], wall: float) -> None:
@@ -501,7 +538,8 @@ class Monitor:
             del fresh[key]
             if verdict is False:
                 log.info("refused knock from %s: replay (its nonce was granted by another server of the fleet)",
-                         request.opening.address)
+                         request.opening.address, extra=_refusal(request, "replay"))
+                self.metrics.refuse(Reason.REPLAY)
             else:
                 unconfirmed.append(str(request.opening.address))
         for start in range(0, len(unconfirmed), LOG_GROUP):
@@ -553,6 +591,7 @@ class Monitor:
             return
         failed = {opening for opening, _ in self._apply([], due)}
         self._ledger_dirty = True
+        self.metrics.close("expiry", len(due) - len(failed))
         for opening in due:
             if opening in failed:
                 delay = self.grants.close_failed(opening, now)
@@ -604,7 +643,9 @@ class Monitor:
         if now_requested:
             log.info("SIGHUP: reading the CRL from %s now", ", ".join(self.crl.sources[i] for i in local))
         self._next_crl = self.clock() + self.crl_interval
-        self._adopt(self.crl.refresh(self._now_utc(), local))
+        results = self.crl.refresh(self._now_utc(), local)
+        self.metrics.crl_refreshed(r.status for r in results)
+        self._adopt(results)
 
     def offer_crl(self, data: bytes, source: int = 0) -> None:
         """CRL bytes from the CRL fetcher for URL source number ``source`` (unprivileged: trusted for
@@ -615,7 +656,10 @@ class Monitor:
         if source not in self.crl.fetched():
             log.error("refused a CRL from the CRL fetcher for source %d, which is not a URL it fetches", source)
             return
-        self._adopt([self.crl.accept(source, data, self._now_utc())])
+        result = self.crl.accept(source, data, self._now_utc())
+        if result.status == "failed":  # the fetcher's own result says how the download went
+            self.metrics.crl_refreshed(["failed"])
+        self._adopt([result])
 
     def _adopt(self, results: Sequence[RefreshResult]) -> None:
         """Hand the set to the workers when a refresh brought a new CRL."""
@@ -643,10 +687,11 @@ class Monitor:
         the CRLs in hand now revoke."""
         revoked = self._revoked
         doomed = [e for e in self.grants.entries() if not revoked.isdisjoint(e.revocation_ids)]
-        self._close_now(doomed, "its certificate, or a CA above it, is revoked by the new CRL")
+        self._close_now(doomed, "its certificate, or a CA above it, is revoked by the new CRL", "revocation")
 
-    def _close_now(self, entries: Sequence[GrantEntry], why: str) -> list[GrantEntry]:
-        """Close ``entries`` in the firewall now; a close that fails stays listed, overdue, and is retried."""
+    def _close_now(self, entries: Sequence[GrantEntry], why: str, cause: str) -> list[GrantEntry]:
+        """Close ``entries`` in the firewall now; a close that fails stays listed, overdue, and is retried.
+        ``cause`` is the metrics' name for ``why`` (:data:`~sknock.server.metrics.CLOSE_CAUSES`)."""
         if not entries:
             return []
         failed = {opening for opening, _ in self._apply([], [e.opening for e in entries])}
@@ -666,6 +711,7 @@ class Monitor:
                             extra={"event": "close", "source": str(opening.address), "subject": entry.client,
                                    "serial": entry.serial, "ports": [f"{opening.protocol.label}/{opening.port}"],
                                    "reason": why})
+        self.metrics.close(cause, len(closed))
         return closed
 
     def close_command(self, arguments: dict[str, Any]) -> dict[str, object]:
@@ -680,7 +726,7 @@ class Monitor:
         except ValueError as exc:
             return {"error": f"close --{key}: {exc}"}
         entries = [e for e in self.grants.entries() if match(e)]
-        closed = self._close_now(entries, f"closed by the operator (close --{key} {value})")
+        closed = self._close_now(entries, f"closed by the operator (close --{key} {value})", "operator")
         return {"closed": [_describe(e) for e in closed],
                 "failed": [_describe(e) for e in entries if e not in closed]}
 
@@ -713,19 +759,47 @@ class Monitor:
         if data.startswith(CRL_PREFIX) and len(data) >= start:
             (source,) = FETCHED_HEADER.unpack_from(data, len(CRL_PREFIX))
             self.offer_crl(data[start:], source)
+        elif data.startswith(FETCH_RESULT_PREFIX):
+            try:
+                source, status = parse_fetch_result(data)
+            except PrivsepError as exc:
+                log.error("refused a malformed message from the CRL fetcher: %s", exc)
+                return
+            if self.crl is not None and source in self.crl.fetched():
+                self.metrics.crl_refreshed([status])
         else:
             log.error("refused a malformed message from the CRL fetcher (%d bytes)", len(data))
+
+    # -- metrics -------------------------------------------------------------------------------------
+
+    def _send_snapshot(self, child: Child) -> None:
+        """The figures now, to the metrics server; skipped while it is not running or not reading."""
+        if child.channel is None:
+            return
+        crls = crl_figures(self.crl.refreshers, self.wall_clock()) if self.crl is not None else []
+        drops = self._capture_drops() if self._capture_drops is not None else 0
+        snapshot = self.metrics.snapshot(grants_open=len(self.grants), crls=crls, capture_drops=drops)
+        with contextlib.suppress(OSError):  # full: the next one will do; gone: its channel says so
+            child.channel.send(snapshot.encode())
+
+    def _read_metrics_server(self, child: Child) -> None:
+        """The metrics server sends nothing: its channel readable means it has gone (or misbehaves)."""
+        assert child.channel is not None
+        data = self._receive(child.channel)
+        if data is not None:
+            log.error("ignored a message of %d bytes from the metrics server", len(data))
 
     # -- children ------------------------------------------------------------------------------------
 
     def _all_children(self) -> list[Child]:
-        return self.children + ([self._fetcher] if self._fetcher is not None else [])
+        return self.children + [c for c in (self._fetcher, self._metrics_server) if c is not None]
 
     def _start_children(self) -> None:
         if self.spawn is None:
             return
-        if self._fetcher is not None:
-            self._spawn(self._fetcher)
+        for helper in (self._fetcher, self._metrics_server):
+            if helper is not None:
+                self._spawn(helper)
         for child in self.children:
             if not child.pid:
                 self._spawn(child)
@@ -777,6 +851,8 @@ class Monitor:
         if not self._running or self.spawn is None:
             log.error("%s has gone (%s); the firewall policy stays in place", child.name, how)
             return
+        if child.role == "worker":
+            self.metrics.worker_restarts += 1
         now = self.clock()
         while child.starts and child.starts[0] < now - RESTART_WINDOW:
             child.starts.popleft()
@@ -903,7 +979,7 @@ class Monitor:
             self.log_relay.pump()  # the children's last lines
         if not self.firewall.kernel_expiry:
             self._close_now(self.grants.entries(),
-                            f"the server stops, and {self.firewall.name} cannot end a grant on time by itself")
+                            f"the server stops, and {self.firewall.name} cannot end a grant on time by itself", "stop")
             if self.ledger is not None:
                 try:
                     self._save_ledger()  # what could not be closed stays recorded for the next start

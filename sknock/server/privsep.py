@@ -8,10 +8,10 @@ re-checks every field (address, protocol, port, duration bound) before the firew
 compromised worker can at most open ports for the durations the configuration allows -- never run
 commands, never touch other tables.
 
-Layout (network byte order; 55 bytes, the revocation ids, then the client name)::
+Layout (network byte order; 63 bytes, the revocation ids, then the client name)::
 
     op u8 (1 open, 2 close) | family u8 (4, 6) | protocol u8 (0 udp, 1 tcp) | reserved u8 (0)
-    port u16 | duration f64 | nonce expiry f64 (Unix time)
+    port u16 | duration f64 | nonce expiry f64 (Unix time) | received f64 (CLOCK_MONOTONIC, 0: unknown)
     address 16 bytes (IPv4: 4 bytes, then 12 zero bytes) | nonce 16 bytes
     id count u8 (at most 8), then each: issuer name SHA-256 32 bytes | serial 21 bytes, signed
     client: the certificate subject for the log, UTF-8, at most 200 printable characters
@@ -19,9 +19,24 @@ Layout (network byte order; 55 bytes, the revocation ids, then the client name):
 The revocation ids name the client's certificate and each CA certificate above it as a CRL would
 (:func:`sknock.trust.revocation_id`): the monitor closes the grant when a new CRL lists one.
 
-The one other message is ``CRL_PREFIX`` + a CRL in DER: the monitor hands each worker the CRL in use
-(empty when there is none), and the CRL fetcher hands the monitor what it downloaded, which the
-monitor verifies before anything else is done with it.
+``received`` is when the worker read the knock's datagram, on the clock every process of the host
+shares: the monitor measures the knock-to-grant latency from it (a metric, nothing else).
+
+``CRL_PREFIX`` + a CRL in DER: the monitor hands each worker the CRL in use (empty when there is
+none), and the CRL fetcher hands the monitor what it downloaded, which the monitor verifies before
+anything else is done with it.
+
+``STATS_PREFIX`` + a worker's counters (:func:`encode_stats`), sent at most once a second and only
+when they changed: what the worker counted since its last such message, which the monitor adds to
+the totals it keeps for the metrics (:mod:`sknock.server.metrics`)::
+
+    "STS\0" | reason count u8 (the number of errors.Reason values) | received u64
+    then refused u64 per errors.Reason, in the enum's order
+
+``FETCH_RESULT_PREFIX`` + what one download of the CRL fetcher came to, for the metrics (the bytes of
+a new CRL come first, in their own message)::
+
+    "RES\0" | source index u8 | status u8 (0 updated, 1 unchanged, 2 failed)
 
 Binary rather than JSON because the monitor reads one message per grant: parsing JSON and an
 address in text costs many times a fixed-layout unpack, and at thousands of grants a second that
@@ -38,19 +53,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..addresses import IPAddress, is_bad_source
-from ..errors import SknockError
+from ..errors import Reason, SknockError
 from ..ports import Protocol
 from .firewall.base import Opening
 
 __all__ = [
     "GrantRequest", "PrivsepError", "encode_request", "parse_request", "MAX_MESSAGE",
     "CRL_PREFIX", "MAX_CRL_MESSAGE", "channel_pair", "IdCache", "MAX_ID_CACHE", "receive_buffer",
+    "STATS_PREFIX", "WorkerStats", "encode_stats", "parse_stats",
+    "FETCH_RESULT_PREFIX", "FETCH_STATUSES", "encode_fetch_result", "parse_fetch_result",
 ]
 
-_LAYOUT = struct.Struct("!BBBBHdd16s16sB")
+_LAYOUT = struct.Struct("!BBBBHddd16s16sB")
 _ID = struct.Struct("!32s21s")
 MAX_IDS = 8
 CRL_PREFIX = b"CRL\0"
+STATS_PREFIX = b"STS\0"
+_REASONS = tuple(Reason)
+_STATS = struct.Struct(f"!4sB{1 + len(_REASONS)}Q")
+MAX_STATS_DELTA = 2**40  # more than any worker counts between two messages
+FETCH_RESULT_PREFIX = b"RES\0"
+FETCH_STATUSES = ("updated", "unchanged", "failed")
+_FETCH_RESULT = struct.Struct("!4sBB")
 MAX_CRL_MESSAGE = 4 << 20
 MAX_CLIENT = 200  # characters
 MAX_MESSAGE = _LAYOUT.size + MAX_IDS * _ID.size + 4 * MAX_CLIENT
@@ -76,6 +100,7 @@ class GrantRequest:
     nonce: bytes = bytes(16)
     expires: float = 0.0
     revocation_ids: tuple[tuple[bytes, int], ...] = ()
+    received: float = 0.0  # time.monotonic() when the worker read the datagram; 0: unknown
 
     @property
     def replay_key(self) -> bytes:
@@ -104,6 +129,7 @@ def encode_request(request: GrantRequest) -> bytes:
         request.opening.port,
         request.duration,
         request.expires,
+        request.received,
         address.packed.ljust(16, b"\0"),
         request.nonce,
         len(request.revocation_ids),
@@ -127,7 +153,7 @@ def parse_request(data: bytes, *, max_duration: float, id_cache: IdCache | None 
         raise PrivsepError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if len(data) < _LAYOUT.size:
         raise PrivsepError(f"message of {len(data)} bytes is shorter than the {_LAYOUT.size} of a request")
-    op_code, family, protocol_code, reserved, port, duration, expires, raw_address, nonce, count = (
+    op_code, family, protocol_code, reserved, port, duration, expires, received, raw_address, nonce, count = (
         _LAYOUT.unpack_from(data)
     )
     op = _OPS.get(op_code)
@@ -156,6 +182,8 @@ def parse_request(data: bytes, *, max_duration: float, id_cache: IdCache | None 
         raise PrivsepError(f"bad duration {duration!r} (at most {max_duration:g} s)")
     if not 0 <= expires < 2**40:
         raise PrivsepError(f"bad nonce expiry {expires!r}")
+    if not 0 <= received < 2**40:
+        raise PrivsepError(f"bad receipt time {received!r}")
     if count > MAX_IDS:
         raise PrivsepError(f"bad revocation id count {count}")
     end = _LAYOUT.size + count * _ID.size
@@ -177,7 +205,49 @@ def parse_request(data: bytes, *, max_duration: float, id_cache: IdCache | None 
         raise PrivsepError("bad client name: not UTF-8") from None
     if len(client) > MAX_CLIENT or not client.isprintable():
         raise PrivsepError("bad client name: too long or not printable")
-    return GrantRequest(op, Opening(address, protocol, port), duration, client, nonce, expires, ids)
+    return GrantRequest(op, Opening(address, protocol, port), duration, client, nonce, expires, ids, received)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """What a worker counted since its last stats message: datagrams ``received``, and ``refused`` by
+    reason (one count per :class:`~sknock.errors.Reason`, in the enum's order)."""
+
+    received: int
+    refused: tuple[int, ...]
+
+
+def encode_stats(stats: WorkerStats) -> bytes:
+    """One stats message (``STATS_PREFIX`` and the fixed layout in the module's docstring)."""
+    return _STATS.pack(STATS_PREFIX, len(_REASONS), stats.received, *stats.refused)
+
+
+def encode_fetch_result(source: int, status: str) -> bytes:
+    """The CRL fetcher's word on one download from source number ``source``."""
+    return _FETCH_RESULT.pack(FETCH_RESULT_PREFIX, source, FETCH_STATUSES.index(status))
+
+
+def parse_fetch_result(data: bytes) -> tuple[int, str]:
+    """Strictly parse a fetch result: (source index, status).  The caller checks the index is a source
+    the fetcher downloads."""
+    if len(data) != _FETCH_RESULT.size:
+        raise PrivsepError(f"fetch result of {len(data)} bytes, not {_FETCH_RESULT.size}")
+    prefix, source, status = _FETCH_RESULT.unpack(data)
+    if prefix != FETCH_RESULT_PREFIX or status >= len(FETCH_STATUSES):
+        raise PrivsepError(f"bad fetch result (status {status})")
+    return source, FETCH_STATUSES[status]
+
+
+def parse_stats(data: bytes) -> WorkerStats:
+    """Strictly parse a stats message from a worker (hostile like every other)."""
+    if len(data) != _STATS.size:
+        raise PrivsepError(f"stats message of {len(data)} bytes, not {_STATS.size}")
+    prefix, reasons, *counts = _STATS.unpack(data)
+    if prefix != STATS_PREFIX or reasons != len(_REASONS):
+        raise PrivsepError(f"bad stats message header ({reasons} reasons, not {len(_REASONS)})")
+    if any(count > MAX_STATS_DELTA for count in counts):
+        raise PrivsepError(f"stats count out of range (more than {MAX_STATS_DELTA})")
+    return WorkerStats(counts[0], tuple(counts[1:]))
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:

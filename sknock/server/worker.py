@@ -28,6 +28,7 @@ from ..protocol import Action, Prechecked
 from ..verifier import Grant, KnockVerifier
 from .firewall.base import Opening
 from .localaddr import DestinationFilter
+from .metrics import StatsReporter
 from .packet import Datagram
 from .privsep import CRL_PREFIX, GrantRequest, encode_request, receive_buffer
 
@@ -129,6 +130,7 @@ class Worker:
         destinations: DestinationFilter | None = None,
         limits: WorkerLimits = WorkerLimits(),  # noqa: B008 -- frozen
         clock: Callable[[], float] = time.time,
+        reporter: StatsReporter | None = None,
     ) -> None:
         self.verifier = verifier
         self.capture = capture
@@ -138,8 +140,11 @@ class Worker:
         self._buffer = receive_buffer()
         self.limits = limits
         self.clock = clock
-        self.queue: collections.deque[tuple[Prechecked, IPAddress]] = collections.deque()
+        # (pre-checked datagram, source, time.monotonic() when read)
+        self.queue: collections.deque[tuple[Prechecked, IPAddress, float]] = collections.deque()
         self.refusals = RefusalLog()
+        self.reporter = reporter  # None: no stats messages to the monitor (metrics off)
+        self.received = 0  # datagrams read from the capture
         self._running = True
 
     def stop(self, *_: object) -> None:
@@ -176,10 +181,21 @@ class Worker:
             self.read_batch()
             self.work()
             self.refusals.flush(self.clock())
+            if self.reporter is not None:
+                self.report()
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.limits.stats_interval
                 log.info("counters: %s; capture: %s", dict(sorted(self.verifier.counters.items())),
                          dict(sorted(self.capture.stats.items())))
+
+    def report(self) -> None:
+        """Send the monitor what was counted since the last report (at most once a second, only when
+        something changed; see :class:`~sknock.server.metrics.StatsReporter`)."""
+        assert self.reporter is not None
+        message = self.reporter.message(time.monotonic(), self.received, self.verifier.counters,
+                                        self.capture.stats["duplicate"])
+        if message is not None:
+            self.channel.send(message)
 
     def read_channel(self) -> bool:
         """Take what the monitor sent (a new CRL); False when the monitor has gone."""
@@ -202,6 +218,8 @@ class Worker:
         """Read up to ``read_batch`` datagrams and pre-check each (:meth:`accept`); returns how many were
         read."""
         datagrams = self.capture.receive(self.limits.read_batch)
+        received = time.monotonic()  # the batch's receipt, for the knock-to-grant latency
+        self.received += len(datagrams)
         now = self.clock()
         for source in self.capture.take_copies():  # exact copies of remembered datagrams
             self.refusals.refused(source, Reason.REPLAY_SEEN, now)
@@ -212,11 +230,12 @@ class Worker:
                 refusal = KnockRefused(Reason.WRONG_DESTINATION, f"addressed to {datagram.destination}")
                 self.refusals.refused(datagram.source, refusal, now)
                 continue
-            self.accept(datagram.payload, datagram.source, now)
+            self.accept(datagram.payload, datagram.source, now, received)
         return len(datagrams)
 
-    def accept(self, payload: bytes, source: IPAddress, now: float) -> None:
-        """The cheap stage for one datagram; what passes is queued for :meth:`work`."""
+    def accept(self, payload: bytes, source: IPAddress, now: float, received: float = 0.0) -> None:
+        """The cheap stage for one datagram (read at monotonic time ``received``); what passes is queued
+        for :meth:`work`."""
         try:
             pre = self.verifier.precheck(payload, now, source)
         except KnockRefused as refusal:
@@ -230,18 +249,18 @@ class Worker:
             self.verifier.counters[Reason.OVERLOAD.value] += 1
             self.refusals.refused(source, KnockRefused(Reason.OVERLOAD, "verification queue full"), now)
             return
-        self.queue.append((pre, source))
+        self.queue.append((pre, source, received))
 
     def work(self) -> int:
         """The expensive stage, for at most one time slice."""
         done = 0
         deadline = time.monotonic() + self.limits.work_slice
         while self.queue and (done == 0 or time.monotonic() < deadline):
-            pre, source = self.queue.popleft()
+            pre, source, received = self.queue.popleft()
             now = self.clock()
             try:
                 grant = self.verifier.complete(pre, source, now)
-                messages = grant_messages(grant)
+                messages = grant_messages(grant, received)
             except KnockRefused as refusal:
                 self.refusals.refused(source, refusal, now)
                 if refusal.reason in FINAL_REFUSALS:
@@ -278,14 +297,15 @@ class Worker:
             log.debug("verified %s knock for %s from %s (%s)", op, ports, grant.address, grant.client)
 
 
-def grant_messages(grant: Grant) -> list[bytes]:
-    """The monitor messages for ``grant``, one per port, all built before any is sent."""
+def grant_messages(grant: Grant, received: float = 0.0) -> list[bytes]:
+    """The monitor messages for ``grant`` (its datagram read at monotonic time ``received``), one per port,
+    all built before any is sent."""
     op: Literal["open", "close"] = "open" if grant.action is Action.OPEN else "close"
     return [
         encode_request(
             GrantRequest(
                 op, Opening(grant.address, protocol, port), grant.duration, grant.client, grant.nonce,
-                grant.nonce_expires, grant.revocation_ids,
+                grant.nonce_expires, grant.revocation_ids, received,
             )
         )
         for protocol, port in grant.ports
