@@ -10,7 +10,12 @@ a veth pair (198.18.0.1 and .2), knocks.  In it, as an operator would:
 the unit's ProtectHome=yes would hide an interpreter under /root), the test PKI's server credentials in
 /etc/sknock, ``systemctl start`` (which returns only after READY=1), then checks: the unit is active and
 enabled, its STATUS, sknock's nft table, tcp/2005 closed to the client until its knock opens it, the journal's
-priorities, ``systemctl reload``, and a stop that leaves the table.  It prints each step's time.
+priorities; then what systemd does when the server fails: a ``kill -9`` of the monitor (``Restart=on-failure``:
+restarted, the earlier grant kept, a new knock granted), workers that keep dying (the monitor stops sending
+WATCHDOG=1 and systemd's watchdog, 3 s by a drop-in, kills and restarts it), a second client that never knocked
+probing tcp/2005 all along (it must never connect); the grant's end after both restarts, ``systemctl reload``,
+a stop that leaves the table, and a bad config: exit 2 and no restart (``RestartPreventExitStatus=2``).  It prints
+each step's time, one line per check.
 
 The container runs in a private mount namespace with a tmpfs on /run/systemd (nspawn keeps its propagation
 folder there and refuses to clean one on a disk), with --register=no --keep-unit (no systemd on the host to
@@ -20,6 +25,7 @@ register with).  Needs root, systemd-nspawn and nsenter.  Exit 0 when every chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -76,6 +82,42 @@ def make_tree() -> Path:
     return tree
 
 
+# Runs in the second client's namespace until /root/probe.stop exists (at most 120 s): connects to tcp/2005
+# every 0.1 s and says how many of its probes got through (it never knocked: the answer must stay 0).
+PROBER = """import os, socket, time
+deadline, probes, opened = time.monotonic() + 120, 0, 0
+while time.monotonic() < deadline and not os.path.exists('/root/probe.stop'):
+    probes += 1
+    try:
+        socket.create_connection(('198.18.1.1', 2005), timeout=0.3).close()
+        opened += 1
+    except OSError:
+        pass
+    time.sleep(0.1)
+print(probes, opened)
+"""
+
+# Runs inside the container: SIGKILLs the children of the monitor (pid argv[1]) as soon as they appear, until the
+# monitor itself is gone (the watchdog) or 30 s have passed: workers that cannot stay alive.
+WORKER_KILLER = """import os, sys, time
+main, started, kills = int(sys.argv[1]), time.monotonic(), 0
+while time.monotonic() < started + 30:
+    try:
+        with open(f'/proc/{main}/task/{main}/children') as file:
+            children = file.read().split()
+    except OSError:
+        break
+    for child in children:
+        try:
+            os.kill(int(child), 9)
+            kills += 1
+        except OSError:
+            pass
+    time.sleep(0.05)
+print(kills, round(time.monotonic() - started, 1))
+"""
+
+
 def init_pid(nspawn: int, timeout: float = 30) -> int:
     """The container's PID 1 as the host sees it: the descendant of ``nspawn`` named systemd."""
     deadline = time.monotonic() + timeout
@@ -123,6 +165,7 @@ def main() -> int:
         "-b -- systemd.firstboot=off"
     )
     failures: list[str] = []
+    helpers: list[subprocess.Popen[str]] = []  # processes started inside the container, killed in the end
     with log_path.open("wb") as log:
         nspawn = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", launcher],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -155,14 +198,31 @@ def main() -> int:
                         ("ip", "addr", "add", "198.18.0.1/24", "dev", "skh"), ("ip", "link", "set", "skh", "up"),
                         ("ip", "-n", "client", "addr", "add", "198.18.0.2/24", "dev", "skc"),
                         ("ip", "-n", "client", "link", "set", "skc", "up"),
-                        ("ip", "-n", "client", "link", "set", "lo", "up")):
+                        ("ip", "-n", "client", "link", "set", "lo", "up"),
+                        # a second client that never knocks, on its own veth pair (198.18.1.0/24)
+                        ("ip", "link", "add", "skh2", "type", "veth", "peer", "name", "sko"),
+                        ("ip", "netns", "add", "other"), ("ip", "link", "set", "sko", "netns", "other"),
+                        ("ip", "addr", "add", "198.18.1.1/24", "dev", "skh2"), ("ip", "link", "set", "skh2", "up"),
+                        ("ip", "-n", "other", "addr", "add", "198.18.1.2/24", "dev", "sko"),
+                        ("ip", "-n", "other", "link", "set", "sko", "up")):
             inside(*command, check=True)
         server = str(VENV / "bin" / "sknock-server")
         result = inside(server, "install-service", check=True)
         print(result.stdout, end="")
         expect("enabled sknock-server.service" in result.stdout, "install-service enabled the unit")
+        def show(*names: str) -> dict[str, str]:
+            out = inside("systemctl", "show", *(f"--property={name}" for name in names), "sknock-server").stdout
+            return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+        def not_restarted(what: str) -> None:
+            """A start that failed with exit 2 (it cannot heal by itself): failed, no restart scheduled."""
+            state = show("ActiveState", "SubState", "ExecMainStatus", "NRestarts")
+            expect(state["SubState"] == "failed" and state["ExecMainStatus"] == "2",
+                   f"{what}: exit 2, not restarted (RestartPreventExitStatus=2): {state}")
+
         broken = inside("systemctl", "start", "sknock-server")  # before the credentials are in place
         expect(broken.returncode != 0, "a start without the server's credentials fails")
+        not_restarted("without credentials")
         early = inside("journalctl", "-u", "sknock-server", "-o", "json", "--no-pager",
                        "--output-fields=PRIORITY,MESSAGE").stdout
         failed = [line for line in early.splitlines() if "sknock-server: " in line]
@@ -180,6 +240,14 @@ def main() -> int:
         for key, value in {"firewallPolicy": "drop", "protectedPorts": "tcp/2005", "workers": "2"}.items():
             text = "\n".join(f"{key} = {value}" if line.startswith(f"{key} =") else line for line in text.splitlines())
         config.write_text(text + "\n")
+        # A drop-in: systemd's watchdog at 3 s (the monitor then sends WATCHDOG=1 every 1.5 s), and a stop timeout
+        # of 3 s: on this host's cgroup v1 the container's systemd is never told that the service's cgroup
+        # emptied once it has SIGKILLed the workers of a dead monitor, so it waits for TimeoutStopSec (the
+        # processes are gone within a second) before it restarts the service.
+        dropin = tree / "etc" / "systemd" / "system" / "sknock-server.service.d"
+        dropin.mkdir(parents=True)
+        (dropin / "test.conf").write_text("[Service]\nWatchdogSec=3s\nTimeoutStopSec=3s\n")
+        inside("systemctl", "daemon-reload", check=True)
         check = inside(server, "--check-config")
         expect(check.returncode == 0, f"--check-config: {(check.stdout + check.stderr).strip()}")
         before = time.monotonic()
@@ -205,17 +273,82 @@ def main() -> int:
         client = ("ip", "netns", "exec", "client")
         expect(inside(*client, "/usr/bin/python3", "-c", probe).returncode != 0,
                "tcp/2005 is closed to the client before a knock")
+        helpers.append(service)
+        other = ("ip", "netns", "exec", "other")
+        expect(inside(*other, "/usr/bin/python3", "-c", probe.replace("198.18.0.1", "198.18.1.1")).returncode != 0,
+               "tcp/2005 is closed to the second client")
         pfx = Path("/root") / pki.alice.pfx.relative_to(tree / "root")  # as the container sees them
         cer = Path("/root") / pki.server.cer.relative_to(tree / "root")
-        knock = inside(*client, str(VENV / "bin" / "python"), "-c",
-                       "from sknock.client import knock\n"
-                       f"print(knock('198.18.0.1', 2005, 'tcp', client_pfx={str(pfx)!r}, "
-                       f"pfx_password={PASSWORD!r}, server_cert={str(cer)!r}, verify=True, timeout=5))\n",
-                       timeout=30)
-        expect(knock.returncode == 0 and "True" in knock.stdout,
-               f"a knock from the client opened tcp/2005: {(knock.stdout + knock.stderr).strip()[-300:]}")
-        service.kill()
-        service.wait(5)
+
+        def knock(what: str) -> float:
+            """Knock from the client; the time of the grant."""
+            result = inside(*client, str(VENV / "bin" / "python"), "-c",
+                            "from sknock.client import knock\n"
+                            f"print(knock('198.18.0.1', 2005, 'tcp', client_pfx={str(pfx)!r}, "
+                            f"pfx_password={PASSWORD!r}, server_cert={str(cer)!r}, verify=True, timeout=5))\n",
+                            timeout=30)
+            expect(result.returncode == 0 and "True" in result.stdout,
+                   f"{what}: {(result.stdout + result.stderr).strip()[-300:]}")
+            return time.monotonic()
+
+        knock("a knock from the client opened tcp/2005")
+        # from here on the second client, which never knocks, probes tcp/2005 every 0.1 s through two restarts
+        prober = subprocess.Popen(["nsenter", "-t", str(pid1), "-a", *other, "/usr/bin/python3", "-c", PROBER],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        helpers.append(prober)
+
+        def wait_active(timeout: float = 15) -> str:
+            until = time.monotonic() + timeout
+            while True:
+                active = inside("systemctl", "is-active", "sknock-server").stdout.strip()
+                if active == "active" or time.monotonic() > until:
+                    return active
+                time.sleep(0.2)
+
+        # Restart=on-failure: the monitor dies by SIGKILL (no chance to clean up)
+        before = show("MainPID", "NRestarts")
+        killed = time.monotonic()
+        inside("kill", "-9", before["MainPID"], check=True)
+        until = time.monotonic() + 2
+        while (down := show("ActiveState", "SubState", "MainPID"))["MainPID"] != "0" and time.monotonic() < until:
+            time.sleep(0.1)
+        expect(down["MainPID"] == "0" and down["ActiveState"] != "active",
+               f"kill -9 of the monitor: the unit is down ({down['ActiveState']}, {down['SubState']})")
+        table = inside("nft", "list", "table", "inet", "sknock")
+        held = inside(*client, "/usr/bin/python3", "-c", probe).returncode == 0
+        expect(table.returncode == 0 and held and show("MainPID")["MainPID"] == "0",
+               "while it is down: sknock's table stays and the client's grant still lets it in")
+        active = wait_active()
+        after = show("MainPID", "NRestarts")
+        expect(active == "active" and int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+               and after["MainPID"] != before["MainPID"],
+               f"systemd restarted it in {time.monotonic() - killed:.1f} s: NRestarts {before['NRestarts']} -> "
+               f"{after['NRestarts']}, MainPID {before['MainPID']} -> {after['MainPID']}")
+        journal = inside("journalctl", "-u", "sknock-server", "--no-pager").stdout
+        expect("kept 1 live grant(s) from before this start" in journal
+               and inside(*client, "/usr/bin/python3", "-c", probe).returncode == 0,
+               "the new monitor kept the grant made before the kill; the client still gets in")
+        granted_at = knock("after the restart a new knock is granted")
+
+        # The watchdog: workers that cannot stay alive (killed as soon as they start) make the monitor go silent
+        before = show("MainPID", "NRestarts")
+        killer = inside("/usr/bin/python3", "-c", WORKER_KILLER, before["MainPID"], timeout=40)
+        kills, _, took = killer.stdout.strip().partition(" ")
+        active = wait_active()
+        after = show("MainPID", "NRestarts")
+        journal = inside("journalctl", "-u", "sknock-server", "--no-pager").stdout
+        timeouts = [line for line in journal.splitlines() if "Watchdog timeout" in line]
+        expect(bool(timeouts) and active == "active" and int(after["NRestarts"]) == int(before["NRestarts"]) + 1,
+               f"workers killed as they start ({kills} kills in {took} s): systemd's watchdog restarted it: "
+               f"NRestarts {before['NRestarts']} -> {after['NRestarts']}; {timeouts[-1:]}")
+        (tree / "root" / "probe.stop").touch()
+        probes, _, opened = prober.communicate(timeout=10)[0].strip().partition(" ")
+        expect(prober.returncode == 0 and opened == "0",
+               f"the client that never knocked: {opened or '?'} of {probes} probes got through, across both restarts")
+        # the grant ends when it should: the monitor that made it is two restarts gone
+        time.sleep(max(0.0, granted_at + 15 + 1.5 - time.monotonic()))
+        expect(inside(*client, "/usr/bin/python3", "-c", probe).returncode != 0,
+               "the client's grant ended on time after both restarts")
         journal = inside("journalctl", "-u", "sknock-server", "-o", "json", "--no-pager",
                          "--output-fields=PRIORITY,MESSAGE").stdout
         granted = [line for line in journal.splitlines() if "granted tcp/2005 to 198.18.0.2" in line]
@@ -230,8 +363,21 @@ def main() -> int:
         stop = inside("systemctl", "stop", "sknock-server")
         table = inside("nft", "list", "table", "inet", "sknock")
         expect(stop.returncode == 0 and table.returncode == 0, "a stop leaves sknock's table in place")
-        print(inside("journalctl", "-u", "sknock-server", "--no-pager", "-n", "40").stdout)
+        good = config.read_text()
+        config.write_text(good.replace("workers = 2", "workers = two"))
+        bad = inside("systemctl", "start", "sknock-server")
+        expect(bad.returncode != 0, "a start with a bad config fails")
+        not_restarted("a bad config")
+        table = inside("nft", "list", "table", "inet", "sknock")
+        expect(table.returncode == 0, "sknock's table stays after the failed start")
+        config.write_text(good)
+        if failures:
+            print(inside("journalctl", "-u", "sknock-server", "--no-pager", "-n", "60").stdout)
     finally:
+        for helper in helpers:
+            helper.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.wait(5)
         nspawn.send_signal(signal.SIGTERM)
         try:
             nspawn.wait(30)

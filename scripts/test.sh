@@ -8,6 +8,6 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then exec sudo -E "$0" "$
 scripts/bootstrap.sh
 echo "== ruff";  .venv/bin/ruff check sknock tests scripts
 echo "== mypy";  .venv/bin/mypy sknock
-# The unit under a real systemd in a container (about 25 s); SKNOCK_SYSTEMD_CONTAINER=0 skips it.
+# The unit under a real systemd in a container (about 45 s); SKNOCK_SYSTEMD_CONTAINER=0 skips it.
 export SKNOCK_SYSTEMD_CONTAINER="${SKNOCK_SYSTEMD_CONTAINER:-1}"
 echo "== pytest"; .venv/bin/python -m pytest -q "$@"

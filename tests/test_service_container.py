@@ -1,5 +1,5 @@
 """Opt-in (SKNOCK_SYSTEMD_CONTAINER=1): scripts/service_in_container.py, the unit under a real systemd in a
-container booted with systemd-nspawn (about 20 s, plus a venv on Debian's Python made once)."""
+container booted with systemd-nspawn (about 45 s, plus a venv on Debian's Python made once)."""
 
 from __future__ import annotations
 
