@@ -6,11 +6,12 @@
 The container is this host's Debian /usr (read-only), a throwaway /etc and /var in a temp folder, and no
 network of the host's (--private-network: nothing leaves it); a client network namespace inside it, behind
 a veth pair (198.18.0.1 and .2), knocks.  In it, as an operator would:
-``sknock-server install-service`` (with a venv on Debian's /usr/bin/python3, made once in .nspawn/venv:
-the unit's ProtectHome=yes would hide an interpreter under /root), the test PKI's server credentials in
-/etc/sknock, ``systemctl start`` (which returns only after READY=1), then checks: the unit is active and
-enabled, its STATUS, sknock's nft table, tcp/2005 closed to the client until its knock opens it, the journal's
-priorities; then what systemd does when the server fails: a ``kill -9`` of the monitor (``Restart=on-failure``:
+``sknock-server install-service`` (with a venv on Debian's /usr/bin/python3 and this checkout installed in
+it, made once per source in /var/cache/sknock-nspawn/venv: the unit's ProtectHome=yes and PrivateTmp=yes,
+and the container's own /tmp, would hide one under /root, /home or /tmp, where a checkout may well be), the
+test PKI's server credentials in /etc/sknock, ``systemctl start`` (which returns only after READY=1), then
+checks: the unit is active and enabled, its STATUS, sknock's nft table, tcp/2005 closed to the client until
+its knock opens it, the journal's priorities; then what systemd does when the server fails: a ``kill -9`` of the monitor (``Restart=on-failure``:
 restarted, the earlier grant kept, a new knock granted), workers that keep dying (the monitor stops sending
 WATCHDOG=1 and systemd's watchdog, 3 s by a drop-in, kills and restarts it), a second client that never knocked
 probing tcp/2005 all along (it must never connect); the grant's end after both restarts, ``systemctl reload``,
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.pki import PASSWORD, build_pki  # noqa: E402
 
-VENV = REPO / ".nspawn" / "venv"
+VENV = Path("/var/cache/sknock-nspawn/venv")
 ETC_FILES = ("passwd", "group", "shadow", "gshadow", "login.defs", "nsswitch.conf", "protocols", "services",
              "ld.so.cache", "ld.so.conf")  # a Debian /etc has the loader cache: ctypes finds libseccomp by it
 
@@ -51,15 +52,21 @@ def step(message: str, started: float) -> None:
 
 
 def make_venv() -> None:
-    """A venv with sknock installed editable (this checkout, bound read-only into the container), remade
-    when pyproject.toml changes."""
-    stamp = VENV / ".pyproject"
-    want = (REPO / "pyproject.toml").read_text()
+    """A venv with this checkout installed (not editable: the checkout may sit where the service cannot see
+    it), remade when the package's sources or pyproject.toml change."""
+    import hashlib
+
+    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
+    for path in sorted((REPO / "sknock").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    stamp, want = VENV / ".sources", digest.hexdigest()
     if (VENV / "bin" / "sknock-server").exists() and stamp.exists() and stamp.read_text() == want:
         return
     shutil.rmtree(VENV, ignore_errors=True)
+    VENV.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "-e", f"{REPO}[server]"], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"{REPO}[server]"], check=True)
     stamp.write_text(want)
 
 
@@ -161,7 +168,7 @@ def main() -> int:
     name = f"sknockct{os.getpid()}"
     launcher = (
         "mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd && exec systemd-nspawn "
-        f"-D {tree} --bind-ro=/usr --bind-ro={REPO} --register=no --keep-unit --private-network -M {name} "
+        f"-D {tree} --bind-ro=/usr --bind-ro={VENV.parent} --register=no --keep-unit --private-network -M {name} "
         "-b -- systemd.firstboot=off"
     )
     failures: list[str] = []

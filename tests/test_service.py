@@ -126,8 +126,11 @@ def test_not_enabled_without_systemd_says_why(tmp_path: Path) -> None:
 
 
 def test_an_executable_under_home_is_refused(tmp_path: Path) -> None:
+    root = _fake_root(tmp_path)
     with pytest.raises(InstallError, match="ProtectHome"):
-        install_service(_fake_root(tmp_path), executable=Path("/root/.local/bin/sknock-server"))
+        install_service(root, executable=Path("/root/.local/bin/sknock-server"))
+    with pytest.raises(InstallError, match="PrivateTmp"):
+        install_service(root, executable=Path("/tmp/checkout/.venv/bin/sknock-server"))
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

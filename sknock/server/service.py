@@ -57,7 +57,9 @@ SERVICE_VALUES = {
     "crlFile": str(CONFIG_DIR / "crl" / "crl.der"),
     "user": SERVICE_USER,
 }
-_HOME_FOLDERS = ("/home", "/root", "/run/user")  # hidden from the service by ProtectHome=yes
+# Folders the unit hides from the service: ProtectHome=yes the first three, PrivateTmp=yes the last two.
+_HIDDEN_FOLDERS = {"/home": "ProtectHome=yes", "/root": "ProtectHome=yes", "/run/user": "ProtectHome=yes",
+                   "/tmp": "PrivateTmp=yes", "/var/tmp": "PrivateTmp=yes"}  # noqa: S108 -- names, not used
 
 
 class InstallError(SknockError):
@@ -177,9 +179,10 @@ def install_service(
     executable = executable or installed_executable()
     if executable is None or not executable.is_absolute():
         raise InstallError("cannot find the sknock-server executable to name in ExecStart; give --exec PATH")
-    if any(str(executable).startswith(home + "/") for home in _HOME_FOLDERS):
-        raise InstallError(f"{executable} is under a home folder, which the unit hides (ProtectHome=yes): install "
-                           "sknock system-wide (pipx install --global, or a venv in /opt) and run that one")
+    for folder, setting in _HIDDEN_FOLDERS.items():
+        if str(executable).startswith(folder + "/"):
+            raise InstallError(f"{executable} is under {folder}, which the unit hides ({setting}): install "
+                               "sknock system-wide (a venv in /opt, or pipx install --global) and run that one")
     # 1. the configuration
     config_dir = _below(root, CONFIG_DIR)
     _private_folder(config_dir, steps)
