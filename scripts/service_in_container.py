@@ -4,19 +4,19 @@
     sudo .venv/bin/python scripts/service_in_container.py [--keep]
 
 The container is this host's Debian /usr (read-only), a throwaway /etc and /var in a temp folder, and no
-network of the host's (--private-network: nothing leaves it); a client network namespace inside it, behind
-a veth pair (198.18.0.1 and .2), knocks.  In it, as an operator would:
-``sknock-server install-service`` (with a venv on Debian's /usr/bin/python3 and this checkout installed in
-it, made once per source in /var/cache/sknock-nspawn/venv: the unit's ProtectHome=yes and PrivateTmp=yes,
-and the container's own /tmp, would hide one under /root, /home or /tmp, where a checkout may well be), the
-test PKI's server credentials in /etc/sknock, ``systemctl start`` (which returns only after READY=1), then
-checks: the unit is active and enabled, its STATUS, sknock's nft table, tcp/2005 closed to the client until
-its knock opens it, the journal's priorities; then what systemd does when the server fails: a ``kill -9`` of the monitor (``Restart=on-failure``:
-restarted, the earlier grant kept, a new knock granted), workers that keep dying (the monitor stops sending
-WATCHDOG=1 and systemd's watchdog, 3 s by a drop-in, kills and restarts it), a second client that never knocked
-probing tcp/2005 all along (it must never connect); the grant's end after both restarts, ``systemctl reload``,
-a stop that leaves the table, and a bad config: exit 2 and no restart (``RestartPreventExitStatus=2``).  It prints
-each step's time, one line per check.
+network of the host's (--private-network: nothing leaves it); a client network namespace inside it, behind a
+veth pair (198.18.0.1 and .2), knocks. In it, as an operator would: ``sknock-server install-service`` (with a
+venv on Debian's /usr/bin/python3 and this checkout installed in it, made once per source in
+/var/cache/sknock-nspawn/venv: the unit's ProtectHome=yes and PrivateTmp=yes, and the container's own /tmp,
+would hide one under /root, /home or /tmp, where a checkout may well be), the test PKI's server credentials in
+/etc/sknock, ``systemctl start`` (which returns only after READY=1), then checks: the unit is active and
+enabled, its STATUS, sknock's nft table, tcp/2005 closed to the client until its knock opens it, the journal's
+priorities; then what systemd does when the server fails: a ``kill -9`` of the monitor
+(``Restart=on-failure``: restarted, the earlier grant kept, a new knock granted), workers that keep dying (the
+monitor stops sending WATCHDOG=1 and systemd's watchdog, 3 s by a drop-in, kills and restarts it), a second
+client that never knocked probing tcp/2005 all along (it must never connect); the grant's end after both
+restarts, ``systemctl reload``, a stop that leaves the table, and a bad config: exit 2 and no restart
+(``RestartPreventExitStatus=2``). It prints each step's time, one line per check.
 
 The container runs in a private mount namespace with a tmpfs on /run/systemd (nspawn keeps its propagation
 folder there and refuses to clean one on a disk), with --register=no --keep-unit (no systemd on the host to
