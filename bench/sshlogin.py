@@ -8,6 +8,11 @@ knock, then a probe that must not connect), so that every knocked login waits fo
 close and the probe are not timed.  A first login of each kind warms the caches and is not counted.
 The figure includes everything the user waits for: the proxy's start (a Python interpreter importing
 sknock and loading the PKCS#12), the knock, the grant, the connection and ssh's own login.
+
+The proxy runs as from an installed sknock, with compiled bytecode: pip writes the .pyc files when it
+installs, but a checkout run with ``PYTHONDONTWRITEBYTECODE`` set (as CI and dev shells often do) would
+compile every module from source at every start (~20 ms of CPU).  So the logins get their own bytecode
+cache (``PYTHONPYCACHEPREFIX`` in the run's folder, written by the warm-up login), never the checkout's.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def run(ph: Phases, logins: int) -> dict[str, Any]:
     ini = client_ini(folder / "client.ini", pfx=ph.pki.client_pfx, password_file=folder / "pfx.pass",
                      server_cer=ph.pki.server_cer, host=ph.net.server.ipv4)
     close = [PY, "-m", "sknock.cli.knock", "--config", str(ini), "gw", "--close", "-p", str(port), "--quiet"]
+    # bytecode as an installed sknock has it (see the module docstring); "" turns the variable off
+    env = {"PYTHONPYCACHEPREFIX": str(folder / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
     knocked: list[float] = []
     direct: list[float] = []
     failures: list[str] = []
@@ -57,7 +64,7 @@ def run(ph: Phases, logins: int) -> dict[str, Any]:
         for i in range(logins + 1):
             for host, times in (("gw", knocked), ("direct", direct)):
                 started = time.monotonic()
-                result = ssh.ssh(host, "true", timeout=60)
+                result = ssh.ssh(host, "true", timeout=60, env=env)
                 elapsed = time.monotonic() - started
                 if result.returncode != 0:
                     failures.append(f"{host}: {result.stderr.strip()[-300:]}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import difflib
 import ipaddress
 import os
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .carrier import Carrier
-from .credentials import ClientCredentials, load_client_credentials, resolve_password
+from .credentials import ClientCredentials, is_pkcs11_uri, load_client_credentials, resolve_password
 from .errors import ProfileError
 from .ports import Protocol
 from .protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
@@ -370,6 +369,8 @@ def _profile(name: str, file: Path, base: Path, section: Mapping[str, str]) -> P
         where = f"{file}: [{name}]: {key}"
         spec = _BY_KEY.get(key)
         if spec is None:
+            import difflib  # only for a misspelt key: not on every start-up
+
             close = [k for k in _BY_KEY if k.lower() == key.lower()] or difflib.get_close_matches(
                 key, list(_BY_KEY), n=1, cutoff=0.75
             )
@@ -543,10 +544,12 @@ def load_credentials(profile: Profile, *, interactive: bool = False) -> ClientCr
     :raises CredentialError: the file is missing, unreadable, or the password is wrong (TokenError: the
         token, its module, key or PIN).
     """
-    from .token import PIN_ENV, is_pkcs11_uri
-
     spec = profile.require("credentials")
-    env_var = PIN_ENV if is_pkcs11_uri(spec) else PASSWORD_ENV
+    env_var = PASSWORD_ENV
+    if is_pkcs11_uri(spec):
+        from .token import PIN_ENV  # only for a token: the .pfx path does not import sknock.token
+
+        env_var = PIN_ENV
 
     def secret(prompt: str) -> bytes:  # asked only when needed: a token's URI may carry its PIN source
         return profile_secret(profile, interactive=interactive, prompt=prompt, env_var=env_var)

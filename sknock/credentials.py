@@ -15,7 +15,6 @@ then a :class:`~sknock.token.TokenSigner` (see :mod:`sknock.token`).
 
 from __future__ import annotations
 
-import getpass
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,8 +191,6 @@ def load_client_credentials(
     token.  For a token, the client certificate is ``certificate`` (a file) when given, else the one the
     token holds with the key's id; the key and certificate are checked to match.  Everything that fails
     is a :class:`CredentialError` (:class:`~sknock.errors.TokenError` for a token) of one line."""
-    from .token import is_pkcs11_uri
-
     if is_pkcs11_uri(spec):
         return _load_token_credentials(str(spec), secret, certificate)
     if certificate is not None:
@@ -201,6 +198,16 @@ def load_client_credentials(
                               "only for a key on a token")
     password = secret(f"Password for {spec}: ") if callable(secret) else secret
     return load_client_pfx(spec, password)
+
+
+#: What a ``pkcs11:`` URI (RFC 7512) begins with.  Here, not in :mod:`sknock.token`, so that telling a
+#: URI from a .pfx path does not import the token module on the everyday .pfx path (ssh-proxy's start-up).
+PKCS11_SCHEME = "pkcs11:"
+
+
+def is_pkcs11_uri(text: object) -> bool:
+    """Whether ``text`` is meant as a ``pkcs11:`` URI (rather than a file name)."""
+    return isinstance(text, str) and text[: len(PKCS11_SCHEME)].lower() == PKCS11_SCHEME
 
 
 def _load_token_credentials(
@@ -353,6 +360,8 @@ def resolve_password(
         return value.encode("utf-8")
     if interactive:
         try:
+            import getpass  # only for a prompt: not on every start-up
+
             typed = getpass.getpass(prompt or "Password: ")
         except (EOFError, KeyboardInterrupt):
             raise CredentialError("no password entered") from None

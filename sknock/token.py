@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from .credentials import PKCS11_SCHEME as SCHEME
+from .credentials import is_pkcs11_uri
 from .errors import TokenError
 from .protocol.seal import ecdsa_signature_size
 
@@ -60,7 +62,6 @@ __all__ = [
     "token_csr",
 ]
 
-SCHEME = "pkcs11:"
 #: The environment variable a token's PIN may come from (the CLIs; the library takes a :data:`PinSource`).
 PIN_ENV = "SKNOCK_TOKEN_PIN"
 #: Asked for the PIN with a prompt naming the token; returns it, or raises TokenError/CredentialError.
@@ -168,11 +169,6 @@ def _unquote(value: str) -> bytes:
             out += value[i].encode("ascii")
             i += 1
     return bytes(out)
-
-
-def is_pkcs11_uri(text: object) -> bool:
-    """Whether ``text`` is meant as a ``pkcs11:`` URI (rather than a file name)."""
-    return isinstance(text, str) and text[: len(SCHEME)].lower() == SCHEME
 
 
 def parse_pkcs11_uri(text: str) -> Pkcs11Uri:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,42 @@ def test_client_pfx_loads_with_str_or_bytes_password(pki: TestPKI) -> None:
         assert creds.certificate == pki.alice.certificate
         assert creds.ca_certificates == (pki.ca_cert,)
         assert isinstance(creds.key, ec.EllipticCurvePrivateKey)
+
+
+def test_the_ca_protects_a_pfx_at_least_like_openssl_3_defaults(pki: TestPKI) -> None:
+    """sknock-ca's PKCS#12: PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC) for the key and the certificates and
+    a SHA-256 MAC, none with fewer rounds than ``openssl pkcs12 -export`` uses by default (2048)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to read the PKCS#12 structure with")
+    info = subprocess.run(
+        ["openssl", "pkcs12", "-info", "-noout", "-in", str(pki.alice.pfx), "-passin", f"pass:{PASSWORD}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stderr
+    assert re.search(r"^MAC: sha256, Iteration (\d+)", info, re.M), info
+    bags = re.findall(r"PBES2, PBKDF2, AES-256-CBC, Iteration (\d+), PRF hmacWithSHA256", info)
+    assert len(bags) == 2, info  # the shrouded key bag and the certificates' encrypted data
+    rounds = [int(n) for n in bags + re.findall(r"^MAC: sha256, Iteration (\d+)", info, re.M)]
+    assert min(rounds) >= 2048, info
+
+
+def test_a_pfx_with_more_kdf_rounds_still_loads(pki: TestPKI, tmp_path: Path) -> None:
+    """Files written before sknock-ca used OpenSSL's default rounds (100 000) keep loading."""
+    creds = load_client_pfx(pki.alice.pfx, PASSWORD)
+    path = tmp_path / "old.pfx"
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(100_000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(b"pw")
+    )
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"alice", creds.key, creds.certificate, list(creds.ca_certificates), encryption  # type: ignore[arg-type]
+    ))
+    old = load_client_pfx(path, "pw")
+    assert old.certificate == creds.certificate and old.ca_certificates == creds.ca_certificates
+    with pytest.raises(CredentialError, match=r"old\.pfx: wrong password"):
+        load_client_pfx(path, "not-pw")
 
 
 def test_other_client_key_types_load(pki: TestPKI) -> None:

@@ -35,11 +35,11 @@ from typing import NoReturn
 from ..carrier import Carrier
 from ..client import KnockClient, load_server_certificate, resolve
 from ..clientconfig import PASSWORD_ENV, Profile, default_files, find_profile
+from ..credentials import is_pkcs11_uri
 from ..errors import CredentialError, ResolveError, SknockError
 from ..ports import Protocol
 from ..protocol.request import MAX_DURATION
 from ..protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
-from ..token import is_pkcs11_uri
 
 PROG = "sknock-knock"
 _MAX_RETRIES = 100
