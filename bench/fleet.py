@@ -28,15 +28,14 @@ class RedisPhases(Phases):
     """sknock's phases with nftables, its servers sharing ``redis`` as their replay store."""
 
     def __init__(self, net: TestNet, pki: lab.Pki, knocks: Path, expiry_knocks: Path, redis: RedisServer) -> None:
-        super().__init__(net, pki, "nftables", knocks, expiry_knocks)
+        super().__init__(net, pki, "nftables", knocks, expiry_knocks, {"replayStore": redis.url})
         self.redis = redis
 
-    def server(self, expiry: bool = False) -> lab.ServerProcesses:
-        """A fresh server whose replay store is the (emptied) Redis."""
-        assert self.pki is not None
+    def server(self, expiry: bool = False, icmp: bool = False) -> lab.ServerProcesses:
+        """A fresh server whose replay store (``replayStore`` in its options) is the emptied Redis."""
         self.redis.command("FLUSHDB")
         self.redis.command("SET", SINCE_KEY.decode(), repr(time.time() - 3600))
-        return lab.Server.start(self.net, self.pki, self.backend, replayStore=self.redis.url)
+        return super().server(expiry, icmp)
 
 
 def redis_plan(ph: Phases, *, quick: bool) -> Plan:
