@@ -103,7 +103,7 @@ def knock(net: TestNet, pki: TestPKI, family: int, via: str, *, as_user: int | N
     credentials, drop to that uid/gid); returns ('sent', '') or ('error', 'TypeName: message')."""
     # What Python loads lazily is loaded before the drop: the interpreter's files may be root's only.
     drop = (
-        f"import encodings.idna; os.setgroups([]); os.setgid({as_user}); os.setuid({as_user})\n"
+        f"import encodings.idna, threading; os.setgroups([]); os.setgid({as_user}); os.setuid({as_user})\n"
         if as_user is not None else ""
     )
     body = (

@@ -26,7 +26,10 @@ from sknock.server.service import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-EXECUTABLE = Path(sys.executable).parent / "sknock-server"
+# Where an operator's install puts it; install-service only names it in the unit.  Not this venv's: a
+# checkout may sit under /tmp, which install-service refuses (the unit's PrivateTmp=yes would hide it).
+EXECUTABLE = Path("/opt/sknock/bin/sknock-server")
+RUNNABLE = Path(sys.executable).parent / "sknock-server"  # one that exists, for systemd-analyze verify
 
 
 def _fake_root(tmp_path: Path) -> Path:
@@ -136,7 +139,7 @@ def test_an_executable_under_home_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_the_unit_passes_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
     unit = tmp_path / UNIT_NAME
-    unit.write_text(unit_text(EXECUTABLE))
+    unit.write_text(unit_text(RUNNABLE))
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
     security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
