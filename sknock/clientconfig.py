@@ -36,9 +36,8 @@ import ipaddress
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .carrier import Carrier
 from .credentials import ClientCredentials, is_pkcs11_uri, load_client_credentials, resolve_password
@@ -189,8 +188,7 @@ def _any_text(value: str, base: Path) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileKey:
+class ProfileKey(NamedTuple):
     """One key of a server's section, said once: parsing, error messages and the docs table know it."""
 
     key: str  # as written in the file (case-sensitive)
@@ -268,8 +266,7 @@ _BY_KEY = {k.key: k for k in PROFILE_KEYS}
 _PASSWORD_KEYS = ("password", "passwordFile", "passwordEnv", "passwordKeyring")
 
 
-@dataclass(frozen=True, slots=True)
-class Profile:
+class Profile(NamedTuple):
     """One named server, as a file says it (see :data:`PROFILE_KEYS` for each attribute's key)."""
 
     name: str
@@ -281,7 +278,7 @@ class Profile:
     password_file: Path | None = None
     password_env: str | None = None
     password_keyring: bool = False
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None  # never in repr()
     ports: tuple[tuple[Protocol | None, int], ...] = ()
     protocol: Protocol = Protocol.TCP
     source: str = "any"
@@ -291,6 +288,10 @@ class Profile:
     timeout: float = 10.0
     retries: int = 3
     work_bits: int = DEFAULT_WORK_BITS
+
+    def __repr__(self) -> str:
+        shown = (f"{name}={value!r}" for name, value in zip(self._fields, self, strict=True) if name != "password")
+        return f"Profile({', '.join(shown)})"
 
     def where(self, key: str | None = None) -> str:
         """``FILE: [NAME]`` (and ``: KEY``): where an error about this server points."""
@@ -320,7 +321,7 @@ class Profile:
         return value
 
 
-_ATTRS = {f.name for f in fields(Profile)}
+_ATTRS = set(Profile._fields)
 assert all(k.attr in _ATTRS for k in PROFILE_KEYS)  # noqa: S101 -- the table and the class agree
 
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -57,8 +56,7 @@ _MIN_RSA_BITS = 2048
 _MAX_FILE_SIZE = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class ClientCredentials:
+class ClientCredentials(NamedTuple):
     """A client's signing key (in memory, or a signer on a token), its certificate, and the CA
     certificates that came with it."""
 
@@ -67,8 +65,7 @@ class ClientCredentials:
     ca_certificates: tuple[x509.Certificate, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ServerCredentials:
+class ServerCredentials(NamedTuple):
     """The server's ECDH key, its certificate, and the CA certificates that came with it."""
 
     key: ec.EllipticCurvePrivateKey

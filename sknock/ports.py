@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import PortSpecError
 
@@ -43,17 +43,22 @@ class Protocol(enum.IntEnum):
 _PORT_RE = re.compile(r"^[0-9]{1,5}(?:-[0-9]{1,5})?$")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class PortRange:
-    """``first``..``last`` inclusive, for one protocol.  A single port has ``first == last``."""
-
+class _RangeFields(NamedTuple):
     protocol: Protocol
     first: int
     last: int
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.first <= self.last <= 65535:
-            raise PortSpecError(f"bad port range {self.first}-{self.last}: ports run from 1 to 65535, first <= last")
+
+class PortRange(_RangeFields):
+    """``first``..``last`` inclusive, for one protocol.  A single port has ``first == last``.  Ordered
+    by protocol, then first, then last."""
+
+    __slots__ = ()
+
+    def __new__(cls, protocol: Protocol, first: int, last: int) -> PortRange:
+        if not 1 <= first <= last <= 65535:
+            raise PortSpecError(f"bad port range {first}-{last}: ports run from 1 to 65535, first <= last")
+        return super().__new__(cls, protocol, first, last)
 
     def __contains__(self, item: object) -> bool:
         if not isinstance(item, tuple) or len(item) != 2:
@@ -75,11 +80,27 @@ class PortRange:
         return f"{int(self.protocol)}.{span}"
 
 
-@dataclass(frozen=True, slots=True)
 class PortSet:
-    """A set of (protocol, port) pairs, held as ranges."""
+    """A set of (protocol, port) pairs, held as ranges; immutable.  (Not a tuple: ``in`` asks whether a
+    (protocol, port) pair is in the set.)"""
 
+    __slots__ = ("ranges",)
     ranges: tuple[PortRange, ...]
+
+    def __init__(self, ranges: tuple[PortRange, ...]) -> None:
+        object.__setattr__(self, "ranges", tuple(ranges))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PortSet is immutable: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        return other.ranges == self.ranges if isinstance(other, PortSet) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.ranges)
+
+    def __repr__(self) -> str:
+        return f"PortSet(ranges={self.ranges!r})"
 
     @classmethod
     def of(cls, ranges: Iterable[PortRange]) -> PortSet:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -54,8 +54,7 @@ def revocation_id(issuer: x509.Name, serial: int) -> RevocationId:
     return hashlib.sha256(issuer.public_bytes()).digest(), serial
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedClient:
+class VerifiedClient(NamedTuple):
     """A client certificate that chains to a trusted CA, is in date, unrevoked, and fit for knocking."""
 
     certificate: x509.Certificate

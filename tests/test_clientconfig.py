@@ -364,3 +364,9 @@ def test_a_password_from_the_keyring(tmp_path: Path) -> None:
         one_line(exc, "[ring]: passwordKeyring: the keyring cannot be read: the keyring is locked")
     finally:
         keyring.set_keyring(previous)
+
+
+def test_a_profile_never_shows_its_password() -> None:
+    profile = Profile(name="gw", file=None, host="gw.example", password="s3cret-Qx7")
+    assert "s3cret-Qx7" not in repr(profile) and "s3cret-Qx7" not in str(profile)
+    assert "host='gw.example'" in repr(profile) and profile.password == "s3cret-Qx7"

@@ -78,3 +78,23 @@ def test_bad_admin_lists_refused(text: str) -> None:
 def test_bad_certificate_lists_refused(text: str) -> None:
     with pytest.raises(PortSpecError):
         parse_certificate_ports(text)
+
+
+@given(st.integers(-70000, 140000), st.integers(-70000, 140000))
+def test_a_range_is_checked_whenever_it_is_made(first: int, last: int) -> None:
+    if 1 <= first <= last <= 65535:
+        assert PortRange(Protocol.TCP, first, last).ports() == range(first, last + 1)
+    else:
+        with pytest.raises(PortSpecError):
+            PortRange(Protocol.TCP, first, last)
+
+
+def test_a_port_set_is_a_set_not_a_tuple() -> None:
+    ports = parse_ports("tcp/22,udp/8000-8001")
+    assert (Protocol.TCP, 22) in ports and (Protocol.UDP, 8001) in ports
+    assert (Protocol.UDP, 22) not in ports and ports.ranges not in ports
+    assert ports == parse_certificate_ports("0.8000-8001,1.22")
+    assert hash(ports) == hash(parse_ports("udp/8000-8001,tcp/22"))
+    assert ports != ports.ranges and PortSet(()) != PortSet.of([PortRange(Protocol.TCP, 1, 1)])
+    with pytest.raises(AttributeError):
+        ports.ranges = ()  # type: ignore[misc]

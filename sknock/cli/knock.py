@@ -25,12 +25,11 @@ prompt.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..carrier import Carrier
 from ..client import KnockClient, load_server_certificate, resolve
@@ -183,7 +182,7 @@ def profile_for(target: str, config: Path | None) -> Profile:
 
 def with_options(profile: Profile, args: argparse.Namespace) -> Profile:
     """``profile`` with what the command line says instead (the command line overrides everything)."""
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.password_file is not None:  # replaces the file's password source, whichever it was
         changes.update(password_file=args.password_file, password=None, password_env=None, password_keyring=False)
     for option, attr in (
@@ -198,7 +197,7 @@ def with_options(profile: Profile, args: argparse.Namespace) -> Profile:
         changes["via"] = Carrier.parse(args.via)
         if changes["via"] is Carrier.ICMP and args.knock_port is None:
             changes["knock_port"] = None  # the named server's UDP knock port means nothing in a ping
-    changed = dataclasses.replace(profile, **changes)  # type: ignore[arg-type]
+    changed = profile._replace(**changes)
     if changed.via is Carrier.ICMP and changed.knock_port is not None:
         raise _Usage("--knock-port names a UDP port: it cannot be used with --via icmp")
     return changed

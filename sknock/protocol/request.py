@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..addresses import IPAddress
 from ..errors import KnockRefused, Reason
@@ -47,11 +47,7 @@ class Action(enum.IntEnum):
     CLOSE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class KnockRequest:
-    """One knock's request.  ``source_address`` None means "any" (clients behind NAT); ``duration`` None
-    means the server's default."""
-
+class _RequestFields(NamedTuple):
     ports: tuple[tuple[Protocol, int], ...]
     timestamp_ms: int
     nonce: bytes
@@ -59,22 +55,37 @@ class KnockRequest:
     source_address: IPAddress | None = None
     duration: int | None = None
 
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.ports) <= MAX_PORTS:
-            raise ValueError(f"a knock names 1 to {MAX_PORTS} ports, not {len(self.ports)}")
-        for protocol, port in self.ports:
+
+class KnockRequest(_RequestFields):
+    """One knock's request.  ``source_address`` None means "any" (clients behind NAT); ``duration`` None
+    means the server's default.  Checked when made: a ValueError names what is out of range."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        ports: tuple[tuple[Protocol, int], ...],
+        timestamp_ms: int,
+        nonce: bytes,
+        action: Action = Action.OPEN,
+        source_address: IPAddress | None = None,
+        duration: int | None = None,
+    ) -> KnockRequest:
+        if not 1 <= len(ports) <= MAX_PORTS:
+            raise ValueError(f"a knock names 1 to {MAX_PORTS} ports, not {len(ports)}")
+        for protocol, port in ports:
             if not isinstance(protocol, Protocol) or not 1 <= port <= 65535:
                 raise ValueError(f"bad port {protocol}/{port}")
-        if len(self.nonce) != NONCE_SIZE:
+        if len(nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
-        if not 0 <= self.timestamp_ms < 1 << 64:
+        if not 0 <= timestamp_ms < 1 << 64:
             raise ValueError("timestamp out of range")
-        if self.duration is not None and not 1 <= self.duration <= MAX_DURATION:
+        if duration is not None and not 1 <= duration <= MAX_DURATION:
             raise ValueError("duration must be 1 second or more")
+        return super().__new__(cls, ports, timestamp_ms, nonce, action, source_address, duration)
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedPlaintext:
+class ParsedPlaintext(NamedTuple):
     """A decrypted plaintext split into its parts; nothing in it is verified yet (the signature and
     certificate are the verifier's job)."""
 

@@ -16,8 +16,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -89,8 +88,7 @@ class KnockSigner(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class SoftwareSigner:
+class SoftwareSigner(NamedTuple):
     """A :data:`ClientKey` held in memory, as a :class:`KnockSigner`."""
 
     key: ClientKey
@@ -259,8 +257,7 @@ def seal_plaintext(
     return solve_work(header.pack() + ephemeral + ciphertext, header.work_bits)
 
 
-@dataclass(frozen=True, slots=True)
-class OpenedKnock:
+class OpenedKnock(NamedTuple):
     """A decrypted, parsed knock whose signature and certificate are not checked yet."""
 
     request: KnockRequest

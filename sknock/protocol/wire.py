@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -76,8 +76,7 @@ BUCKETS: tuple[int, ...] = (1024, 1232)
 MAX_DATAGRAM = BUCKETS[-1]
 
 
-@dataclass(frozen=True, slots=True)
-class Suite:
+class Suite(NamedTuple):
     """One cipher suite: the curve of the server key and of the client's ephemeral key (ECDH), and the
     size of that key's point in a datagram.  Every suite uses HKDF-SHA256 and AES-256-GCM."""
 
@@ -101,8 +100,7 @@ SUITES: dict[int, Suite] = {
 SUITE_CURVES_TEXT = " or ".join(f"P-{suite.curve.key_size}" for suite in SUITES.values())
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     """The cleartext header of a knock datagram, as :func:`parse_header` reads it; fields as in the layout
     above."""
 
@@ -126,8 +124,7 @@ class Header:
         return self.pack()[:_AUTH_END]
 
 
-@dataclass(frozen=True, slots=True)
-class Prechecked:
+class Prechecked(NamedTuple):
     """A datagram that passed the cheap checks: no public-key operation has been spent on it yet."""
 
     header: Header
