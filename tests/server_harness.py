@@ -36,6 +36,8 @@ from tests.pki import PASSWORD, TestPKI
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+#: The ``sknock-knock`` console script pip installed beside PY: what users run (sknock.cli.entry).
+KNOCK_SCRIPT = Path(PY).with_name("sknock-knock")
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 METRICS = "127.0.0.1:9465"  # metricsListen for the tests that turn the metrics on (the server namespace's loopback)
 

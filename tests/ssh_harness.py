@@ -12,13 +12,13 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.netns import TestNet
+from tests.server_harness import KNOCK_SCRIPT
 
 SSHD = Path("/usr/sbin/sshd")
 SSH = shutil.which("ssh")
@@ -92,7 +92,7 @@ def running_sshd(
     )
     log = (folder / "sshd.log").open("wb")
     process = net.server.popen(str(SSHD), "-D", "-e", "-f", str(sshd_config), stdout=log, stderr=subprocess.STDOUT)
-    proxy = f"{sys.executable} -m sknock.cli.knock ssh-proxy --config {client_ini} %n %h %p"
+    proxy = f"{KNOCK_SCRIPT} ssh-proxy --config {client_ini} %n %h %p"
     common = (
         f"  Port {port}\n  User root\n  IdentityFile {folder / 'id'}\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {folder / 'known_hosts'}\n  StrictHostKeyChecking accept-new\n  BatchMode yes\n"

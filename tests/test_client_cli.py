@@ -20,6 +20,7 @@ from sknock.cli import knock as knock_cli
 from sknock.ports import Protocol
 from sknock.protocol import Action
 from tests.pki import PASSWORD, TestPKI
+from tests.server_harness import KNOCK_SCRIPT
 from tests.servercerts import write_cer
 from tests.test_client import (
     HAS_IPV6,
@@ -71,7 +72,7 @@ def run(
     env["XDG_CONFIG_HOME"] = str(cwd / "no-config")  # no user's client.ini: only what the test says
     if env_password is not None:
         env["SKNOCK_PFX_PASSWORD"] = env_password
-    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "sknock.cli.knock"]
+    command = [sys.executable, str(script)] if script else [str(KNOCK_SCRIPT)]
     result = subprocess.run(
         [*command, *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
     )

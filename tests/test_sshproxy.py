@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 
 from sknock.ports import Protocol
 from tests.pki import PASSWORD
+from tests.server_harness import KNOCK_SCRIPT
 from tests.test_client import OwnPKI, build_own_pki, port_of, receive, tcp_port, udp_listener
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def ini(tmp_path: Path, own: OwnPKI, knock_port: int, **keys: object) -> Path:
 
 def proxy(config: Path, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "sknock.cli.knock", "ssh-proxy", "--config", str(config), *args]
+    command = [str(KNOCK_SCRIPT), "ssh-proxy", "--config", str(config), *args]
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
