@@ -565,9 +565,10 @@ def _destination(knock_port: int | None, via: str | Carrier) -> tuple[Carrier, i
 #: ``_CONNECT_EVERY_MAX``).  With a drop policy the first SYN may reach the server just before the grant
 #: and be dropped, and the kernel would resend it only after a second: a fresh attempt soon after does
 #: not wait for that, while the earlier attempts stay pending, so a slow path still completes them.
-#: A grant takes a few ms on a local network, so the first gaps are 4 ms: ssh through the proxy waits
-#: about 6 ms less for its connection than with 10/20 ms gaps (bench ssh-login, issue 12).
-_CONNECT_FIRST_GAPS = (0.0, 0.004, 0.004, 0.004, 0.008, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
+#: A grant takes 1 to 2 ms on a local network (bench: latency p50 0.7 ms at 1,000 knocks/s, 1.2 ms at
+#: 100/s), so the first gaps are 2 ms: ssh through the proxy (issue 12) usually has its connection from
+#: the second or third attempt; each attempt is one SYN, and at most _CONNECT_PARALLEL wait at once.
+_CONNECT_FIRST_GAPS = (0.0, 0.002, 0.002, 0.002, 0.002, 0.004, 0.008, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
 _CONNECT_EVERY_MAX = 1.0
 #: Attempts pending at once at most; the oldest is dropped for a new one.
 _CONNECT_PARALLEL = 4
