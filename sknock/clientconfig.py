@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 from .carrier import Carrier
 from .credentials import ClientCredentials, is_pkcs11_uri, load_client_credentials, resolve_password
 from .errors import ProfileError
+from .fileio import read_text
 from .ports import Protocol
 from .protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
 
@@ -399,21 +400,7 @@ def read_profiles(file: str | os.PathLike[str]) -> dict[str, Profile]:
     :raises ProfileError: the file cannot be read, is not UTF-8 or is invalid (see :func:`parse_profiles`).
     """
     path = Path(file)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such client configuration file") from None
-    except IsADirectoryError:
-        raise ProfileError(f"{path}: is a folder, not a client configuration file") from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    if len(data) > _MAX_FILE_BYTES:
-        raise ProfileError(f"{path}: larger than {_MAX_FILE_BYTES} bytes: not a client configuration file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ProfileError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    text = read_text(path, limit=_MAX_FILE_BYTES, what="client configuration file", error=ProfileError)
     profiles = parse_profiles(text, path)
     in_clear = [p for p in profiles.values() if p.password is not None]
     if in_clear and path.stat().st_mode & 0o077:

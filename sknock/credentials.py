@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from cryptography import x509
@@ -27,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .certificate import describe_name, tolerate_zero_serial
 from .errors import CredentialError, ServerCertificateError
+from .fileio import read_bounded
 from .protocol import SUITE_CURVES_TEXT, SUITES, ClientKey, KnockSigner
 
 __all__ = [
@@ -74,21 +74,7 @@ class ServerCredentials(NamedTuple):
 
 
 def _read(path: str | os.PathLike[str], what: str) -> bytes:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > _MAX_FILE_SIZE:
-            raise CredentialError(f"{what} {p}: file of {size} bytes is too large")
-        with p.open("rb") as fh:
-            return fh.read(_MAX_FILE_SIZE + 1)
-    except FileNotFoundError:
-        raise CredentialError(f"{what} {p}: no such file") from None
-    except IsADirectoryError:
-        raise CredentialError(f"{what} {p}: is a directory") from None
-    except PermissionError:
-        raise CredentialError(f"{what} {p}: permission denied") from None
-    except OSError as exc:
-        raise CredentialError(f"{what} {p}: cannot read: {exc.strerror or exc}") from None
+    return read_bounded(path, limit=_MAX_FILE_SIZE, what=what, error=CredentialError)
 
 
 def _password_bytes(password: str | bytes | None) -> bytes | None:

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from ..carrier import Carrier
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
+from ..fileio import read_text
 from ..ports import PortSet, Protocol, parse_ports
 from ..protocol.wire import DEFAULT_WORK_BITS
 from .firewall.base import PolicyMode
@@ -877,24 +878,6 @@ _KEYS = tuple(option.key for option in OPTIONS)
 # -- the file ----------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-    if len(data) > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file is larger than {_MAX_CONFIG_BYTES} bytes")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: config file is not UTF-8 (byte {exc.start})") from None
-
-
 def _parse_ini(path: Path, text: str) -> dict[str, str]:
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False, default_section="DEFAULT"
@@ -1080,7 +1063,8 @@ def load_config(
     checking a config on a machine that does not hold the keys; the daemon always checks files.
     """
     config_path = Path(path).expanduser().absolute()
-    values = _parse_ini(config_path, _read_text(config_path))
+    text = read_text(config_path, limit=_MAX_CONFIG_BYTES, what="config file", error=ConfigError)
+    values = _parse_ini(config_path, text)
     _check_keys(config_path, values)
     parsed = _parse_options(config_path, values)
 
