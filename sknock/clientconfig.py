@@ -31,7 +31,6 @@ The credentials themselves are loaded in one place, :func:`load_credentials`.
 from __future__ import annotations
 
 import argparse
-import configparser
 import ipaddress
 import os
 import sys
@@ -43,6 +42,7 @@ from .carrier import Carrier
 from .credentials import ClientCredentials, is_pkcs11_uri, load_client_credentials, resolve_password
 from .errors import ProfileError
 from .fileio import read_text
+from .ini import parse_ini
 from .ports import Protocol
 from .protocol.wire import DEFAULT_WORK_BITS, MAX_WORK_BITS
 
@@ -342,26 +342,13 @@ def parse_profiles(text: str, file: Path) -> dict[str, Profile]:
 
     :raises ProfileError: one line naming ``file``, the section and the key.
     """
-    parser = configparser.ConfigParser(
-        interpolation=None, strict=True, empty_lines_in_values=False, default_section="\x00no default section"
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    try:
-        parser.read_string(text, source=str(file))
-    except configparser.MissingSectionHeaderError as exc:
-        raise ProfileError(f"{file}: line {exc.lineno}: a key before any [SERVER] section") from None
-    except configparser.DuplicateOptionError as exc:
-        raise ProfileError(f"{file}: [{exc.section}]: {exc.option}: set twice (line {exc.lineno}); keep one") from None
-    except configparser.DuplicateSectionError as exc:
-        raise ProfileError(f"{file}: [{exc.section}]: appears twice (line {exc.lineno})") from None
-    except configparser.Error as exc:
-        raise ProfileError(f"{file}: not a valid INI file: {exc.message.splitlines()[0]}") from None
+    _, sections = parse_ini(text, file, error=ProfileError, first_header="[SERVER]")
     base = file.parent
     profiles: dict[str, Profile] = {}
-    for name in parser.sections():
+    for name, section in sections.items():
         if not name.strip() or name != name.strip() or not name.isprintable():
             raise ProfileError(f"{file}: [{name!r}]: a server's name must be printable, without edge spaces")
-        profiles[name] = _profile(name, file, base, parser[name])
+        profiles[name] = _profile(name, file, base, section)
     return profiles
 
 

@@ -22,7 +22,6 @@ This module only parses and checks; it never opens sockets, touches the firewall
 from __future__ import annotations
 
 import argparse
-import configparser
 import difflib
 import enum
 import ipaddress
@@ -40,6 +39,7 @@ from ..carrier import Carrier
 from ..credentials import resolve_password
 from ..errors import ConfigError, CredentialError, PortSpecError
 from ..fileio import read_text
+from ..ini import parse_ini
 from ..ports import PortSet, Protocol, parse_ports
 from ..protocol.wire import DEFAULT_WORK_BITS
 from .firewall.base import PolicyMode
@@ -879,24 +879,10 @@ _KEYS = tuple(option.key for option in OPTIONS)
 
 
 def _parse_ini(path: Path, text: str) -> dict[str, str]:
-    parser = configparser.ConfigParser(
-        interpolation=None, strict=True, empty_lines_in_values=False, default_section="DEFAULT"
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
-    try:
-        parser.read_string(text, source=str(path))
-    except configparser.MissingSectionHeaderError as exc:
-        raise ConfigError(f"{path}: line {exc.lineno}: options must follow a [DEFAULT] section header") from None
-    except configparser.DuplicateOptionError as exc:
-        raise ConfigError(f"{path}: {exc.option}: set twice (line {exc.lineno}); keep one") from None
-    except configparser.DuplicateSectionError as exc:
-        raise ConfigError(f"{path}: section [{exc.section}] appears twice (line {exc.lineno})") from None
-    except configparser.Error as exc:
-        raise ConfigError(f"{path}: not a valid INI file: {exc.message}") from None
-    others = parser.sections()
-    if others:
-        raise ConfigError(f"{path}: [{others[0]}]: unknown section; every option goes in [DEFAULT]")
-    return dict(parser.defaults())
+    defaults, sections = parse_ini(text, path, error=ConfigError, first_header="[DEFAULT]", default_section="DEFAULT")
+    if sections:
+        raise ConfigError(f"{path}: [{next(iter(sections))}]: unknown section; every option goes in [DEFAULT]")
+    return defaults
 
 
 def _check_keys(path: Path, values: Mapping[str, str]) -> None:
