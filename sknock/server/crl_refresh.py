@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..fileio import write_atomic
 from ..logsafe import log_safe
+from ..trust import crl_rollback
 
 __all__ = [
     "CrlRefresher", "CrlSet", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES", "encode_crl_set", "split_crl_set",
@@ -96,8 +97,8 @@ class CrlRefresher:
 
     ``verify`` turns bytes into a CRL object or raises (the daemon passes ``sknock.trust.load_crl``
     bound to the CA).  Any exception from it means "refuse these bytes".  The object it returns is
-    handed back in :attr:`RefreshResult.crl`; its ``next_update_utc`` and ``last_update_utc`` (as
-    on ``cryptography.x509.CertificateRevocationList``) drive the stale and rollback checks.
+    handed back in :attr:`RefreshResult.crl`; its ``next_update_utc`` drives the stale check, and its CRL
+    number and thisUpdate the rollback check (:func:`sknock.trust.crl_rollback`).
     """
 
     def __init__(
@@ -189,9 +190,9 @@ class CrlRefresher:
         other = _other_issuer(crl, self._current)
         if other:
             return self._result("failed", f"refused CRL from {self.source}: {other}", now)
-        older = _older_than(crl, self._current)
-        if older:
-            return self._result("failed", f"refused CRL from {self.source}: {older}", now)
+        rollback = crl_rollback(crl, self._current) if self._current is not None else None
+        if rollback:
+            return self._result("failed", f"refused CRL from {self.source}: {rollback}", now)
 
         try:
             self._store(body)
@@ -368,18 +369,6 @@ def _other_issuer(new: object, current: object | None) -> str | None:
     return None
 
 
-def _older_than(new: object, current: object | None) -> str | None:
-    """A reason to refuse ``new`` because it was issued before ``current``, else None."""
-    new_issued = _utc_attr(new, "last_update_utc")
-    current_issued = _utc_attr(current, "last_update_utc")
-    if new_issued is not None and current_issued is not None and new_issued < current_issued:
-        return (
-            f"it was issued {new_issued.isoformat()}, before the CRL in hand ({current_issued.isoformat()}); "
-            "an older CRL could un-revoke keys"
-        )
-    return None
-
-
 def schedule_refresh(
     refresher: CrlRefresher,
     minutes: int,
@@ -485,7 +474,7 @@ class CrlSet:
                 continue
             key = crl.issuer.public_bytes()
             held = newest.get(key)
-            if held is None or crl.last_update_utc > held.last_update_utc:
+            if held is None or crl_rollback(crl, held) is None:
                 newest[key] = crl
         return list(newest.values())
 
