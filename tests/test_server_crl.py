@@ -22,7 +22,7 @@ from sknock import ca as ca_lib
 from sknock.fileio import write_atomic
 from sknock.ports import parse_ports
 from tests.netns import TestNet, require_netns
-from tests.pki import PASSWORD_BYTES, TestPKI
+from tests.pki import PASSWORD_BYTES, TestPKI, at
 from tests.server_harness import METRICS, PY, RunningServer, client_script, run_in_client
 from tests.server_harness import wait_for_metrics as wait_for
 
@@ -49,8 +49,10 @@ def own_ca() -> Iterator[OwnCA]:
     folder = Path(tempfile.mkdtemp(prefix="sknock-crl-"))
     folder.chmod(0o755)
     try:
-        # The same name as the session pki's stranger CA, so its CRL differs only by the signature.
-        authority = ca_lib.init_ca(folder / "ca", PASSWORD_BYTES, name="sknock Test Root CA")
+        # The same name as the session pki's stranger CA, so its CRL differs only by the signature.  Its clock
+        # stands still: every CRL it signs has one thisUpdate (whole seconds), as when an admin revokes within
+        # a second of the last CRL, so only the CRL number tells them apart -- whatever the machine's speed.
+        authority = ca_lib.init_ca(folder / "ca", PASSWORD_BYTES, name="sknock Test Root CA", clock=at(time.time()))
         authority.issue_server("crlsrv", PASSWORD_BYTES)
         for name in ("carol", "dave"):
             authority.issue_client(name, parse_ports("tcp/2005-2009"), PASSWORD_BYTES)
