@@ -84,6 +84,7 @@ class CrlServer:
     body: bytes = b""
     etag: str | None = None
     last_modified: str | None = None
+    date: str | None = None  # the Date header; None: the real time, as http.server sends it
     status: int = 200
     send_length: bool = True
     claimed_length: int | None = None
@@ -100,12 +101,18 @@ class CrlServer:
             def do_GET(self) -> None:
                 state.requests += 1
                 state.seen.append(dict(self.headers.items()))
-                if state.etag is not None and self.headers.get("If-None-Match") == state.etag:
+                if (state.etag is not None and self.headers.get("If-None-Match") == state.etag) or (
+                    state.last_modified is not None and self.headers.get("If-Modified-Since") == state.last_modified
+                ):
                     state.not_modified += 1
                     self.send_response(304)
                     self.end_headers()
                     return
-                self.send_response(state.status)
+                if state.date is None:
+                    self.send_response(state.status)
+                else:
+                    self.send_response_only(state.status)
+                    self.send_header("Date", state.date)
                 if state.etag is not None:
                     self.send_header("ETag", state.etag)
                 if state.last_modified is not None:
@@ -199,6 +206,42 @@ def test_if_modified_since_when_there_is_no_etag(
     result = refresher.refresh(NOW)
     assert server.seen[1]["If-Modified-Since"] == "Sun, 01 Mar 2026 12:00:00 GMT"
     assert result.status == "unchanged"  # same bytes again: nothing rewritten
+
+
+def test_a_last_modified_of_the_second_it_was_served_is_not_sent_back(
+    server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Last-Modified has whole seconds: the CA's web server hands out its CRL in the second the CRL was written,
+    then the CA revokes someone and writes the new CRL within that second.  Had the fetcher sent that
+    Last-Modified back, the server would answer 304 until the next CRL and hide the revocation."""
+    second = "Thu, 03 Dec 2026 12:00:00 GMT"
+    server.body, server.last_modified, server.date = make_crl(ca_key, number=1), second, second
+    refresher = refresher_for(server.url, tmp_path, ca_key)
+    assert refresher.refresh(NOW).status == "updated"
+
+    server.body = make_crl(ca_key, issued=T0 + timedelta(minutes=1), number=2, revoked=(9,))  # same Last-Modified
+    result = refresher.refresh(NOW)
+    assert "If-Modified-Since" not in server.seen[1] and server.not_modified == 0
+    assert result.status == "updated" and revoked_serials(result) == {9}
+
+    # served a minute after it was written: settled, so the next poll is conditional again (and costs a 304)
+    server.date = "Thu, 03 Dec 2026 12:01:00 GMT"
+    server.body = make_crl(ca_key, issued=T0 + timedelta(minutes=2), number=3, revoked=(9,))
+    assert refresher.refresh(NOW).status == "updated"
+    assert refresher.refresh(NOW).status == "unchanged"
+    assert server.seen[3]["If-Modified-Since"] == second and server.not_modified == 1
+
+
+@pytest.mark.parametrize("date", [None, "not a date", "Thu, 03 Dec 2026 12:00:00"], ids=["empty", "garbage", "no-zone"])
+def test_a_last_modified_without_a_usable_date_is_not_sent_back(
+    server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, date: str | None
+) -> None:
+    server.body, server.last_modified = make_crl(ca_key), "Sun, 01 Mar 2026 12:00:00 GMT"
+    server.date = date if date is not None else ""
+    refresher = refresher_for(server.url, tmp_path, ca_key)
+    refresher.refresh(NOW)
+    assert refresher.refresh(NOW).status == "unchanged"  # the same bytes, fetched in full
+    assert "If-Modified-Since" not in server.seen[1] and server.not_modified == 0
 
 
 @pytest.mark.parametrize("kind", ["garbage", "other-ca", "truncated"])

@@ -5,7 +5,6 @@ Each test has its own CA (revoking is permanent, and the session ``pki`` is shar
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -74,16 +73,12 @@ class CrlSite:
         self.folder.mkdir(mode=0o755)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._version = 0
 
     def publish(self, data: bytes) -> None:
-        """Serve ``data`` from now on.  Replaced atomically, with an mtime that always moves forward by
-        whole seconds, so the server's If-Modified-Since never hides a change made within a second."""
-        target = self.folder / "crl.der"
-        write_atomic(target, data)
-        self._version += 1
-        stamp = time.time() + 10 * self._version
-        os.utime(target, (stamp, stamp))
+        """Serve ``data`` from now on, replaced atomically as a CA's web server would have it.  Its
+        Last-Modified has whole seconds and the steps follow each other within seconds: the CRL fetcher must
+        not let that hide a change (it sends no If-Modified-Since from within a minute of the Date)."""
+        write_atomic(self.folder / "crl.der", data)
 
     def start(self) -> None:
         code = (
