@@ -37,6 +37,9 @@ __all__ = [
     "check_well_formed",
     "load_crl",
     "crl_signer",
+    "crl_number",
+    "crl_rollback",
+    "describe_crl_issue",
     "cas_without_crl",
     "verify_server_certificate",
     "RevocationId",
@@ -215,6 +218,48 @@ def cas_without_crl(
     return [ca for ca in cas if fingerprint(ca) not in signers]
 
 
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """The CRL's cRLNumber, which RFC 5280 (5.2.3) has grow from each CRL of a CA to the next; None without one."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def describe_crl_issue(crl: x509.CertificateRevocationList) -> str:
+    """``CRL number 7 issued 2026-…`` (or ``a CRL without a number issued …``): which issue of a CA's CRL it is."""
+    number = crl_number(crl)
+    which = f"CRL number {number}" if number is not None else "a CRL without a number"
+    return f"{which} issued {crl.last_update_utc.isoformat()}"
+
+
+def crl_rollback(new: x509.CertificateRevocationList, held: x509.CertificateRevocationList) -> str | None:
+    """Why ``new`` must not take the place of ``held`` (two CRLs of one CA), or None when it may.
+
+    ``new`` is older, and refused, when its thisUpdate is earlier or (both carrying one) its CRL number is
+    lower: thisUpdate has whole seconds, so two CRLs a CA signs within one second (a revocation right after
+    the last CRL) differ only in their number, and the older must never come back to un-revoke a key.  It
+    is newer when one of the two is later and neither earlier.  When neither tells (one second and no
+    numbers, or one number signed twice), ``new`` is taken only if it revokes every certificate ``held``
+    revokes: fail closed, a revocation is never dropped on a guess.  The one decision for every place that
+    chooses between two CRLs of a CA: a CRL source's refresh, the set handed to the workers, the verifier."""
+    signs = [(new.last_update_utc > held.last_update_utc) - (new.last_update_utc < held.last_update_utc)]
+    new_number, held_number = crl_number(new), crl_number(held)
+    if new_number is not None and held_number is not None:
+        signs.append((new_number > held_number) - (new_number < held_number))
+    if min(signs) < 0:
+        return (f"it is {describe_crl_issue(new)}, older than the CRL in hand ({describe_crl_issue(held)}); "
+                "an older CRL could un-revoke keys")
+    if max(signs) > 0:
+        return None
+    dropped = {entry.serial_number for entry in held} - {entry.serial_number for entry in new}
+    if not dropped:
+        return None
+    return (f"it is {describe_crl_issue(new)} and the CRL in hand is {describe_crl_issue(held)}: which is newer "
+            f"cannot be told, and it leaves out {len(dropped)} certificate(s) the CRL in hand revokes; an older "
+            "CRL could un-revoke keys")
+
+
 def _may_sign_crls(ca: x509.Certificate) -> bool:
     try:
         ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -274,7 +319,7 @@ class ClientVerifier:
             for ca in signers:
                 key = fingerprint(ca)
                 held = self._crls.get(key)
-                if held is None or crl.last_update_utc > held.last_update_utc:
+                if held is None or crl_rollback(crl, held) is None:
                     self._crls[key] = crl
 
     def verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:

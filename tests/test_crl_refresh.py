@@ -44,9 +44,12 @@ def make_crl(
     issued: datetime = T0,
     valid_for: timedelta = timedelta(days=7),
     revoked: tuple[int, ...] = (),
+    number: int | None = None,
 ) -> bytes:
     builder = x509.CertificateRevocationListBuilder().issuer_name(ISSUER).last_update(issued)
     builder = builder.next_update(issued + valid_for)
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
@@ -81,6 +84,7 @@ class CrlServer:
     body: bytes = b""
     etag: str | None = None
     last_modified: str | None = None
+    date: str | None = None  # the Date header; None: the real time, as http.server sends it
     status: int = 200
     send_length: bool = True
     claimed_length: int | None = None
@@ -97,12 +101,18 @@ class CrlServer:
             def do_GET(self) -> None:
                 state.requests += 1
                 state.seen.append(dict(self.headers.items()))
-                if state.etag is not None and self.headers.get("If-None-Match") == state.etag:
+                if (state.etag is not None and self.headers.get("If-None-Match") == state.etag) or (
+                    state.last_modified is not None and self.headers.get("If-Modified-Since") == state.last_modified
+                ):
                     state.not_modified += 1
                     self.send_response(304)
                     self.end_headers()
                     return
-                self.send_response(state.status)
+                if state.date is None:
+                    self.send_response(state.status)
+                else:
+                    self.send_response_only(state.status)
+                    self.send_header("Date", state.date)
                 if state.etag is not None:
                     self.send_header("ETag", state.etag)
                 if state.last_modified is not None:
@@ -198,6 +208,42 @@ def test_if_modified_since_when_there_is_no_etag(
     assert result.status == "unchanged"  # same bytes again: nothing rewritten
 
 
+def test_a_last_modified_of_the_second_it_was_served_is_not_sent_back(
+    server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Last-Modified has whole seconds: the CA's web server hands out its CRL in the second the CRL was written,
+    then the CA revokes someone and writes the new CRL within that second.  Had the fetcher sent that
+    Last-Modified back, the server would answer 304 until the next CRL and hide the revocation."""
+    second = "Thu, 03 Dec 2026 12:00:00 GMT"
+    server.body, server.last_modified, server.date = make_crl(ca_key, number=1), second, second
+    refresher = refresher_for(server.url, tmp_path, ca_key)
+    assert refresher.refresh(NOW).status == "updated"
+
+    server.body = make_crl(ca_key, issued=T0 + timedelta(minutes=1), number=2, revoked=(9,))  # same Last-Modified
+    result = refresher.refresh(NOW)
+    assert "If-Modified-Since" not in server.seen[1] and server.not_modified == 0
+    assert result.status == "updated" and revoked_serials(result) == {9}
+
+    # served a minute after it was written: settled, so the next poll is conditional again (and costs a 304)
+    server.date = "Thu, 03 Dec 2026 12:01:00 GMT"
+    server.body = make_crl(ca_key, issued=T0 + timedelta(minutes=2), number=3, revoked=(9,))
+    assert refresher.refresh(NOW).status == "updated"
+    assert refresher.refresh(NOW).status == "unchanged"
+    assert server.seen[3]["If-Modified-Since"] == second and server.not_modified == 1
+
+
+@pytest.mark.parametrize("date", [None, "not a date", "Thu, 03 Dec 2026 12:00:00"], ids=["empty", "garbage", "no-zone"])
+def test_a_last_modified_without_a_usable_date_is_not_sent_back(
+    server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, date: str | None
+) -> None:
+    server.body, server.last_modified = make_crl(ca_key), "Sun, 01 Mar 2026 12:00:00 GMT"
+    server.date = date if date is not None else ""
+    refresher = refresher_for(server.url, tmp_path, ca_key)
+    refresher.refresh(NOW)
+    assert refresher.refresh(NOW).status == "unchanged"  # the same bytes, fetched in full
+    assert "If-Modified-Since" not in server.seen[1] and server.not_modified == 0
+
+
 @pytest.mark.parametrize("kind", ["garbage", "other-ca", "truncated"])
 def test_bad_crl_is_refused_and_the_old_file_kept(
     server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, kind: str
@@ -233,6 +279,71 @@ def test_older_crl_is_refused(server: CrlServer, tmp_path: Path, ca_key: ec.Elli
     assert result.status == "failed" and "older CRL" in result.message
     assert revoked_serials(result) == {9}
     assert (tmp_path / "crl.der").read_bytes() == current
+
+
+# -- which CRL is newer: thisUpdate has whole seconds, so two CRLs of one second need the CRL number --------
+
+
+def accepted(ca_key: ec.EllipticCurvePrivateKey, tmp_path: Path, held: bytes, offered: bytes) -> RefreshResult:
+    """``offered`` after ``held`` from one source, decided without the network (accept is the decision)."""
+    refresher = refresher_for("http://pki.example/crl.der", tmp_path, ca_key)
+    assert refresher.accept(held, NOW).status == "updated"
+    return refresher.accept(offered, NOW)
+
+
+@pytest.mark.parametrize(
+    "issued, number", [(T0, 1), (T0 - timedelta(hours=1), 3)], ids=["same-second-lower-number", "number-says-newer"]
+)
+def test_an_older_crl_of_the_same_second_is_refused_by_its_number(
+    tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, issued: datetime, number: int
+) -> None:
+    """What made the end-to-end test flaky: the CA signed its first CRL and, within the same second, the one
+    that revokes carol; the first, published again, had the same thisUpdate and was taken, un-revoking her.
+    Older by either its number or its thisUpdate is older (a higher number issued earlier is refused too)."""
+    before = make_crl(ca_key, issued=issued, number=number)
+    after = make_crl(ca_key, issued=T0, number=2, revoked=(9,))
+    result = accepted(ca_key, tmp_path, after, before)
+    assert result.status == "failed"
+    assert f"CRL number {number} issued {issued.isoformat()}" in result.message
+    assert f"(CRL number 2 issued {T0.isoformat()})" in result.message
+    assert "an older CRL could un-revoke keys; keeping the last good CRL" in result.message
+    assert revoked_serials(result) == {9}
+    assert (tmp_path / "crl.der").read_bytes() == after
+
+
+def test_a_newer_number_of_the_same_second_is_taken_even_if_it_lists_less(
+    tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """The CA's signed CRL number says it is newer (an expired certificate may leave the CRL)."""
+    result = accepted(ca_key, tmp_path, make_crl(ca_key, number=1, revoked=(9,)), make_crl(ca_key, number=2))
+    assert result.status == "updated" and revoked_serials(result) == set()
+
+
+@pytest.mark.parametrize(
+    "held, offered",
+    [
+        ({"issued": T0}, {"issued": T0}),  # no CRL numbers, one second
+        ({"issued": T0, "number": 3}, {"issued": T0, "number": 3}),  # one number signed twice
+        ({"issued": T0}, {"issued": T0, "number": 4}),  # only one of them numbered
+    ],
+    ids=["unnumbered", "same-number", "half-numbered"],
+)
+def test_when_newer_cannot_be_told_no_revocation_is_dropped(
+    tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, held: dict[str, object], offered: dict[str, object]
+) -> None:
+    """Fail closed: a CRL that cannot be told newer replaces the one in hand only if it revokes all it does."""
+    current = make_crl(ca_key, revoked=(9, 10), **held)  # type: ignore[arg-type]
+    result = accepted(ca_key, tmp_path, current, make_crl(ca_key, revoked=(10, 11), **offered))  # type: ignore[arg-type]
+    assert result.status == "failed", result.message
+    assert "cannot be told" in result.message and "leaves out 1 certificate" in result.message
+    assert "an older CRL could un-revoke keys" in result.message
+    assert revoked_serials(result) == {9, 10}
+    assert (tmp_path / "crl.der").read_bytes() == current
+
+    more = make_crl(ca_key, revoked=(9, 10, 11), **offered)  # type: ignore[arg-type]
+    (tmp_path / "more").mkdir()
+    result = accepted(ca_key, tmp_path / "more", current, more)
+    assert result.status == "updated" and revoked_serials(result) == {9, 10, 11}
 
 
 def test_server_down_keeps_the_last_good(server: CrlServer, tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey) -> None:

@@ -107,6 +107,25 @@ def test_the_set_hands_on_the_newest_crl_of_each_ca(h: Hierarchy, tmp_path: Path
     assert crls.missing() == []
 
 
+def test_of_two_crls_of_one_second_the_set_hands_on_the_later_number(h: Hierarchy, tmp_path: Path) -> None:
+    """A mirror lagging one CRL behind, both CRLs signed within one second (thisUpdate has whole seconds):
+    the CRL number says which is newer, and the set hands on the one that revokes, whatever the sources' order."""
+    h.sub.issue_client("zed", None, PASSWORD_BYTES)
+    before = h.sub.write_crl().public_bytes(DER)
+    after = h.sub.revoke("zed").public_bytes(DER)
+    assert h.load(before).last_update_utc == h.load(after).last_update_utc
+    crls = CrlSet([
+        h.refresher("https://mirror.example/issuing.crl", tmp_path / "mirror.crl"),
+        h.refresher("https://pki.example/issuing.crl", tmp_path / "issuing.crl"),
+    ])
+    assert crls.accept(0, before, NOW).status == "updated" and crls.accept(1, after, NOW).status == "updated"
+    assert crls.crls() == [h.load(after)]
+    # and the source that has the newer one does not go back to the older
+    result = crls.accept(1, before, NOW)
+    assert result.status == "failed" and "an older CRL could un-revoke keys" in result.message
+    assert crls.crls() == [h.load(after)]
+
+
 def test_the_fetcher_never_reads_the_operators_file(h: Hierarchy, tmp_path: Path) -> None:
     """read_existing=False: the unprivileged fetcher starts from nothing (or what the monitor seeds),
     not from crlFile, which may be readable by root alone."""

@@ -442,7 +442,7 @@ def test_a_crl_from_the_fetcher_is_verified_before_it_is_written_or_handed_to_wo
         return out
 
     for bad, why in ((b"garbage", "not a DER or PEM CRL"), (other, "signature does not verify"),
-                     (older, "before the CRL in hand")):
+                     (older, "older than the CRL in hand")):
         monitor.offer_crl(bad)
         assert crl_file.read_bytes() == first and handed() == []
         assert any(why in r.getMessage() for r in caplog.records), why

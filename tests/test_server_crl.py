@@ -5,7 +5,6 @@ Each test has its own CA (revoking is permanent, and the session ``pki`` is shar
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from sknock import ca as ca_lib
 from sknock.fileio import write_atomic
 from sknock.ports import parse_ports
 from tests.netns import TestNet, require_netns
-from tests.pki import PASSWORD_BYTES, TestPKI
+from tests.pki import PASSWORD_BYTES, TestPKI, at
 from tests.server_harness import METRICS, PY, RunningServer, client_script, run_in_client
 from tests.server_harness import wait_for_metrics as wait_for
 
@@ -49,8 +48,10 @@ def own_ca() -> Iterator[OwnCA]:
     folder = Path(tempfile.mkdtemp(prefix="sknock-crl-"))
     folder.chmod(0o755)
     try:
-        # The same name as the session pki's stranger CA, so its CRL differs only by the signature.
-        authority = ca_lib.init_ca(folder / "ca", PASSWORD_BYTES, name="sknock Test Root CA")
+        # The same name as the session pki's stranger CA, so its CRL differs only by the signature.  Its clock
+        # stands still: every CRL it signs has one thisUpdate (whole seconds), as when an admin revokes within
+        # a second of the last CRL, so only the CRL number tells them apart -- whatever the machine's speed.
+        authority = ca_lib.init_ca(folder / "ca", PASSWORD_BYTES, name="sknock Test Root CA", clock=at(time.time()))
         authority.issue_server("crlsrv", PASSWORD_BYTES)
         for name in ("carol", "dave"):
             authority.issue_client(name, parse_ports("tcp/2005-2009"), PASSWORD_BYTES)
@@ -72,16 +73,12 @@ class CrlSite:
         self.folder.mkdir(mode=0o755)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._version = 0
 
     def publish(self, data: bytes) -> None:
-        """Serve ``data`` from now on.  Replaced atomically, with an mtime that always moves forward by
-        whole seconds, so the server's If-Modified-Since never hides a change made within a second."""
-        target = self.folder / "crl.der"
-        write_atomic(target, data)
-        self._version += 1
-        stamp = time.time() + 10 * self._version
-        os.utime(target, (stamp, stamp))
+        """Serve ``data`` from now on, replaced atomically as a CA's web server would have it.  Its
+        Last-Modified has whole seconds and the steps follow each other within seconds: the CRL fetcher must
+        not let that hide a change (it sends no If-Modified-Since from within a minute of the Date)."""
+        write_atomic(self.folder / "crl.der", data)
 
     def start(self) -> None:
         code = (

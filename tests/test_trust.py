@@ -173,6 +173,21 @@ def test_revoked_intermediate_revokes_its_clients(tmp_path: Path) -> None:
     assert info.value.reason == "cert-revoked"
 
 
+@pytest.mark.parametrize("order", ["older-first", "newer-first"])
+def test_of_two_crls_of_one_second_the_verifier_uses_the_later_number(tmp_path: Path, order: str) -> None:
+    """The CA's clock stands still: its first CRL and the one that revokes carol share one thisUpdate (whole
+    seconds); the CRL number alone says which is newer, and the verifier must use that one in either order."""
+    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, clock=at(NOW))
+    carol = root.issue_client("carol", parse_ports("tcp/22"), PASSWORD_BYTES)
+    before = x509.load_der_x509_crl((root.directory / "crl.der").read_bytes())
+    after = root.revoke("carol")
+    assert before.last_update_utc == after.last_update_utc
+    crls = [before, after] if order == "older-first" else [after, before]
+    with pytest.raises(CertificateError, match="revoked") as info:
+        ClientVerifier([root.certificate], [], crls).verify(carol, TestPKI.now())
+    assert info.value.reason == "cert-revoked"
+
+
 def test_expired_issuer_is_reported_as_expired(tmp_path: Path) -> None:
     root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, days=2, clock=at(NOW))
     now = TestPKI.now()

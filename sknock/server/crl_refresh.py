@@ -13,8 +13,9 @@ failure modes that pull in opposite directions:
   working on it but revocations may be missing.
 
 HTTP uses a conditional GET (If-None-Match / If-Modified-Since from the last good response) so a
-30-minute poll costs the CA a 304.  Time is passed in (``refresh(now)``); nothing here reads a clock
-except to bound a download's duration.
+30-minute poll costs the CA a 304; a Last-Modified within a minute of the response's Date is not sent back
+(whole seconds could hide a CRL written again in the second it was served).  Time is passed in
+(``refresh(now)``); nothing here reads a clock except to bound a download's duration.
 
 A server may be given several CRL sources, one per CA in its chains (a root kept offline and the
 intermediate that issues the clients).  Each source is one :class:`CrlRefresher`, kept to the CA whose
@@ -30,7 +31,8 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..fileio import write_atomic
 from ..logsafe import log_safe
+from ..trust import crl_rollback
 
 __all__ = [
     "CrlRefresher", "CrlSet", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES", "encode_crl_set", "split_crl_set",
@@ -96,8 +99,8 @@ class CrlRefresher:
 
     ``verify`` turns bytes into a CRL object or raises (the daemon passes ``sknock.trust.load_crl``
     bound to the CA).  Any exception from it means "refuse these bytes".  The object it returns is
-    handed back in :attr:`RefreshResult.crl`; its ``next_update_utc`` and ``last_update_utc`` (as
-    on ``cryptography.x509.CertificateRevocationList``) drive the stale and rollback checks.
+    handed back in :attr:`RefreshResult.crl`; its ``next_update_utc`` drives the stale check, and its CRL
+    number and thisUpdate the rollback check (:func:`sknock.trust.crl_rollback`).
     """
 
     def __init__(
@@ -189,9 +192,9 @@ class CrlRefresher:
         other = _other_issuer(crl, self._current)
         if other:
             return self._result("failed", f"refused CRL from {self.source}: {other}", now)
-        older = _older_than(crl, self._current)
-        if older:
-            return self._result("failed", f"refused CRL from {self.source}: {older}", now)
+        rollback = crl_rollback(crl, self._current) if self._current is not None else None
+        if rollback:
+            return self._result("failed", f"refused CRL from {self.source}: {rollback}", now)
 
         try:
             self._store(body)
@@ -303,7 +306,8 @@ class CrlRefresher:
                 if response.status_code != 200:
                     raise _FetchFailed(f"HTTP {response.status_code} {response.reason or ''}".rstrip())
                 body = self._read_body(response)
-                return _Fetched(body, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+                last_modified = _settled(response.headers.get("Last-Modified"), response.headers.get("Date"))
+                return _Fetched(body, response.headers.get("ETag"), last_modified)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             # raw reads raise urllib3's errors (requests wraps only its own iterators)
             raise _FetchFailed(f"{type(exc).__name__}: {exc}") from None
@@ -332,6 +336,28 @@ class CrlRefresher:
         return b"".join(chunks)
 
     # -- storing --------------------------------------------------------------------------------
+
+
+#: A Last-Modified at least this long before the response's Date is a safe If-Modified-Since (RFC 9110, 8.8.2.2).
+SETTLED = timedelta(seconds=60)
+
+
+def _settled(last_modified: str | None, date: str | None) -> str | None:
+    """``last_modified`` if it may be sent back as If-Modified-Since, else None (the next fetch is unconditional).
+
+    Last-Modified has whole seconds: a CRL served in the second it was written and written again within that
+    second keeps its Last-Modified, and every later If-Modified-Since would bring a 304 that hides the new CRL
+    (and its revocations) until the CA publishes again.  So it is kept only when the response's Date is at
+    least :data:`SETTLED` later, as RFC 9110 asks of a strong validator; an unparsable or missing date is
+    not trusted either.  A CRL of a few KiB fetched again in full costs less than a hidden revocation."""
+    if not last_modified or not date:
+        return None
+    try:
+        modified, served = parsedate_to_datetime(last_modified), parsedate_to_datetime(date)
+        settled = modified.tzinfo is not None and served.tzinfo is not None and served - modified >= SETTLED
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return last_modified if settled else None
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
@@ -364,18 +390,6 @@ def _other_issuer(new: object, current: object | None) -> str | None:
         return (
             f"it is the CRL of {log_safe(new_issuer)}, but this source serves the CRL of {log_safe(current_issuer)} "
             "(each CRL source keeps one CA's CRL)"
-        )
-    return None
-
-
-def _older_than(new: object, current: object | None) -> str | None:
-    """A reason to refuse ``new`` because it was issued before ``current``, else None."""
-    new_issued = _utc_attr(new, "last_update_utc")
-    current_issued = _utc_attr(current, "last_update_utc")
-    if new_issued is not None and current_issued is not None and new_issued < current_issued:
-        return (
-            f"it was issued {new_issued.isoformat()}, before the CRL in hand ({current_issued.isoformat()}); "
-            "an older CRL could un-revoke keys"
         )
     return None
 
@@ -485,7 +499,7 @@ class CrlSet:
                 continue
             key = crl.issuer.public_bytes()
             held = newest.get(key)
-            if held is None or crl.last_update_utc > held.last_update_utc:
+            if held is None or crl_rollback(crl, held) is None:
                 newest[key] = crl
         return list(newest.values())
 

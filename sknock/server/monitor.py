@@ -41,7 +41,7 @@ from cryptography import x509
 
 from ..errors import Reason, SknockError
 from ..logsafe import log_safe
-from ..trust import RevocationId, revocation_id
+from ..trust import RevocationId, describe_crl_issue, revocation_id
 from .control import ControlServer
 from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, RefreshResult
 from .firewall.base import Firewall, Opening
@@ -1038,16 +1038,15 @@ def _describe(entry: GrantEntry) -> str:
 
 
 def _describe_crl(crl: object) -> str:
-    """``of CN=X (issued …, next update …)`` for the log."""
+    """``of CN=X (CRL number 7 issued …, next update …)`` for the log."""
     issuer = getattr(crl, "issuer", None)
-    issued = getattr(crl, "last_update_utc", None)
     next_update = getattr(crl, "next_update_utc", None)
     try:
         name = log_safe(issuer.rfc4514_string()) if isinstance(issuer, x509.Name) else "?"
     except ValueError:
         name = "<undecodable name>"
-    return (f"of {name} (issued {issued.isoformat() if issued else '?'}, next update "
-            f"{next_update.isoformat() if next_update else 'none'})")
+    issue = describe_crl_issue(crl) if isinstance(crl, x509.CertificateRevocationList) else "issued ?"
+    return f"of {name} ({issue}, next update {next_update.isoformat() if next_update else 'none'})"
 
 
 def _duration(seconds: float) -> str:

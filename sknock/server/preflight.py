@@ -36,7 +36,7 @@ from ..certificate import tolerate_zero_serial
 from ..credentials import ServerCredentials
 from ..errors import CertificateError, ConfigError
 from ..logsafe import log_safe
-from ..trust import load_crl
+from ..trust import crl_rollback, load_crl
 from .config import CrlSource, ServerConfig
 
 if TYPE_CHECKING:
@@ -186,7 +186,9 @@ def _check_crls(server: Server, now: dt.datetime) -> None:
             continue  # no CRL yet: the server waits for crlUrl's first fetch (and refuses that CA's clients)
         if from_url is not None:
             _check_next_update(server.config, source, from_url, "crlUrl", now)
-        crl, key = max(candidates, key=lambda item: item[0].last_update_utc)  # the server uses the newer one
+        crl, key = candidates[0]  # the server starts from crlFile and takes crlUrl's CRL only if it may replace it
+        if len(candidates) == 2 and crl_rollback(candidates[1][0], crl) is None:
+            crl, key = candidates[1]
         _check_next_update(server.config, source, crl, key, now)
 
 
