@@ -169,6 +169,10 @@ class Reason(enum.StrEnum):
     SOURCE_REQUIRED = "source-required"
     NOT_AUTHORIZED = "not-authorized"
     OVERLOAD = "overload"
+    # The monitor's last check, with a shared replay store (docs/fleet.md): the store could not say whether
+    # another server of the fleet granted the knock (down, slow, or its memory too young), and
+    # replayStoreFallback = refuse.
+    REPLAY_UNCONFIRMED = "replay-unconfirmed"
     # Not a check: a bug met while handling one datagram.  The worker refuses that datagram with this
     # reason and goes on; the fuzz tests show that nothing a packet carries leads here.
     INTERNAL_ERROR = "internal-error"

@@ -24,10 +24,18 @@ from sknock.server.replaystore import SINCE_KEY
 from tests.netns import TestNet, require_netns, run
 from tests.pki import TestPKI
 from tests.redis_harness import RedisServer, require_redis
-from tests.server_harness import RunningServer, client_script, run_in_client
+from tests.server_harness import (
+    METRICS,
+    RunningServer,
+    client_script,
+    run_in_client,
+    scrape_metrics,
+    wait_for_metrics,
+)
 
 pytestmark = pytest.mark.root
 PORT = 2001  # in the test PKI alice's certificate names tcp/2000-2010
+UNCONFIRMED = 'sknock_knocks_refused_total{reason="replay-unconfirmed"}'
 _links = itertools.count()
 
 
@@ -64,7 +72,8 @@ def fleet(pki: TestPKI, request: pytest.FixtureRequest) -> Iterator[Fleet]:
             # shows the blackout of a store that starts empty)
             redis.command("SET", SINCE_KEY.decode(), repr(time.time() - 100))
             options = {"replayStore": redis.url, "protectedPorts": f"tcp/{PORT}", "emergencySSH": "no",
-                       "PORT_OPEN_DURATION_IN_SECONDS": "30", "workers": "1", "replayStoreFallback": fallback}
+                       "PORT_OPEN_DURATION_IN_SECONDS": "30", "workers": "1", "replayStoreFallback": fallback,
+                       "metricsListen": METRICS}  # each on its own namespace's loopback
             with RunningServer.start(first, pki, **options) as one, RunningServer.start(second, pki, **options) as two:
                 one.serve_tcp(PORT)
                 two.serve_tcp(PORT)
@@ -108,15 +117,18 @@ def test_a_fleet_refuses_a_knock_another_server_granted_and_fails_closed_while_r
     assert redis.command("DBSIZE") == "2"  # one knock, one key (a hash: no address or subject in it), and `since`
     assert "198.18." not in redis.command("KEYS", "*")
 
-    # 2. redis killed mid-run: the documented default (refuse) holds on both, and status says so
+    # 2. redis killed mid-run: the documented default (refuse) holds on both, status says so, and the
+    # refusal is counted by its reason
+    assert scrape_metrics(net2)[UNCONFIRMED] == 0.0
     redis.stop()
     mark = two.mark()
     send(net2, build(pki, net2))
     two.wait_log("every knock is refused until it answers", since=mark)
-    two.wait_log("unconfirmed (the shared replay store", since=mark)
+    two.wait_log(f"refused knock from {net2.client.ipv4}: replay-unconfirmed (the shared replay store", since=mark)
     assert not two.reachable(PORT)
     status = two.status()["replay_store"]
-    assert status["state"] == "down" and status["refused_unconfirmed"] >= 1
+    assert status["state"] == "down" and status["refused_unconfirmed"] == 1
+    wait_for_metrics(net2, {UNCONFIRMED: 1.0, "sknock_knocks_granted_total": 0.0})
     assert "DOWN for" in two.status_cli() and "refusing knocks" in two.status_cli()
 
     # 3. redis back (empty, as after a crash): sharing resumes; the replay memory is shared again
@@ -152,6 +164,7 @@ def test_with_the_local_fallback_a_server_grants_on_its_own_memory_while_redis_i
     assert "replayStoreFallback = local" in two.log_text()[mark:]  # the ERROR line says what that costs
     assert two.reachable(PORT)
     assert two.status()["replay_store"]["granted_unconfirmed"] == 1
+    wait_for_metrics(net2, {"sknock_knocks_granted_total": 1.0, UNCONFIRMED: 0.0})  # granted: no refusal
     mark = two.mark()
     send(net2, knock)  # its own memory still refuses a replay to the same server
     two.wait_log("refused knock from", since=mark)

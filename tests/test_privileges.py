@@ -19,9 +19,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import pytest
 from sknock.client import KnockClient
 from sknock.errors import KnockRefused
 from sknock.ports import Protocol
+from sknock.server.metrics import Snapshot, open_listener, serve
 from sknock.server.privileges import (
     CAP_KILL,
     CAP_NET_ADMIN,
@@ -42,7 +45,7 @@ from sknock.server.privileges import (
     monitor_capabilities,
     restrict_monitor,
 )
-from sknock.server.sandbox import sandbox_fetcher, sandbox_worker
+from sknock.server.sandbox import sandbox_fetcher, sandbox_metrics, sandbox_worker
 from sknock.verifier import KnockVerifier, VerifierPolicy
 from tests.pki import NOW, TestPKI, at
 
@@ -413,3 +416,99 @@ def test_the_fetcher_may_not_write_files() -> None:
 def test_the_fetcher_is_killed_for_running_a_program_or_signalling_another(attempt: Callable[[], object]) -> None:
     ended = in_child(_fetcher(attempt))
     assert ended.signal == signal.SIGSYS, ended
+
+
+# -- the metrics server's filter ------------------------------------------------------------------------------
+
+
+def _metrics(attempt: Callable[[], object], listener: socket.socket | None = None) -> Callable[[], dict[str, Any]]:
+    own = listener or socket.socket()  # its listening socket: the one it may accept on
+    return _sandboxed(attempt, partial(sandbox_metrics, own.fileno()))
+
+
+def _accept_elsewhere() -> object:
+    with socket.socket() as other:
+        return other.accept()  # the socket call itself is the end of it; accept on another fd too
+
+
+@pytest.mark.parametrize(
+    "attempt", [_exec, _spawn, _new_socket, _signal_parent, _executable_memory, _fork, _accept_elsewhere],
+    ids=["execve", "subprocess", "socket", "kill-other", "mmap-exec", "fork", "accept-other"],
+)
+def test_a_forbidden_call_kills_the_metrics_server(attempt: Callable[[], object]) -> None:
+    ended = in_child(_metrics(attempt))
+    assert ended.signal == signal.SIGSYS, ended
+    assert ended.report is None
+
+
+def test_the_metrics_server_may_accept_only_on_its_listener() -> None:
+    listener = open_listener(ipaddress.ip_address("127.0.0.1"), 0)
+    spare = socket.socket()  # bound before the filter: accepting on it is still refused
+    spare.bind(("127.0.0.1", 0))
+    spare.listen(1)
+    try:
+        ok(in_child(_metrics(lambda: listener.setblocking(False), listener)))  # made before; allowed after
+        ended = in_child(_metrics(lambda: spare.accept(), listener))
+        assert ended.signal == signal.SIGSYS, ended
+        waiting = socket.create_connection(listener.getsockname()[:2])  # in the backlog, for the child
+        try:
+            report = ok(in_child(_metrics(lambda: listener.accept()[1][0], listener)))
+            assert report == {"returned": "'127.0.0.1'"}
+        finally:
+            waiting.close()
+    finally:
+        spare.close()
+        listener.close()
+
+
+def test_the_metrics_server_opens_no_file_and_runs_threads() -> None:
+    def thread() -> object:
+        out: list[int] = []
+        worker = threading.Thread(target=lambda: out.append(threading.get_ident()))
+        worker.start()
+        worker.join()
+        return len(out)
+
+    assert ok(in_child(_metrics(lambda: open("/etc/hostname")))) == {"errno": errno.EPERM}  # noqa: SIM115
+    assert ok(in_child(_metrics(thread))) == {"returned": "1"}
+
+
+def test_a_scrape_is_answered_under_the_filter() -> None:
+    """The real :func:`serve` in a child that dropped to nobody, its filter loaded by ``confine``: a scrape
+    sent before it started is answered, then the monitor's end closes and it returns."""
+    listener = open_listener(ipaddress.ip_address("127.0.0.1"), 0)
+    monitor_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monitor_end.send(Snapshot(received=5).encode())
+    scraper = socket.create_connection(listener.getsockname()[:2])
+    scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    answer: list[bytes] = []
+
+    def read_then_hang_up() -> None:  # in this process, started before the fork; it only waits on sockets
+        chunks = []
+        while chunk := scraper.recv(65536):
+            chunks.append(chunk)
+        answer.append(b"".join(chunks))
+        monitor_end.close()  # the monitor has gone: serve() returns
+
+    reader = threading.Thread(target=read_then_hang_up, daemon=True)
+    reader.start()
+
+    def body() -> dict[str, Any]:
+        monitor_end.close()  # the monitor's, and the scraper's, ends stay in the parent only
+        scraper.close()
+        drop_privileges("nobody")
+        serve(listener, child_end, confine=partial(sandbox_metrics, listener.fileno()))
+        status = Path("/proc/self/status").read_text()  # fails (EPERM) under the filter
+        return {"status": status}
+
+    try:
+        ended = in_child(body)
+        reader.join(10)
+    finally:
+        scraper.close()
+        child_end.close()
+        listener.close()
+    assert ended.code == 0 and ended.report is not None, ended
+    assert ended.report["error"].startswith("PermissionError"), ended.report  # it served under the filter
+    assert answer and answer[0].startswith(b"HTTP/1.0 200 OK"), answer
+    assert b"sknock_knocks_received_total" in answer[0]

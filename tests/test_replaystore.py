@@ -316,12 +316,17 @@ def test_a_monitor_whose_store_is_down_refuses_and_still_journals_nothing_it_did
     monitor.apply([grant(A, nonce)])
     assert firewall.open_now == {} and len(monitor.grants) == 0
     assert not monitor.journal.seen(grant(A, nonce).replay_key, WALL + 7, WALL)
-    assert any("unconfirmed" in r.getMessage() for r in caplog.records)
+    lines = [r for r in caplog.records if "replay-unconfirmed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].getMessage().startswith(f"refused knock from {A}: replay-unconfirmed")
+    assert lines[0].reason == "replay-unconfirmed"  # type: ignore[attr-defined] -- the structured field
+    assert monitor.metrics.refused["replay-unconfirmed"] == 1  # counted, by its reason
+    assert sum(monitor.metrics.refused.values()) == 1
     local, local_fw = monitor_with(store_for(redis_server), Fallback.LOCAL)
     local.apply([grant(A, nonce)])
     assert list(local_fw.open_now) == [Opening(A, Protocol.TCP, 22)]  # type: ignore[arg-type]
     local.apply([grant(B, nonce)])  # the local memory still refuses a replay to this server
     assert list(local_fw.open_now) == [Opening(A, Protocol.TCP, 22)]  # type: ignore[arg-type]
+    assert local.metrics.refused["replay-unconfirmed"] == 0  # granted unconfirmed: not a refusal
 
 
 # -- the options ------------------------------------------------------------------------------------------

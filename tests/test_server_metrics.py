@@ -141,6 +141,10 @@ def test_the_metrics_server_runs_unprivileged(metered: tuple[TestNet, RunningSer
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert uids == [str(pwd.getpwnam("nobody").pw_uid)] * 4
     assert "CapEff:\t0000000000000000" in status
+    assert "NoNewPrivs:\t1" in status
+    assert "Seccomp:\t2" in status  # its filter is loaded (sknock.server.sandbox.sandbox_metrics) ...
+    assert "under its seccomp filter" in server.log_text()
+    assert scrape(net)["sknock_knocks_granted_total"] >= 0  # ... and it serves under it
 
 
 def test_a_metrics_port_in_use_stops_the_start(pki: TestPKI) -> None:

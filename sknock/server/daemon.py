@@ -11,8 +11,8 @@ open the capture sockets and the control socket; then hand over to the monitor, 
   packets, run the parser and the crypto, and ask for grants;
 * with http(s) ``crlUrl`` entries, the CRL fetcher, unprivileged and filtered too: it downloads the CRLs
   and hands the bytes to the monitor, so that no worker ever waits on the network;
-* with ``metricsListen``, the metrics server, unprivileged too: it answers Prometheus scrapes on the
-  socket the root process bound at start, from the figures the monitor sends it each second;
+* with ``metricsListen``, the metrics server, unprivileged and filtered too: it answers Prometheus scrapes
+  on the socket the root process bound at start, from the figures the monitor sends it each second;
 * the monitor itself (:class:`~sknock.server.monitor.Monitor`) stays uid 0 with only the capabilities it
   uses (:func:`~sknock.server.privileges.monitor_capabilities`): it re-checks and applies
   the workers' requests, closes grants on time, keeps the CRLs, answers the control socket, replaces a
@@ -65,7 +65,7 @@ from .preflight import check_credentials
 from .privileges import PrivilegeError, drop_privileges, monitor_capabilities, restrict_monitor
 from .privsep import CRL_PREFIX, MAX_CRL_MESSAGE, channel_pair, encode_fetch_result
 from .replaystore import LocalReplayStore, RedisReplayStore, ReplayGate, ReplayStore, ReplayStoreError
-from .sandbox import require_seccomp, sandbox_fetcher, sandbox_worker
+from .sandbox import require_seccomp, sandbox_fetcher, sandbox_metrics, sandbox_worker
 from .worker import Capture, Worker
 
 __all__ = ["Server", "load", "prepare", "run", "teardown", "make_server_firewall", "make_replay_store",
@@ -355,7 +355,7 @@ def _run_metrics_server(server: Server, listener: socket.socket, channel: socket
     from .metrics import serve
 
     drop_privileges(server.config.user)
-    serve(listener, channel)
+    serve(listener, channel, confine=partial(sandbox_metrics, listener.fileno()))
 
 
 def _metrics_listener(config: ServerConfig) -> socket.socket | None:

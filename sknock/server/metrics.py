@@ -31,8 +31,9 @@ import logging
 import selectors
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -267,7 +268,8 @@ class SnapshotCollector:
 def open_listener(address: IPAddress, port: int) -> socket.socket:
     """The metrics server's listening TCP socket, bound now (by the root process, at start).  Raises
     ConfigError naming ``metricsListen`` when the kernel refuses."""
-    try:  # now, as root: the metrics server drops its privileges before it could read the package
+    try:  # now, as root: the metrics server drops its privileges, then its seccomp filter refuses any file
+        import prometheus_client.core  # noqa: F401 -- SnapshotCollector.collect imports it at a scrape
         import prometheus_client.exposition  # noqa: F401
         import prometheus_client.openmetrics.exposition  # noqa: F401
     except ImportError as exc:
@@ -323,10 +325,18 @@ class _Server(ThreadingMixIn, WSGIServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that failed (a scraper silent past SCRAPE_TIMEOUT, a connection gone): one line, not
+        socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        log.info("a scrape from %s failed: %s", client_address[0], f"{type(exc).__name__}: {exc}")
 
-def serve(listener: socket.socket, channel: socket.socket) -> None:
+
+def serve(listener: socket.socket, channel: socket.socket, confine: Callable[[], None] = lambda: None) -> None:
     """The metrics server's life (in the unprivileged child): answer scrapes on ``listener`` from the
-    latest snapshot the monitor sent on ``channel``, until SIGTERM or until the monitor has gone."""
+    latest snapshot the monitor sent on ``channel``, until SIGTERM or until the monitor has gone.
+    ``confine`` is called once everything is set up, before the first thread starts and before the first
+    scrape is read: the child's seccomp filter (:func:`sknock.server.sandbox.sandbox_metrics`)."""
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     collector = SnapshotCollector()
@@ -334,14 +344,15 @@ def serve(listener: socket.socket, channel: socket.socket) -> None:
     registry.register(collector)
     httpd = _Server(listener)
     httpd.set_app(make_wsgi_app(registry))
-    thread = threading.Thread(target=httpd.serve_forever, name="scrapes", daemon=True)
-    thread.start()
     state = {"running": True}
     signal.signal(signal.SIGTERM, lambda *_: state.update(running=False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     host, port = listener.getsockname()[:2]
-    log.info("metrics server listening on %s port %d", host, port)
+    confine()  # in this thread, before any other: a thread inherits its creator's filter
+    thread = threading.Thread(target=httpd.serve_forever, name="scrapes", daemon=True)
+    thread.start()
+    log.info("metrics server listening on %s port %d under its seccomp filter", host, port)
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(channel, selectors.EVENT_READ)

@@ -531,7 +531,6 @@ class Monitor:
         """Claim ``fresh`` in the fleet's shared replay store; drop from it what another server applied, and what
         the store cannot confirm when the fallback refuses it (see :mod:`~sknock.server.replaystore`)."""
         verdicts = self.replay.admit([(key, r.expires) for key, r in fresh.items()], wall, self.clock())
-        unconfirmed = []
         for (key, request), verdict in zip(list(fresh.items()), verdicts, strict=True):
             if verdict is True:
                 continue
@@ -541,11 +540,11 @@ class Monitor:
                          request.opening.address, extra=_refusal(request, "replay"))
                 self.metrics.refuse(Reason.REPLAY)
             else:
-                unconfirmed.append(str(request.opening.address))
-        for start in range(0, len(unconfirmed), LOG_GROUP):
-            log.warning("refused knock(s) from %s: unconfirmed (the shared replay store %s cannot say whether "
-                        "another server granted them)", ", ".join(unconfirmed[start : start + LOG_GROUP]),
-                        self.replay.store.name)
+                log.warning("refused knock from %s: replay-unconfirmed (the shared replay store %s cannot say "
+                            "whether another server granted it; replayStoreFallback = refuse)",
+                            request.opening.address, self.replay.store.name,
+                            extra=_refusal(request, Reason.REPLAY_UNCONFIRMED.value))
+                self.metrics.refuse(Reason.REPLAY_UNCONFIRMED)
 
     @staticmethod
     def _log_applied(knocks: Iterable[tuple[GrantRequest, list[str]]], known: set[Opening]) -> None:

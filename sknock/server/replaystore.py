@@ -22,11 +22,12 @@ trip per batch, however many knocks it holds.
 
 When the store cannot answer within ``replayStoreTimeout`` (down, slow, refusing), :class:`ReplayGate`
 decides, without I/O of its own: with ``replayStoreFallback = refuse`` (the default) the knocks of that
-batch are refused, since no server can tell whether another one granted them; with ``local`` they are
-granted on this server's own memory alone, with an ERROR line per outage and a counter in ``status``.
-Either way the store is not asked again on every knock while it is down: one try per retry interval
-(doubling up to :data:`MAX_RETRY`), and knocks between tries are decided at once.  docs/fleet.md says why
-the default is to refuse.
+batch are refused, since no server can tell whether another one granted them (the monitor logs and counts
+each with :attr:`~sknock.errors.Reason.REPLAY_UNCONFIRMED`, as for a store whose memory is too young);
+with ``local`` they are granted on this server's own memory alone, with an ERROR line per outage and a
+counter in ``status``.  Either way the store is not asked again on every knock while it is down: one try
+per retry interval (doubling up to :data:`MAX_RETRY`), and knocks between tries are decided at once.
+docs/fleet.md says why the default is to refuse.
 
 :class:`LocalReplayStore` is today's behaviour and the default: nothing is shared, every claim is
 confirmed, and the journal alone decides.  :class:`RedisReplayStore` is the only code here that does I/O;

@@ -25,6 +25,14 @@ on first use).  Its default action is EPERM, so an unforeseen call in that large
 renaming or changing a file, ``setuid`` and the like, ``mount``, ``bpf``, ``unshare``, ...  Opening a
 file for writing fails (EPERM): it writes nothing itself, the monitor writes what it fetched.
 
+The metrics server parses the HTTP of whoever reaches its port.  Its filter (default: kill) lets it
+accept on its own listening socket only, receive and send on what it accepted and on its channel from the
+monitor, write its log, wait, start threads (``clone`` with ``CLONE_THREAD`` only; ``clone3``, whose flags
+seccomp cannot see, answers ENOSYS and the C library falls back to ``clone``), use memory (never
+executable), futexes and the clock, and exit.  A file lookup fails with EPERM as in a worker.  It is loaded
+in the child's only thread, before the first scrape thread starts (threads inherit it; the filter is not
+synchronised into threads that already exist).  Killed, the child is replaced by the monitor like any.
+
 libseccomp through pyseccomp (ctypes): a pure-Python wheel installs into any virtualenv with pip, and
 needs only the C library libseccomp2 that every systemd host has; Debian's python3-seccomp is compiled
 for Debian's own interpreter only.
@@ -50,8 +58,8 @@ except (ImportError, RuntimeError, OSError) as _exc:  # no pyseccomp, or no libs
     _pyseccomp = None
     _MISSING = str(_exc)
 
-__all__ = ["WORKER_SYSCALLS", "FETCHER_SYSCALLS", "FETCHER_KILLS", "sandbox_worker", "sandbox_fetcher",
-           "require_seccomp"]
+__all__ = ["WORKER_SYSCALLS", "FETCHER_SYSCALLS", "FETCHER_KILLS", "METRICS_SYSCALLS", "sandbox_worker",
+           "sandbox_fetcher", "sandbox_metrics", "require_seccomp"]
 
 #: Calls a worker makes after its set-up (x86-64 and aarch64 names; a name this architecture lacks is skipped).
 WORKER_SYSCALLS = (
@@ -79,6 +87,26 @@ FETCHER_SYSCALLS = (
     "faccessat", "faccessat2", "readlink", "readlinkat", "getcwd", "pread64", "getpgrp",
     "getppid", "set_tid_address", "prlimit64", "getpriority",
 )
+#: Calls the metrics server makes once it serves (found with ``strace -f`` on a real server, scraped in
+#: every way the tests know: plain, OpenMetrics, gzip, a name filter, HEAD, POST, garbage, oversized
+#: lines and headers, a reset, a silent client, more clients than MAX_SCRAPES); with the rules of
+#: :func:`sandbox_metrics` for accept, mmap/mprotect, ioctl, clone and signals.  Besides those seen, the
+#: variants the C library or another architecture may use for the same job (ppoll for poll, epoll_pwait
+#: for epoll_wait, mremap for a realloc, clock_gettime when the vDSO is not used).
+METRICS_SYSCALLS = (
+    # scrapes on the connections it accepted, the monitor's channel, the log's descriptor, waits
+    # (getpeername: not in a scrape, but the repr of a connection, in a warning, asks for it)
+    "recvfrom", "sendto", "write", "shutdown", "close", "getsockname", "getpeername", "poll", "ppoll",
+    "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
+    # memory, locks, time
+    "brk", "munmap", "mremap", "madvise", "futex", "clock_gettime", "clock_getres", "gettimeofday",
+    # the C library's malloc counts the CPUs when scrapes at once make it add an arena: /sys and /proc
+    # are refused (EPERM, as every file), and it falls back to this
+    "sched_getaffinity",
+    # threads (clone: see sandbox_metrics), signals, its own identity, the end
+    "set_robust_list", "rseq", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall", "getpid",
+    "gettid", "exit", "exit_group",
+)
 #: What kills the CRL fetcher although its default is EPERM: the ways out of its box.
 FETCHER_KILLS = (
     "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "tkill", "clone", "setuid",
@@ -92,6 +120,7 @@ FETCHER_KILLS = (
 )
 
 _PROT_EXEC = 0x4
+_CLONE_THREAD = 0x10000
 _FIONBIO = 0x5421
 _TCGETS = 0x5401
 _FIOCLEX = 0x5451
@@ -172,4 +201,27 @@ def sandbox_fetcher() -> None:
     _add(sc, flt, sc.KILL_PROCESS, FETCHER_KILLS)
     pid = os.getpid()
     _add(sc, flt, sc.KILL_PROCESS, ("kill", "tgkill"), sc.Arg(0, sc.NE, pid))  # a signal to another process
+    _load(flt)
+
+
+
+def sandbox_metrics(listener: int) -> None:
+    """Load the metrics server's filter (see the module docstring); ``listener`` is the descriptor of its
+    listening socket, the only one it may accept on.  It cannot be undone."""
+    sc = _seccomp()
+    flt = sc.SyscallFilter(sc.KILL_PROCESS)
+    _add(sc, flt, sc.ALLOW, METRICS_SYSCALLS)
+    _add(sc, flt, sc.ALLOW, ("accept4", "accept"), sc.Arg(0, sc.EQ, listener))
+    no_exec = sc.Arg(2, sc.MASKED_EQ, _PROT_EXEC, 0)
+    _add(sc, flt, sc.ALLOW, ("mmap", "mprotect"), no_exec)
+    for request in (_FIONBIO, _TCGETS, _FIOCLEX):
+        _add(sc, flt, sc.ALLOW, ("ioctl",), sc.Arg(1, sc.EQ, request))
+    # a thread per scrape: clone only with CLONE_THREAD (a thread shares this filter); clone3 hides its
+    # flags from seccomp, so it answers ENOSYS and the C library falls back to clone
+    _add(sc, flt, sc.ALLOW, ("clone",), sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
+    _add(sc, flt, sc.ERRNO(errno.ENOSYS), ("clone3",))
+    pid = os.getpid()
+    _add(sc, flt, sc.ALLOW, ("tgkill",), sc.Arg(0, sc.EQ, pid))
+    _add(sc, flt, sc.ALLOW, ("kill",), sc.Arg(0, sc.EQ, pid))
+    _add(sc, flt, sc.ERRNO(errno.EPERM), _LOOKUPS)
     _load(flt)
