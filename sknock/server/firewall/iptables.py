@@ -24,6 +24,13 @@ timeouts -- and after that the kernel ignores the rule even if the server is dea
 stays until the monitor closes it or the next :meth:`setup` drops it.  An extension rewrites the rule
 with its new datestop.
 
+A rule someone adds to ``SKNOCK`` by hand changes the chain's length, which :meth:`IptablesFirewall.intact`
+compares; :meth:`IptablesFirewall.held` lists every rule of the chain that is not one of the policy
+rules as installed (grant rules, and anything else), so that the monitor can name and remove what it
+never granted (:meth:`IptablesFirewall.remove`) -- a rule replaced in place (``iptables -R``) included,
+which keeps the length.  It decodes every rule through python-iptables (about 0.16 ms a rule), so the
+monitor runs it only every few seconds.
+
 python-iptables writes legacy tables only; on a host whose firewall is nftables (iptables-nft) its
 ACCEPT cannot override a drop in the nft ruleset -- use the nftables backend there.
 """
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
-from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Held, Opening, check_duration
 
 __all__ = ["IptablesFirewall", "load_iptc", "datestop_for", "CHAIN", "GRANT_COMMENT"]
 
@@ -260,6 +267,20 @@ def _datestop_of(matches: list[Any]) -> int | None:
     return None
 
 
+def _rule_text(fam: _Family, rule: Any) -> str:
+    """A rule that is neither policy nor a grant, for the log: its source, protocol and port, and target."""
+    try:
+        source = str(ipaddress.ip_network(rule.src, strict=False))
+    except ValueError:
+        source = str(rule.src)
+    protocol = rule.protocol if rule.protocol not in (None, "", "ip", "ipv6") else "any protocol"
+    ports = [m.dport for m in rule.matches if m.name in ("tcp", "udp", "multiport") and m.dport]
+    ports += [m.dports for m in rule.matches if m.name == "multiport" and m.dports]
+    target = rule.target.name if rule.target else "no target"
+    where = f"{protocol}/{','.join(ports)}" if ports else protocol
+    return f"{source} -> {where} (rule in {CHAIN}, IPv{fam.version}, -j {target})"
+
+
 def _params(extension: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(sorted((k, tuple(v)) for k, v in extension.get_all_parameters().items()))
 
@@ -449,6 +470,55 @@ class IptablesFirewall(Firewall):
             if not self._apply(f"checking chain {CHAIN}", fam, check, write=False):
                 return False
         return True
+
+    def held(self) -> list[Held]:
+        """Every rule of sknock's chain, in both families, that is not a policy rule as installed: grant
+        rules (written by sknock or not) as their opening, anything else with a description of its own.
+        A rule the same as a policy rule is policy, wherever it is (it lets in nothing more).  Raises
+        :class:`FirewallError` before :meth:`setup`, or when the chain cannot be read."""
+        held: list[Held] = []
+        for fam in self._families:
+            installed = self._installed.get(fam.version)
+            if installed is None:
+                raise FirewallError(NAME, f"chain {CHAIN} (IPv{fam.version}) is not installed by this process")
+            policy = set(installed.policy)
+
+            def read(table: Any, fam: _Family = fam, policy: set[tuple[Any, ...]] = policy) -> list[Held]:
+                found = []
+                for rule in self._chain(table).rules:
+                    grant = _parse_grant(fam, rule)
+                    if grant is not None:
+                        found.append(Held(grant[0], "", (fam.version, rule)))
+                    elif _describe(rule) not in policy:
+                        found.append(Held(None, _rule_text(fam, rule), (fam.version, rule)))
+                return found
+
+            held += self._apply(f"listing chain {CHAIN}", fam, read, write=False)
+        return held
+
+    def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        """Delete these rules (from :meth:`held`) from sknock's chain, one commit per family; a rule that
+        is gone already is skipped.  The count :meth:`intact` compares is left as it was: the chain is
+        back to what this process left in it once what someone added is out."""
+        failures: list[tuple[Held, FirewallError]] = []
+        for fam in self._families:
+            mine = [e for e in entries if isinstance(e.handle, tuple) and e.handle[0] == fam.version]
+            if not mine:
+                continue
+
+            def change(table: Any, mine: list[Held] = mine) -> None:
+                chain = self._chain(table)
+                for entry in mine:
+                    try:
+                        chain.delete_rule(entry.handle[1])  # type: ignore[index]
+                    except self._iptc.IPTCError:  # "Bad rule": gone already, nothing to remove
+                        continue
+
+            try:
+                self._apply(f"removing {len(mine)} rule(s) no knock granted", fam, change, track=False)
+            except FirewallError as exc:
+                failures += [(entry, exc) for entry in mine]
+        return failures
 
     def _chain(self, table: Any) -> Any:
         if not table.is_chain(CHAIN):
