@@ -315,7 +315,7 @@ class IptablesFirewall(Firewall):
         self._families = (_Family(iptc, 4), _Family(iptc, 6))
         self._clock = clock  # wall-clock time: datestops are UTC dates
         self._installed: dict[int, _Installed] = {}  # by IP version; see intact()
-        self._tampered: set[int] = set()  # families found changed by someone else since setup/restore
+        self._tampered: set[int] = set()  # families whose chain was found gone since setup/restore
 
     def _family(self, opening: Opening) -> _Family:
         return self._families[0] if opening.address.version == 4 else self._families[1]
@@ -324,23 +324,26 @@ class IptablesFirewall(Firewall):
         """Run ``change(table)`` and commit it as one table replacement, naming the step on failure
         (``write`` False: a read, nothing to commit).
 
-        ``track``, for a change to the grants: if the chain no longer holds the number of rules this
-        process left in it, someone else rewrote it (an ``iptables-restore`` without sknock's grants,
-        say) -- note that for :meth:`intact` before this change hides it; afterwards, remember the new
-        count."""
+        ``track``, for a change to the grants: the number of rules :meth:`intact` expects moves by what
+        this change added or removed, no more, so a difference someone else made before it -- an
+        ``iptables-restore`` without sknock's grants, a rule added by hand -- stays visible (a chain
+        gone altogether is noted for :meth:`intact` as it is)."""
         try:
             table = fam.table()
             if not write:
                 return change(table)
             installed = self._installed.get(fam.version) if track else None
-            if installed and (not table.is_chain(CHAIN) or fam.tail(table, CHAIN, 0)[0] != installed.count):
+            before = None
+            if installed and table.is_chain(CHAIN):
+                before = fam.tail(table, CHAIN, 0)[0]
+            elif installed:
                 self._tampered.add(fam.version)
             result = change(table)
             table.commit()
             table.refresh()
-            if installed and table.is_chain(CHAIN):
-                self._installed[fam.version] = _Installed(installed.jump, installed.policy,
-                                                          fam.tail(table, CHAIN, 0)[0])
+            if installed and before is not None and table.is_chain(CHAIN):
+                expected = installed.count + fam.tail(table, CHAIN, 0)[0] - before
+                self._installed[fam.version] = _Installed(installed.jump, installed.policy, expected)
             return result
         except FirewallError:
             raise
@@ -454,7 +457,7 @@ class IptablesFirewall(Firewall):
         """True while, in both families, INPUT's first rule is the jump to SKNOCK (an ACCEPT ahead of it
         in legacy INPUT would be final and bypass sknock), the chain ends with the policy rules as
         installed, and it holds as many rules as this process left in it (so a reload that drops the
-        grants is noticed).  Its cost is almost all libiptc reading the table from the kernel
+        grants, or a rule added by hand, is noticed).  Its cost is almost all libiptc reading the table from the kernel
         (iptc_init), which grows with the number of grant rules; rules are counted on libiptc's cache without
         being parsed, and only the policy rules and INPUT's first are decoded."""
         for fam in self._families:
@@ -488,31 +491,31 @@ class IptablesFirewall(Firewall):
                 for rule in self._chain(table).rules:
                     grant = _parse_grant(fam, rule)
                     if grant is not None:
-                        found.append(Held(grant[0], "", (fam.version, rule)))
-                    elif _describe(rule) not in policy:
-                        found.append(Held(None, _rule_text(fam, rule), (fam.version, rule)))
+                        found.append(Held(grant[0], "", (fam.version, _describe(rule))))
+                    elif (description := _describe(rule)) not in policy:
+                        found.append(Held(None, _rule_text(fam, rule), (fam.version, description)))
                 return found
 
             held += self._apply(f"listing chain {CHAIN}", fam, read, write=False)
         return held
 
     def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
-        """Delete these rules (from :meth:`held`) from sknock's chain, one commit per family; a rule that
-        is gone already is skipped.  The count :meth:`intact` compares is left as it was: the chain is
-        back to what this process left in it once what someone added is out."""
+        """Delete these rules (from :meth:`held`) from sknock's chain, one commit per family: each rule of
+        the chain as read now that matches and does what one of them did (a rule that is gone already
+        is not there to delete).  The count :meth:`intact` compares is left as it was: the chain is back
+        to what this process left in it once what someone added is out."""
         failures: list[tuple[Held, FirewallError]] = []
         for fam in self._families:
             mine = [e for e in entries if isinstance(e.handle, tuple) and e.handle[0] == fam.version]
             if not mine:
                 continue
+            doomed = {entry.handle[1] for entry in mine}  # type: ignore[index]
 
-            def change(table: Any, mine: list[Held] = mine) -> None:
+            def change(table: Any, doomed: set[tuple[Any, ...]] = doomed) -> None:
                 chain = self._chain(table)
-                for entry in mine:
-                    try:
-                        chain.delete_rule(entry.handle[1])  # type: ignore[index]
-                    except self._iptc.IPTCError:  # "Bad rule": gone already, nothing to remove
-                        continue
+                for rule in chain.rules:
+                    if _describe(rule) in doomed:
+                        chain.delete_rule(rule)
 
             try:
                 self._apply(f"removing {len(mine)} rule(s) no knock granted", fam, change, track=False)

@@ -59,6 +59,7 @@ SET4 = "grants4"
 SET6 = "grants6"
 KEY_SIZES = {SET4: 12, SET6: 24}  # address . protocol . port, each field padded to 4 bytes
 _PROTOCOLS = {6: Protocol.TCP, 17: Protocol.UDP}  # IP protocol numbers, as the sets hold them
+_LABELS = {p.label: p for p in Protocol}
 
 # ICMP the network needs: reachability (echo), errors (path MTU discovery depends on them) and, for
 # IPv6, neighbour and router discovery, without which the link itself stops working.
@@ -298,8 +299,9 @@ def _grouped(elements: list[tuple[str, Json]]) -> list[Json]:
     return [{"family": FAMILY, "table": TABLE, "name": name, "elem": elems} for name, elems in by_set.items()]
 
 
-def _parse_element(item: object, set_name: str) -> tuple[Opening, int | None]:
-    """One element of a listed set, in either JSON shape libnftables prints."""
+def _parse_element(item: object, set_name: str) -> tuple[Opening | None, int | None]:
+    """One element of a listed set, in either JSON shape libnftables prints; its opening is None when
+    it is no grant at all (another protocol, port 0: put there by hand), which is no error."""
     expires: int | None = None
     if isinstance(item, dict) and "elem" in item and isinstance(item["elem"], dict):
         raw_expires = item["elem"].get("expires")
@@ -311,10 +313,12 @@ def _parse_element(item: object, set_name: str) -> tuple[Opening, int | None]:
     address_text, proto, port = concat
     try:
         address = ipaddress.ip_address(address_text)
-        protocol = Protocol.from_label(proto) if isinstance(proto, str) else _PROTOCOLS[proto]
-        return Opening(address, protocol, port), expires
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise FirewallError(NAME, f"unexpected element in set {set_name}: {item!r} ({exc})") from None
+    protocol = _PROTOCOLS.get(proto) if isinstance(proto, int) else _LABELS.get(proto)
+    if protocol is None or isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return None, expires
+    return Opening(address, protocol, port), expires
 
 
 def _held(set_name: str, key: bytes) -> Held:
@@ -527,7 +531,8 @@ class NftablesFirewall(Firewall):
                 if isinstance(entry, dict) and isinstance(entry.get("set"), dict):
                     for item in entry["set"].get("elem", []):
                         opening, expires = _parse_element(item, set_name)
-                        found[opening] = expires
+                        if opening is not None:  # no grant (held() lists it, for the monitor to remove)
+                            found[opening] = expires
         return found
 
     def openings(self) -> list[Opening]:
