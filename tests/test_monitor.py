@@ -435,6 +435,21 @@ def test_an_entry_no_knock_granted_is_removed_and_named_and_a_grant_of_the_same_
     assert firewall.by_hand == [] and firewall.restored == []
 
 
+def test_a_carried_grant_longer_than_any_knock_grants_is_not_kept_and_is_removed(caplog) -> None:  # type: ignore[no-untyped-def]
+    """setup() carries over what a previous run's table held; an element with more time left than
+    maxOpenDuration was put there by hand (with a timeout, before this start): it is not taken as a
+    grant, so the first check removes it."""
+    caplog.set_level("INFO", logger="sknock.monitor")
+    kept, long = Opening(A, Protocol.TCP, 22), Opening(B, Protocol.TCP, 22)
+    firewall = RecordingFirewall()
+    firewall.open_now = {kept: 300.0, long: 86400.0}
+    monitor = Monitor(firewall=firewall, max_duration=300, clock=Clock(), carried=[(kept, 300.4), (long, 86400.0)])
+    assert kept in monitor.grants and long not in monitor.grants
+    assert any("not keeping 198.18.0.3 -> tcp/22" in r.getMessage() for r in caplog.records)
+    monitor.watch()
+    assert firewall.removed == [Held(long)] and list(firewall.open_now) == [kept]
+
+
 def test_many_entries_no_knock_granted_share_one_line(setup, caplog) -> None:  # type: ignore[no-untyped-def]
     monitor, firewall, _, _ = setup
     caplog.set_level("INFO", logger="sknock.monitor")

@@ -221,6 +221,11 @@ class Monitor:
         self.grants = GrantTable()
         now = clock()
         for opening, remaining in carried:
+            if remaining > max_duration + 1:  # + the kernel's rounding up to whole seconds
+                # no knock can grant that long: put there by hand before this start (the first check removes it)
+                log.error("not keeping %s from before this start: %g s left, more than a knock grants "
+                          "(maxOpenDuration %g s)", opening, remaining, max_duration)
+                continue
             self.grants.open(opening, remaining, now, "(from before the restart)")
         # A backend that cannot end grants by itself (command) has them recorded, so a restart ends them.
         self.ledger = ledger if not firewall.kernel_expiry else None
