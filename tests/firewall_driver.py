@@ -7,7 +7,9 @@ server -- after a bounded lifetime):
 
 * ``firewall BACKEND POLICY_JSON [OPTIONS_JSON]`` -- holds a real backend, as the daemon's privileged
   helper would.  Commands: setup (answers the grants it carried over, too), open, close, list, intact,
-  restore (``grants``: address, protocol, port, remaining), boot (the boot-time ruleset), teardown.
+  restore (``grants``: address, protocol, port, remaining), boot (the boot-time ruleset), teardown,
+  held (what sknock's set or chain holds, as the log names it), sweep (``granted``: the openings a
+  grant table would hold; removes every other entry as the monitor does, and answers what it removed).
 * ``client`` -- makes TCP connections: connect (answers connected / refused / timeout), hold (keeps an
   established connection), echo (sends a line over a held connection and reads it back); udp sends one
   datagram and waits for its echo (ok / refused / timeout).
@@ -89,6 +91,14 @@ def run_firewall(backend: str, policy_json: str, options_json: str) -> None:
                 extra["text"] = firewall.boot_ruleset()
             elif op == "teardown":
                 firewall.teardown()
+            elif op == "held":
+                extra["held"] = sorted(str(h) for h in firewall.held())
+            elif op == "sweep":
+                from sknock.server.grants import foreign
+
+                found = foreign(firewall.held(), {opening(g) for g in cmd["granted"]})
+                extra["failed"] = [str(h) for h, _ in firewall.remove(found)]
+                extra["removed"] = sorted(str(h) for h in found)
             elif op != "list":
                 raise ValueError(f"unknown op {op!r}")
             # intact and boot run where sknock's table may be missing: nothing to list there

@@ -579,3 +579,85 @@ print(json.dumps({"restored": len(restored), "intact": fw.intact(), "openings": 
     saved = host.run("iptables-legacy-save", "-t", "filter").stdout
     assert "-A INPUT -j SKNOCK" in saved and "-A SKNOCK -j REJECT --reject-with icmp-port-unreachable" in saved
     assert "-A SKNOCK -j ACCEPT" not in saved
+
+
+# --- entries no knock granted: held() lists them, remove() takes exactly them out --------------------
+
+
+def test_nftables_elements_added_by_hand_are_listed_and_removed_and_nothing_else(rig: Rig) -> None:
+    """Elements of every shape someone can add to sknock's sets -- no timeout, a long one, a comment, a
+    protocol no grant uses, IPv6 -- are listed and removed; the grants stay, reachable; the admin's own
+    table, with a set of the same type and the same elements, is not touched."""
+    server, client_addr, stranger = addresses(rig.net, 4)
+    host = rig.net.server
+    host.run("nft", "add table inet admin")
+    host.run("nft", "add set inet admin mine { type ipv4_addr . inet_proto . inet_service ; }")
+    host.run("nft", f"add element inet admin mine {{ {stranger} . tcp . {PORT} }}")
+    admin_before = host.run("nft", "list", "table", "inet", "admin").stdout
+    rig.echo(PORT)
+    probe = rig.client()
+    fw = rig.firewall("nftables", "reject")
+    assert fw.ask(op="setup")["ok"]
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+    assert ok(fw.ask(op="open", duration=60, **grant))
+    assert fw.ask(op="held")["held"] == [f"{client_addr} -> tcp/{PORT}"]
+    for element in (f"grants4 {{ {stranger} . tcp . {PORT} }}", f"grants4 {{ {stranger} . udp . 53 timeout 1d }}",
+                    f'grants4 {{ {stranger} . 132 . 0 comment "by hand" }}', "grants6 { fd00:5e::99 . tcp . 22 }"):
+        host.run("nft", "add element inet sknock " + element)
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    assert fw.ask(op="intact")["intact"] is True  # the table is as installed: only its elements changed
+    expected = sorted([f"{stranger} -> tcp/{PORT}", f"{stranger} -> udp/53", f"{stranger} -> protocol 132/0",
+                       "fd00:5e::99 -> tcp/22"])
+    held = fw.ask(op="held")
+    assert held.get("held") == sorted([*expected, f"{client_addr} -> tcp/{PORT}"]), held
+    swept = fw.ask(op="sweep", granted=[grant])
+    assert swept["removed"] == expected and swept["failed"] == []
+    assert ok(swept) == [(client_addr, "tcp", PORT)]
+    assert fw.ask(op="held")["held"] == [f"{client_addr} -> tcp/{PORT}"]
+    assert fw.ask(op="sweep", granted=[grant])["removed"] == []
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"  # the grant, kept
+    assert fw.ask(op="intact")["intact"] is True
+    assert host.run("nft", "list", "table", "inet", "admin").stdout == admin_before
+
+
+def test_nftables_held_is_not_fooled_by_a_set_of_another_type(rig: Rig) -> None:
+    """A set called grants4 with another key (someone recreated it) is an error, not a misread."""
+    fw = rig.firewall("nftables", "reject")
+    assert fw.ask(op="setup")["ok"]
+    host = rig.net.server
+    host.run("nft", "flush", "chain", "inet", "sknock", "input")
+    host.run("nft", "delete", "set", "inet", "sknock", "grants4")
+    host.run("nft", "add set inet sknock grants4 { type ipv4_addr ; }")
+    host.run("nft", "add element inet sknock grants4 { 198.18.9.9 }")
+    reply = fw.ask(op="held")
+    assert not reply["ok"] and "another size" in reply["error"]
+    assert fw.ask(op="intact")["intact"] is False  # and the watch restores the table
+
+
+def test_iptables_rules_added_or_replaced_by_hand_are_listed_and_removed(rig: Rig) -> None:
+    """A rule inserted into SKNOCK, and a grant rule replaced in place (the chain's length unchanged, so
+    intact() holds), are listed and removed; the grant and the policy stay."""
+    server, client_addr, stranger = addresses(rig.net, 4)
+    host = rig.net.server
+    rig.echo(PORT)
+    probe = rig.client()
+    fw = rig.firewall("iptables", "reject")
+    assert fw.ask(op="setup")["ok"]
+    grant = {"address": client_addr, "protocol": "tcp", "port": PORT}
+    decoy = {"address": "198.18.77.7", "protocol": "udp", "port": 53}
+    assert ok(fw.ask(op="open", duration=60, **grant)) and ok(fw.ask(op="open", duration=60, **decoy))
+    # the decoy's rule (first: inserted last) replaced in place by one for the stranger: same length
+    host.run("iptables-legacy", "-R", "SKNOCK", "1", "-s", stranger, "-p", "tcp", "--dport", str(PORT), "-j", "ACCEPT")
+    assert fw.ask(op="intact")["intact"] is True
+    assert probe.ask(op="connect", host=server, port=PORT)["result"] == "connected"
+    host.run("ip6tables-legacy", "-I", "SKNOCK", "1", "-s", "fd00:5e::/64", "-j", "ACCEPT")
+    assert fw.ask(op="intact")["intact"] is False
+    swept = fw.ask(op="sweep", granted=[grant, decoy])
+    assert swept["removed"] == [f"{stranger}/32 -> tcp/{PORT} (rule in SKNOCK, IPv4, -j ACCEPT)",
+                                "fd00:5e::/64 -> any protocol (rule in SKNOCK, IPv6, -j ACCEPT)"]
+    assert swept["failed"] == [] and ok(swept) == [(client_addr, "tcp", PORT)]
+    saved = host.run("iptables-legacy-save", "-t", "filter").stdout
+    assert stranger not in saved and client_addr in saved
+    assert "fd00:5e::/64" not in host.run("ip6tables-legacy-save", "-t", "filter").stdout
+    # the IPv6 chain is as installed again; the IPv4 one lost the decoy's grant rule: a restore is due
+    assert fw.ask(op="intact")["intact"] is False

@@ -370,3 +370,36 @@ def test_base_defaults_restore_by_setup_and_apply() -> None:
     assert fw.intact() is True and fw.boot_ruleset() is None
     assert fw.restore([(a, 7.5), (Opening(V4, Protocol.UDP, 53), 0)]) == [(a, 7.5)]
     assert fw.setups == 1 and fw.grants == {a: 7.5}
+
+
+# -- the raw netlink listing of a set's keys (nfnetlink._keys_in), on bytes built here -------------------
+
+def _nla(kind: int, value: bytes) -> bytes:
+    import struct
+
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _element(key: bytes, shape: str) -> bytes:
+    """One NFTA_LIST_ELEM as a kernel dump writes it: the key, then (``timed``) a timeout and an
+    expiration, or (``comment``) a comment too, which only the attribute-by-attribute path reads."""
+    body = _nla(1, _nla(1, key))  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+    if shape in ("timed", "comment"):
+        body += _nla(4, (30000).to_bytes(8, "big")) + _nla(5, (29000).to_bytes(8, "big"))
+    if shape == "comment":
+        body += _nla(6, b"\x00\x00\x00\x00\x06\x00\x00\x00by hand")  # NFTA_SET_ELEM_USERDATA
+    return _nla(1, body)
+
+
+@given(st.sampled_from([12, 24]).flatmap(lambda size: st.tuples(
+    st.just(size), st.lists(st.tuples(st.binary(min_size=size, max_size=size),
+                                      st.sampled_from(["timed", "bare", "comment"])), max_size=40))))
+def test_set_keys_are_read_whatever_the_shape_of_each_element(case: tuple[int, list[tuple[bytes, str]]]) -> None:
+    """The usual shapes go through one regular expression, anything else attribute by attribute; either
+    way every key comes out, in order, and none is made up from the bytes of another attribute."""
+    from sknock.server.firewall.nfnetlink import _keys_in
+
+    size, elements = case
+    blob = b"".join(_element(key, shape) for key, shape in elements)
+    assert _keys_in(blob, size) == [key for key, _ in elements]

@@ -1,4 +1,5 @@
-"""GrantTable, sans-I/O: which grants are open until when, against a simple model under hypothesis."""
+"""GrantTable, sans-I/O: which grants are open until when, against a simple model under hypothesis; and
+:func:`foreign`, what of the kernel's entries no grant in the table accounts for."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sknock.ports import Protocol
-from sknock.server.firewall.base import Opening
-from sknock.server.grants import GrantEntry, GrantTable
+from sknock.server.firewall.base import Held, Opening
+from sknock.server.grants import GrantEntry, GrantTable, foreign, summary
 
 A = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.TCP, 22)
 B = Opening(ipaddress.ip_address("198.18.0.2"), Protocol.UDP, 22)
@@ -213,3 +214,60 @@ def test_end_now_makes_a_grant_due_at_once_and_keeps_what_it_knows() -> None:
     assert table.due(5.0) == [A]
     table.end_now(A, 6.0)  # no longer listed: nothing to do
     assert len(table) == 0
+
+
+# -- foreign: what in the kernel no grant accounts for -------------------------------------------------
+
+_addresses = st.one_of(
+    st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address), st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address))
+_openings = st.builds(Opening, _addresses, st.sampled_from(list(Protocol)), st.integers(1, 65535))
+
+
+@settings(max_examples=300)
+@given(granted=st.lists(_openings, max_size=12, unique=True), strangers=st.lists(_openings, max_size=6),
+       odd=st.integers(0, 3), steps=st.lists(st.sampled_from(["due", "fail", "end_now", "reopen"]), max_size=6),
+       durations=st.lists(st.floats(0.001, 100), min_size=12, max_size=12))
+def test_foreign_is_exactly_what_the_table_does_not_hold(
+    granted: list[Opening], strangers: list[Opening], odd: int, steps: list[str], durations: list[float]
+) -> None:
+    """Whatever the table went through -- windows ended, closes failed (overdue), closes brought
+    forward, grants opened again in the same turn -- an entry whose opening the table holds is never
+    foreign, however close to (or past) its end; everything else is, and so is every entry that is not
+    a grant at all."""
+    table = GrantTable()
+    now = 0.0
+    for opening, duration in zip(granted, durations, strict=False):
+        table.open(opening, duration, now)
+    for step in steps:
+        now += 7.0
+        if step == "due":
+            table.due(now)
+        elif step == "fail":
+            for opening in table.due(now):
+                table.close_failed(opening, now)  # overdue: still ours until the firewall confirms the close
+        elif step == "end_now" and granted:
+            table.end_now(granted[0], now)
+        elif step == "reopen" and granted:
+            table.open(granted[-1], 0.001, now)  # applied this turn, ends at once
+    held = [Held(o) for o in granted + strangers] + [Held(None, f"odd {i}") for i in range(odd)]
+    found = foreign(held, table.openings())
+    assert all(entry.opening is None or entry.opening not in table for entry in found)
+    assert [e for e in held if e not in found] == [e for e in held if e.opening is not None and e.opening in table]
+    assert sum(1 for e in found if e.opening is None) == odd
+
+
+def test_foreign_keeps_a_grant_opened_in_the_same_turn_and_an_overdue_one() -> None:
+    table = GrantTable()
+    table.open(A, 1, now=0.0)
+    assert table.due(5.0) == [A]
+    assert foreign([Held(A)], table.openings()) == [Held(A)]  # closed: its element, if left, is not ours
+    table.close_failed(A, 5.0)  # ... unless the close failed: overdue, retried, still ours
+    table.open(B, 30, now=5.0)  # opened this turn, before the listing
+    assert foreign([Held(A), Held(B), Held(C), Held(None, "198.18.9.0/24 -> any")], table.openings()) == [
+        Held(C), Held(None, "198.18.9.0/24 -> any")]
+
+
+def test_summary_names_the_first_few_and_counts_the_rest() -> None:
+    entries = [Held(A), Held(B), Held(None, "x")]
+    assert summary(entries, 5) == "198.18.0.2 -> tcp/22, 198.18.0.2 -> udp/22, x"
+    assert summary(entries, 1) == "198.18.0.2 -> tcp/22 and 2 more"

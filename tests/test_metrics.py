@@ -151,6 +151,7 @@ def test_the_exposition_has_every_metric_with_prometheus_names() -> None:
         "sknock_knocks_received", "sknock_knocks_granted", "sknock_knocks_refused", "sknock_grants_open",
         "sknock_grants_closed", "sknock_knock_to_grant_seconds", "sknock_crl_age_seconds",
         "sknock_crl_next_update_seconds", "sknock_crl_refresh", "sknock_worker_restarts", "sknock_capture_drops",
+        "sknock_foreign_entries_removed",
     }
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert values[("sknock_knocks_received_total", ())] == 5

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 from sknock.ports import Protocol
-from sknock.server.firewall.base import Firewall, FirewallError, Opening
+from sknock.server.firewall.base import Firewall, FirewallError, Held, Opening
 from sknock.server.journal import KnockJournal
-from sknock.server.monitor import CRL_PREFIX, LOG_GROUP, BatchRule, Monitor, RecentRate
+from sknock.server.monitor import CRL_PREFIX, FOREIGN_INTERVAL, FOREIGN_NAMED, LOG_GROUP, BatchRule, Monitor, RecentRate
 from sknock.server.privsep import GrantRequest, encode_request
 
 A = ipaddress.ip_address("198.18.0.2")
 B = ipaddress.ip_address("198.18.0.3")
+WATCH_STEP = 0.5
 
 
 class RecordingFirewall(Firewall):
@@ -40,6 +41,20 @@ class RecordingFirewall(Firewall):
         self.torn_down = False
         self.is_intact = True
         self.restored: list[list[tuple[Opening, float]]] = []
+        self.by_hand: list[Held] = []  # entries someone else put in "the kernel"
+        self.removed: list[Held] = []
+
+    def held(self) -> list[Held]:
+        return [Held(o) for o in self.open_now] + list(self.by_hand)
+
+    def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        for entry in entries:
+            self.removed.append(entry)
+            if entry in self.by_hand:
+                self.by_hand.remove(entry)
+            elif entry.opening is not None:
+                self.open_now.pop(entry.opening, None)
+        return []
 
     def setup(self) -> list[tuple[Opening, float]]:
         return []
@@ -392,6 +407,81 @@ def test_a_firewall_changed_by_something_else_is_restored_with_the_grants_still_
                for r in caplog.records)
     monitor.watch()  # intact again: nothing more
     assert len(firewall.restored) == 1
+
+
+def test_an_entry_no_knock_granted_is_removed_and_named_and_a_grant_of_the_same_turn_kept(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, workers, clock = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    stranger = Held(Opening(ipaddress.ip_address("198.18.9.9"), Protocol.TCP, 22))
+    odd = Held(None, "198.18.9.10 -> protocol 132/0")
+    firewall.by_hand = [stranger, odd]
+    workers[0].send(request("open", A, 22, b"\x61" * 16, duration=10))
+    drain(monitor)  # applied in the same turn as the check, just before it
+    monitor.watch()
+    assert firewall.removed == [stranger, odd] and firewall.by_hand == []
+    assert list(firewall.open_now) == [Opening(A, Protocol.TCP, 22)] and Opening(A, Protocol.TCP, 22) in monitor.grants
+    lines = [r for r in caplog.records if "not granted by a knock" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["ERROR", "ERROR"]
+    assert "removed 198.18.9.9 -> tcp/22 from sknock's firewall (recording)" in lines[0].getMessage()
+    assert "198.18.9.10 -> protocol 132/0" in lines[1].getMessage()
+    assert lines[0].source == "198.18.9.9" and lines[0].ports == ["tcp/22"]
+    assert monitor.metrics.snapshot(grants_open=1).foreign_removed == 2
+
+    firewall.by_hand = [stranger]  # again, at once: seen at the next check, FOREIGN_INTERVAL later
+    monitor.watch()
+    assert firewall.by_hand == [stranger]
+    clock.now += FOREIGN_INTERVAL
+    monitor.watch()
+    assert firewall.by_hand == [] and firewall.restored == []
+
+
+def test_a_carried_grant_longer_than_any_knock_grants_is_not_kept_and_is_removed(caplog) -> None:  # type: ignore[no-untyped-def]
+    """setup() carries over what a previous run's table held; an element with more time left than
+    maxOpenDuration was put there by hand (with a timeout, before this start): it is not taken as a
+    grant, so the first check removes it."""
+    caplog.set_level("INFO", logger="sknock.monitor")
+    kept, long = Opening(A, Protocol.TCP, 22), Opening(B, Protocol.TCP, 22)
+    firewall = RecordingFirewall()
+    firewall.open_now = {kept: 300.0, long: 86400.0}
+    monitor = Monitor(firewall=firewall, max_duration=300, clock=Clock(), carried=[(kept, 300.4), (long, 86400.0)])
+    assert kept in monitor.grants and long not in monitor.grants
+    assert any("not keeping 198.18.0.3 -> tcp/22" in r.getMessage() for r in caplog.records)
+    monitor.watch()
+    assert firewall.removed == [Held(long)] and list(firewall.open_now) == [kept]
+
+
+def test_many_entries_no_knock_granted_share_one_line(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    monitor, firewall, _, _ = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    firewall.by_hand = [Held(Opening(ipaddress.ip_address(f"198.18.9.{i}"), Protocol.UDP, 53)) for i in range(40)]
+    monitor.watch()
+    assert firewall.by_hand == []
+    [line] = [r.getMessage() for r in caplog.records if "not granted by a knock" in r.getMessage()]
+    assert line.startswith("removed 40 entries from sknock's firewall (recording): 198.18.9.0 -> udp/53, ")
+    assert f"and {40 - FOREIGN_NAMED} more" in line
+
+
+def test_a_changed_firewall_has_what_no_knock_granted_removed_before_it_is_restored(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    """As with iptables, where a rule added by hand changes the chain's length: the check runs at once,
+    names the rule and removes it; the firewall is then intact, and nothing is restored."""
+    monitor, firewall, _, clock = setup
+    caplog.set_level("INFO", logger="sknock.monitor")
+    monitor.watch()  # the first check is done; the next is FOREIGN_INTERVAL away
+    stranger = Held(None, "198.18.9.9/32 -> tcp/22 (rule in SKNOCK, IPv4, -j ACCEPT)")
+    firewall.by_hand = [stranger]
+    firewall.is_intact = False
+    original = firewall.remove
+
+    def remove(entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        firewall.is_intact = True
+        failures: list[tuple[Held, FirewallError]] = original(entries)
+        return failures
+
+    firewall.remove = remove
+    clock.now += WATCH_STEP
+    monitor.watch()
+    assert firewall.removed == [stranger] and firewall.restored == []
+    assert any("198.18.9.9/32 -> tcp/22" in r.getMessage() for r in caplog.records)
 
 
 # -- the CRL ---------------------------------------------------------------------------------------------

@@ -224,6 +224,44 @@ def test_a_removed_table_comes_back_with_its_grants_within_a_second(pki: TestPKI
         assert 20 < grant["expires_in"] <= 30
 
 
+BY_HAND = {
+    "nftables": lambda net, source: net.server.run(
+        "nft", f"add element inet sknock grants4 {{ {source} . tcp . {PORT} }}"),  # no timeout: for good
+    "iptables": lambda net, source: net.server.run(
+        "iptables-legacy", "-I", "SKNOCK", "1", "-s", source, "-p", "tcp", "--dport", str(PORT), "-j", "ACCEPT"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BY_HAND))
+def test_an_entry_added_by_hand_is_removed_and_named_and_a_knocked_grant_stays(pki: TestPKI, backend: str) -> None:
+    """Someone opens the protected port to an address that never knocked by editing sknock's own set or
+    chain: it gets through until the server's next check at most, then it is refused, the log names
+    what was removed at ERROR level; a grant a real knock made at the same time stays and works."""
+    with host(pki, "skfh") as (net, second), start(net, pki, firewallBackend=backend,
+                                                    PORT_OPEN_DURATION_IN_SECONDS="60") as server:
+        assert not reachable(net, second)
+        mark = server.mark()
+        BY_HAND[backend](net, second)
+        removed = f"removed {second}{'/32' if backend == 'iptables' else ''} -> tcp/{PORT}"
+        # the hole is real until the check (unless the check came first: then it says so already)
+        assert reachable(net, second) or removed in server.log_text()[mark:]
+        knock(net, pki, server)  # a real knock, while the entry added by hand is there
+        server.wait_log(removed, since=mark, timeout=15)
+        assert not reachable(net, second)
+        assert reachable(net, net.client.ipv4)  # the knocked grant was kept
+        [line] = [line for line in server.log_text()[mark:].splitlines() if removed in line]
+        assert "ERROR" in line and "not granted by a knock" in line
+        [grant] = server.status()["grants"]
+        assert grant["address"] == net.client.ipv4 and grant["expires_in"] > 30
+        after = server.log_text()[mark:]
+        assert "removed or changed by something else" not in after, after  # named, not restored
+        if backend == "nftables":
+            assert second not in sknock_table(net) and net.client.ipv4 in sknock_table(net)
+        else:
+            saved = net.server.run("iptables-legacy-save", "-t", "filter").stdout
+            assert second not in saved and net.client.ipv4 in saved
+
+
 # -- 4: closes that happen ------------------------------------------------------------------------------
 
 

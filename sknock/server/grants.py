@@ -8,17 +8,21 @@ extends it; a close-now request ends it.
 firewall at once and hands back each close that failed to :meth:`GrantTable.close_failed`, which puts
 the grant back, marked overdue, to fall due again after a backoff.  So a failing firewall command is
 retried until it works, and ``status`` (which never runs between the two) shows what is still open.
+
+:func:`foreign` is the other direction: of what the kernel holds in sknock's set or chain, what no grant
+in the table accounts for (someone added it by hand), which the monitor removes.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Container, Iterable, KeysView
 from dataclasses import dataclass, replace
 
-from .firewall.base import Opening
+from .firewall.base import Held, Opening
 
-__all__ = ["GrantTable", "GrantEntry", "RETRY_FIRST", "RETRY_MAX"]
+__all__ = ["GrantTable", "GrantEntry", "RETRY_FIRST", "RETRY_MAX", "foreign", "summary"]
 
 RETRY_FIRST = 1.0  # seconds before the first retry of a failed close
 RETRY_MAX = 60.0  # the backoff doubles up to this
@@ -147,6 +151,30 @@ class GrantTable:
         the firewall lost its state."""
         return [(e.opening, e.expires_at - now) for e in self._entries.values() if e.expires_at > now]
 
+    def openings(self) -> KeysView[Opening]:
+        """Every opening the table holds (live or overdue), as a live view: what :func:`foreign` compares with."""
+        return self._entries.keys()
+
     def entries(self) -> list[GrantEntry]:
         """Every grant the monitor holds, soonest to expire first (for ``status`` and the ledger)."""
         return sorted(self._entries.values(), key=lambda e: e.expires_at)
+
+
+def foreign(held: Iterable[Held], granted: Container[Opening]) -> list[Held]:
+    """The entries of sknock's set or chain (``held``, as the kernel lists them) that no grant in
+    ``granted`` (:meth:`GrantTable.openings`) accounts for: not expressible as a grant at all, or a
+    grant the table does not hold.
+
+    Membership in the table is the whole test, on purpose.  The monitor is one thread: by the time it
+    lists the kernel, every grant it applied (this turn's included) is in the table, and one leaves the
+    table only once the firewall confirmed its close (a close that failed puts it back, overdue).  So a
+    grant of ours is never judged foreign, however close to its end -- its remaining time is not looked
+    at -- and an entry the kernel's timeout ended is not listed at all."""
+    return [entry for entry in held if entry.opening is None or entry.opening not in granted]
+
+
+def summary(entries: Iterable[Held], first: int) -> str:
+    """The first ``first`` entries named, and how many more: ``a, b, c and 97 more``."""
+    items = list(entries)
+    named = ", ".join(str(e) for e in items[:first])
+    return named if len(items) <= first else f"{named} and {len(items) - first} more"

@@ -122,6 +122,7 @@ class Snapshot:
     crl_refreshes: dict[str, int] = field(default_factory=dict)
     worker_restarts: int = 0
     capture_drops: int = 0
+    foreign_removed: int = 0
 
     def encode(self) -> bytes:
         """As the monitor sends it to the metrics server."""
@@ -152,6 +153,7 @@ class Metrics:
         self.latency_sum = 0.0
         self.crl_refreshes = dict.fromkeys(CRL_RESULTS, 0)
         self.worker_restarts = 0
+        self.foreign_removed = 0  # entries of sknock's firewall no knock granted, removed by the monitor
 
     def add_worker(self, stats: WorkerStats) -> None:
         """A worker's stats message (already parsed and bounded)."""
@@ -204,7 +206,7 @@ class Metrics:
             closed=dict(self.closed), latency_buckets=tuple(self.latency_buckets),
             latency_count=sum(self.latency_buckets) + self.latency_over, latency_sum=self.latency_sum,
             crls=tuple(crls), crl_refreshes=dict(self.crl_refreshes), worker_restarts=self.worker_restarts,
-            capture_drops=capture_drops,
+            capture_drops=capture_drops, foreign_removed=self.foreign_removed,
         )
 
 
@@ -263,6 +265,8 @@ class SnapshotCollector:
                                   value=s.worker_restarts)
         yield CounterMetricFamily("sknock_capture_drops_total", "Packets the kernel dropped on the capture "
                                   "sockets (receive buffer full).", value=s.capture_drops)
+        yield CounterMetricFamily("sknock_foreign_entries_removed_total", "Entries of sknock's own firewall set or "
+                                  "chain that no knock granted (added by hand), removed.", value=s.foreign_removed)
 
 
 def open_listener(address: IPAddress, port: int) -> socket.socket:

@@ -18,6 +18,9 @@ Failing closed is arranged so that nothing the monitor or its children do can op
   because of it.
 * Twice a second the monitor checks that its firewall table is still the one it installed; when
   something else removed or rewrote it, it puts it back with the grants still due, within a second.
+* Every FOREIGN_INTERVAL it compares what sknock's set or chain holds with its grant table and removes
+  every entry no knock granted -- one someone added by hand -- saying so at ERROR level
+  (:func:`~sknock.server.grants.foreign` decides; nothing outside sknock's own table or chain is read).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from ..logsafe import log_safe
 from ..trust import RevocationId, describe_crl_issue, revocation_id
 from .control import ControlServer
 from .crl_refresh import FETCHED_HEADER, CrlRefresher, CrlSet, RefreshResult
-from .firewall.base import Firewall, Opening
-from .grants import GrantEntry, GrantTable
+from .firewall.base import Firewall, Held, Opening
+from .grants import GrantEntry, GrantTable, foreign, summary
 from .journal import KnockJournal
 from .ledger import GrantLedger, LedgerError
 from .metrics import REPORT_INTERVAL, Metrics, crl_figures
@@ -75,6 +78,10 @@ MIN_BATCH_INTERVAL = 0.001  # seconds between transactions under load
 BUSY_RATE = 2000.0  # requests a second, over the last RATE_WINDOW: coalescing only pays above it
 RATE_WINDOW = 0.01  # seconds
 WATCH_INTERVAL = 0.5  # seconds between checks that the firewall table is still ours
+# Seconds between checks for entries no knock granted: a listing of every grant (about 10 ms with 10,000
+# nftables grants, when anything changed at all; see docs/firewall.md), so not at every watch.
+FOREIGN_INTERVAL = 2.0
+FOREIGN_NAMED = 5  # up to this many removed entries get a log line each; more share one, with the count
 RESTART_WINDOW = 60.0  # seconds over which a child's restarts are counted
 FREE_RESTARTS = 3  # restarts within RESTART_WINDOW that happen at once; later ones back off
 MAX_RESTART_DELAY = 30.0
@@ -214,6 +221,11 @@ class Monitor:
         self.grants = GrantTable()
         now = clock()
         for opening, remaining in carried:
+            if remaining > max_duration + 1:  # + the kernel's rounding up to whole seconds
+                # no knock can grant that long: put there by hand before this start (the first check removes it)
+                log.error("not keeping %s from before this start: %g s left, more than a knock grants "
+                          "(maxOpenDuration %g s)", opening, remaining, max_duration)
+                continue
             self.grants.open(opening, remaining, now, "(from before the restart)")
         # A backend that cannot end grants by itself (command) has them recorded, so a restart ends them.
         self.ledger = ledger if not firewall.kernel_expiry else None
@@ -245,6 +257,7 @@ class Monitor:
         self._pending: list[GrantRequest] = []
         self._pending_since = 0.0
         self._next_watch = now
+        self._next_foreign = now
         self._next_crl = now + crl_interval
         self._selector: selectors.BaseSelector | None = None
         # What a held batch waits on: the selector without the workers' channels (see turn()).
@@ -603,12 +616,23 @@ class Monitor:
 
     def watch(self) -> None:
         """Put sknock's firewall back if something else removed or rewrote it (``nft flush ruleset``,
-        a firewall service restart), with the grants still due."""
+        a firewall service restart), with the grants still due; and every FOREIGN_INTERVAL, or when the
+        firewall is not as installed, remove from it what no knock granted (:meth:`remove_foreign`)
+        first -- a rule added to the iptables chain changes its length, and is then named and removed
+        rather than swept away by a restore."""
+        now = self.clock()
         try:
-            if self.firewall.intact():
-                return
+            intact = self.firewall.intact()
         except SknockError as exc:
             log.error("cannot check the firewall: %s", exc)
+            intact = False
+        if not intact or now >= self._next_foreign:
+            self._next_foreign = now + FOREIGN_INTERVAL
+            if self.remove_foreign(quiet=not intact) and not intact:
+                with contextlib.suppress(SknockError):  # said above; a restore follows
+                    intact = self.firewall.intact()
+        if intact:
+            return
         remaining = self.grants.remaining(self.clock())
         log.error("sknock's firewall (%s) was removed or changed by something else: restoring it with %d "
                   "grant(s) still due", self.firewall.name, len(remaining))
@@ -616,6 +640,42 @@ class Monitor:
             self.firewall.restore(remaining)
         except SknockError as exc:
             log.error("restoring the firewall failed (tried again in %g s): %s", WATCH_INTERVAL, exc)
+
+    def remove_foreign(self, *, quiet: bool = False) -> int:
+        """Remove from sknock's set or chain every entry that is not a grant in the table (someone added
+        it by hand: it would let in a source no knock let in), and log each at ERROR level -- one line
+        each, or one line with the count and the first few when there are more than FOREIGN_NAMED.
+        Returns how many were removed.  ``quiet``: the firewall is known not to be intact, so a listing
+        that fails (no table) is no news."""
+        try:
+            found = foreign(self.firewall.held(), self.grants.openings())
+        except SknockError as exc:
+            if not quiet:
+                log.error("cannot list the entries of sknock's firewall (%s): %s", self.firewall.name, exc)
+            return 0
+        if not found:
+            return 0
+        failures: list[tuple[Held, SknockError]]
+        try:
+            failures = list(self.firewall.remove(found))
+        except SknockError as exc:
+            failures = [(entry, exc) for entry in found]
+        failed = {id(entry) for entry, _ in failures}
+        removed = [entry for entry in found if id(entry) not in failed]
+        self.metrics.foreign_removed += len(removed)
+        why = "not granted by a knock (added by hand?); a permanent exception belongs in your own ruleset"
+        if len(removed) <= FOREIGN_NAMED:
+            for entry in removed:
+                log.error("removed %s from sknock's firewall (%s): %s", entry, self.firewall.name, why,
+                          extra=_foreign(entry))
+        else:
+            log.error("removed %d entries from sknock's firewall (%s): %s, all %s", len(removed),
+                      self.firewall.name, summary(removed, FOREIGN_NAMED), why,
+                      extra={"event": "foreign", "reason": why, "detail": len(removed)})
+        for entry, error in failures[:FOREIGN_NAMED]:
+            log.error("could not remove %s, which no knock granted, from sknock's firewall (tried again in %g s): "
+                      "%s", entry, FOREIGN_INTERVAL, error)
+        return len(removed)
 
     # -- the CRL -------------------------------------------------------------------------------------
 
@@ -1034,6 +1094,15 @@ def _refusal(request: GrantRequest, reason: str) -> dict[str, Any]:
 def _describe(entry: GrantEntry) -> str:
     opening = entry.opening
     return f"{opening.protocol.label}/{opening.port} for {opening.address} ({entry.client})"
+
+
+def _foreign(entry: Held) -> dict[str, Any]:
+    """The structured fields of the line that says an entry no knock granted was removed."""
+    extra: dict[str, Any] = {"event": "foreign", "detail": str(entry)}
+    if entry.opening is not None:
+        extra.update(source=str(entry.opening.address),
+                     ports=[f"{entry.opening.protocol.label}/{entry.opening.port}"])
+    return extra
 
 
 def _describe_crl(crl: object) -> str:

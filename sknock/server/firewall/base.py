@@ -21,7 +21,7 @@ from ...addresses import IPAddress
 from ...errors import SknockError
 from ...ports import PortSet, Protocol
 
-__all__ = ["Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "PolicyMode", "check_duration"]
+__all__ = ["Opening", "FirewallPolicy", "Firewall", "FirewallError", "Grant", "Held", "PolicyMode", "check_duration"]
 
 
 
@@ -77,6 +77,24 @@ class Opening:
 
 # A grant as the backends hand it over: the opening and the seconds it has left.
 Grant = tuple[Opening, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One entry of sknock's grant set or chain as the kernel holds it now, whoever put it there.
+
+    ``opening`` is the grant it is when an :class:`Opening` can say it (one address, tcp or udp, a port
+    1..65535), else None -- an element such as ``198.18.9.9 . sctp . 0`` or a rule for a whole
+    network, which sknock never writes.  ``text`` names it for the log when ``opening`` cannot (empty:
+    the opening names it); ``handle`` is the backend's own way back to this very entry for
+    :meth:`Firewall.remove` (not compared)."""
+
+    opening: Opening | None
+    text: str = ""
+    handle: object = field(default=None, compare=False, hash=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.text or str(self.opening)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +214,20 @@ class Firewall(abc.ABC):
         This default, True, is for backends that own no kernel state (nothing of theirs can vanish);
         every backend with a table or chain overrides it."""
         return True
+
+    def held(self) -> list[Held]:
+        """Every entry in sknock's grant set or chain now, as :class:`Held` (the monitor compares them
+        with its grant table and removes what no knock granted: :func:`sknock.server.grants.foreign`).
+        Raises :class:`FirewallError` when the kernel cannot be asked or sknock's table is not there.
+
+        This default, nothing, is for backends that own no kernel state: what they open lives in the
+        admin's tool, which sknock cannot read."""
+        return []
+
+    def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        """Take ``entries`` (from :meth:`held`) out of sknock's set or chain, and nothing else; one that
+        is gone already is not an error.  Returns what could not be removed, with why."""
+        return []
 
     def restore(self, grants: Sequence[Grant]) -> list[Grant]:
         """Reinstall the policy and exactly ``grants`` (``(opening, remaining_seconds)``) after

@@ -17,8 +17,10 @@ run for a grant that exists (ufw and ``nft add element`` do).  The backend appli
 own: rejecting or dropping unknocked traffic is the admin's firewall's job.  It cannot see the kernel,
 so :meth:`openings` reports what it has opened and not yet closed in this process.
 
-It holds no kernel state of its own, so nothing of its can be flushed away: :meth:`intact` is always
-True and the monitor never needs :meth:`restore` (which, if called, runs the open command again for each
+It holds no kernel state of its own, so nothing of its can be flushed away or added to by hand:
+:meth:`intact` is always True, :meth:`held` is always empty (the monitor's check for entries no knock
+granted has nothing to read here: what the commands opened lives in the admin's tool), and the monitor
+never needs :meth:`restore` (which, if called, runs the open command again for each
 grant with its remaining time).  Grants live in the admin's tool: if the server is killed (-9) they stay
 there until that tool expires them itself -- pass ``%DURATION%`` to one that can (an nft set element
 with a timeout, ``firewall-cmd --timeout``) -- or the admin removes them.  ``kernel_expiry`` is False

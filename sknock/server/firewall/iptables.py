@@ -24,6 +24,13 @@ timeouts -- and after that the kernel ignores the rule even if the server is dea
 stays until the monitor closes it or the next :meth:`setup` drops it.  An extension rewrites the rule
 with its new datestop.
 
+A rule someone adds to ``SKNOCK`` by hand changes the chain's length, which :meth:`IptablesFirewall.intact`
+compares; :meth:`IptablesFirewall.held` lists every rule of the chain that is not one of the policy
+rules as installed (grant rules, and anything else), so that the monitor can name and remove what it
+never granted (:meth:`IptablesFirewall.remove`) -- a rule replaced in place (``iptables -R``) included,
+which keeps the length.  It decodes every rule through python-iptables (about 0.16 ms a rule), so the
+monitor runs it only every few seconds.
+
 python-iptables writes legacy tables only; on a host whose firewall is nftables (iptables-nft) its
 ACCEPT cannot override a drop in the nft ruleset -- use the nftables backend there.
 """
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...ports import PortRange, PortSet, Protocol
-from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Held, Opening, check_duration
 
 __all__ = ["IptablesFirewall", "load_iptc", "datestop_for", "CHAIN", "GRANT_COMMENT"]
 
@@ -260,6 +267,20 @@ def _datestop_of(matches: list[Any]) -> int | None:
     return None
 
 
+def _rule_text(fam: _Family, rule: Any) -> str:
+    """A rule that is neither policy nor a grant, for the log: its source, protocol and port, and target."""
+    try:
+        source = str(ipaddress.ip_network(rule.src, strict=False))
+    except ValueError:
+        source = str(rule.src)
+    protocol = rule.protocol if rule.protocol not in (None, "", "ip", "ipv6") else "any protocol"
+    ports = [m.dport for m in rule.matches if m.name in ("tcp", "udp", "multiport") and m.dport]
+    ports += [m.dports for m in rule.matches if m.name == "multiport" and m.dports]
+    target = rule.target.name if rule.target else "no target"
+    where = f"{protocol}/{','.join(ports)}" if ports else protocol
+    return f"{source} -> {where} (rule in {CHAIN}, IPv{fam.version}, -j {target})"
+
+
 def _params(extension: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(sorted((k, tuple(v)) for k, v in extension.get_all_parameters().items()))
 
@@ -294,7 +315,7 @@ class IptablesFirewall(Firewall):
         self._families = (_Family(iptc, 4), _Family(iptc, 6))
         self._clock = clock  # wall-clock time: datestops are UTC dates
         self._installed: dict[int, _Installed] = {}  # by IP version; see intact()
-        self._tampered: set[int] = set()  # families found changed by someone else since setup/restore
+        self._tampered: set[int] = set()  # families whose chain was found gone since setup/restore
 
     def _family(self, opening: Opening) -> _Family:
         return self._families[0] if opening.address.version == 4 else self._families[1]
@@ -303,23 +324,26 @@ class IptablesFirewall(Firewall):
         """Run ``change(table)`` and commit it as one table replacement, naming the step on failure
         (``write`` False: a read, nothing to commit).
 
-        ``track``, for a change to the grants: if the chain no longer holds the number of rules this
-        process left in it, someone else rewrote it (an ``iptables-restore`` without sknock's grants,
-        say) -- note that for :meth:`intact` before this change hides it; afterwards, remember the new
-        count."""
+        ``track``, for a change to the grants: the number of rules :meth:`intact` expects moves by what
+        this change added or removed, no more, so a difference someone else made before it -- an
+        ``iptables-restore`` without sknock's grants, a rule added by hand -- stays visible (a chain
+        gone altogether is noted for :meth:`intact` as it is)."""
         try:
             table = fam.table()
             if not write:
                 return change(table)
             installed = self._installed.get(fam.version) if track else None
-            if installed and (not table.is_chain(CHAIN) or fam.tail(table, CHAIN, 0)[0] != installed.count):
+            before = None
+            if installed and table.is_chain(CHAIN):
+                before = fam.tail(table, CHAIN, 0)[0]
+            elif installed:
                 self._tampered.add(fam.version)
             result = change(table)
             table.commit()
             table.refresh()
-            if installed and table.is_chain(CHAIN):
-                self._installed[fam.version] = _Installed(installed.jump, installed.policy,
-                                                          fam.tail(table, CHAIN, 0)[0])
+            if installed and before is not None and table.is_chain(CHAIN):
+                expected = installed.count + fam.tail(table, CHAIN, 0)[0] - before
+                self._installed[fam.version] = _Installed(installed.jump, installed.policy, expected)
             return result
         except FirewallError:
             raise
@@ -433,7 +457,7 @@ class IptablesFirewall(Firewall):
         """True while, in both families, INPUT's first rule is the jump to SKNOCK (an ACCEPT ahead of it
         in legacy INPUT would be final and bypass sknock), the chain ends with the policy rules as
         installed, and it holds as many rules as this process left in it (so a reload that drops the
-        grants is noticed).  Its cost is almost all libiptc reading the table from the kernel
+        grants, or a rule added by hand, is noticed).  Its cost is almost all libiptc reading the table from the kernel
         (iptc_init), which grows with the number of grant rules; rules are counted on libiptc's cache without
         being parsed, and only the policy rules and INPUT's first are decoded."""
         for fam in self._families:
@@ -449,6 +473,55 @@ class IptablesFirewall(Firewall):
             if not self._apply(f"checking chain {CHAIN}", fam, check, write=False):
                 return False
         return True
+
+    def held(self) -> list[Held]:
+        """Every rule of sknock's chain, in both families, that is not a policy rule as installed: grant
+        rules (written by sknock or not) as their opening, anything else with a description of its own.
+        A rule the same as a policy rule is policy, wherever it is (it lets in nothing more).  Raises
+        :class:`FirewallError` before :meth:`setup`, or when the chain cannot be read."""
+        held: list[Held] = []
+        for fam in self._families:
+            installed = self._installed.get(fam.version)
+            if installed is None:
+                raise FirewallError(NAME, f"chain {CHAIN} (IPv{fam.version}) is not installed by this process")
+            policy = set(installed.policy)
+
+            def read(table: Any, fam: _Family = fam, policy: set[tuple[Any, ...]] = policy) -> list[Held]:
+                found = []
+                for rule in self._chain(table).rules:
+                    grant = _parse_grant(fam, rule)
+                    if grant is not None:
+                        found.append(Held(grant[0], "", (fam.version, _describe(rule))))
+                    elif (description := _describe(rule)) not in policy:
+                        found.append(Held(None, _rule_text(fam, rule), (fam.version, description)))
+                return found
+
+            held += self._apply(f"listing chain {CHAIN}", fam, read, write=False)
+        return held
+
+    def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        """Delete these rules (from :meth:`held`) from sknock's chain, one commit per family: each rule of
+        the chain as read now that matches and does what one of them did (a rule that is gone already
+        is not there to delete).  The count :meth:`intact` compares is left as it was: the chain is back
+        to what this process left in it once what someone added is out."""
+        failures: list[tuple[Held, FirewallError]] = []
+        for fam in self._families:
+            mine = [e for e in entries if isinstance(e.handle, tuple) and e.handle[0] == fam.version]
+            if not mine:
+                continue
+            doomed = {entry.handle[1] for entry in mine}  # type: ignore[index]
+
+            def change(table: Any, doomed: set[tuple[Any, ...]] = doomed) -> None:
+                chain = self._chain(table)
+                for rule in chain.rules:
+                    if _describe(rule) in doomed:
+                        chain.delete_rule(rule)
+
+            try:
+                self._apply(f"removing {len(mine)} rule(s) no knock granted", fam, change, track=False)
+            except FirewallError as exc:
+                failures += [(entry, exc) for entry in mine]
+        return failures
 
     def _chain(self, table: Any) -> Any:
         if not table.is_chain(CHAIN):

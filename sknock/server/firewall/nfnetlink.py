@@ -1,10 +1,14 @@
-"""A few read-only nf_tables queries over raw netlink, for the nftables backend's :meth:`intact` check.
+"""A few read-only nf_tables queries over raw netlink, for the nftables backend's watch: :meth:`intact` and
+the check for set elements no knock granted.
 
 Why not libnftables: before it answers any ``list`` command -- even ``list tables`` -- libnftables 1.0.6
 fills its cache with every set element of the ruleset, also with terse output, so its cost grows
 with the number of grants.  A check that runs twice a second with thousands of grants cannot pay
-that.  The three requests here (the table, the chain, the chain's rules) never touch set elements, so
-they cost the same whatever the number of grants (see :func:`fingerprint`).
+that.  The three requests of :func:`fingerprint` (the table, the chain, the chain's rules) never touch
+set elements, so they cost the same whatever the number of grants.  :func:`generation` (one small
+answer) says whether anything at all changed since an earlier look, and :func:`set_keys` reads one
+set's element keys as raw bytes (measured with 10,000 elements: about 3.5 ms in the kernel and the
+socket, about 1 ms to pick the keys out; libnftables' listing of the same set takes 180 ms).
 
 Only what the check needs is decoded: attributes are kept as raw bytes, compared with the same bytes
 read right after sknock installed its table.  Layouts are from linux/netlink.h,
@@ -15,17 +19,20 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from collections.abc import Iterator
 
-__all__ = ["Fingerprint", "NetlinkError", "fingerprint"]
+__all__ = ["Fingerprint", "NetlinkError", "fingerprint", "generation", "set_keys"]
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETCHAIN = 4
 NFT_MSG_GETRULE = 7
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_GETGEN = 16
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 
 NLM_F_REQUEST = 0x1
@@ -47,6 +54,15 @@ NFTA_RULE_CHAIN = 2
 NFTA_RULE_HANDLE = 3
 NFTA_RULE_EXPRESSIONS = 4
 NFTA_RULE_USERDATA = 7
+NFTA_GEN_ID = 1
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_EXPIRATION = 5
+NFTA_DATA_VALUE = 1
 
 # what identifies a chain / a rule as installed; counters and use counts change on their own
 _CHAIN_KEEP = (NFTA_CHAIN_HANDLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE)
@@ -168,3 +184,92 @@ def fingerprint(family: str, table: str, chain: str) -> Fingerprint | None:
     finally:
         sock.close()
     return handle, chain_attrs, rule_attrs
+
+
+def generation() -> int:
+    """The ruleset's generation in this network namespace: the kernel adds one with every committed
+    change to any table (an element added by hand included; an element ended by its timeout is not a
+    change).  The same number twice means nothing was changed in between."""
+    sock = _Socket()
+    try:
+        answers = sock.ask(NFT_MSG_GETGEN, 0, NLM_F_ACK, b"")
+    except NetlinkError:
+        raise
+    except OSError as exc:
+        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
+    finally:
+        sock.close()
+    for kind, value in _attrs(answers[0] if answers else b"", 0):
+        if kind == NFTA_GEN_ID and len(value) == 4:
+            return int.from_bytes(value, "big")
+    raise NetlinkError(errno.EBADMSG, "the kernel answered without a ruleset generation")
+
+
+def _element_shapes(key_size: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """Regular expressions for the two shapes an element of a plain timeout set has in a dump: its key
+    with a timeout and an expiration, or its key alone (no timeout).  Every length is spelled out, so a
+    run of matches is a run of whole elements and nothing else; the key is the one group."""
+
+    def header(size: int, kind: int) -> bytes:
+        return re.escape(_NLATTR.pack(size, kind))
+
+    key = (header(_NLATTR.size * 2 + key_size, NFTA_SET_ELEM_KEY) + header(_NLATTR.size + key_size, NFTA_DATA_VALUE)
+           + b"(.{%d})" % key_size)
+    bare = header(_NLATTR.size * 3 + key_size, NFTA_LIST_ELEM) + key
+    timed = (header(_NLATTR.size * 5 + key_size + 16, NFTA_LIST_ELEM) + key
+             + header(12, NFTA_SET_ELEM_TIMEOUT) + b".{8}" + header(12, NFTA_SET_ELEM_EXPIRATION) + b".{8}")
+    one = b"(?:" + timed + b"|" + bare + b")"
+    return re.compile(one, re.DOTALL), re.compile(b"(?:" + one + b")*", re.DOTALL)
+
+
+_SHAPES: dict[int, tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {}
+
+
+def _keys_in(elements: bytes, key_size: int) -> list[bytes]:
+    """The keys of the elements in one NFTA_SET_ELEM_LIST_ELEMENTS attribute.  The usual shapes are
+    picked out by a regular expression (a loop over 10,000 elements in Python costs 20 ms); anything
+    else -- a comment, a counter, a kernel that orders attributes differently -- attribute by attribute."""
+    shapes = _SHAPES.get(key_size)
+    if shapes is None:
+        shapes = _SHAPES[key_size] = _element_shapes(key_size)
+    one, run = shapes
+    if run.fullmatch(elements):
+        return [timed or bare for timed, bare in one.findall(elements)]
+    keys = []
+    for kind, element in _attrs(elements, 0):
+        if kind != NFTA_LIST_ELEM:
+            continue
+        key = next((value for k, nested in _attrs(element, 0) if k == NFTA_SET_ELEM_KEY
+                    for d, value in _attrs(nested, 0) if d == NFTA_DATA_VALUE), None)
+        if key is None:
+            raise NetlinkError(errno.EBADMSG, "a set element without a key")
+        keys.append(key)
+    return keys
+
+
+def set_keys(family: str, table: str, set_name: str, key_size: int) -> list[bytes] | None:
+    """The raw key of every element of one set (each field padded to 4 bytes, as the kernel holds it),
+    expired elements left out by the kernel; None when the table or the set does not exist.
+    ``key_size`` is the size of the set's key: 12 for ``ipv4_addr . inet_proto . inet_service``, 24 for
+    ``ipv6_addr . ...``; a key of another size is an error (it is not the set sknock made)."""
+    fam = _family(family)
+    sock = _Socket()
+    try:
+        where = _attr(NFTA_SET_ELEM_LIST_TABLE, _name(table)) + _attr(NFTA_SET_ELEM_LIST_SET, _name(set_name))
+        answers = sock.ask(NFT_MSG_GETSETELEM, fam, NLM_F_DUMP, where)
+    except NetlinkError:
+        raise
+    except OSError as exc:
+        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
+    finally:
+        sock.close()
+    if answers is None:
+        return None
+    keys: list[bytes] = []
+    for answer in answers:
+        for kind, elements in _attrs(answer, 0):
+            if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
+                keys += _keys_in(elements, key_size)
+    if any(len(key) != key_size for key in keys):
+        raise NetlinkError(errno.EBADMSG, f"set {family} {table} {set_name} holds keys of another size")
+    return keys

@@ -29,6 +29,11 @@ kernel handle, the chain and its rules with what setup/restore installed (raw ne
 nfnetlink.py: libnftables would read every set element first), so a ``flush ruleset`` -- even followed
 by a reload that recreates an identical-looking, empty table -- is noticed, and
 :meth:`NftablesFirewall.restore` puts the policy and the monitor's grants back in one transaction.
+
+An element someone adds by hand (``nft add element inet sknock grants4 { ... }``) changes nothing
+:meth:`intact` compares; :meth:`NftablesFirewall.held` lists the sets' elements (raw netlink again, and
+not at all when the ruleset's generation has not moved since the last listing) so that the monitor can
+remove what it never granted (:meth:`NftablesFirewall.remove`).
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ import ipaddress
 import math
 import re
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
+from ...addresses import IPAddress
 from ...ports import PortRange, PortSet, Protocol
 from . import nfnetlink
-from .base import Firewall, FirewallError, FirewallPolicy, Grant, Opening, check_duration
+from .base import Firewall, FirewallError, FirewallPolicy, Grant, Held, Opening, check_duration
 
 __all__ = ["NftablesFirewall", "boot_ruleset", "build_ruleset", "load_libnftables", "TABLE", "FAMILY"]
 
@@ -51,6 +57,9 @@ TABLE = "sknock"
 CHAIN = "input"
 SET4 = "grants4"
 SET6 = "grants6"
+KEY_SIZES = {SET4: 12, SET6: 24}  # address . protocol . port, each field padded to 4 bytes
+_PROTOCOLS = {6: Protocol.TCP, 17: Protocol.UDP}  # IP protocol numbers, as the sets hold them
+_LABELS = {p.label: p for p in Protocol}
 
 # ICMP the network needs: reachability (echo), errors (path MTU discovery depends on them) and, for
 # IPv6, neighbour and router discovery, without which the link itself stops working.
@@ -290,8 +299,9 @@ def _grouped(elements: list[tuple[str, Json]]) -> list[Json]:
     return [{"family": FAMILY, "table": TABLE, "name": name, "elem": elems} for name, elems in by_set.items()]
 
 
-def _parse_element(item: object, set_name: str) -> tuple[Opening, int | None]:
-    """One element of a listed set, in either JSON shape libnftables prints."""
+def _parse_element(item: object, set_name: str) -> tuple[Opening | None, int | None]:
+    """One element of a listed set, in either JSON shape libnftables prints; its opening is None when
+    it is no grant at all (another protocol, port 0: put there by hand), which is no error."""
     expires: int | None = None
     if isinstance(item, dict) and "elem" in item and isinstance(item["elem"], dict):
         raw_expires = item["elem"].get("expires")
@@ -303,10 +313,23 @@ def _parse_element(item: object, set_name: str) -> tuple[Opening, int | None]:
     address_text, proto, port = concat
     try:
         address = ipaddress.ip_address(address_text)
-        protocol = Protocol.from_label(proto) if isinstance(proto, str) else {6: Protocol.TCP, 17: Protocol.UDP}[proto]
-        return Opening(address, protocol, port), expires
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise FirewallError(NAME, f"unexpected element in set {set_name}: {item!r} ({exc})") from None
+    protocol = _PROTOCOLS.get(proto) if isinstance(proto, int) else _LABELS.get(proto)
+    if protocol is None or isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return None, expires
+    return Opening(address, protocol, port), expires
+
+
+def _held(set_name: str, key: bytes) -> Held:
+    """A set element's raw key as :class:`Held`; its handle is what :meth:`NftablesFirewall.remove` needs."""
+    size = 4 if set_name == SET4 else 16
+    address = ipaddress.IPv4Address(key[:4]) if size == 4 else ipaddress.IPv6Address(key[:16])
+    number, port = key[size], int.from_bytes(key[size + 4 : size + 6], "big")
+    protocol = _PROTOCOLS.get(number)
+    if protocol is not None and 1 <= port <= 65535:
+        return Held(Opening(address, protocol, port), "", (set_name, address, number, port))
+    return Held(None, f"{address} -> protocol {number}/{port}", (set_name, address, number, port))
 
 
 class NftablesFirewall(Firewall):
@@ -322,6 +345,8 @@ class NftablesFirewall(Firewall):
         self.priority = priority
         self._nft = load_libnftables()
         self._installed: nfnetlink.Fingerprint | None = None  # what setup()/restore() left; see intact()
+        self._listed: tuple[int, list[Held]] | None = None  # the last held(), with the generation it read
+        self._decoded: dict[bytes, Held] = {}  # element key -> Held, from the last listing
 
     def _run(self, commands: list[Json], what: str) -> Any:
         rc, output, error = self._nft.json_cmd({"nftables": commands})
@@ -385,6 +410,61 @@ class NftablesFirewall(Firewall):
         elements (over raw netlink, see :mod:`.nfnetlink`), so its cost does not grow with the number of
         grants, unlike libnftables' own ``list chain``."""
         return self._installed is not None and self._fingerprint() == self._installed
+
+    def held(self) -> list[Held]:
+        """Every element of sknock's sets, expired ones left out (the kernel does).  Reads the ruleset's
+        generation first: unchanged since the last listing, nothing was added or removed, and that
+        listing is the answer (one small netlink request).  Otherwise the keys over raw netlink, each
+        decoded once for as long as it stays in the set.  Raises :class:`FirewallError` when a set is
+        missing (the table is gone: :meth:`intact` says so) or the kernel cannot be asked."""
+        try:
+            generation = nfnetlink.generation()
+            if self._listed is not None and self._listed[0] == generation:
+                return self._listed[1]
+            keys = {name: nfnetlink.set_keys(FAMILY, TABLE, name, size) for name, size in KEY_SIZES.items()}
+        except nfnetlink.NetlinkError as exc:
+            raise FirewallError(NAME, f"listing the sets of {FAMILY} {TABLE} over netlink failed: {exc}") from None
+        decoded: dict[bytes, Held] = {}
+        previous = self._decoded
+        for name, found in keys.items():
+            if found is None:
+                raise FirewallError(NAME, f"set {name} of table {FAMILY} {TABLE} is missing")
+            for key in found:
+                entry = previous.get(key)
+                decoded[key] = entry if entry is not None else _held(name, key)
+        self._decoded = decoded
+        held = list(decoded.values())
+        self._listed = (generation, held)
+        return held
+
+    def remove(self, entries: Sequence[Held]) -> list[tuple[Held, FirewallError]]:
+        """Take these elements out of sknock's sets in one transaction (add-then-delete, as :meth:`close`:
+        one that is gone already is no error); if the kernel refuses it, one at a time."""
+
+        def batch(items: Sequence[Held]) -> list[Json]:
+            commands: list[Json] = []
+            for entry in items:
+                set_name, address, number, port = cast(tuple[str, IPAddress, int, int], entry.handle)
+                where = {"family": FAMILY, "table": TABLE, "name": set_name}
+                value = {"concat": [str(address), number, port]}
+                commands += [{"add": {"element": {**where, "elem": [{"elem": {"val": value, "timeout": 1}}]}}},
+                             {"delete": {"element": {**where, "elem": [value]}}}]
+            return commands
+
+        if not entries:
+            return []
+        try:
+            self._run(batch(entries), f"removing {len(entries)} element(s) no knock granted")
+            return []
+        except FirewallError:
+            pass
+        failures = []
+        for entry in entries:
+            try:
+                self._run(batch([entry]), f"removing element {entry}")
+            except FirewallError as exc:
+                failures.append((entry, exc))
+        return failures
 
     def boot_ruleset(self) -> str:
         """The include for /etc/nftables.conf that puts sknock's table (empty of grants) in place at boot."""
@@ -451,7 +531,8 @@ class NftablesFirewall(Firewall):
                 if isinstance(entry, dict) and isinstance(entry.get("set"), dict):
                     for item in entry["set"].get("elem", []):
                         opening, expires = _parse_element(item, set_name)
-                        found[opening] = expires
+                        if opening is not None:  # no grant (held() lists it, for the monitor to remove)
+                            found[opening] = expires
         return found
 
     def openings(self) -> list[Opening]:
