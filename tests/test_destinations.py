@@ -81,13 +81,13 @@ def _config(tmp_path: Path, value: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("listed", [False, True])
 def test_a_knock_routed_through_the_host_to_another_address(pki: TestPKI, listed: bool) -> None:
     require_netns()
-    elsewhere = "198.18.250.7"
+    elsewhere = "198.19.250.7"
     options = {"knockDestinations": f"local, {elsewhere}"} if listed else {}
     with TestNet.create("skdr") as net, RunningServer.start(
         net, pki, firewallPolicy="reject", protectedPorts="tcp/2005", **options  # type: ignore[arg-type]
     ) as server:
         server.serve_tcp(2005)
-        net.client.run("ip", "route", "add", "198.18.250.0/24", "via", net.server.ipv4)
+        net.client.run("ip", "route", "add", "198.19.250.0/24", "via", net.server.ipv4)
         body = (
             "d = c.build_knock([(Protocol.TCP, 2005)], now=time.time())\n"
             "with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:\n"
