@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from cryptography import x509
@@ -39,6 +39,7 @@ __all__ = [
     "crl_signer",
     "crl_number",
     "crl_rollback",
+    "current_crls",
     "describe_crl_issue",
     "cas_without_crl",
     "verify_server_certificate",
@@ -260,6 +261,20 @@ def crl_rollback(new: x509.CertificateRevocationList, held: x509.CertificateRevo
             "CRL could un-revoke keys")
 
 
+def current_crls(crls: Iterable[x509.CertificateRevocationList]) -> list[x509.CertificateRevocationList]:
+    """Of CRLs of one CA (from several sources), the ones a certificate must be checked against: each CRL
+    that another may replace (:func:`crl_rollback`) is dropped, in the order given.  Usually one is left.
+    Two are kept when neither may replace the other -- issued in the same second without CRL numbers (or
+    with one number twice), and each revoking a certificate the other does not: which is newer cannot be
+    told, so a certificate is revoked if either lists it (fail closed)."""
+    kept: list[x509.CertificateRevocationList] = []
+    for crl in crls:
+        if any(crl_rollback(crl, k) is not None and crl_rollback(k, crl) is None for k in kept):
+            continue  # an older one
+        kept = [k for k in kept if crl_rollback(crl, k) is not None] + [crl]
+    return kept
+
+
 def _may_sign_crls(ca: x509.Certificate) -> bool:
     try:
         ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -308,7 +323,7 @@ class ClientVerifier:
         self._ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
             x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
         )
-        self._crls: dict[bytes, x509.CertificateRevocationList] = {}
+        by_ca: dict[bytes, list[x509.CertificateRevocationList]] = {}
         cas = [*roots, *intermediates]
         for crl in crls:
             signers = [ca for ca in _issued_by(crl.issuer, cas) if _crl_signed_by(crl, ca)]
@@ -317,10 +332,9 @@ class ClientVerifier:
                     Reason.CRL_UNAVAILABLE, f"CRL from {describe_name(crl.issuer)} is not signed by any configured CA"
                 )
             for ca in signers:
-                key = fingerprint(ca)
-                held = self._crls.get(key)
-                if held is None or crl_rollback(crl, held) is None:
-                    self._crls[key] = crl
+                by_ca.setdefault(fingerprint(ca), []).append(crl)
+        # Each CA's CRLs to check against: the newest, or more than one where which is newer cannot be told.
+        self._crls = {key: current_crls(held) for key, held in by_ca.items()}
 
     def verify(self, leaf: x509.Certificate, now: dt.datetime) -> VerifiedClient:
         """Return the verified client, or raise CertificateError with reason ``cert-expired``,
@@ -404,19 +418,19 @@ class ClientVerifier:
     def _check_revocation(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> None:
         # chain is leaf first, trust anchor last; the anchor is trusted by configuration, not by CRL.
         for cert, issuer in zip(chain, chain[1:], strict=False):
-            crl = self._crls.get(fingerprint(issuer))
+            crls = self._crls.get(fingerprint(issuer), [])
             what = "client certificate" if cert is chain[0] else "intermediate CA"
-            stale = crl is not None and crl.next_update_utc is not None and crl.next_update_utc < now
-            if crl is None or (stale and not self._accept_stale_crl):
+            expired = [c.next_update_utc for c in crls if c.next_update_utc is not None and c.next_update_utc < now]
+            if not crls or (expired and not self._accept_stale_crl):
                 if self._require_crl:
-                    state = "no CRL loaded" if crl is None else f"its CRL expired at {crl.next_update_utc}"
+                    state = "no CRL loaded" if not crls else f"its CRL expired at {min(expired)}"
                     raise CertificateError(
                         Reason.CRL_UNAVAILABLE,
                         f"issuer {describe_name(issuer.subject)} of {describe_name(cert.subject)}: {state}",
                     )
-                if crl is None:
+                if not crls:
                     continue
-            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            if any(c.get_revoked_certificate_by_serial_number(cert.serial_number) is not None for c in crls):
                 raise CertificateError(
                     Reason.CERT_REVOKED,
                     f"{what} {describe_name(cert.subject)} (serial {cert.serial_number:x}) is revoked",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from sknock import ca as ca_lib
 from sknock.server.crl_refresh import CrlRefresher, CrlSet, encode_crl_set, split_crl_set
@@ -135,3 +135,22 @@ def test_the_fetcher_never_reads_the_operators_file(h: Hierarchy, tmp_path: Path
     assert h.refresher(missing_source, crl_file).refresh(NOW).crl is not None  # the monitor's: reads it
     result = h.refresher(missing_source, crl_file, read_existing=False).refresh(NOW)
     assert result.status == "failed" and result.crl is None
+
+
+def test_two_crls_of_which_neither_is_newer_are_both_handed_on(h: Hierarchy, tmp_path: Path) -> None:
+    """Two mirrors of the intermediate, one second, no CRL number, each revoking what the other does not:
+    the set hands on both (the verifier then checks both), in the sources' order."""
+    issued = NOW - dt.timedelta(hours=1)
+
+    def unnumbered(serial: int) -> bytes:
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(h.sub.certificate.subject)
+                   .last_update(issued).next_update(issued + dt.timedelta(days=7)))
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+        return builder.add_revoked_certificate(entry).sign(h.sub.key, hashes.SHA256()).public_bytes(DER)
+
+    one, two = unnumbered(0x51), unnumbered(0x52)
+    crls = CrlSet([h.refresher("https://a.example/issuing.crl", tmp_path / "a.crl"),
+                   h.refresher("https://b.example/issuing.crl", tmp_path / "b.crl")])
+    assert crls.accept(0, one, NOW).status == "updated" and crls.accept(1, two, NOW).status == "updated"
+    assert crls.crls() == [h.load(one), h.load(two)]
+    assert split_crl_set(crls.encoded()) == [one, two]

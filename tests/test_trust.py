@@ -16,7 +16,13 @@ from sknock.certificate import ports_general_name
 from sknock.errors import CertificateError, Reason
 from sknock.ports import PortSet, parse_ports
 from sknock.protocol import fingerprint
-from sknock.trust import ClientVerifier, load_crl, parse_client_certificate, verify_server_certificate
+from sknock.trust import (
+    ClientVerifier,
+    current_crls,
+    load_crl,
+    parse_client_certificate,
+    verify_server_certificate,
+)
 from tests.forged import MALFORMED, CertificateParts
 from tests.pki import ALICE_PORTS, NOW, PASSWORD_BYTES, TestPKI, at
 
@@ -186,6 +192,43 @@ def test_of_two_crls_of_one_second_the_verifier_uses_the_later_number(tmp_path: 
     with pytest.raises(CertificateError, match="revoked") as info:
         ClientVerifier([root.certificate], [], crls).verify(carol, TestPKI.now())
     assert info.value.reason == "cert-revoked"
+
+
+def _crl_without_number(authority: ca_lib.CertificateAuthority, *serials: int) -> x509.CertificateRevocationList:
+    issued = dt.datetime.fromtimestamp(NOW, dt.UTC) - dt.timedelta(hours=1)
+    builder = (
+        x509.CertificateRevocationListBuilder().issuer_name(authority.certificate.subject)
+        .last_update(issued).next_update(issued + dt.timedelta(days=7))
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+        )
+    return builder.sign(authority.key, hashes.SHA256())
+
+
+@pytest.mark.parametrize("order", ["carol-first", "dave-first"])
+def test_of_two_crls_neither_newer_each_revocation_holds(tmp_path: Path, order: str) -> None:
+    """Two CRLs of one CA, one second, no CRL number, each revoking a certificate the other does not
+    (two mirrors of a CA that misbehaves): which is newer cannot be told, so neither revocation may be
+    dropped -- the verifier checks both, and a client neither revokes is still let in."""
+    root = ca_lib.init_ca(tmp_path / "root", PASSWORD_BYTES, clock=at(NOW))
+    carol, dave, erin = (root.issue_client(n, parse_ports("tcp/22"), PASSWORD_BYTES) for n in ("carol", "dave", "erin"))
+    crls = [_crl_without_number(root, carol.serial_number), _crl_without_number(root, dave.serial_number)]
+    if order == "dave-first":
+        crls.reverse()
+    assert current_crls(crls) == crls  # both kept
+    verifier = ClientVerifier([root.certificate], [], crls, require_crl=True)
+    for revoked in (carol, dave):
+        with pytest.raises(CertificateError, match="revoked") as info:
+            verifier.verify(revoked, TestPKI.now())
+        assert info.value.reason == "cert-revoked"
+    assert verifier.verify(erin, TestPKI.now()).subject == "CN=erin"
+    # One that keeps every revocation of the other may replace it; a numbered newer one replaces both.
+    both = _crl_without_number(root, carol.serial_number, dave.serial_number)
+    assert current_crls([*crls, both]) == [both]
+    newer = root.write_crl()
+    assert current_crls([*crls, newer]) == [newer] and current_crls([newer, *crls]) == [newer]
 
 
 def test_expired_issuer_is_reported_as_expired(tmp_path: Path) -> None:

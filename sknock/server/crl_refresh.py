@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..fileio import write_atomic
 from ..logsafe import log_safe
-from ..trust import crl_rollback
+from ..trust import crl_rollback, current_crls
 
 __all__ = [
     "CrlRefresher", "CrlSet", "RefreshResult", "schedule_refresh", "MAX_CRL_BYTES", "encode_crl_set", "split_crl_set",
@@ -491,17 +491,14 @@ class CrlSet:
 
     def crls(self) -> list[x509.CertificateRevocationList]:
         """The CRLs in hand: for each issuer the newest one (when two sources serve one CA, the older
-        CRL must not hide a revocation the newer lists), in the order of the sources."""
-        newest: dict[bytes, x509.CertificateRevocationList] = {}
+        CRL must not hide a revocation the newer lists; :func:`sknock.trust.current_crls`), in the order of
+        the sources."""
+        by_issuer: dict[bytes, list[x509.CertificateRevocationList]] = {}
         for refresher in self.refreshers:
             crl = refresher.current
-            if not isinstance(crl, x509.CertificateRevocationList):
-                continue
-            key = crl.issuer.public_bytes()
-            held = newest.get(key)
-            if held is None or crl_rollback(crl, held) is None:
-                newest[key] = crl
-        return list(newest.values())
+            if isinstance(crl, x509.CertificateRevocationList):
+                by_issuer.setdefault(crl.issuer.public_bytes(), []).append(crl)
+        return [crl for held in by_issuer.values() for crl in current_crls(held)]
 
     def encoded(self) -> bytes:
         """:meth:`crls` as one message body (:func:`encode_crl_set`)."""
