@@ -109,8 +109,14 @@ class _Socket:
         self.sock.settimeout(_TIMEOUT)
         self.seq = 0
 
-    def close(self) -> None:
+    def __enter__(self) -> _Socket:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        """Closes the socket; an OSError of the socket's becomes a NetlinkError."""
         self.sock.close()
+        if isinstance(exc, OSError) and not isinstance(exc, NetlinkError):
+            raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
 
     def ask(self, msg_type: int, family: int, flags: int, payload: bytes) -> list[bytes] | None:
         """The answers (each message's attribute bytes) to one request; None for ENOENT."""
@@ -159,8 +165,7 @@ def fingerprint(family: str, table: str, chain: str) -> Fingerprint | None:
     of grants.
     """
     fam = _family(family)
-    sock = _Socket()
-    try:
+    with _Socket() as sock:
         tables = sock.ask(NFT_MSG_GETTABLE, fam, NLM_F_ACK, _attr(NFTA_TABLE_NAME, _name(table)))
         if not tables:
             return None
@@ -177,12 +182,6 @@ def fingerprint(family: str, table: str, chain: str) -> Fingerprint | None:
         if rules is None:
             return None
         rule_attrs = tuple(tuple(sorted((k, v) for k, v in _attrs(r, 0) if k in _RULE_KEEP)) for r in rules)
-    except NetlinkError:
-        raise
-    except OSError as exc:
-        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
-    finally:
-        sock.close()
     return handle, chain_attrs, rule_attrs
 
 
@@ -190,15 +189,8 @@ def generation() -> int:
     """The ruleset's generation in this network namespace: the kernel adds one with every committed
     change to any table (an element added by hand included; an element ended by its timeout is not a
     change).  The same number twice means nothing was changed in between."""
-    sock = _Socket()
-    try:
+    with _Socket() as sock:
         answers = sock.ask(NFT_MSG_GETGEN, 0, NLM_F_ACK, b"")
-    except NetlinkError:
-        raise
-    except OSError as exc:
-        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
-    finally:
-        sock.close()
     for kind, value in _attrs(answers[0] if answers else b"", 0):
         if kind == NFTA_GEN_ID and len(value) == 4:
             return int.from_bytes(value, "big")
@@ -253,16 +245,9 @@ def set_keys(family: str, table: str, set_name: str, key_size: int) -> list[byte
     ``key_size`` is the size of the set's key: 12 for ``ipv4_addr . inet_proto . inet_service``, 24 for
     ``ipv6_addr . ...``; a key of another size is an error (it is not the set sknock made)."""
     fam = _family(family)
-    sock = _Socket()
-    try:
+    with _Socket() as sock:
         where = _attr(NFTA_SET_ELEM_LIST_TABLE, _name(table)) + _attr(NFTA_SET_ELEM_LIST_SET, _name(set_name))
         answers = sock.ask(NFT_MSG_GETSETELEM, fam, NLM_F_DUMP, where)
-    except NetlinkError:
-        raise
-    except OSError as exc:
-        raise NetlinkError(exc.errno or errno.EIO, str(exc)) from None
-    finally:
-        sock.close()
     if answers is None:
         return None
     keys: list[bytes] = []
