@@ -16,8 +16,7 @@ from tests.pki import TestPKI
 from tests.server_harness import METRICS, PY, REPO, RunningServer, knock_from_client, scrape_metrics
 from tests.test_server_e2e import PORT, children, options, proc_status, wait_for, worker_pids
 
-COMPROMISED = str(REPO / "tests" / "compromised_worker_server.py")
-COMPROMISED_METRICS = str(REPO / "tests" / "compromised_metrics_server.py")
+COMPROMISED = str(REPO / "tests" / "compromised_server.py")
 MONITOR_CAPS = (1 << CAP_NET_ADMIN) | (1 << CAP_SETUID) | (1 << CAP_SETGID) | (1 << CAP_KILL)
 
 
@@ -28,7 +27,9 @@ def test_a_worker_that_tries_to_run_a_program_is_killed_and_replaced(pki: TestPK
     try:
         with (
             TestNet.create("sksb") as net,
-            RunningServer.start(net, pki, script=(COMPROMISED, str(marker)), workers="1", **options()) as server,
+            RunningServer.start(
+                net, pki, script=(COMPROMISED, "worker", str(marker)), workers="1", **options()
+            ) as server,
         ):
             server.serve_tcp(PORT)
             assert marker.exists(), "the first worker is the compromised one"
@@ -86,7 +87,7 @@ def test_a_metrics_server_that_tries_to_run_a_program_is_killed_and_replaced(pki
     try:
         with (
             TestNet.create("sksm") as net,
-            RunningServer.start(net, pki, script=(COMPROMISED_METRICS, str(marker)), workers="1",
+            RunningServer.start(net, pki, script=(COMPROMISED, "metrics", str(marker)), workers="1",
                                 metricsListen=METRICS, **options()) as server,
         ):
             server.serve_tcp(PORT)
