@@ -47,13 +47,13 @@ class Action(enum.IntEnum):
     CLOSE = 2
 
 
-class _RequestFields(NamedTuple):
+class _RequestFields(NamedTuple):  # the defaults are KnockRequest.__new__'s
     ports: tuple[tuple[Protocol, int], ...]
     timestamp_ms: int
     nonce: bytes
-    action: Action = Action.OPEN
-    source_address: IPAddress | None = None
-    duration: int | None = None
+    action: Action
+    source_address: IPAddress | None
+    duration: int | None
 
 
 class KnockRequest(_RequestFields):
