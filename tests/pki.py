@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from sknock import ca as ca_lib
 from sknock.credentials import ClientCredentials, ServerCredentials, load_client_pfx, load_server_pfx
@@ -65,6 +66,22 @@ NOW = ISSUED_AT + 60.0
 def at(when: float) -> Callable[[], float]:
     """A clock that always says ``when`` (Unix seconds): for ``clock=`` of a KnockClient or a CA."""
     return lambda: when
+
+
+def unnumbered_crl(
+    authority: ca_lib.CertificateAuthority, *serials: int, issued: dt.datetime
+) -> x509.CertificateRevocationList:
+    """A CRL of ``authority`` without a CRL number (``sknock-ca`` always writes one), issued at ``issued``,
+    valid a week, revoking ``serials``: two of them from one second cannot be told apart by age."""
+    builder = (
+        x509.CertificateRevocationListBuilder().issuer_name(authority.certificate.subject)
+        .last_update(issued).next_update(issued + dt.timedelta(days=7))
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+        )
+    return builder.sign(authority.key, hashes.SHA256())
 
 
 @dataclass(frozen=True)

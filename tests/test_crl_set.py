@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from sknock import ca as ca_lib
 from sknock.server.crl_refresh import CrlRefresher, CrlSet, encode_crl_set, split_crl_set
 from sknock.trust import load_crl
-from tests.pki import PASSWORD_BYTES, TestPKI, at
+from tests.pki import PASSWORD_BYTES, TestPKI, at, unnumbered_crl
 
 NOW = TestPKI.now()
 DER = serialization.Encoding.DER
@@ -141,14 +141,7 @@ def test_two_crls_of_which_neither_is_newer_are_both_handed_on(h: Hierarchy, tmp
     """Two mirrors of the intermediate, one second, no CRL number, each revoking what the other does not:
     the set hands on both (the verifier then checks both), in the sources' order."""
     issued = NOW - dt.timedelta(hours=1)
-
-    def unnumbered(serial: int) -> bytes:
-        builder = (x509.CertificateRevocationListBuilder().issuer_name(h.sub.certificate.subject)
-                   .last_update(issued).next_update(issued + dt.timedelta(days=7)))
-        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
-        return builder.add_revoked_certificate(entry).sign(h.sub.key, hashes.SHA256()).public_bytes(DER)
-
-    one, two = unnumbered(0x51), unnumbered(0x52)
+    one, two = (unnumbered_crl(h.sub, serial, issued=issued).public_bytes(DER) for serial in (0x51, 0x52))
     crls = CrlSet([h.refresher("https://a.example/issuing.crl", tmp_path / "a.crl"),
                    h.refresher("https://b.example/issuing.crl", tmp_path / "b.crl")])
     assert crls.accept(0, one, NOW).status == "updated" and crls.accept(1, two, NOW).status == "updated"

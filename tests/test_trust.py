@@ -24,7 +24,7 @@ from sknock.trust import (
     verify_server_certificate,
 )
 from tests.forged import MALFORMED, CertificateParts
-from tests.pki import ALICE_PORTS, NOW, PASSWORD_BYTES, TestPKI, at
+from tests.pki import ALICE_PORTS, NOW, PASSWORD_BYTES, TestPKI, at, unnumbered_crl
 
 DAY = dt.timedelta(days=1)
 
@@ -195,16 +195,7 @@ def test_of_two_crls_of_one_second_the_verifier_uses_the_later_number(tmp_path: 
 
 
 def _crl_without_number(authority: ca_lib.CertificateAuthority, *serials: int) -> x509.CertificateRevocationList:
-    issued = dt.datetime.fromtimestamp(NOW, dt.UTC) - dt.timedelta(hours=1)
-    builder = (
-        x509.CertificateRevocationListBuilder().issuer_name(authority.certificate.subject)
-        .last_update(issued).next_update(issued + dt.timedelta(days=7))
-    )
-    for serial in serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
-        )
-    return builder.sign(authority.key, hashes.SHA256())
+    return unnumbered_crl(authority, *serials, issued=dt.datetime.fromtimestamp(NOW, dt.UTC) - dt.timedelta(hours=1))
 
 
 @pytest.mark.parametrize("order", ["carol-first", "dave-first"])
